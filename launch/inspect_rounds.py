@@ -1,0 +1,161 @@
+"""Inspect what an evotune run selected, round by round.
+
+    python launch/inspect_rounds.py OUT                  # rounds overview + per-source composition
+    python launch/inspect_rounds.py OUT --round 2        # round 2's picks with their numbers
+    python launch/inspect_rounds.py OUT --diff 1 3       # what rounds 2..3 added on top of round 1
+
+Reads only the files the run wrote (summary.json, selection.jsonl, state.json); needs no model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+NON_NUMBERS = {"id", "source", "round", "pick_order", "selector", "pool_index", "tokens", "preview"}
+
+
+def rounds_of(out: Path) -> list[dict]:
+    """Every round folder: its index, whether it is complete, its summary and picks."""
+    rounds = []
+    for d in sorted((out / "rounds").glob("round_[0-9][0-9][0-9]")):
+        summary = json.loads((d / "summary.json").read_text()) if (d / "summary.json").is_file() \
+            else None
+        picks = [json.loads(line) for line in (d / "selection.jsonl").read_text().splitlines()
+                 if line.strip()] if (d / "selection.jsonl").is_file() else []
+        rounds.append({"round": int(d.name[6:]), "complete": (d / "state.json").is_file(),
+                       "summary": summary, "picks": picks})
+    return rounds
+
+
+def _f(v, digits=4):
+    return "-" if v is None else (f"{v:.{digits}f}" if isinstance(v, float) else str(v))
+
+
+def overview(console: Console, out: Path, rounds: list[dict]) -> None:
+    table = Table(title=f"rounds of {out}")
+    for col in ("round", "status", "selector", "new", "total", "train loss", "eval loss",
+                "features s", "train s", "round s"):
+        table.add_column(col, justify="left" if col in ("status", "selector") else "right")
+    for r in rounds:
+        s = r["summary"] or {}
+        sec = s.get("seconds", {})
+        status = "complete" if r["complete"] else ("selected" if r["picks"] else "started")
+        table.add_row(str(r["round"]), status, s.get("selector") or
+                      (r["picks"][0]["selector"] if r["picks"] else "-"),
+                      str(s.get("new_examples", len(r["picks"]))), _f(s.get("total_examples")),
+                      _f(s.get("train_loss")), _f(s.get("eval_loss")), _f(sec.get("features"), 1),
+                      _f(sec.get("train"), 1), _f(sec.get("total"), 1))
+    console.print(table)
+    composition(console, rounds)
+
+
+def composition(console: Console, rounds: list[dict]) -> None:
+    """New picks per source per round, with the total."""
+    sources: dict[str, list[int]] = {}
+    for i, r in enumerate(rounds):
+        for p in r["picks"]:
+            sources.setdefault(p["source"], [0] * len(rounds))[i] += 1
+    table = Table(title="new picks per source (by round)")
+    table.add_column("source")
+    for r in rounds:
+        table.add_column(f"r{r['round']}", justify="right")
+    table.add_column("total", justify="right")
+    for src, counts in sorted(sources.items(), key=lambda kv: (-sum(kv[1]), kv[0])):
+        table.add_row(src, *map(str, counts), str(sum(counts)))
+    console.print(table)
+
+
+def show_round(console: Console, rounds: list[dict], idx: int, limit: int, sort: str | None) -> None:
+    r = _get(rounds, idx)
+    picks = r["picks"]
+    numbers = sorted({k for p in picks for k in p if k not in NON_NUMBERS})
+    if sort:
+        if sort not in numbers and sort not in ("tokens", "pick_order"):
+            raise SystemExit(f"--sort {sort}: round {idx} has no such column; have: "
+                             f"{', '.join(['pick_order', 'tokens'] + numbers)}")
+        picks = sorted(picks, key=lambda p: (p.get(sort) is None, -(p.get(sort) or 0)))
+    s = r["summary"] or {}
+    title = (f"round {idx}: {len(r['picks'])} picks by {picks[0]['selector'] if picks else '-'}"
+             + ("" if r["complete"] else " (round not complete)"))
+    table = Table(title=title)
+    for col in ["#", "id", "source", "tokens", *numbers, "preview"]:
+        table.add_column(col, justify="right" if col in ("#", "tokens", *numbers) else "left",
+                         overflow="fold" if col == "preview" else "ellipsis",
+                         max_width=None if col == "preview" else 40)
+    for p in picks[:limit]:
+        table.add_row(str(p["pick_order"]), p["id"], p["source"], str(p.get("tokens", "-")),
+                      *[_f(p.get(k)) for k in numbers], p.get("preview", ""))
+    console.print(table)
+    if len(picks) > limit:
+        console.print(f"... {len(picks) - limit} more (--limit N to show more)")
+    if s:
+        console.print(f"train loss {_f(s.get('train_loss'))}, eval loss {_f(s.get('eval_loss'))}, "
+                      f"seconds {s.get('seconds')}")
+
+
+def diff(console: Console, rounds: list[dict], a: int, b: int) -> None:
+    """What the selected set after round ``b`` has that the set after round ``a`` has not."""
+    lo, hi = sorted((a, b))
+    _get(rounds, lo), _get(rounds, hi)
+    added = [p for r in rounds if lo < r["round"] <= hi for p in r["picks"]]
+    before = sum(len(r["picks"]) for r in rounds if r["round"] <= lo)
+    console.print(f"after round {lo}: {before} selected; after round {hi}: "
+                  f"{before + len(added)} selected (+{len(added)})")
+    by_source: dict[str, int] = {}
+    for p in added:
+        by_source[p["source"]] = by_source.get(p["source"], 0) + 1
+    table = Table(title=f"added in rounds {lo + 1}..{hi}, per source")
+    table.add_column("source")
+    table.add_column("added", justify="right")
+    for src, n in sorted(by_source.items(), key=lambda kv: (-kv[1], kv[0])):
+        table.add_row(src, str(n))
+    console.print(table)
+    table = Table(title="added examples")
+    for col in ("round", "#", "id", "source", "preview"):
+        table.add_column(col, overflow="fold" if col == "preview" else "ellipsis")
+    for p in added:
+        table.add_row(str(p["round"]), str(p["pick_order"]), p["id"], p["source"],
+                      p.get("preview", ""))
+    console.print(table)
+
+
+def _get(rounds: list[dict], idx: int) -> dict:
+    for r in rounds:
+        if r["round"] == idx:
+            return r
+    raise SystemExit(f"no round {idx}; this run has rounds "
+                     f"{', '.join(str(r['round']) for r in rounds) or '(none)'}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="Inspect an evotune run's per-round selections.")
+    p.add_argument("out", type=Path, help="the run's output dir")
+    p.add_argument("--round", type=int, help="show one round's picks")
+    p.add_argument("--diff", type=int, nargs=2, metavar=("A", "B"),
+                   help="what changed between the selected sets after rounds A and B")
+    p.add_argument("--limit", type=int, default=50, help="rows to show with --round")
+    p.add_argument("--sort", help="with --round: sort picks by this column, descending")
+    args = p.parse_args(argv)
+    if not (args.out / "rounds").is_dir():
+        print(f"error: {args.out} has no rounds/ folder; is it an evotune output dir?",
+              file=sys.stderr)
+        return 2
+    console = Console()
+    rounds = rounds_of(args.out)
+    if args.round is not None:
+        show_round(console, rounds, args.round, args.limit, args.sort)
+    elif args.diff:
+        diff(console, rounds, *args.diff)
+    else:
+        overview(console, args.out, rounds)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""What selectors read and return.
+
+Model-facing work (embedding, scoring) produces a :class:`Features` over the whole pool and
+stores it as data; a selector only reads it. ``select`` is pure: arrays in, ordered pool
+positions out, no model and no I/O, so it is testable on hand-made inputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar, Protocol
+
+import numpy as np
+
+
+@dataclass
+class Features:
+    """Per-example numbers over the whole pool, in pool order.
+
+    ``embeddings``: (N, D) float32, or None when no selector asked for them.
+    ``scores``: name → (N,) float64; NaN where an example was not scored (with a reason in
+    ``skipped``, name → {position: reason}).
+    """
+    embeddings: np.ndarray | None = None
+    scores: dict[str, np.ndarray] = field(default_factory=dict)
+    skipped: dict[str, dict[int, str]] = field(default_factory=dict)
+
+
+@dataclass
+class Selection:
+    """Chosen pool positions in pick order, and per-pick numbers (name → (n,) array)."""
+    positions: np.ndarray
+    numbers: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+class Selector(Protocol):
+    """A selection rule.
+
+    ``needs_embeddings`` and ``scores`` say what the feature pass must compute for it.
+    ``select`` picks ``n`` of ``candidates`` (pool positions, ascending) given the already
+    selected ``labeled`` positions; ``rng`` is seeded per round by the loop.
+    """
+    name: ClassVar[str]
+    needs_embeddings: ClassVar[bool]
+    scores: ClassVar[tuple[str, ...]]
+
+    def select(self, features: Features, labeled: np.ndarray, candidates: np.ndarray, n: int,
+               rng: np.random.Generator) -> Selection: ...
+
+    def state_dict(self) -> dict: ...

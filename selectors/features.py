@@ -1,0 +1,89 @@
+"""The feature pass: per-example numbers from the current model, over the whole pool.
+
+One batched, sharded forward pass (no gradients) that yields what the round's selector asked
+for. Today that is the DiverseEvol embedding: the masked mean of the last hidden state (after
+the final norm) over every real token of the example (prompt and response). Per-example scores
+(IFD, perplexity, uncertainty) will be computed in the same pass.
+
+Batches are planned globally by length (``plan_batches``) and dealt round-robin to ranks, every
+rank making the same number of forward calls; rank 0 gathers the results into pool order.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from evotune.selectors.base import Features
+from evotune.trainer.data import Encoded, collate, plan_batches, shard_batches
+from evotune.trainer.model import backbone
+
+
+@dataclass
+class PassStats:
+    seconds: float
+    tokens: int          # real (non-padding) tokens forwarded, all ranks
+    padded_tokens: int   # tokens forwarded including padding, all ranks
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+
+@torch.no_grad()
+def compute_features(model: torch.nn.Module, encoded: list[Encoded], strategy, pad_id: int,
+                     batch_size: int, need_embeddings: bool, advance=lambda n=1, **_: None
+                     ) -> tuple[Features | None, PassStats]:
+    """Run the feature pass over ``encoded`` (the whole pool, in pool order).
+
+    Args:
+        model: the current model (the DeepSpeed engine's module; a PeftModel or a plain LM).
+        encoded: token ids per pool example.
+        strategy: the run's :class:`~evotune.trainer.engine.Strategy` (device, rank, gather).
+        pad_id: the tokenizer's pad token id.
+        batch_size: examples per forward call per rank.
+        need_embeddings: compute the (N, D) float32 embeddings.
+        advance: progress callback, called with the number of examples done.
+
+    Returns:
+        Features on rank 0 (None on other ranks), and the pass statistics.
+    """
+    start = time.perf_counter()
+    was_training = model.training
+    model.eval()
+    decoder = backbone(model)
+    batches = plan_batches([len(e.input_ids) for e in encoded], batch_size)
+    rows: list[tuple[list[int], np.ndarray]] = []
+    real = padded = 0
+    for positions, is_padding in shard_batches(batches, strategy.rank, strategy.world_size):
+        batch = collate([encoded[i] for i in positions], pad_id)
+        ids = batch["input_ids"].to(strategy.device)
+        mask = batch["attention_mask"].to(strategy.device)
+        hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        if is_padding:
+            continue
+        real += int(mask.sum())
+        padded += mask.numel()
+        if need_embeddings:
+            m = mask.unsqueeze(-1).to(torch.float32)
+            emb = (hidden.to(torch.float32) * m).sum(dim=1) / m.sum(dim=1)
+            rows.append((positions, emb.cpu().numpy()))
+        advance(len(positions) * strategy.world_size)
+    model.train(was_training)
+    real, padded = (int(v) for v in strategy.all_reduce_sum([real, padded]))
+    gathered = strategy.gather_to_rank0(rows)
+    stats = PassStats(time.perf_counter() - start, real, padded)
+    if not strategy.is_rank0:
+        return None, stats
+    features = Features()
+    if need_embeddings:
+        parts = [r for rank_rows in gathered for r in rank_rows]
+        dim = parts[0][1].shape[1]
+        emb = np.full((len(encoded), dim), np.nan, dtype=np.float32)
+        for positions, values in parts:
+            emb[positions] = values
+        features.embeddings = emb
+    return features, stats

@@ -1,0 +1,212 @@
+"""End-to-end: real DeepSpeed on CPU (gloo), a tiny Llama with the real SmolLM2 tokenizer,
+real data; a few rounds, artifacts, kill and resume, two ranks through the launcher."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers import REPO, run_train, write_config
+
+pytestmark = pytest.mark.e2e
+
+
+def selected_ids(out: Path) -> list[str]:
+    """Every selected id, in selection order, from the per-round logs."""
+    ids = []
+    for d in sorted((out / "rounds").glob("round_*")):
+        ids += [json.loads(line)["id"] for line in (d / "selection.jsonl").read_text().splitlines()]
+    return ids
+
+
+def adapter(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(out / "final" / "adapter" / "adapter_model.safetensors")
+
+
+def assert_same_adapter(a: Path, b: Path, atol: float = 1e-5) -> None:
+    ta, tb = adapter(a), adapter(b)
+    assert ta.keys() == tb.keys()
+    for k in ta:
+        assert torch.allclose(ta[k], tb[k], atol=atol), k
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory, tiny_model_dir):
+    """An uninterrupted 3-round k-center run (ZeRO-0, retrain from base)."""
+    d = tmp_path_factory.mktemp("baseline")
+    cfg = write_config(d / "cfg.yaml", tiny_model_dir, d / "out")
+    proc = run_train(["--config", str(cfg)])
+    return d / "out", cfg, proc
+
+
+def test_run_writes_every_artifact(baseline, tiny_model_dir):
+    out, _, proc = baseline
+    summaries = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
+    assert [s["round"] for s in summaries] == [0, 1, 2]
+    assert [s["new_examples"] for s in summaries] == [6, 5, 5]
+    assert [s["total_examples"] for s in summaries] == [6, 11, 16]
+    assert all(s["eval_loss"] is not None and s["train_loss"] > 0 for s in summaries)
+    ids = selected_ids(out)
+    assert len(ids) == len(set(ids)) == 16
+    # data.max_length=160 with on_error=skip: rows whose prompt fills 160 tokens are skipped
+    # and listed with their reason; every other row of the 40 is in the pool.
+    report = json.loads((out / "data_report.json").read_text())
+    assert report["pool_skipped"] and report["pool_rows"] + len(report["pool_skipped"]) == 40
+    assert all("max_length=160" in s["reason"] for s in report["pool_skipped"])
+    for r in range(3):
+        rdir = out / "rounds" / f"round_{r:03d}"
+        rows = [json.loads(line) for line in (rdir / "selection.jsonl").read_text().splitlines()]
+        assert [row["pick_order"] for row in rows] == list(range(len(rows)))
+        assert {row["round"] for row in rows} == {r}
+        assert {"id", "source", "selector", "pool_index", "preview"} <= rows[0].keys()
+        if r > 0:
+            assert rows[0]["selector"] == "kcenter"
+            dists = [row["kcenter_distance"] for row in rows]
+            assert dists == sorted(dists, reverse=True) and dists[-1] > 0
+            features = __import__("numpy").load(rdir / "features.npz")
+            assert features["embeddings"].shape[0] == report["pool_rows"]
+        state = json.loads((rdir / "state.json").read_text())
+        assert state["round_idx"] == r and len(state["selected_ids"]) == [6, 11, 16][r]
+        assert (rdir / "adapter" / "adapter_config.json").is_file()
+    assert ids == json.loads((out / "rounds" / "round_002" / "state.json").read_text())[
+        "selected_ids"]
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {"train/loss", "train/lr"} <= metrics[0].keys()
+    assert any("eval/loss" in m for m in metrics)
+    assert (out / "config.yaml").is_file() and (out / "data_report.json").is_file()
+    assert "evotune rounds" in proc.stderr + proc.stdout
+
+
+def test_final_adapter_loads_with_plain_peft(baseline, tiny_model_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    out, _, _ = baseline
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model = PeftModel.from_pretrained(base, out / "final" / "adapter")
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert lora_b and any(p.abs().sum() > 0 for p in lora_b)   # trained, not the zero init
+
+
+def test_resume_after_completion_does_no_more_work_and_more_rounds_extend(baseline, tmp_path):
+    out, cfg, _ = baseline
+    proc = run_train(["--config", str(cfg)])
+    assert "nothing to train" in proc.stderr
+    before = (out / "rounds" / "round_002" / "state.json").read_text()
+    # Raising selection.rounds is safe: the completed rounds are kept and one more runs.
+    import shutil
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    run_train(["--config", str(cfg), f"output.dir={copy}", "selection.rounds=4"])
+    assert (copy / "rounds" / "round_002" / "state.json").read_text() == before
+    assert len(selected_ids(copy)) == 21
+
+
+def test_resume_with_changed_result_setting_is_refused(baseline):
+    out, cfg, _ = baseline
+    proc = run_train(["--config", str(cfg), "train.lr=0.5"], check=False)
+    assert proc.returncode == 2
+    assert "train.lr" in proc.stderr and "resume refused" in proc.stderr
+
+
+def test_resume_never_refuses_non_empty_dir(baseline):
+    out, cfg, _ = baseline
+    proc = run_train(["--config", str(cfg), "--resume", "never"], check=False)
+    assert proc.returncode == 2 and "--overwrite" in proc.stderr
+
+
+def _kill_when(cmd: list[str], marker: Path, timeout: float = 300) -> None:
+    """Start ``cmd``; SIGKILL its whole process group as soon as ``marker`` exists."""
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.time() + timeout
+    while not marker.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended before {marker} appeared:\n"
+                                 f"{proc.stderr.read()[-3000:]}")
+        if time.time() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise AssertionError(f"timed out waiting for {marker}")
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+@pytest.mark.parametrize("kill_marker", [
+    "rounds/round_001/selection.jsonl",          # killed while training round 1
+    "rounds/round_001/checkpoint",               # killed while writing round 1's checkpoint
+])
+def test_kill_and_resume_gives_identical_selection_and_adapter(baseline, tmp_path, kill_marker):
+    ref_out, cfg, _ = baseline
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(REPO / "launch" / "train.py"), "--config", str(cfg),
+           f"output.dir={out}"]
+    _kill_when(cmd, out / kill_marker)
+    assert not (out / "rounds" / "round_001" / "state.json").exists()
+    proc = run_train(["--config", str(cfg), f"output.dir={out}"])
+    assert "resumed after round 0" in proc.stderr
+    assert selected_ids(out) == selected_ids(ref_out)
+    assert_same_adapter(out, ref_out)
+    # The redone round logged its steps once: no duplicate metric lines.
+    steps = [json.loads(line)["global_step"] for line in
+             (out / "metrics.jsonl").read_text().splitlines() if "train/loss" in line]
+    assert steps == sorted(set(steps))
+
+
+@pytest.mark.parametrize("zero_stage, retrain", [(2, False), (3, True)])
+def test_zero_stages_and_continue_mode(tmp_path, tiny_model_dir, zero_stage, retrain):
+    cfg = write_config(tmp_path / "cfg.yaml", tiny_model_dir, tmp_path / "out",
+                       deepspeed={"zero_stage": zero_stage},
+                       train={"retrain_from_base": retrain},
+                       selection={"rounds": 2})
+    run_train(["--config", str(cfg)])
+    summaries = [json.loads(line) for line in
+                 (tmp_path / "out" / "rounds.jsonl").read_text().splitlines()]
+    assert [s["total_examples"] for s in summaries] == [6, 11]
+    tensors = adapter(tmp_path / "out")
+    assert tensors and all(t.numel() > 0 for t in tensors.values())   # not empty under ZeRO-3
+    if not retrain:
+        # Continue mode keeps counting optimizer steps on one optimizer: round 1 starts where
+        # round 0 stopped (6 examples, batch 4, 2 epochs = 4 steps).
+        assert summaries[0]["global_step"] == 4
+        assert summaries[1]["global_step"] == 4 + 6
+
+
+def test_two_ranks_select_like_one_rank(tmp_path, tiny_model_dir, baseline):
+    ref_out, cfg, _ = baseline
+    out = tmp_path / "out2"
+    run_train(["--config", str(cfg), f"output.dir={out}"], ranks=2)
+    assert json.loads((out / "rounds" / "round_000" / "state.json").read_text())[
+        "world_size"] == 2
+    assert selected_ids(out) == selected_ids(ref_out)
+    assert_same_adapter(out, ref_out, atol=1e-4)
+
+
+def test_bad_model_path_fails_cleanly_and_leaves_output_untouched(tmp_path, tiny_model_dir):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    cfg = write_config(tmp_path / "cfg.yaml", tiny_model_dir, out)
+    proc = run_train(["--config", str(cfg), f"model.path={tmp_path / 'nope'}", "--overwrite"],
+                     check=False)
+    assert proc.returncode == 2
+    assert "nope" in proc.stderr and "local" in proc.stderr
+    assert (out / "notes.txt").read_text() == "keep me"
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+def test_config_error_exits_2_naming_the_key(tmp_path, tiny_model_dir):
+    cfg = write_config(tmp_path / "cfg.yaml", tiny_model_dir, tmp_path / "out")
+    proc = run_train(["--config", str(cfg), "selection.per_round=0"], check=False)
+    assert proc.returncode == 2 and "selection.per_round" in proc.stderr
+    proc = run_train(["--config", str(cfg), "selection.init_size=39"], check=False)
+    assert proc.returncode == 2 and "larger than the pool" in proc.stderr
+    assert not (tmp_path / "out").exists()

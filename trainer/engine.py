@@ -1,0 +1,224 @@
+"""The one module that touches DeepSpeed and torch.distributed.
+
+:class:`Strategy` owns process-group setup, the device and dtype, the DeepSpeed config (built
+here from typed settings: no ``"auto"`` strings reach ``deepspeed.initialize``), engine
+creation, backward/step, checkpoints with ``client_state``, adapter export under ZeRO-3, and
+the few collectives the loop needs. Everything else in evotune is written against it.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import pickle
+import socket
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from evotune.trainer.config import Config
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Strategy:
+    """Distributed setup and every DeepSpeed call of a run."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.rank = 0
+        self.local_rank = 0
+        self.world_size = 1
+        self.device = torch.device("cpu")
+        self.dtype = torch.float32
+        self.accelerator = None
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        """Join (or create) the process group and pick device and dtype.
+
+        Works under the ``deepspeed`` launcher (which sets RANK, LOCAL_RANK, WORLD_SIZE and
+        MASTER_*) and as a plain ``python launch/train.py`` (a one-process group on a free
+        local port, so DeepSpeed does not fall back to MPI discovery).
+        """
+        if "RANK" not in os.environ:
+            os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
+                               "LOCAL_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                               "MASTER_PORT": str(_free_port())})
+        import deepspeed
+        from deepspeed.accelerator import get_accelerator
+
+        self.accelerator = get_accelerator()
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        on_cpu = self.accelerator.device_name() == "cpu"
+        backend = self.cfg.deepspeed.backend
+        if backend == "auto":
+            backend = "gloo" if on_cpu else self.accelerator.communication_backend_name()
+        if not on_cpu:
+            self.accelerator.set_device(self.local_rank)
+        deepspeed.init_distributed(dist_backend=backend)
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+        self.device = torch.device("cpu") if on_cpu else torch.device(
+            self.accelerator.device_name(self.local_rank))
+        precision = self.cfg.model.precision
+        if precision == "auto":
+            # bf16 where the accelerator has it; CPUs train in fp32 (bf16 matmuls are only fast
+            # on CPUs with AMX, and fp32 keeps CPU results comparable across machines).
+            precision = "bf16" if not on_cpu and self.accelerator.is_bf16_supported() else "fp32"
+        if precision == "bf16" and not on_cpu and not self.accelerator.is_bf16_supported():
+            raise RuntimeError("model.precision=bf16 but this accelerator has no bf16; use fp32")
+        self.dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+
+    @property
+    def is_rank0(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_local_rank0(self) -> bool:
+        return self.local_rank == 0
+
+    def grad_accum_steps(self) -> int:
+        t = self.cfg.train
+        per_step = t.micro_batch_size * self.world_size
+        if t.batch_size % per_step:
+            raise ValueError(
+                f"train.batch_size={t.batch_size} must be a multiple of train.micro_batch_size "
+                f"({t.micro_batch_size}) x ranks ({self.world_size}) = {per_step}")
+        return t.batch_size // per_step
+
+    def ds_config(self) -> dict:
+        """The DeepSpeed config dict, fully resolved from the typed settings."""
+        t, z = self.cfg.train, self.cfg.deepspeed.zero_stage
+        config = {
+            "train_micro_batch_size_per_gpu": t.micro_batch_size,
+            "gradient_accumulation_steps": self.grad_accum_steps(),
+            "train_batch_size": t.batch_size,
+            "gradient_clipping": t.max_grad_norm,
+            "zero_optimization": {"stage": z},
+            "bf16": {"enabled": self.dtype == torch.bfloat16},
+            "fp16": {"enabled": False},
+            "steps_per_print": 10**9,   # the loop logs its own metrics
+            "wall_clock_breakdown": False,
+        }
+        if z == 3:
+            # Gather 16-bit weights on save so `save_16bit_model` works for merged exports.
+            config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
+        return config
+
+    # ------------------------------------------------------------------ engine
+    def prepare(self, model: torch.nn.Module):
+        """Wrap ``model`` in a DeepSpeed engine with AdamW over its trainable parameters.
+
+        A torch optimizer is passed in (not DeepSpeed's own), so no extra C++ op is compiled.
+        The learning rate is set by the loop before each step (see ``set_lr``).
+        """
+        import deepspeed
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("the model has no trainable parameters")
+        t = self.cfg.train
+        optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay,
+                                      betas=(0.9, 0.999), eps=1e-8)
+        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                          config=self.ds_config())
+        return engine
+
+    @staticmethod
+    def set_lr(engine, lr: float) -> None:
+        for group in engine.optimizer.param_groups:
+            group["lr"] = lr
+
+    @staticmethod
+    def release(engine) -> None:
+        """Free an engine before building the next one (retrain-from-base rounds)."""
+        if engine is None:
+            return
+        if hasattr(engine, "destroy"):
+            engine.destroy()
+        del engine
+        gc.collect()
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, engine, directory: Path, client_state: dict) -> None:
+        """DeepSpeed checkpoint (module, optimizer, step counters) plus ``client_state``.
+
+        Collective: every rank calls it. Frozen base weights are left out for LoRA runs.
+        """
+        engine.save_checkpoint(str(directory), tag="deepspeed", client_state=client_state,
+                               exclude_frozen_parameters=self.cfg.lora.enabled)
+
+    def load_checkpoint(self, engine, directory: Path, optimizer: bool = True) -> dict:
+        """Load a checkpoint written by :meth:`save_checkpoint`; returns its client_state."""
+        path, client_state = engine.load_checkpoint(
+            str(directory), tag="deepspeed", load_module_strict=not self.cfg.lora.enabled,
+            load_optimizer_states=optimizer, load_lr_scheduler_states=False)
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint under {directory}")
+        return client_state
+
+    def trainable_state_dict(self, engine) -> dict[str, torch.Tensor] | None:
+        """Full (gathered) trainable weights on rank 0, None on other ranks.
+
+        Collective under ZeRO-3, where each rank holds a shard: without the gather the saved
+        adapter would be empty tensors (REFERENCE §5).
+        """
+        import deepspeed
+        named = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
+        if self.cfg.deepspeed.zero_stage == 3:
+            with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
+                state = {n: p.detach().to("cpu", torch.float32).clone() for n, p in named}
+        else:
+            state = {n: p.detach().to("cpu", torch.float32).clone() for n, p in named}
+        return state if self.is_rank0 else None
+
+    def full_state_dict(self, engine) -> dict[str, torch.Tensor] | None:
+        """All weights (gathered under ZeRO-3) on rank 0, None elsewhere. Collective."""
+        import deepspeed
+        if self.cfg.deepspeed.zero_stage == 3:
+            params = list(engine.module.parameters())
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+                state = {k: v.detach().to("cpu").clone()
+                         for k, v in engine.module.state_dict().items()}
+        else:
+            state = {k: v.detach().to("cpu").clone() for k, v in engine.module.state_dict().items()}
+        return state if self.is_rank0 else None
+
+    # ------------------------------------------------------------------ collectives
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def all_reduce_sum(self, values: list[float]) -> list[float]:
+        """Sum a few numbers over ranks (in float64)."""
+        t = torch.tensor(values, dtype=torch.float64, device=self._comm_device())
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t.tolist()
+
+    def gather_to_rank0(self, obj):
+        """Every rank's ``obj`` as a list on rank 0 (None on the others)."""
+        if self.world_size == 1:
+            return [obj]
+        out = [None] * self.world_size if self.is_rank0 else None
+        # Pickle to bytes first: large numpy arrays travel as one buffer.
+        dist.gather_object(pickle.dumps(obj), out, dst=0)
+        return [pickle.loads(b) for b in out] if self.is_rank0 else None
+
+    def broadcast_from_rank0(self, obj):
+        """Rank 0's ``obj`` on every rank."""
+        if self.world_size == 1:
+            return obj
+        box = [obj if self.is_rank0 else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def _comm_device(self) -> torch.device:
+        return torch.device("cpu") if dist.get_backend() == "gloo" else self.device
+
+    def shutdown(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,148 @@
+"""Training one round, and held-out evaluation.
+
+The whole step plan is computed the same way on every rank from the seed: the round's shuffled
+order per epoch, cut into global batches of ``train.batch_size`` examples; global batch slot
+``j`` (``micro_batch_size`` examples) runs on rank ``j % world`` at micro-step ``j // world``.
+So micro-batches, their padding and their dropout masks (seeded per slot) are the same on 1 or
+N ranks, and the only difference between world sizes is floating-point summation order.
+
+Loss: token-level cross-entropy over response tokens, normalised by the response-token count of
+the whole global batch (not per micro-batch), so every token weighs the same whatever the
+batch split. DeepSpeed divides by the accumulation steps and averages over ranks; the loss
+handed to it is pre-scaled by both to undo that.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from evotune.trainer.config import TrainConfig
+from evotune.trainer.data import IGNORE_INDEX, Encoded, collate, plan_batches, shard_batches
+from evotune.trainer.state import derive_seed
+
+
+def lr_at(step: int, total: int, t: TrainConfig) -> float:
+    """Learning rate at optimizer step ``step`` (0-based) of a round with ``total`` steps."""
+    warmup = int(t.warmup_ratio * total)
+    if step < warmup:
+        return t.lr * (step + 1) / warmup
+    if t.lr_scheduler == "constant" or total <= warmup:
+        return t.lr
+    progress = (step - warmup) / max(1, total - warmup)
+    if t.lr_scheduler == "linear":
+        return t.lr * (1.0 - progress)
+    return t.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def plan_steps(positions: list[int], epochs: int, batch_size: int, seed: int, round_idx: int
+               ) -> list[list[int]]:
+    """Global batches for the round: one seeded shuffle per epoch, cut into ``batch_size``."""
+    steps = []
+    for epoch in range(epochs):
+        rng = np.random.default_rng(derive_seed(seed, "order", round_idx, epoch))
+        order = [positions[i] for i in rng.permutation(len(positions))]
+        steps += [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
+    return steps
+
+
+def response_tokens(e: Encoded) -> int:
+    """Tokens that are prediction targets after the causal shift."""
+    return sum(1 for t in e.labels[1:] if t != IGNORE_INDEX)
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy over response tokens, in fp32."""
+    shift_logits = logits[:, :-1].float()
+    shift_labels = labels[:, 1:]
+    return F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)),
+                           shift_labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+@dataclass
+class TrainStats:
+    steps: int
+    loss: float              # token-weighted mean over the round's last epoch
+    first_epoch_loss: float
+    tokens: int              # tokens forwarded in training (real tokens, all ranks)
+    seconds: float
+
+
+def train_round(engine, strategy, encoded: list[Encoded], positions: list[int], round_idx: int,
+                global_step: int, pad_id: int, logger, seed: int) -> tuple[int, TrainStats]:
+    """Train ``train.epochs`` passes over ``positions``; return the new global step and stats."""
+    t = strategy.cfg.train
+    world, gas, micro = strategy.world_size, strategy.grad_accum_steps(), t.micro_batch_size
+    steps = plan_steps(positions, t.epochs, t.batch_size, seed, round_idx)
+    steps_per_epoch = len(steps) // t.epochs
+    engine.train()
+    start = time.perf_counter()
+    epoch_sums = [[0.0, 0.0] for _ in range(t.epochs)]
+    tokens = 0
+    with logger.progress(f"round {round_idx}: train", len(steps)) as advance:
+        for step_idx, batch in enumerate(steps):
+            lr = lr_at(step_idx, len(steps), t)
+            strategy.set_lr(engine, lr)
+            n_tokens = sum(response_tokens(encoded[i]) for i in batch)
+            loss_sum = 0.0
+            for g in range(gas):
+                slot = g * world + strategy.rank
+                mine = batch[slot * micro: (slot + 1) * micro]
+                # An empty slot (last, short batch) still runs forward/backward with weight 0,
+                # so every rank makes the same collective calls.
+                weight = 1.0 if mine else 0.0
+                items = [encoded[i] for i in (mine or batch[:1])]
+                b = collate(items, pad_id)
+                torch.manual_seed(derive_seed(seed, "dropout", round_idx, step_idx, slot))
+                out = engine(input_ids=b["input_ids"].to(strategy.device),
+                             attention_mask=b["attention_mask"].to(strategy.device))
+                ce = token_loss_sum(out.logits, b["labels"].to(strategy.device))
+                engine.backward(ce * weight * (world * gas) / max(n_tokens, 1))
+                engine.step()
+                loss_sum += float(ce.detach()) * weight
+                tokens += int(b["attention_mask"].sum()) if mine else 0
+            global_step += 1
+            ce_total = strategy.all_reduce_sum([loss_sum])[0]
+            tok_total = n_tokens
+            step_loss = ce_total / max(tok_total, 1)
+            epoch = step_idx // steps_per_epoch
+            epoch_sums[epoch][0] += ce_total
+            epoch_sums[epoch][1] += tok_total
+            advance(1, info=f"loss {step_loss:.4f}")
+            if global_step % t.log_every == 0 or step_idx == len(steps) - 1:
+                grad_norm = engine.get_global_grad_norm()
+                logger.metrics(global_step, {
+                    "round": round_idx, "train/loss": step_loss, "train/lr": lr,
+                    "train/grad_norm": float(grad_norm) if grad_norm is not None else None,
+                    "train/response_tokens": n_tokens, "train/epoch": epoch})
+    tokens = int(strategy.all_reduce_sum([tokens])[0])
+    mean = [s / max(n, 1) for s, n in epoch_sums]
+    return global_step, TrainStats(len(steps), mean[-1], mean[0], tokens,
+                                   time.perf_counter() - start)
+
+
+@torch.no_grad()
+def evaluate(model, strategy, encoded: list[Encoded], pad_id: int, batch_size: int,
+             advance=lambda n=1, **_: None) -> tuple[float, int]:
+    """Per-token held-out loss on response tokens; returns (loss, response tokens)."""
+    was_training = model.training
+    model.eval()
+    batches = plan_batches([len(e.input_ids) for e in encoded], batch_size)
+    ce_sum = n = 0.0
+    for positions, is_padding in shard_batches(batches, strategy.rank, strategy.world_size):
+        b = collate([encoded[i] for i in positions], pad_id)
+        logits = model(input_ids=b["input_ids"].to(strategy.device),
+                       attention_mask=b["attention_mask"].to(strategy.device)).logits
+        if is_padding:
+            continue
+        ce_sum += float(token_loss_sum(logits, b["labels"].to(strategy.device)))
+        n += sum(response_tokens(encoded[i]) for i in positions)
+        advance(len(positions) * strategy.world_size)
+    model.train(was_training)
+    ce_sum, n = strategy.all_reduce_sum([ce_sum, n])
+    return ce_sum / max(n, 1), int(n)

@@ -1,0 +1,284 @@
+"""What a completed round leaves on disk, and how a run finds where to resume.
+
+Layout of an output dir::
+
+    OUT/config.yaml, config.json      resolved config of the run
+    OUT/metrics.jsonl                 step metrics (train/loss, train/lr, ...)
+    OUT/rounds.jsonl                  one line per completed round (rebuilt from summaries)
+    OUT/rounds/round_XXX/
+        selection.jsonl               the round's new picks, in pick order
+        features.npz                  what the selector read (embeddings, scores) [rounds >= 1]
+        selector_state.json           the selector's settings
+        checkpoint/                   DeepSpeed checkpoint; client_state = this round's state
+        adapter/ (or model/)          HF/PEFT export of the round's weights
+        summary.json                  counts, losses, tokens, seconds per phase
+        state.json                    written LAST, atomically: the round is complete
+
+A round is complete only when ``state.json`` exists; a round folder without it is the remains
+of a crash and is redone from the previous complete round, never partly reused.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import pickle
+import random
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+STATE_FILE = "state.json"
+STATE_VERSION = 1
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+@dataclass
+class RoundState:
+    """The progress dataclass of a run after round ``round_idx``; also the DeepSpeed
+    checkpoint's ``client_state``."""
+    round_idx: int
+    global_step: int
+    selected_ids: list[str]          # every selected id so far, in selection order
+    budget: list[int]                # examples added per round, round 0 first (whole run)
+    seed: int
+    config_hash: str                 # Config.results_hash() of the run
+    pool_hash: str                   # sha256 of the pool file's bytes
+    world_size: int
+    zero_stage: int
+    rng: dict = field(default_factory=dict)   # python/numpy/torch RNG states at round end
+    version: int = STATE_VERSION
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> "RoundState":
+        return cls(**d)
+
+
+def round_dir(out: Path, round_idx: int) -> Path:
+    return Path(out) / "rounds" / f"round_{round_idx:03d}"
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write to a temp file in the same folder, fsync, then rename over ``path``: a reader
+    (or a resume after a crash) sees the old file or the new one, never a partial one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)   # mkstemp makes 0600 files; use the usual mode
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
+
+
+def read_state(out: Path, round_idx: int) -> RoundState | None:
+    """The round's state, or None when the round is not complete."""
+    path = round_dir(out, round_idx) / STATE_FILE
+    if not path.is_file():
+        return None
+    try:
+        return RoundState.from_json(json.loads(path.read_text()))
+    except (json.JSONDecodeError, TypeError) as e:
+        raise RuntimeError(f"{path} is unreadable ({e}); it was written atomically, so the file "
+                           f"was changed by hand: restore it or delete the round folder") from None
+
+
+def last_completed_round(out: Path) -> int:
+    """Index of the last round of the unbroken run of complete rounds from 0; -1 if none."""
+    r = -1
+    while read_state(out, r + 1) is not None:
+        r += 1
+    return r
+
+
+def incomplete_round_dirs(out: Path, after: int) -> list[Path]:
+    """Round folders after round ``after`` (crash leftovers or rounds to discard)."""
+    rounds = Path(out) / "rounds"
+    if not rounds.is_dir():
+        return []
+    return sorted(p for p in rounds.iterdir()
+                  if p.is_dir() and p.name.startswith("round_")
+                  and p.name[6:].isdigit() and int(p.name[6:]) > after)
+
+
+# ----------------------------------------------------------------------------- seeds and RNG
+
+def derive_seed(seed: int, *keys) -> int:
+    """A stable 63-bit seed from the run seed and keys (same on every rank, every resume).
+
+    Every random choice of a round draws from a generator seeded this way, so a resumed round
+    makes the same choices as an uninterrupted one without replaying earlier rounds.
+    """
+    blob = json.dumps([seed, *keys]).encode()
+    return int.from_bytes(hashlib.sha256(blob).digest()[:8], "little") >> 1
+
+
+def capture_rng() -> dict:
+    """Python, numpy and torch RNG states, base64-pickled so they fit in JSON."""
+    states = {"python": random.getstate(), "numpy": np.random.get_state(),
+              "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return {k: base64.b64encode(pickle.dumps(v)).decode() for k, v in states.items()}
+
+
+def restore_rng(saved: dict) -> None:
+    states = {k: pickle.loads(base64.b64decode(v)) for k, v in saved.items()}
+    if "python" in states:
+        random.setstate(states["python"])
+    if "numpy" in states:
+        np.random.set_state(states["numpy"])
+    if "torch" in states:
+        torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def file_hash(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------- resume
+
+@dataclass
+class ResumePlan:
+    """Where a run starts and what rank 0 must clear first (nothing is touched until apply)."""
+    out_dir: Path
+    start_round: int
+    state: RoundState | None
+    discard: list[Path] = field(default_factory=list)
+    wipe: bool = False
+    warnings: list[str] = field(default_factory=list)
+
+    def apply(self) -> None:
+        """Clear what the plan says (rank 0 only), then make sure the dir exists."""
+        import shutil
+        if self.wipe and self.out_dir.exists():
+            shutil.rmtree(self.out_dir)
+        for d in self.discard:
+            shutil.rmtree(d, ignore_errors=True)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+
+
+def run_dir_of(path: Path) -> tuple[Path, int | None]:
+    """A ``--resume PATH`` → (run dir, round index if PATH is a round folder)."""
+    if path.parent.name == "rounds" and path.name.startswith("round_") and path.name[6:].isdigit():
+        return path.parent.parent, int(path.name[6:])
+    return path, None
+
+
+def plan_resume(out: Path, mode: str, overwrite: bool, cfg, budget: list[int], pool_hash: str,
+                world_size: int) -> ResumePlan:
+    """Decide where the run starts.
+
+    ``mode``: ``auto`` continues after the last complete round (or starts fresh when there is
+    none); ``never`` starts fresh and refuses a non-empty dir unless ``overwrite``; a path (a run
+    dir, or one of its ``rounds/round_XXX`` folders) resumes that run after its last complete
+    round (or after the given round; later rounds are discarded only with ``overwrite``).
+    Raises ValueError with the reason and the fix when the resume is refused.
+    """
+    out = Path(out)
+    if mode not in ("auto", "never"):
+        out, upto = run_dir_of(Path(mode))
+        if not (out / "config.json").is_file():
+            raise ValueError(f"--resume {mode}: not an evotune run (no config.json in {out})")
+    else:
+        upto = None
+    non_empty = out.is_dir() and any(out.iterdir())
+    if mode == "never" or not non_empty:
+        if non_empty and not overwrite:
+            raise ValueError(f"output dir {out} is not empty; use --resume auto to continue the "
+                             f"run in it, or --overwrite to delete it and start over")
+        return ResumePlan(out, 0, None, wipe=non_empty)
+    if not (out / "config.json").is_file():
+        if not overwrite:
+            raise ValueError(f"output dir {out} is not empty and holds no evotune run; choose "
+                             f"another output.dir or pass --overwrite to delete its contents")
+        return ResumePlan(out, 0, None, wipe=True)
+
+    last = last_completed_round(out)
+    if upto is not None:
+        if read_state(out, upto) is None:
+            raise ValueError(f"--resume {mode}: round {upto} is not complete (no {STATE_FILE})")
+        if upto < last and not overwrite:
+            raise ValueError(f"--resume {mode}: rounds {upto + 1}..{last} are complete too; pass "
+                             f"--overwrite to discard them and redo from round {upto + 1}")
+        last = upto
+    discard = incomplete_round_dirs(out, last)
+    if last < 0:
+        return ResumePlan(out, 0, None, discard=discard,
+                          warnings=[f"{out}: no complete round to resume; starting at round 0"]
+                          if discard else [])
+    state = read_state(out, last)
+    warnings = check_compatible(out, cfg, state, budget, pool_hash, world_size)
+    return ResumePlan(out, last + 1, state, discard=discard, warnings=warnings)
+
+
+def check_compatible(out: Path, cfg, state: RoundState, budget: list[int], pool_hash: str,
+                     world_size: int) -> list[str]:
+    """Refuse (ValueError naming the keys) a resume whose settings would change results;
+    return warnings for the safe changes."""
+    from evotune.trainer.config import RESULT_KEYS, _flatten
+    saved = dict(_flatten(json.loads((Path(out) / "config.json").read_text())))
+    current = cfg.flat()
+    changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    # The budget keys are compared through the counts of the completed rounds below, so that a
+    # longer per_round schedule (more rounds) is accepted.
+    budget_keys = {"selection.init_size", "selection.per_round"}
+    unsafe = [k for k in changed if k in RESULT_KEYS and k not in budget_keys]
+    if unsafe:
+        diffs = ", ".join(f"{k} ({saved.get(k)!r} -> {current.get(k)!r})" for k in unsafe)
+        raise ValueError(f"resume refused: settings that change results differ from the run in "
+                         f"{out}: {diffs}. Restore them, or start a new run in another "
+                         f"output.dir (or --resume never --overwrite)")
+    done = state.round_idx + 1
+    if state.budget[:done] != budget[:done]:
+        raise ValueError(f"resume refused: the completed rounds selected {state.budget[:done]} "
+                         f"examples but selection.init_size/per_round now give {budget[:done]}")
+    if state.pool_hash != pool_hash:
+        raise ValueError(f"resume refused: the pool file {cfg.data.pool} changed since the run "
+                         f"started (content hash differs)")
+    warnings = []
+    if state.world_size != world_size:
+        if state.zero_stage > 0:
+            raise ValueError(f"resume refused: the run used {state.world_size} rank(s) with "
+                             f"ZeRO-{state.zero_stage}, whose optimizer state is sharded per "
+                             f"rank; resume with {state.world_size} rank(s)")
+        warnings.append(f"world size changed ({state.world_size} -> {world_size}); results can "
+                        f"differ in floating-point summation order")
+    safe = [k for k in changed if k not in RESULT_KEYS or k in budget_keys]
+    if safe:
+        warnings.append("resuming with changed settings that do not affect completed rounds: "
+                        + ", ".join(f"{k} ({saved.get(k)!r} -> {current.get(k)!r})"
+                                    for k in safe))
+    if cfg.selection.rounds <= state.round_idx + 1:
+        warnings.append(f"all {cfg.selection.rounds} rounds are complete; nothing to train")
+    return warnings
