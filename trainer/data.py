@@ -187,8 +187,11 @@ def load_examples(path: str | Path, on_error: str = "error", limit: int = 0
                 continue
             raise
         if ex.id in seen:
-            raise DataError(f"duplicate id {ex.id!r}: {seen[ex.id]} and {where}; ids must be "
-                            f"unique (drop the 'id' field to use content hashes)")
+            if isinstance(row, dict) and "id" in row:
+                raise DataError(f"duplicate id {ex.id!r}: {seen[ex.id]} and {where}; ids must be"
+                                f" unique (drop the 'id' field to use content hashes)")
+            raise DataError(f"duplicate rows: {where} has the same content as {seen[ex.id]} "
+                            f"(content hash {ex.id}); remove one of them or give each an 'id'")
         seen[ex.id] = where
         examples.append(ex)
     if not examples:
@@ -335,4 +338,5 @@ def shard_batches(batches: list[list[int]], rank: int, world_size: int
     """
     calls = -(-len(batches) // world_size)
     mine = [(b, False) for b in batches[rank::world_size]]
-    return mine + [(batches[0], True)] * (calls - len(mine))
+    pad = calls - len(mine)
+    return mine + ([(batches[0], True)] * pad if pad else [])

@@ -107,8 +107,8 @@ class Strategy:
             "wall_clock_breakdown": False,
         }
         if z == 3:
-            # Gather 16-bit weights on save so `save_16bit_model` works for merged exports.
-            config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
+            config["zero_optimization"]["stage3_param_persistence_threshold"] = \
+                self.cfg.deepspeed.stage3_param_persistence_threshold
         return config
 
     # ------------------------------------------------------------------ engine

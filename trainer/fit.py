@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from evotune.trainer.config import TrainConfig
 from evotune.trainer.data import IGNORE_INDEX, Encoded, collate, plan_batches, shard_batches
-from evotune.trainer.state import derive_seed
+from evotune.trainer.state import crash_point, derive_seed
 
 
 def lr_at(step: int, total: int, t: TrainConfig) -> float:
@@ -88,6 +88,9 @@ def train_round(engine, strategy, encoded: list[Encoded], positions: list[int], 
         for step_idx, batch in enumerate(steps):
             lr = lr_at(step_idx, len(steps), t)
             strategy.set_lr(engine, lr)
+            # Sorted by length, micro-batches hold similar lengths: less padding. Any fixed
+            # order works; this one depends only on the data, not on the number of ranks.
+            batch = sorted(batch, key=lambda i: (len(encoded[i].input_ids), i))
             n_tokens = sum(response_tokens(encoded[i]) for i in batch)
             loss_sum = 0.0
             for g in range(gas):
@@ -107,6 +110,7 @@ def train_round(engine, strategy, encoded: list[Encoded], positions: list[int], 
                 loss_sum += float(ce.detach()) * weight
                 tokens += int(b["attention_mask"].sum()) if mine else 0
             global_step += 1
+            crash_point("train", round_idx)   # after the round's first optimizer step
             ce_total = strategy.all_reduce_sum([loss_sum])[0]
             tok_total = n_tokens
             step_loss = ce_total / max(tok_total, 1)

@@ -25,7 +25,8 @@ from evotune.trainer.fit import evaluate, train_round
 from evotune.trainer.logs import RunLogger, drop_metrics_after, log, rounds_table, setup_console_logging
 from evotune.trainer.model import (build_trainable_model, export_weights, load_tokenizer,
                                    resolve_model_path)
-from evotune.trainer.state import (STATE_FILE, RoundState, capture_rng, derive_seed, file_hash,
+from evotune.trainer.state import (STATE_FILE, RoundState, capture_rng, crash_point, derive_seed,
+                                   file_hash,
                                    plan_resume, read_state, restore_rng, round_dir,
                                    write_json_atomic, write_text_atomic)
 
@@ -141,6 +142,7 @@ def run(cfg: Config, resume: str = "auto", overwrite: bool = False) -> list[dict
                         engine.module, pool_enc, strategy, pad_id, cfg.selection.batch_size,
                         selector.needs_embeddings, advance)
             seconds["features"] = time.perf_counter() - t0
+            crash_point("embed", r)
             t0 = time.perf_counter()
             selection = _agree(strategy, lambda: selector.select(
                 features or Features(), np.asarray(selected, dtype=np.int64), candidates,
@@ -149,7 +151,8 @@ def run(cfg: Config, resume: str = "auto", overwrite: bool = False) -> list[dict
         new = [int(p) for p in selection.positions]
         selected += new
         if strategy.is_rank0:
-            _write_selection(rdir, r, round_selector, selection, pool, pool_enc, features)
+            _write_selection(rdir, r, round_selector, selection, pool, pool_enc, features,
+                             cfg.output.save_features)
 
         # ---- train
         if engine is None or cfg.train.retrain_from_base:
@@ -180,6 +183,7 @@ def run(cfg: Config, resume: str = "auto", overwrite: bool = False) -> list[dict
                            world_size=strategy.world_size, zero_stage=cfg.deepspeed.zero_stage,
                            rng=capture_rng())
         strategy.save_checkpoint(engine, rdir / "checkpoint", state.to_json())
+        crash_point("checkpoint", r)
         export_weights(engine, strategy, cfg, tokenizer, rdir)
         seconds["save"] = time.perf_counter() - t0
         seconds["total"] = time.perf_counter() - t_round
@@ -191,6 +195,7 @@ def run(cfg: Config, resume: str = "auto", overwrite: bool = False) -> list[dict
         strategy.barrier()
         if strategy.is_rank0:
             write_json_atomic(rdir / STATE_FILE, state.to_json())
+            crash_point("state", r)
             _rebuild_rounds_jsonl(out, r)
             _prune_checkpoints(out, r, cfg.output.keep_checkpoints)
             log.info(f"round {r} done: {len(new)} new, {len(selected)} total, train loss "
@@ -236,7 +241,7 @@ def _report_data(pool, pool_enc, report, eval_set, budget, template, cfg) -> Non
 
 
 def _write_selection(rdir: Path, r: int, selector, selection: Selection, pool, pool_enc,
-                     features: Features | None) -> None:
+                     features: Features | None, save_features: bool) -> None:
     rows = []
     for k, p in enumerate(selection.positions):
         p = int(p)
@@ -247,7 +252,7 @@ def _write_selection(rdir: Path, r: int, selector, selection: Selection, pool, p
         rows.append(json.dumps(row, ensure_ascii=False))
     write_text_atomic(rdir / "selection.jsonl", "".join(line + "\n" for line in rows))
     write_json_atomic(rdir / "selector_state.json", selector.state_dict())
-    if features is not None:
+    if features is not None and save_features:
         arrays = {f"score_{k}": v for k, v in features.scores.items()}
         if features.embeddings is not None:
             arrays["embeddings"] = features.embeddings.astype(np.float16)
@@ -297,6 +302,7 @@ def _finish(out: Path, cfg: Config, strategy: Strategy, model_path, tokenizer) -
     state = read_state(out, last) if strategy.is_rank0 else None
     if strategy.is_rank0 and state is not None:
         from evotune.trainer.model import merge_adapter
+        _rebuild_rounds_jsonl(out, last)   # in case the run died right after state.json
         final = out / "final"
         src = round_dir(out, last)
         name = "adapter" if cfg.lora.enabled else "model"

@@ -26,6 +26,7 @@ import json
 import os
 import pickle
 import random
+import signal
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -117,6 +118,21 @@ def incomplete_round_dirs(out: Path, after: int) -> list[Path]:
     return sorted(p for p in rounds.iterdir()
                   if p.is_dir() and p.name.startswith("round_")
                   and p.name[6:].isdigit() and int(p.name[6:]) > after)
+
+
+# ----------------------------------------------------------------------------- crash points
+
+CRASH_ENV = "EVOTUNE_CRASH_AT"
+
+
+def crash_point(name: str, round_idx: int) -> None:
+    """SIGKILL this process at a named point when ``$EVOTUNE_CRASH_AT`` is ``name:round``.
+
+    For testing resume at exact places (``embed``, ``train``, ``checkpoint``, ``state``): a
+    real kill, no cleanup, like a node failure. Does nothing unless the variable is set.
+    """
+    if os.environ.get(CRASH_ENV) == f"{name}:{round_idx}":
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 # ----------------------------------------------------------------------------- seeds and RNG
@@ -238,6 +254,9 @@ def plan_resume(out: Path, mode: str, overwrite: bool, cfg, budget: list[int], p
                           warnings=[f"{out}: no complete round to resume; starting at round 0"]
                           if discard else [])
     state = read_state(out, last)
+    if not (round_dir(out, last) / "checkpoint" / "deepspeed").is_dir():
+        raise ValueError(f"round {last} of {out} has no DeepSpeed checkpoint (removed by "
+                         f"output.keep_checkpoints?); resume from a round that has one")
     warnings = check_compatible(out, cfg, state, budget, pool_hash, world_size)
     return ResumePlan(out, last + 1, state, discard=discard, warnings=warnings)
 

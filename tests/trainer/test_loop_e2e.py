@@ -140,31 +140,52 @@ def _kill_when(cmd: list[str], marker: Path, timeout: float = 300) -> None:
     proc.wait()
 
 
-@pytest.mark.parametrize("kill_marker", [
-    "rounds/round_001/selection.jsonl",          # killed while training round 1
-    "rounds/round_001/checkpoint",               # killed while writing round 1's checkpoint
-])
-def test_kill_and_resume_gives_identical_selection_and_adapter(baseline, tmp_path, kill_marker):
+def _assert_resumed_like_baseline(out: Path, ref_out: Path, cfg: Path) -> None:
+    proc = run_train(["--config", str(cfg), f"output.dir={out}"])
+    assert "resumed after round" in proc.stderr
+    assert selected_ids(out) == selected_ids(ref_out)
+    assert_same_adapter(out, ref_out)
+    # A redone round logged its steps once: no duplicate metric lines.
+    steps = [json.loads(line)["global_step"] for line in
+             (out / "metrics.jsonl").read_text().splitlines() if "train/loss" in line]
+    assert steps == sorted(set(steps))
+    rounds = [json.loads(line)["round"] for line in (out / "rounds.jsonl").read_text().splitlines()]
+    assert rounds == [0, 1, 2]
+
+
+def test_sigkill_from_outside_during_training_then_resume(baseline, tmp_path):
     ref_out, cfg, _ = baseline
     out = tmp_path / "out"
     cmd = [sys.executable, str(REPO / "launch" / "train.py"), "--config", str(cfg),
            f"output.dir={out}"]
-    _kill_when(cmd, out / kill_marker)
+    _kill_when(cmd, out / "rounds" / "round_001" / "selection.jsonl")
     assert not (out / "rounds" / "round_001" / "state.json").exists()
-    proc = run_train(["--config", str(cfg), f"output.dir={out}"])
-    assert "resumed after round 0" in proc.stderr
-    assert selected_ids(out) == selected_ids(ref_out)
-    assert_same_adapter(out, ref_out)
-    # The redone round logged its steps once: no duplicate metric lines.
-    steps = [json.loads(line)["global_step"] for line in
-             (out / "metrics.jsonl").read_text().splitlines() if "train/loss" in line]
-    assert steps == sorted(set(steps))
+    _assert_resumed_like_baseline(out, ref_out, cfg)
+
+
+@pytest.mark.parametrize("crash_at", [
+    "embed:1",        # pool embedded with the round-0 model, nothing of round 1 written yet
+    "train:1",        # after round 1's first optimizer step
+    "checkpoint:1",   # round 1's DeepSpeed checkpoint written, exports and state not yet
+    "state:1",        # round 1 complete (state.json), run-level logs not yet rebuilt
+    "checkpoint:2",   # the last round, before its state.json
+])
+def test_crash_at_each_phase_then_resume_gives_identical_results(baseline, tmp_path, crash_at):
+    ref_out, cfg, _ = baseline
+    out = tmp_path / "out"
+    proc = run_train(["--config", str(cfg), f"output.dir={out}"], check=False,
+                     env={"EVOTUNE_CRASH_AT": crash_at})
+    assert proc.returncode == -9          # SIGKILL
+    phase, r = crash_at.split(":")
+    assert (out / "rounds" / f"round_{int(r):03d}" / "state.json").exists() == (phase == "state")
+    _assert_resumed_like_baseline(out, ref_out, cfg)
 
 
 @pytest.mark.parametrize("zero_stage, retrain", [(2, False), (3, True)])
 def test_zero_stages_and_continue_mode(tmp_path, tiny_model_dir, zero_stage, retrain):
     cfg = write_config(tmp_path / "cfg.yaml", tiny_model_dir, tmp_path / "out",
-                       deepspeed={"zero_stage": zero_stage},
+                       deepspeed={"zero_stage": zero_stage,
+                                  "stage3_param_persistence_threshold": 0},
                        train={"retrain_from_base": retrain},
                        selection={"rounds": 2})
     run_train(["--config", str(cfg)])
@@ -210,3 +231,62 @@ def test_config_error_exits_2_naming_the_key(tmp_path, tiny_model_dir):
     proc = run_train(["--config", str(cfg), "selection.init_size=39"], check=False)
     assert proc.returncode == 2 and "larger than the pool" in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_resume_path_reuses_the_runs_own_config(baseline):
+    out, _, _ = baseline
+    proc = run_train(["--resume", str(out)])
+    assert "nothing to train" in proc.stderr
+
+
+def test_inspect_rounds_shows_rounds_picks_and_diffs(baseline):
+    out, _, _ = baseline
+    script = str(REPO / "launch" / "inspect_rounds.py")
+
+    def show(*args):
+        proc = subprocess.run([sys.executable, script, str(out), *args], capture_output=True,
+                              text=True, env={**os.environ, "COLUMNS": "200"})
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    overview = show()
+    assert "complete" in overview and "kcenter" in overview and "gsm8k" in overview
+    first = json.loads((out / "rounds" / "round_001" / "selection.jsonl").read_text()
+                       .splitlines()[0])
+    picks = show("--round", "1", "--sort", "kcenter_distance")
+    assert first["id"] in picks and "kcenter_distance" in picks
+    diff = show("--diff", "0", "2")
+    assert "+10" in diff
+    proc = subprocess.run([sys.executable, script, str(out), "--round", "9"],
+                          capture_output=True, text=True)
+    assert proc.returncode != 0 and "no round 9" in proc.stderr
+
+
+def test_full_finetuning_exports_a_plain_model(tmp_path, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+    cfg = write_config(tmp_path / "cfg.yaml", tiny_model_dir, tmp_path / "out",
+                       lora={"enabled": False}, selection={"rounds": 2},
+                       deepspeed={"zero_stage": 1})
+    run_train(["--config", str(cfg)])
+    final = tmp_path / "out" / "final" / "model"
+    model = AutoModelForCausalLM.from_pretrained(final)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    changed = [n for (n, p), (_, q) in zip(model.named_parameters(), base.named_parameters())
+               if not torch.equal(p, q)]
+    assert changed   # every weight was trainable; the export holds the trained ones
+    assert (final / "tokenizer_config.json").is_file()
+
+
+def test_bf16_and_merged_export(tmp_path, tiny_model_dir):
+    """bf16 (the GPU default) through DeepSpeed's bf16 optimizer, here on CPU; merged export."""
+    from transformers import AutoModelForCausalLM
+    cfg = write_config(tmp_path / "cfg.yaml", tiny_model_dir, tmp_path / "out",
+                       model={"path": str(tiny_model_dir), "precision": "bf16"},
+                       selection={"rounds": 2}, deepspeed={"zero_stage": 2},
+                       output={"save_merged": True})
+    run_train(["--config", str(cfg)])
+    summaries = [json.loads(line) for line in
+                 (tmp_path / "out" / "rounds.jsonl").read_text().splitlines()]
+    assert all(s["train_loss"] == s["train_loss"] and s["eval_loss"] for s in summaries)  # no NaN
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "final" / "merged")
+    assert not any("lora" in n for n, _ in merged.named_parameters())

@@ -1,0 +1,33 @@
+"""The README matches the code: the commands CI runs, and every config key documented."""
+
+import re
+
+from helpers import REPO
+
+from evotune.trainer.config import Config
+
+
+def readme() -> str:
+    return (REPO / "README.md").read_text()
+
+
+def bash_blocks(text: str) -> list[str]:
+    return re.findall(r"```bash\n(.*?)```", text, flags=re.S)
+
+
+def test_ci_runs_the_readme_test_command():
+    test_command = next(line for block in bash_blocks(readme()) for line in block.splitlines()
+                        if "pytest" in line)
+    ci = (REPO / ".ci" / "run").read_text()
+    assert test_command in ci.splitlines()
+
+
+def test_readme_main_command_installs_pinned_torch_first_and_runs_the_quickstart():
+    main = bash_blocks(readme())[0].strip()
+    assert main.index("pip install torch==2.13.0") < main.index("pip install -e .")
+    assert main.endswith("deepspeed launch/train.py --config configs/quickstart.yaml")
+
+
+def test_readme_documents_every_config_key():
+    documented = set(re.findall(r"^\| `([a-z_.0-9]+)` \|", readme(), flags=re.M))
+    assert documented == set(Config().flat())

@@ -1,0 +1,356 @@
+"""Run state on disk: atomic writes, complete rounds, seeds, RNG, and the resume decision."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from evotune.trainer import state as state_mod
+from evotune.trainer.config import Config
+from evotune.trainer.state import (STATE_FILE, RoundState, capture_rng, derive_seed,
+                                   incomplete_round_dirs, last_completed_round, plan_resume,
+                                   read_state, restore_rng, round_dir, write_json_atomic)
+
+BUDGET = [6, 5, 5, 5]
+POOL_HASH = "a" * 64
+
+
+def make_cfg(zero_stage: int = 0) -> Config:
+    cfg = Config()
+    cfg.data.pool = "/data/pool.jsonl"
+    cfg.selection.rounds = 4
+    cfg.selection.init_size = 6
+    cfg.selection.per_round = 5
+    cfg.deepspeed.zero_stage = zero_stage
+    return cfg
+
+
+def make_state(round_idx: int, cfg: Config, world_size: int = 1) -> RoundState:
+    n = sum(BUDGET[: round_idx + 1])
+    return RoundState(round_idx=round_idx, global_step=3 * (round_idx + 1),
+                      selected_ids=[f"id{i}" for i in range(n)], budget=list(BUDGET),
+                      seed=cfg.seed, config_hash=cfg.results_hash(), pool_hash=POOL_HASH,
+                      world_size=world_size, zero_stage=cfg.deepspeed.zero_stage,
+                      rng={"python": "cafe"})
+
+
+def make_run(out: Path, cfg: Config, complete=(0, 1), half_written=(), world_size: int = 1
+             ) -> Path:
+    """A run dir by hand: config.json, complete rounds (with state.json) and crash leftovers."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(cfg.to_dict()))
+    for r in complete:
+        d = round_dir(out, r)
+        d.mkdir(parents=True)
+        (d / "selection.jsonl").write_text('{"id": "x"}\n')
+        (d / "checkpoint" / "deepspeed").mkdir(parents=True)
+        (d / STATE_FILE).write_text(json.dumps(make_state(r, cfg, world_size).to_json()))
+    for r in half_written:
+        d = round_dir(out, r)
+        d.mkdir(parents=True)
+        (d / "selection.jsonl").write_text('{"id": "x"}\n')
+    return out
+
+
+def files_under(path: Path) -> set[Path]:
+    return {p for p in path.rglob("*")}
+
+
+# ----------------------------------------------------------------------------- RoundState, files
+
+def test_round_state_json_round_trip():
+    st = make_state(2, make_cfg())
+    st.rng = capture_rng()
+    again = RoundState.from_json(json.loads(json.dumps(st.to_json())))
+    assert again == st
+
+
+def test_write_json_atomic_writes_and_leaves_no_temp_files(tmp_path):
+    path = tmp_path / "sub" / "state.json"
+    write_json_atomic(path, {"a": [1, 2], "b": "é"})
+    assert json.loads(path.read_text(encoding="utf-8")) == {"a": [1, 2], "b": "é"}
+    assert os.listdir(path.parent) == ["state.json"]
+
+
+def test_write_json_atomic_uses_the_usual_file_mode(tmp_path):
+    umask = os.umask(0)
+    os.umask(umask)
+    path = tmp_path / "state.json"
+    write_json_atomic(path, {})
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_write_json_atomic_failure_keeps_the_old_file(tmp_path):
+    path = tmp_path / "state.json"
+    write_json_atomic(path, {"round": 1})
+    with pytest.raises(TypeError):
+        write_json_atomic(path, {"round": 2, "bad": object()})
+    assert json.loads(path.read_text()) == {"round": 1}
+    assert os.listdir(tmp_path) == ["state.json"]
+
+
+def test_write_json_atomic_failure_at_rename_keeps_old_file_and_removes_temp(tmp_path,
+                                                                             monkeypatch):
+    path = tmp_path / "state.json"
+    write_json_atomic(path, {"round": 1})
+
+    def fail(src, dst):
+        raise OSError("disk gone")
+    monkeypatch.setattr(state_mod.os, "replace", fail)
+    with pytest.raises(OSError, match="disk gone"):
+        write_json_atomic(path, {"round": 2})
+    monkeypatch.undo()
+    assert json.loads(path.read_text()) == {"round": 1}
+    assert os.listdir(tmp_path) == ["state.json"]
+
+
+def test_read_state_of_a_corrupt_file_says_so(tmp_path):
+    d = round_dir(tmp_path, 0)
+    d.mkdir(parents=True)
+    (d / STATE_FILE).write_text("{not json")
+    with pytest.raises(RuntimeError, match="unreadable"):
+        read_state(tmp_path, 0)
+
+
+# ----------------------------------------------------------------------------- complete rounds
+
+def test_last_completed_round_ignores_a_half_written_round(tmp_path):
+    out = make_run(tmp_path / "run", make_cfg(), complete=(0, 1), half_written=(2,))
+    assert last_completed_round(out) == 1
+
+
+def test_last_completed_round_stops_at_a_gap(tmp_path):
+    out = make_run(tmp_path / "run", make_cfg(), complete=(0, 2))
+    assert last_completed_round(out) == 0
+
+
+def test_last_completed_round_of_an_empty_run_is_minus_one(tmp_path):
+    assert last_completed_round(tmp_path) == -1
+
+
+def test_incomplete_round_dirs(tmp_path):
+    out = make_run(tmp_path / "run", make_cfg(), complete=(0, 1), half_written=(2, 3))
+    (out / "rounds" / "round_004").write_text("a file, not a round")
+    (out / "rounds" / "round_abc").mkdir()
+    (out / "rounds" / "notes").mkdir()
+    rounds = out / "rounds"
+    assert incomplete_round_dirs(out, 1) == [rounds / "round_002", rounds / "round_003"]
+    assert incomplete_round_dirs(out, -1) == [rounds / f"round_{i:03d}" for i in range(4)]
+    assert incomplete_round_dirs(out, 3) == []
+    assert incomplete_round_dirs(tmp_path / "missing", -1) == []
+
+
+# ----------------------------------------------------------------------------- seeds and RNG
+
+def test_derive_seed_is_stable_and_key_sensitive():
+    # A fixed value (first 8 bytes of sha256('[42, "round", 1]'), little-endian, >> 1): resumed
+    # runs on other machines and versions must derive the same seed.
+    assert derive_seed(42, "round", 1) == 7513439479542938337
+    seeds = {derive_seed(42, "round", 1), derive_seed(42, "round", 2), derive_seed(43, "round", 1),
+             derive_seed(42, "dropout", 1), derive_seed(42, 1, "round"), derive_seed(42, "round1"),
+             derive_seed(42)}
+    assert len(seeds) == 7
+    assert all(0 <= s < 2 ** 63 for s in seeds)
+
+
+def draw() -> tuple:
+    return (random.random(), np.random.rand(3).tolist(), torch.rand(3).tolist())
+
+
+def test_capture_and_restore_rng_round_trip():
+    random.seed(1)
+    np.random.seed(1)
+    torch.manual_seed(1)
+    saved = json.loads(json.dumps(capture_rng()))    # it travels in state.json
+    expected = draw()
+    draw()                                           # move every generator on
+    restore_rng(saved)
+    assert draw() == expected
+
+
+# ----------------------------------------------------------------------------- plan_resume
+
+def plan(out: Path, cfg: Config, mode: str = "auto", overwrite: bool = False,
+         budget=BUDGET, pool_hash: str = POOL_HASH, world_size: int = 1):
+    return plan_resume(out, mode, overwrite, cfg, list(budget), pool_hash, world_size)
+
+
+@pytest.mark.parametrize("exists", [False, True])
+def test_auto_on_missing_or_empty_dir_starts_at_round_0(tmp_path, exists):
+    out = tmp_path / "run"
+    if exists:
+        out.mkdir()
+    p = plan(out, make_cfg())
+    assert (p.start_round, p.state, p.discard, p.wipe) == (0, None, [], False)
+
+
+def test_never_on_a_non_empty_dir_needs_overwrite(tmp_path):
+    out = make_run(tmp_path / "run", make_cfg())
+    with pytest.raises(ValueError, match="--overwrite"):
+        plan(out, make_cfg(), mode="never")
+    p = plan(out, make_cfg(), mode="never", overwrite=True)
+    assert (p.start_round, p.state, p.wipe) == (0, None, True)
+
+
+def test_auto_on_a_dir_that_is_not_a_run_is_refused(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="no evotune run"):
+        plan(out, make_cfg())
+
+
+def test_auto_resumes_after_the_last_complete_round(tmp_path):
+    cfg = make_cfg()
+    out = make_run(tmp_path / "run", cfg, complete=(0, 1), half_written=(2,))
+    p = plan(out, cfg)
+    assert p.start_round == 2
+    assert p.state == make_state(1, cfg)
+    assert p.discard == [out / "rounds" / "round_002"]
+    assert p.wipe is False and p.warnings == []
+
+
+def test_auto_with_only_a_half_written_round_restarts_it(tmp_path):
+    cfg = make_cfg()
+    out = make_run(tmp_path / "run", cfg, complete=(), half_written=(0,))
+    p = plan(out, cfg)
+    assert (p.start_round, p.state) == (0, None)
+    assert p.discard == [out / "rounds" / "round_000"]
+
+
+def test_changed_result_key_is_refused_naming_it(tmp_path):
+    out = make_run(tmp_path / "run", make_cfg())
+    cfg = make_cfg()
+    cfg.train.lr = 1e-3
+    with pytest.raises(ValueError, match=r"train\.lr"):
+        plan(out, cfg)
+
+
+def test_changed_safe_key_is_a_warning_naming_it(tmp_path):
+    out = make_run(tmp_path / "run", make_cfg())
+    cfg = make_cfg()
+    cfg.train.log_every = 10
+    p = plan(out, cfg)
+    assert p.start_round == 2
+    assert any("train.log_every" in w for w in p.warnings)
+
+
+def test_changed_pool_is_refused(tmp_path):
+    out = make_run(tmp_path / "run", make_cfg())
+    with pytest.raises(ValueError, match="pool"):
+        plan(out, make_cfg(), pool_hash="b" * 64)
+
+
+def test_changed_budget_of_a_completed_round_is_refused(tmp_path):
+    out = make_run(tmp_path / "run", make_cfg())
+    cfg = make_cfg()
+    cfg.selection.per_round = 4
+    with pytest.raises(ValueError, match="completed rounds"):
+        plan(out, cfg, budget=[6, 4, 4, 4])
+
+
+def test_changed_budget_of_a_later_round_is_a_warning(tmp_path):
+    out = make_run(tmp_path / "run", make_cfg())      # rounds 0 and 1 complete
+    cfg = make_cfg()
+    cfg.selection.per_round = [5, 9, 9]
+    p = plan(out, cfg, budget=[6, 5, 9, 9])
+    assert p.start_round == 2
+    assert any("selection.per_round" in w for w in p.warnings)
+
+
+def test_world_size_change_is_refused_with_sharded_optimizer_state(tmp_path):
+    cfg = make_cfg(zero_stage=2)
+    out = make_run(tmp_path / "run", cfg, world_size=2)
+    with pytest.raises(ValueError, match="ZeRO-2"):
+        plan(out, cfg, world_size=1)
+
+
+def test_world_size_change_is_a_warning_without_zero(tmp_path):
+    cfg = make_cfg(zero_stage=0)
+    out = make_run(tmp_path / "run", cfg, world_size=2)
+    p = plan(out, cfg, world_size=1)
+    assert p.start_round == 2
+    assert any("world size" in w for w in p.warnings)
+
+
+def test_all_rounds_complete_warns_nothing_to_train(tmp_path):
+    cfg = make_cfg()
+    cfg.selection.rounds = 2
+    out = make_run(tmp_path / "run", cfg, complete=(0, 1))
+    assert any("nothing to train" in w for w in plan(out, cfg).warnings)
+
+
+def test_resume_from_an_earlier_round_needs_overwrite(tmp_path):
+    cfg = make_cfg()
+    out = make_run(tmp_path / "run", cfg, complete=(0, 1), half_written=(2,))
+    mode = str(out / "rounds" / "round_000")
+    with pytest.raises(ValueError, match="--overwrite"):
+        plan(tmp_path / "other", cfg, mode=mode)
+    p = plan(tmp_path / "other", cfg, mode=mode, overwrite=True)
+    assert p.out_dir == out
+    assert p.start_round == 1 and p.state == make_state(0, cfg)
+    assert p.discard == [out / "rounds" / "round_001", out / "rounds" / "round_002"]
+    assert p.wipe is False
+
+
+def test_resume_from_the_run_dir_path(tmp_path):
+    cfg = make_cfg()
+    out = make_run(tmp_path / "run", cfg, complete=(0, 1))
+    p = plan(tmp_path / "other", cfg, mode=str(out))
+    assert (p.out_dir, p.start_round, p.discard) == (out, 2, [])
+
+
+def test_resume_from_a_path_that_is_not_a_run(tmp_path):
+    with pytest.raises(ValueError, match="not an evotune run"):
+        plan(tmp_path / "x", make_cfg(), mode=str(tmp_path))
+
+
+def test_resume_from_an_incomplete_round_is_refused(tmp_path):
+    cfg = make_cfg()
+    out = make_run(tmp_path / "run", cfg, complete=(0,), half_written=(1,))
+    with pytest.raises(ValueError, match="round 1 is not complete"):
+        plan(out, cfg, mode=str(out / "rounds" / "round_001"), overwrite=True)
+
+
+# ----------------------------------------------------------------------------- ResumePlan.apply
+
+def test_apply_deletes_exactly_the_discarded_rounds(tmp_path):
+    cfg = make_cfg()
+    out = make_run(tmp_path / "run", cfg, complete=(0, 1, 2), half_written=(3,))
+    p = plan(tmp_path / "other", cfg, mode=str(out / "rounds" / "round_000"), overwrite=True)
+    before = files_under(out)
+    expected = {f for d in p.discard for f in files_under(d) | {d}}
+    p.apply()
+    assert before - files_under(out) == expected
+    assert {d.name for d in p.discard} == {"round_001", "round_002", "round_003"}
+    assert read_state(out, 0) == make_state(0, cfg)
+
+
+def test_apply_wipe_empties_the_dir(tmp_path):
+    out = make_run(tmp_path / "run", make_cfg())
+    (tmp_path / "sibling.txt").write_text("keep")
+    p = plan(out, make_cfg(), mode="never", overwrite=True)
+    p.apply()
+    assert out.is_dir() and list(out.iterdir()) == []
+    assert (tmp_path / "sibling.txt").read_text() == "keep"
+
+
+def test_apply_creates_a_missing_dir(tmp_path):
+    p = plan(tmp_path / "a" / "run", make_cfg())
+    p.apply()
+    assert (tmp_path / "a" / "run").is_dir()
+
+
+def test_resume_needs_the_checkpoint_of_the_round_it_resumes_after(tmp_path):
+    cfg = make_cfg()
+    out = make_run(tmp_path / "run", cfg, complete=(0, 1))
+    shutil.rmtree(round_dir(out, 1) / "checkpoint")
+    with pytest.raises(ValueError, match="round 1 .* has no DeepSpeed checkpoint"):
+        plan(out, cfg)
