@@ -56,10 +56,25 @@ def response_tokens(e: Encoded) -> int:
     return sum(1 for t in e.labels[1:] if t != IGNORE_INDEX)
 
 
+def logits_window(labels: torch.Tensor) -> int:
+    """How many trailing positions need logits: from the one before the batch's first target.
+
+    Passed to the model as ``logits_to_keep``, so the LM head and the softmax skip the prompt
+    positions before any response starts (most of a long-prompt, short-answer example).
+    """
+    is_target = labels != IGNORE_INDEX
+    first = torch.where(is_target.any(dim=1), is_target.int().argmax(dim=1), labels.size(1))
+    return labels.size(1) - max(int(first.min()) - 1, 0)
+
+
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed next-token cross-entropy over response tokens, in fp32."""
+    """Summed next-token cross-entropy over response tokens, in fp32.
+
+    ``logits`` (B, K, V) may cover only the last K of the T positions of ``labels`` (B, T).
+    """
+    k, t = logits.size(1), labels.size(1)
     shift_logits = logits[:, :-1].float()
-    shift_labels = labels[:, 1:]
+    shift_labels = labels[:, t - k + 1:]
     return F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)),
                            shift_labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
 
@@ -103,7 +118,8 @@ def train_round(engine, strategy, encoded: list[Encoded], positions: list[int], 
                 b = collate(items, pad_id)
                 torch.manual_seed(derive_seed(seed, "dropout", round_idx, step_idx, slot))
                 out = engine(input_ids=b["input_ids"].to(strategy.device),
-                             attention_mask=b["attention_mask"].to(strategy.device))
+                             attention_mask=b["attention_mask"].to(strategy.device),
+                             logits_to_keep=logits_window(b["labels"]))
                 ce = token_loss_sum(out.logits, b["labels"].to(strategy.device))
                 engine.backward(ce * weight * (world * gas) / max(n_tokens, 1))
                 engine.step()
@@ -141,7 +157,8 @@ def evaluate(model, strategy, encoded: list[Encoded], pad_id: int, batch_size: i
     for positions, is_padding in shard_batches(batches, strategy.rank, strategy.world_size):
         b = collate([encoded[i] for i in positions], pad_id)
         logits = model(input_ids=b["input_ids"].to(strategy.device),
-                       attention_mask=b["attention_mask"].to(strategy.device)).logits
+                       attention_mask=b["attention_mask"].to(strategy.device),
+                       logits_to_keep=logits_window(b["labels"])).logits
         if is_padding:
             continue
         ce_sum += float(token_loss_sum(logits, b["labels"].to(strategy.device)))

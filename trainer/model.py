@@ -9,7 +9,6 @@ plain fp32 safetensors checkpoint in the evotune cache and read from there after
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -29,6 +28,8 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+
+from evotune.trainer.state import file_hash
 
 logger = logging.getLogger(__name__)
 
@@ -273,7 +274,7 @@ def _ensure_converted(entry: EmbeddedModel, cache_root: Path) -> Path:
                 "distribution": entry.distribution,
                 "version": importlib.metadata.version(entry.distribution),
                 "gguf_file": entry.gguf_file,
-                "gguf_sha256": _sha256(gguf_path),
+                "gguf_sha256": file_hash(gguf_path),
                 "dtype": "float32",
             }
             (tmp / CONVERT_MARKER).write_text(json.dumps(record, indent=2) + "\n")
@@ -318,11 +319,3 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     # GGUF carries no tokenizer length limit (transformers then reports ~1e30): use the context.
     tokenizer.model_max_length = config.max_position_embeddings
     tokenizer.save_pretrained(out_dir)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -1,0 +1,74 @@
+"""Training pieces that need no DeepSpeed: LR schedule, step plan, the loss and its window."""
+
+import math
+
+import pytest
+import torch
+
+from evotune.trainer.config import TrainConfig
+from evotune.trainer.data import IGNORE_INDEX, Encoded, collate
+from evotune.trainer.fit import (lr_at, logits_window, plan_steps, response_tokens,
+                                 token_loss_sum)
+
+
+def schedule(kind, warmup_ratio=0.2, lr=1.0):
+    t = TrainConfig()
+    t.lr, t.lr_scheduler, t.warmup_ratio = lr, kind, warmup_ratio
+    return t
+
+
+def test_warmup_then_cosine_linear_constant():
+    total = 10   # 2 warmup steps
+    cos = [lr_at(s, total, schedule("cosine")) for s in range(total)]
+    assert cos[:2] == [0.5, 1.0]
+    assert cos[2] == 1.0 and cos[-1] == pytest.approx(0.5 * (1 + math.cos(math.pi * 7 / 8)))
+    assert all(a >= b for a, b in zip(cos[2:], cos[3:]))
+    lin = [lr_at(s, total, schedule("linear")) for s in range(total)]
+    assert lin[2] == 1.0 and lin[6] == pytest.approx(0.5)
+    assert [lr_at(s, total, schedule("constant")) for s in range(2, total)] == [1.0] * 8
+    assert lr_at(0, 1, schedule("cosine", warmup_ratio=0.0)) == 1.0
+
+
+def test_plan_steps_is_seeded_per_round_and_epoch_and_covers_every_example():
+    positions = list(range(10, 27))
+    a = plan_steps(positions, epochs=2, batch_size=4, seed=1, round_idx=3)
+    assert a == plan_steps(positions, 2, 4, 1, 3)
+    assert a != plan_steps(positions, 2, 4, 1, 4)
+    assert len(a) == 2 * math.ceil(17 / 4) and len(a[4]) == 1
+    per_epoch = len(a) // 2
+    for e in range(2):
+        flat = [p for batch in a[e * per_epoch:(e + 1) * per_epoch] for p in batch]
+        assert sorted(flat) == positions
+    assert a[:per_epoch] != a[per_epoch:]   # reshuffled each epoch
+
+
+def encoded(prompt_len, answer_len, start=5):
+    ids = list(range(start, start + prompt_len + answer_len))
+    labels = [IGNORE_INDEX] * prompt_len + ids[prompt_len:]
+    return Encoded(ids, labels, truncated=False)
+
+
+def test_response_tokens_counts_targets_after_the_shift():
+    assert response_tokens(encoded(3, 4)) == 4
+
+
+def test_logits_window_starts_one_before_the_first_target_of_the_batch():
+    b = collate([encoded(6, 2), encoded(3, 5), encoded(9, 1)], pad_id=0)   # T = 10
+    assert logits_window(b["labels"]) == 10 - 2      # first target at 3 → keep positions 2..9
+
+
+def test_windowed_loss_equals_the_full_loss(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    b = collate([encoded(20, 7, start=100), encoded(12, 3, start=300), encoded(30, 9, 500)], 0)
+    with torch.no_grad():
+        full = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        k = logits_window(b["labels"])
+        win = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                    logits_to_keep=k).logits
+    assert win.shape[1] == k < full.shape[1]
+    ref = torch.nn.functional.cross_entropy(
+        full[:, :-1].reshape(-1, full.size(-1)), b["labels"][:, 1:].reshape(-1),
+        ignore_index=IGNORE_INDEX, reduction="sum")
+    assert token_loss_sum(full, b["labels"]) == pytest.approx(float(ref), rel=1e-6)
+    assert token_loss_sum(win, b["labels"]) == pytest.approx(float(ref), rel=1e-5)
