@@ -10,6 +10,7 @@ Options: --resume auto|never|PATH (default auto), --overwrite, --help-config.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -45,17 +46,22 @@ def main(argv=None) -> int:
         else:
             cfg = load_config(args.config, args.overrides)
     except (ConfigError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return _fail(e)
 
     from evotune.trainer.data import DataError
     from evotune.trainer.loop import StartError, run
     try:
         run(cfg, resume=args.resume, overwrite=args.overwrite)
     except (ConfigError, DataError, StartError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return _fail(e)
     return 0
+
+
+def _fail(error: Exception) -> int:
+    """Print a start-up error once (every rank hits the same one) and return exit code 2."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"error: {error}", file=sys.stderr)
+    return 2
 
 
 def _run_config(path: str) -> dict:

@@ -290,3 +290,30 @@ def test_bf16_and_merged_export(tmp_path, tiny_model_dir):
     assert all(s["train_loss"] == s["train_loss"] and s["eval_loss"] for s in summaries)  # no NaN
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "final" / "merged")
     assert not any("lora" in n for n, _ in merged.named_parameters())
+
+
+def test_mixed_chat_and_alpaca_pool_with_random_selector(tmp_path, tiny_model_dir):
+    from helpers import FIXTURES
+    cfg = write_config(tmp_path / "cfg.yaml", tiny_model_dir, tmp_path / "out",
+                       data={"pool": str(FIXTURES / "pool_mixed.jsonl"), "max_length": 512},
+                       selection={"selector": "random", "rounds": 2, "init_size": 8,
+                                  "per_round": 8})
+    run_train(["--config", str(cfg)])
+    report = json.loads((tmp_path / "out" / "data_report.json").read_text())
+    assert report["pool_rows"] == 24 and not report["pool_skipped"]
+    rows = [json.loads(line) for line in
+            (tmp_path / "out" / "rounds" / "round_001" / "selection.jsonl").read_text()
+            .splitlines()]
+    assert {r["selector"] for r in rows} == {"random"} and len(rows) == 8
+    assert not (tmp_path / "out" / "rounds" / "round_001" / "features.npz").exists()
+
+
+def test_two_ranks_under_zero3_with_partitioned_adapters(tmp_path, tiny_model_dir):
+    cfg = write_config(tmp_path / "cfg.yaml", tiny_model_dir, tmp_path / "out",
+                       deepspeed={"zero_stage": 3, "stage3_param_persistence_threshold": 0},
+                       selection={"rounds": 2}, train={"retrain_from_base": False})
+    run_train(["--config", str(cfg)], ranks=2)
+    tensors = adapter(tmp_path / "out")
+    assert tensors and all(t.numel() > 0 for t in tensors.values())
+    state = json.loads((tmp_path / "out" / "rounds" / "round_001" / "state.json").read_text())
+    assert state["world_size"] == 2 and len(state["selected_ids"]) == 11
