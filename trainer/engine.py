@@ -134,6 +134,19 @@ class Strategy:
         for group in engine.optimizer.param_groups:
             group["lr"] = lr
 
+    def grad_norm_before_step(self, engine) -> float | None:
+        """Global gradient norm before clipping, at ZeRO-0 (where DeepSpeed does not report
+        one). Call after the accumulation boundary's backward (gradients already averaged over
+        ranks) and before ``step``; None at ZeRO ≥ 1 or when the gradients live in DeepSpeed's
+        own buffers (bf16)."""
+        if self.cfg.deepspeed.zero_stage > 0:
+            return None
+        grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+        if not grads:
+            return None
+        return float(torch.linalg.vector_norm(
+            torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
+
     @staticmethod
     def release(engine) -> None:
         """Free an engine before building the next one (retrain-from-base rounds)."""

@@ -122,6 +122,8 @@ def train_round(engine, strategy, encoded: list[Encoded], positions: list[int], 
                              logits_to_keep=logits_window(b["labels"]))
                 ce = token_loss_sum(out.logits, b["labels"].to(strategy.device))
                 engine.backward(ce * weight * (world * gas) / max(n_tokens, 1))
+                if g == gas - 1:
+                    grad_norm = strategy.grad_norm_before_step(engine)
                 engine.step()
                 loss_sum += float(ce.detach()) * weight
                 tokens += int(b["attention_mask"].sum()) if mine else 0
@@ -135,7 +137,8 @@ def train_round(engine, strategy, encoded: list[Encoded], positions: list[int], 
             epoch_sums[epoch][1] += tok_total
             advance(1, info=f"loss {step_loss:.4f}")
             if global_step % t.log_every == 0 or step_idx == len(steps) - 1:
-                grad_norm = engine.get_global_grad_norm()
+                if grad_norm is None:
+                    grad_norm = engine.get_global_grad_norm()
                 logger.metrics(global_step, {
                     "round": round_idx, "train/loss": step_loss, "train/lr": lr,
                     "train/grad_norm": float(grad_norm) if grad_norm is not None else None,

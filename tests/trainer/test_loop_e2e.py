@@ -81,6 +81,7 @@ def test_run_writes_every_artifact(baseline, tiny_model_dir):
         "selected_ids"]
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert {"train/loss", "train/lr"} <= metrics[0].keys()
+    assert all(m["train/grad_norm"] > 0 for m in metrics if "train/loss" in m)   # ZeRO-0 too
     assert any("eval/loss" in m for m in metrics)
     assert (out / "config.yaml").is_file() and (out / "data_report.json").is_file()
     assert "evotune rounds" in proc.stderr + proc.stdout
@@ -194,6 +195,9 @@ def test_zero_stages_and_continue_mode(tmp_path, tiny_model_dir, zero_stage, ret
     assert [s["total_examples"] for s in summaries] == [6, 11]
     tensors = adapter(tmp_path / "out")
     assert tensors and all(t.numel() > 0 for t in tensors.values())   # not empty under ZeRO-3
+    metrics = [json.loads(line) for line in
+               (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert all(m["train/grad_norm"] > 0 for m in metrics if "train/loss" in m)
     if not retrain:
         # Continue mode keeps counting optimizer steps on one optimizer: round 1 starts where
         # round 0 stopped (6 examples, batch 4, 2 epochs = 4 steps).
