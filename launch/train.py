@@ -48,11 +48,10 @@ def main(argv=None) -> int:
     except (ConfigError, FileNotFoundError) as e:
         return _fail(e)
 
-    from evotune.trainer.data import DataError
     from evotune.trainer.loop import StartError, run
     try:
         run(cfg, resume=args.resume, overwrite=args.overwrite)
-    except (ConfigError, DataError, StartError, FileNotFoundError) as e:
+    except StartError as e:
         return _fail(e)
     return 0
 

@@ -23,8 +23,8 @@ from evotune.trainer.data import encode_all, load_examples, resolve_template
 from evotune.trainer.engine import Strategy
 from evotune.trainer.fit import evaluate, train_round
 from evotune.trainer.logs import RunLogger, drop_metrics_after, log, rounds_table, setup_console_logging
-from evotune.trainer.model import (build_trainable_model, export_weights, load_tokenizer,
-                                   resolve_model_path)
+from evotune.trainer.model import (build_trainable_model, check_lora_targets, export_weights,
+                                   load_tokenizer, resolve_model_path)
 from evotune.trainer.state import (STATE_FILE, RoundState, capture_rng, crash_point, derive_seed,
                                    file_hash,
                                    plan_resume, read_state, restore_rng, round_dir,
@@ -58,14 +58,20 @@ def run(cfg: Config, resume: str = "auto", overwrite: bool = False) -> list[dict
              f"dtype {str(strategy.dtype).replace('torch.', '')}, ZeRO-{cfg.deepspeed.zero_stage}")
 
     # ---- everything that can fail on bad input happens before the output dir is touched
-    model_path = resolve_model_path(cfg.model.path)
-    tokenizer = load_tokenizer(model_path)
-    template = resolve_template(cfg.data.template, tokenizer)
-    pool, pool_enc, pool_report = _load(cfg.data.pool, cfg.data.max_examples, tokenizer, template, cfg)
-    eval_set = _load(cfg.eval.path, cfg.eval.max_examples, tokenizer, template, cfg) \
-        if cfg.eval.path else None
-    budget = resolve_budget(cfg, len(pool))
-    strategy.grad_accum_steps()
+    try:
+        model_path = resolve_model_path(cfg.model.path)
+        tokenizer = load_tokenizer(model_path)
+        if cfg.lora.enabled:
+            check_lora_targets(model_path, cfg.lora.target_modules)
+        template = resolve_template(cfg.data.template, tokenizer)
+        pool, pool_enc, pool_report = _load(cfg.data.pool, cfg.data.max_examples, tokenizer,
+                                            template, cfg)
+        eval_set = _load(cfg.eval.path, cfg.eval.max_examples, tokenizer, template, cfg) \
+            if cfg.eval.path else None
+        budget = resolve_budget(cfg, len(pool))
+        strategy.grad_accum_steps()
+    except (ValueError, OSError, ImportError) as e:   # bad config, data, model dir or install
+        raise StartError(str(e)) from e
     pool_hash = file_hash(Path(cfg.data.pool))
     out = Path(cfg.output.dir)
     plan = _agree(strategy, lambda: plan_resume(out, resume, overwrite, cfg, budget, pool_hash,

@@ -149,17 +149,25 @@ def build_trainable_model(cfg, path: str | os.PathLike, dtype: torch.dtype,
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if not cfg.lora.enabled:
         return model
-    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules()
-             if isinstance(m, torch.nn.Linear)}
-    missing = sorted(set(cfg.lora.target_modules) - names)
-    if missing:
-        raise ValueError(f"lora.target_modules: {missing} are not linear modules of this model; "
-                         f"it has: {', '.join(sorted(names))}")
     lora = PeftLoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                           target_modules=list(cfg.lora.target_modules), task_type="CAUSAL_LM")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(init_seed)
         return get_peft_model(model, lora)
+
+
+def check_lora_targets(path: str | os.PathLike, targets: list[str]) -> None:
+    """Raise ValueError naming ``lora.target_modules`` entries that are not linear layers of
+    the model at ``path``. Builds the model on the meta device: no weights are read."""
+    from transformers import AutoConfig
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+             if isinstance(m, torch.nn.Linear)}
+    missing = sorted(set(targets) - names)
+    if missing:
+        raise ValueError(f"lora.target_modules: {missing} are not linear layers of this model; "
+                         f"it has: {', '.join(sorted(names))}")
 
 
 def export_weights(engine, strategy, cfg, tokenizer, out_dir: Path) -> Path:

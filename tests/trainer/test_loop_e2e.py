@@ -228,6 +228,14 @@ def test_bad_model_path_fails_cleanly_and_leaves_output_untouched(tmp_path, tiny
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
 
 
+def test_bad_lora_target_fails_before_writing_anything(tmp_path, tiny_model_dir):
+    cfg = write_config(tmp_path / "cfg.yaml", tiny_model_dir, tmp_path / "out")
+    proc = run_train(["--config", str(cfg), "lora.target_modules=[q_proj, wqkv]"], check=False)
+    assert proc.returncode == 2 and "['wqkv']" in proc.stderr and "q_proj" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_config_error_exits_2_naming_the_key(tmp_path, tiny_model_dir):
     cfg = write_config(tmp_path / "cfg.yaml", tiny_model_dir, tmp_path / "out")
     proc = run_train(["--config", str(cfg), "selection.per_round=0"], check=False)
