@@ -16,6 +16,7 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 NON_NUMBERS = {"id", "source", "round", "pick_order", "selector", "pool_index", "tokens", "preview"}
 
@@ -33,25 +34,43 @@ def rounds_of(out: Path) -> list[dict]:
     return rounds
 
 
+def _column(table: Table, name: str, numeric: bool) -> None:
+    """One line per row: numbers keep their full width, long text is cut with an ellipsis and
+    the preview takes whatever width is left."""
+    if numeric:
+        table.add_column(name, justify="right", no_wrap=True, min_width=len(name))
+    else:
+        # Wrappable for rich's width planning (so these columns, not the numbers, give way in a
+        # narrow terminal); the cells themselves are one line (see _cell).
+        table.add_column(name, min_width=min(len(name), 8),
+                         max_width=None if name == "preview" else 32)
+
+
+def _cell(text: str) -> Text:
+    return Text(text, no_wrap=True, overflow="ellipsis")
+
+
 def _f(v, digits=4):
     return "-" if v is None else (f"{v:.{digits}f}" if isinstance(v, float) else str(v))
 
 
 def overview(console: Console, out: Path, rounds: list[dict]) -> None:
+    """One line per round; `state` is done (state.json written), picked (selection written,
+    training not finished) or started."""
     table = Table(title=f"rounds of {out}")
-    for col in ("round", "status", "selector", "new", "total", "train loss", "eval loss",
-                "features s", "train s", "round s"):
-        table.add_column(col, justify="left" if col in ("status", "selector") else "right")
+    for col in ("round", "state", "selector", "new", "total", "train loss", "eval loss",
+                "time s"):
+        _column(table, col, numeric=col not in ("state", "selector"))
     for r in rounds:
         s = r["summary"] or {}
-        sec = s.get("seconds", {})
-        status = "complete" if r["complete"] else ("selected" if r["picks"] else "started")
-        table.add_row(str(r["round"]), status, s.get("selector") or
-                      (r["picks"][0]["selector"] if r["picks"] else "-"),
+        state = "done" if r["complete"] else ("picked" if r["picks"] else "started")
+        selector = s.get("selector") or (r["picks"][0]["selector"] if r["picks"] else "-")
+        table.add_row(str(r["round"]), state, selector,
                       str(s.get("new_examples", len(r["picks"]))), _f(s.get("total_examples")),
-                      _f(s.get("train_loss")), _f(s.get("eval_loss")), _f(sec.get("features"), 1),
-                      _f(sec.get("train"), 1), _f(sec.get("total"), 1))
+                      _f(s.get("train_loss")), _f(s.get("eval_loss")),
+                      _f(s.get("seconds", {}).get("total"), 1))
     console.print(table)
+    console.print("seconds per phase: --round N", style="dim")
     composition(console, rounds)
 
 
@@ -85,12 +104,11 @@ def show_round(console: Console, rounds: list[dict], idx: int, limit: int, sort:
              + ("" if r["complete"] else " (round not complete)"))
     table = Table(title=title)
     for col in ["#", "id", "source", "tokens", *numbers, "preview"]:
-        table.add_column(col, justify="right" if col in ("#", "tokens", *numbers) else "left",
-                         overflow="fold" if col == "preview" else "ellipsis",
-                         max_width=None if col == "preview" else 40)
+        _column(table, col, numeric=col in ("#", "tokens", *numbers))
     for p in picks[:limit]:
-        table.add_row(str(p["pick_order"]), p["id"], p["source"], str(p.get("tokens", "-")),
-                      *[_f(p.get(k)) for k in numbers], p.get("preview", ""))
+        table.add_row(str(p["pick_order"]), _cell(p["id"]), _cell(p["source"]),
+                      str(p.get("tokens", "-")), *[_f(p.get(k)) for k in numbers],
+                      _cell(p.get("preview", "")))
     console.print(table)
     if len(picks) > limit:
         console.print(f"... {len(picks) - limit} more (--limit N to show more)")
@@ -118,10 +136,10 @@ def diff(console: Console, rounds: list[dict], a: int, b: int) -> None:
     console.print(table)
     table = Table(title="added examples")
     for col in ("round", "#", "id", "source", "preview"):
-        table.add_column(col, overflow="fold" if col == "preview" else "ellipsis")
+        _column(table, col, numeric=col in ("round", "#"))
     for p in added:
-        table.add_row(str(p["round"]), str(p["pick_order"]), p["id"], p["source"],
-                      p.get("preview", ""))
+        table.add_row(str(p["round"]), str(p["pick_order"]), _cell(p["id"]),
+                      _cell(p["source"]), _cell(p.get("preview", "")))
     console.print(table)
 
 

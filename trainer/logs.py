@@ -114,15 +114,17 @@ def fmt(value, digits: int = 4) -> str:
 
 
 def rounds_table(summaries: list[dict], title: str = "evotune rounds") -> Table:
-    """Per round: examples selected (new / total), train loss, held-out loss, time."""
+    """Per round: examples selected (new / total), train loss, held-out loss, time (fits 80
+    columns; the per-phase seconds are in each round's summary.json)."""
     table = Table(title=title)
     for col in ("round", "selector", "new", "total", "train loss", "eval loss", "select s",
-                "train s", "round s"):
-        table.add_column(col, justify="left" if col == "selector" else "right")
+                "time s"):
+        table.add_column(col, justify="left" if col == "selector" else "right", no_wrap=True,
+                         min_width=len(col))
     for s in summaries:
         sec = s.get("seconds", {})
         table.add_row(str(s["round"]), s.get("selector", "-"), str(s["new_examples"]),
                       str(s["total_examples"]), fmt(s.get("train_loss")), fmt(s.get("eval_loss")),
                       fmt(sec.get("features", 0.0) + sec.get("select", 0.0), 1),
-                      fmt(sec.get("train"), 1), fmt(sec.get("total"), 1))
+                      fmt(sec.get("total"), 1))
     return table

@@ -262,7 +262,7 @@ def test_inspect_rounds_shows_rounds_picks_and_diffs(baseline):
         return proc.stdout
 
     overview = show()
-    assert "complete" in overview and "kcenter" in overview and "gsm8k" in overview
+    assert "done" in overview and "kcenter" in overview and "gsm8k" in overview
     first = json.loads((out / "rounds" / "round_001" / "selection.jsonl").read_text()
                        .splitlines()[0])
     picks = show("--round", "1", "--sort", "kcenter_distance")
