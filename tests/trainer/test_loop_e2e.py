@@ -329,3 +329,33 @@ def test_two_ranks_under_zero3_with_partitioned_adapters(tmp_path, tiny_model_di
     assert tensors and all(t.numel() > 0 for t in tensors.values())
     state = json.loads((tmp_path / "out" / "rounds" / "round_001" / "state.json").read_text())
     assert state["world_size"] == 2 and len(state["selected_ids"]) == 11
+
+
+def test_two_ranks_crash_and_resume(baseline, tmp_path):
+    """A rank dies (the launcher then stops the other); the 2-rank resume ends like the run
+    that was never interrupted."""
+    ref_out, cfg, _ = baseline
+    out = tmp_path / "out"
+    proc = run_train(["--config", str(cfg), f"output.dir={out}"], ranks=2, check=False,
+                     env={"EVOTUNE_CRASH_AT": "checkpoint:1"})
+    assert proc.returncode != 0
+    assert not (out / "rounds" / "round_001" / "state.json").exists()
+    proc = run_train(["--config", str(cfg), f"output.dir={out}"], ranks=2)
+    assert "resumed after round 0" in proc.stderr
+    assert selected_ids(out) == selected_ids(ref_out)
+    assert_same_adapter(out, ref_out, atol=1e-4)
+
+
+def test_resume_from_an_earlier_round_redoes_the_later_ones(baseline, tmp_path):
+    import shutil
+    ref_out, _, _ = baseline
+    out = tmp_path / "out"
+    shutil.copytree(ref_out, out)
+    later = out / "rounds" / "round_001"
+    proc = run_train(["--resume", str(out / "rounds" / "round_000")], check=False)
+    assert proc.returncode == 2 and "--overwrite" in proc.stderr and later.is_dir()
+    # The baseline keeps every checkpoint (keep_checkpoints 0), so round 0's is there.
+    proc = run_train(["--resume", str(out / "rounds" / "round_000"), "--overwrite"])
+    assert "resumed after round 0" in proc.stderr
+    assert selected_ids(out) == selected_ids(ref_out)
+    assert_same_adapter(out, ref_out)
