@@ -215,22 +215,24 @@ def resolve_template(template: str, tokenizer) -> str:
 
 def _alpaca_segments(ex: Example, tokenizer) -> list[tuple[str, bool]]:
     """(text, is_response) pieces of an example under the Alpaca template."""
+    eos = tokenizer.eos_token or ""
     if ex.alpaca is None:
-        # Chat rows under the Alpaca template: each user turn becomes an instruction block.
+        # Chat rows under the Alpaca template: each user turn becomes an instruction block
+        # (after a blank line from the previous turn), each assistant turn its response.
         pieces, system = [], ""
         for m in ex.messages:
             if m["role"] == "system":
                 system = m["content"] + "\n\n"
             elif m["role"] == "user":
-                pieces.append((system + ALPACA_NO_INPUT.format(instruction=m["content"]), False))
+                block = system + ALPACA_NO_INPUT.format(instruction=m["content"])
+                pieces.append((("\n\n" if pieces else "") + block, False))
                 system = ""
             else:
-                pieces.append((m["content"] + (tokenizer.eos_token or ""), True))
-                pieces.append(("\n\n", False))
-        return pieces[:-1]
+                pieces.append((m["content"] + eos, True))
+        return pieces
     a = ex.alpaca
     prompt = (ALPACA_WITH_INPUT if a["input"].strip() else ALPACA_NO_INPUT).format(**a)
-    return [(prompt, False), (a["output"] + (tokenizer.eos_token or ""), True)]
+    return [(prompt, False), (a["output"] + eos, True)]
 
 
 def _chat_segments(ex: Example, tokenizer) -> list[tuple[str, bool]]:

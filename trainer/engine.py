@@ -72,7 +72,8 @@ class Strategy:
             # on CPUs with AMX, and fp32 keeps CPU results comparable across machines).
             precision = "bf16" if not on_cpu and self.accelerator.is_bf16_supported() else "fp32"
         if precision == "bf16" and not on_cpu and not self.accelerator.is_bf16_supported():
-            raise RuntimeError("model.precision=bf16 but this accelerator has no bf16; use fp32")
+            raise ValueError("model.precision=bf16 but this accelerator has no bf16; use "
+                             "model.precision=fp32 (or auto)")
         self.dtype = torch.bfloat16 if precision == "bf16" else torch.float32
 
     @property

@@ -52,7 +52,10 @@ def _agree(strategy: Strategy, fn):
 def run(cfg: Config, resume: str = "auto", overwrite: bool = False) -> list[dict]:
     """Run (or resume) an active-selection run; returns the per-round summaries."""
     strategy = Strategy(cfg)
-    strategy.setup()
+    try:
+        strategy.setup()
+    except ValueError as e:                            # a setting this machine cannot honour
+        raise StartError(str(e)) from e
     console = setup_console_logging(strategy.rank)
     log.info(f"evotune: {strategy.world_size} rank(s), device {strategy.device}, "
              f"dtype {str(strategy.dtype).replace('torch.', '')}, ZeRO-{cfg.deepspeed.zero_stage}")
