@@ -14,6 +14,7 @@ directory.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import json
 import os
@@ -254,9 +255,11 @@ def _set(cfg: Config, key: str, value: Any, base_dir: Path | None) -> None:
         fields = _section_fields(obj)
         if part not in fields:
             where = ".".join(parts[:i]) or "top level"
+            close = difflib.get_close_matches(part, fields, n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
             raise ConfigError(
                 f"unknown config key '{key}': '{part}' is not a field of {where}; "
-                f"known: {', '.join(sorted(fields))}")
+                f"{hint}known: {', '.join(sorted(fields))}")
         f = fields[part]
         hints = typing.get_type_hints(type(obj))
         if dataclasses.is_dataclass(getattr(obj, part)):

@@ -333,3 +333,8 @@ def test_overrides_apply_on_top_of_a_base(pool):
     before, after = cfg.flat(), changed.flat()
     assert {k for k in before if before[k] != after[k]} == {"train.lr"}
     assert after["train.lr"] == 1e-3
+
+
+def test_unknown_key_suggests_the_closest_one():
+    with pytest.raises(ConfigError, match="did you mean 'lr'"):
+        load_config(None, ["train.lrr=1", "data.pool=x"])
