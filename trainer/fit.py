@@ -130,11 +130,10 @@ def train_round(engine, strategy, encoded: list[Encoded], positions: list[int], 
             global_step += 1
             crash_point("train", round_idx)   # after the round's first optimizer step
             ce_total = strategy.all_reduce_sum([loss_sum])[0]
-            tok_total = n_tokens
-            step_loss = ce_total / max(tok_total, 1)
+            step_loss = ce_total / max(n_tokens, 1)
             epoch = step_idx // steps_per_epoch
             epoch_sums[epoch][0] += ce_total
-            epoch_sums[epoch][1] += tok_total
+            epoch_sums[epoch][1] += n_tokens
             advance(1, info=f"loss {step_loss:.4f}")
             if global_step % t.log_every == 0 or step_idx == len(steps) - 1:
                 if grad_norm is None:
