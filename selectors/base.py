@@ -28,9 +28,11 @@ class Features:
 
 @dataclass
 class Selection:
-    """Chosen pool positions in pick order, and per-pick numbers (name → (n,) array)."""
+    """Chosen pool positions in pick order, per-pick numbers (name → (n,) array), and counts
+    about the round's candidates (e.g. how many a filter removed, and why)."""
     positions: np.ndarray
     numbers: dict[str, np.ndarray] = field(default_factory=dict)
+    info: dict[str, int | float | str] = field(default_factory=dict)
 
 
 class Selector(Protocol):
