@@ -18,8 +18,10 @@ import numpy as np
 import torch
 
 from evotune.selectors.base import Features
+from evotune.selectors.scores import response_scores
 from evotune.trainer.data import Encoded, collate, plan_batches, shard_batches
-from evotune.trainer.model import backbone
+from evotune.trainer.fit import logits_window
+from evotune.trainer.model import backbone, lm_head
 
 
 @dataclass
@@ -35,8 +37,8 @@ class PassStats:
 
 @torch.no_grad()
 def compute_features(model: torch.nn.Module, encoded: list[Encoded], strategy, pad_id: int,
-                     batch_size: int, need_embeddings: bool, advance=lambda n=1, **_: None
-                     ) -> tuple[Features | None, PassStats]:
+                     batch_size: int, need_embeddings: bool, score_names: tuple[str, ...] = (),
+                     advance=lambda n=1, **_: None) -> tuple[Features | None, PassStats]:
     """Run the feature pass over ``encoded`` (the whole pool, in pool order).
 
     Args:
@@ -46,6 +48,7 @@ def compute_features(model: torch.nn.Module, encoded: list[Encoded], strategy, p
         pad_id: the tokenizer's pad token id.
         batch_size: examples per forward call per rank.
         need_embeddings: compute the (N, D) float32 embeddings.
+        score_names: scores to compute (names from ``selectors.scores.SCORES``).
         advance: progress callback, called with the number of examples done.
 
     Returns:
@@ -54,23 +57,29 @@ def compute_features(model: torch.nn.Module, encoded: list[Encoded], strategy, p
     start = time.perf_counter()
     was_training = model.training
     model.eval()
-    decoder = backbone(model)
+    decoder, head = backbone(model), lm_head(model)
     batches = plan_batches([len(e.input_ids) for e in encoded], batch_size)
-    rows: list[tuple[list[int], np.ndarray]] = []
+    rows: list[tuple[list[int], np.ndarray | None, dict[str, np.ndarray]]] = []
     real = padded = 0
     for positions, is_padding in shard_batches(batches, strategy.rank, strategy.world_size):
         batch = collate([encoded[i] for i in positions], pad_id)
         ids = batch["input_ids"].to(strategy.device)
         mask = batch["attention_mask"].to(strategy.device)
         hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        # The head runs on padding calls too: under ZeRO-3 every module call is a collective.
+        logits = head(hidden[:, -logits_window(batch["labels"]):]) if score_names else None
         if is_padding:
             continue
         real += int(mask.sum())
         padded += mask.numel()
+        emb, scores = None, {}
         if need_embeddings:
             m = mask.unsqueeze(-1).to(torch.float32)
-            emb = (hidden.to(torch.float32) * m).sum(dim=1) / m.sum(dim=1)
-            rows.append((positions, emb.cpu().numpy()))
+            emb = ((hidden.to(torch.float32) * m).sum(dim=1) / m.sum(dim=1)).cpu().numpy()
+        if score_names:
+            computed = response_scores(logits, batch["labels"].to(hidden.device))
+            scores = {name: computed[name].numpy() for name in score_names}
+        rows.append((positions, emb, scores))
         advance(len(positions) * strategy.world_size)
     model.train(was_training)
     real, padded = (int(v) for v in strategy.all_reduce_sum([real, padded]))
@@ -78,12 +87,15 @@ def compute_features(model: torch.nn.Module, encoded: list[Encoded], strategy, p
     stats = PassStats(time.perf_counter() - start, real, padded)
     if not strategy.is_rank0:
         return None, stats
+    parts = [row for rank_rows in gathered for row in rank_rows]
     features = Features()
     if need_embeddings:
-        parts = [r for rank_rows in gathered for r in rank_rows]
-        dim = parts[0][1].shape[1]
-        emb = np.full((len(encoded), dim), np.nan, dtype=np.float32)
-        for positions, values in parts:
-            emb[positions] = values
-        features.embeddings = emb
+        dim = next(emb for _, emb, _ in parts).shape[1]
+        features.embeddings = np.full((len(encoded), dim), np.nan, dtype=np.float32)
+        for positions, emb, _ in parts:
+            features.embeddings[positions] = emb
+    for name in score_names:
+        features.scores[name] = np.full(len(encoded), np.nan, dtype=np.float64)
+        for positions, _, scores in parts:
+            features.scores[name][positions] = scores[name]
     return features, stats

@@ -23,11 +23,48 @@ import numpy as np
 from evotune.selectors.base import Features, Selection
 
 
-def _sq_dists(block: np.ndarray, block_norms: np.ndarray, centres: np.ndarray,
-              centre_norms: np.ndarray) -> np.ndarray:
-    """Squared Euclidean distances (len(block), len(centres)), clamped at 0."""
-    d = block_norms[:, None] + centre_norms[None, :] - 2.0 * (block @ centres.T)
-    return np.maximum(d, 0.0)
+class NearestCentre:
+    """Each candidate's squared Euclidean distance to its nearest centre (O(N) memory).
+
+    Starts with the labeled points as centres, measured in blocks of ``chunk_size`` candidates;
+    ``add(j)`` makes candidate ``j`` a centre. Squared distances are ``|a|²+|b|²−2ab`` in
+    float32, clamped at 0 (see the module docstring). +inf where there is no centre yet.
+    """
+
+    def __init__(self, emb: np.ndarray, labeled: np.ndarray, candidates: np.ndarray,
+                 chunk_size: int):
+        self.cand = emb[candidates]
+        self.norms = np.einsum("ij,ij->i", self.cand, self.cand)
+        self.sq = np.full(len(candidates), np.inf, dtype=np.float32)
+        if not len(labeled):
+            return
+        lab = emb[labeled]
+        lab_norms = np.einsum("ij,ij->i", lab, lab)
+        for s in range(0, len(candidates), chunk_size):
+            block = slice(s, s + chunk_size)
+            for t in range(0, len(labeled), chunk_size):
+                c = slice(t, t + chunk_size)
+                d = self.norms[block, None] + lab_norms[None, c] - 2.0 * (self.cand[block] @ lab[c].T)
+                np.minimum(self.sq[block], np.maximum(d, 0.0).min(axis=1), out=self.sq[block])
+
+    def add(self, j: int) -> None:
+        d = np.maximum(self.norms + self.norms[j] - 2.0 * (self.cand @ self.cand[j]), 0.0)
+        np.minimum(self.sq, d, out=self.sq)
+
+
+def check_inputs(emb: np.ndarray, labeled: np.ndarray, candidates: np.ndarray, n: int) -> None:
+    """Raise ValueError on a bad shape, overlapping sets, n out of range or non-finite rows."""
+    if emb.ndim != 2:
+        raise ValueError(f"embeddings must be 2-D (N, D), got shape {emb.shape}")
+    if not 0 <= n <= len(candidates):
+        raise ValueError(f"cannot pick {n} of {len(candidates)} candidates")
+    if np.intersect1d(labeled, candidates).size:
+        raise ValueError("labeled and candidate positions overlap")
+    used = np.concatenate([labeled, candidates])
+    bad = ~np.isfinite(emb[used]).all(axis=1)
+    if bad.any():
+        raise ValueError(f"{int(bad.sum())} embeddings are NaN or inf (first at pool position "
+                         f"{int(used[bad][0])}); selection needs finite embeddings")
 
 
 def kcenter_greedy(embeddings: np.ndarray, labeled: np.ndarray, candidates: np.ndarray, n: int,
@@ -53,41 +90,16 @@ def kcenter_greedy(embeddings: np.ndarray, labeled: np.ndarray, candidates: np.n
     labeled = np.asarray(labeled, dtype=np.int64)
     # Sorting makes "first maximum" in argmax mean "lowest pool index" on ties.
     candidates = np.sort(np.asarray(candidates, dtype=np.int64))
-    if emb.ndim != 2:
-        raise ValueError(f"embeddings must be 2-D (N, D), got shape {emb.shape}")
-    if not 0 <= n <= len(candidates):
-        raise ValueError(f"cannot pick {n} of {len(candidates)} candidates")
-    if np.intersect1d(labeled, candidates).size:
-        raise ValueError("labeled and candidate positions overlap")
-    used = np.concatenate([labeled, candidates])
-    bad = ~np.isfinite(emb[used]).all(axis=1)
-    if bad.any():
-        raise ValueError(f"{int(bad.sum())} embeddings are NaN or inf (first at pool position "
-                         f"{int(used[bad][0])}); k-center needs finite embeddings")
-
-    cand = emb[candidates]
-    cand_norms = np.einsum("ij,ij->i", cand, cand)
-    min_d = np.full(len(candidates), np.inf, dtype=np.float32)
-    if len(labeled):
-        lab = emb[labeled]
-        lab_norms = np.einsum("ij,ij->i", lab, lab)
-        for s in range(0, len(candidates), chunk_size):
-            block = slice(s, s + chunk_size)
-            for t in range(0, len(labeled), chunk_size):
-                c = slice(t, t + chunk_size)
-                d = _sq_dists(cand[block], cand_norms[block], lab[c], lab_norms[c]).min(axis=1)
-                np.minimum(min_d[block], d, out=min_d[block])
-
+    check_inputs(emb, labeled, candidates, n)
+    nearest = NearestCentre(emb, labeled, candidates, chunk_size)
     picks = np.empty(n, dtype=np.int64)
     dists = np.empty(n, dtype=np.float64)
     for k in range(n):
-        j = int(np.argmax(min_d))
+        j = int(np.argmax(nearest.sq))
         picks[k] = candidates[j]
-        dists[k] = float(np.sqrt(min_d[j]))
-        centre = cand[j]
-        d = np.maximum(cand_norms + cand_norms[j] - 2.0 * (cand @ centre), 0.0)
-        np.minimum(min_d, d, out=min_d)
-        min_d[j] = -np.inf   # picked: never the maximum again
+        dists[k] = float(np.sqrt(nearest.sq[j]))
+        nearest.add(j)
+        nearest.sq[j] = -np.inf   # picked: never the maximum again
     return picks, dists
 
 

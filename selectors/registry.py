@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from evotune.selectors.kcenter import KCenterSelector
 from evotune.selectors.random import RandomSelector
+from evotune.selectors.weighted import WeightedSelector
 
-SELECTORS = {cls.name: cls for cls in (KCenterSelector, RandomSelector)}
+SELECTORS = {cls.name: cls for cls in (KCenterSelector, RandomSelector, WeightedSelector)}
 
 
 def build_selector(name: str, **options):
@@ -13,3 +14,13 @@ def build_selector(name: str, **options):
     if name not in SELECTORS:
         raise ValueError(f"unknown selector {name!r}; known: {', '.join(sorted(SELECTORS))}")
     return SELECTORS[name](**options)
+
+
+def options_from_config(selection) -> dict:
+    """The constructor arguments of ``selection.selector`` taken from the config section."""
+    s = selection
+    return {
+        "kcenter": {"chunk_size": s.chunk_size},
+        "random": {},
+        "weighted": {"score": s.score, "alpha": s.alpha, "chunk_size": s.chunk_size},
+    }[s.selector]

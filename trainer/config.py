@@ -29,6 +29,11 @@ from typing import Any, Union
 import yaml
 
 
+# Names of the selectors in selectors/registry.py and the scores in selectors/scores.py
+# (a test keeps them equal; kept here so the config does not import model code).
+SELECTOR_NAMES = ("kcenter", "random", "weighted")
+SCORE_NAMES = ("loss", "perplexity", "length", "least_confidence", "margin", "entropy")
+
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
@@ -94,8 +99,12 @@ class EvalConfig:
 
 @dataclass
 class SelectionConfig:
-    selector: str = _f("kcenter", "how new examples are chosen each round",
-                       choices=("kcenter", "random"))
+    selector: str = _f("kcenter", "how new examples are chosen each round (see README, "
+                                  "Selectors)", choices=SELECTOR_NAMES)
+    score: str = _f("loss", "per-example score a score-reading selector ranks by (higher = "
+                            "preferred)", choices=SCORE_NAMES)
+    alpha: float = _f(0.5, "weighted: weight of the score against k-center distance (0 = "
+                           "k-center, 1 = top score)")
     rounds: int = _f(3, "training rounds in the run, round 0 (random init) included")
     init_size: Union[int, float] = _f(
         32, "round-0 examples (seeded random): a count, or a fraction of the pool if < 1")
@@ -367,6 +376,8 @@ def validate(cfg: Config) -> None:
     positive("lora.alpha", cfg.lora.alpha)
     if not 0 <= cfg.lora.dropout < 1:
         raise ConfigError(f"lora.dropout: must be in [0, 1), got {cfg.lora.dropout}")
+    if not 0 <= cfg.selection.alpha <= 1:
+        raise ConfigError(f"selection.alpha: must be in [0, 1], got {cfg.selection.alpha}")
     if not 0 <= cfg.train.warmup_ratio < 1:
         raise ConfigError(f"train.warmup_ratio: must be in [0, 1), got {cfg.train.warmup_ratio}")
     if cfg.data.max_length < 8:

@@ -17,7 +17,7 @@ import yaml
 from evotune.selectors.base import Features, Selection
 from evotune.selectors.features import compute_features
 from evotune.selectors.random import RandomSelector
-from evotune.selectors.registry import build_selector
+from evotune.selectors.registry import build_selector, options_from_config
 from evotune.trainer.config import Config, resolve_budget
 from evotune.trainer.data import encode_all, load_examples, resolve_template
 from evotune.trainer.engine import Strategy
@@ -100,8 +100,7 @@ def run(cfg: Config, resume: str = "auto", overwrite: bool = False) -> list[dict
     _report_data(pool, pool_enc, pool_report, eval_set, budget, template, cfg)
 
     logger = RunLogger(out, strategy.is_rank0, cfg.output.tensorboard, console)
-    selector = build_selector(cfg.selection.selector, **(
-        {"chunk_size": cfg.selection.chunk_size} if cfg.selection.selector == "kcenter" else {}))
+    selector = build_selector(cfg.selection.selector, **options_from_config(cfg.selection))
     id_to_pos = {ex.id: i for i, ex in enumerate(pool)}
     pad_id = tokenizer.pad_token_id
 
@@ -149,7 +148,7 @@ def run(cfg: Config, resume: str = "auto", overwrite: bool = False) -> list[dict
                 with logger.progress(f"round {r}: embed pool", len(pool)) as advance:
                     features, pass_stats = compute_features(
                         engine.module, pool_enc, strategy, pad_id, cfg.selection.batch_size,
-                        selector.needs_embeddings, advance)
+                        selector.needs_embeddings, tuple(selector.scores), advance)
             seconds["features"] = time.perf_counter() - t0
             crash_point("embed", r)
             t0 = time.perf_counter()
@@ -197,9 +196,9 @@ def run(cfg: Config, resume: str = "auto", overwrite: bool = False) -> list[dict
         seconds["save"] = time.perf_counter() - t0
         seconds["total"] = time.perf_counter() - t_round
         if strategy.is_rank0:
-            summary = _summary(r, round_selector.name, new, selected, pool, train_stats,
-                               eval_loss, eval_tokens, pass_stats, seconds, global_step, cfg,
-                               strategy)
+            summary = _summary(r, round_selector.name, selection.info, new, selected, pool,
+                               train_stats, eval_loss, eval_tokens, pass_stats, seconds,
+                               global_step, cfg, strategy)
             write_json_atomic(rdir / "summary.json", summary)
         strategy.barrier()
         if strategy.is_rank0:
@@ -257,6 +256,9 @@ def _write_selection(rdir: Path, r: int, selector, selection: Selection, pool, p
         row = {"id": pool[p].id, "source": pool[p].source, "round": r, "pick_order": k,
                "selector": selector.name, "pool_index": p, "tokens": len(pool_enc[p].input_ids)}
         row.update({name: float(v[k]) for name, v in selection.numbers.items()})
+        if features is not None:   # every computed score of the pick, not only the one ranked by
+            row.update({name: float(v[p]) for name, v in features.scores.items()
+                        if name not in row})
         row["preview"] = pool[p].preview()
         rows.append(json.dumps(row, ensure_ascii=False))
     write_text_atomic(rdir / "selection.jsonl", "".join(line + "\n" for line in rows))
@@ -268,15 +270,16 @@ def _write_selection(rdir: Path, r: int, selector, selection: Selection, pool, p
         np.savez(rdir / "features.npz", ids=np.array([ex.id for ex in pool]), **arrays)
 
 
-def _summary(r, selector_name, new, selected, pool, train_stats, eval_loss, eval_tokens,
-             pass_stats, seconds, global_step, cfg, strategy) -> dict:
+def _summary(r, selector_name, selection_info, new, selected, pool, train_stats, eval_loss,
+             eval_tokens, pass_stats, seconds, global_step, cfg, strategy) -> dict:
     def by_source(positions):
         counts: dict[str, int] = {}
         for p in positions:
             counts[pool[p].source] = counts.get(pool[p].source, 0) + 1
         return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
     return {
-        "round": r, "selector": selector_name, "new_examples": len(new),
+        "round": r, "selector": selector_name, "selection_info": selection_info,
+        "new_examples": len(new),
         "total_examples": len(selected), "new_by_source": by_source(new),
         "total_by_source": by_source(selected), "train_loss": train_stats.loss,
         "train_loss_first_epoch": train_stats.first_epoch_loss, "eval_loss": eval_loss,

@@ -246,6 +246,13 @@ def backbone(model: PreTrainedModel | PeftModel) -> torch.nn.Module:
     return model.get_decoder()
 
 
+def lm_head(model: PreTrainedModel | PeftModel) -> torch.nn.Module:
+    """The output projection (hidden → vocabulary logits) of a bare or peft-wrapped causal LM."""
+    if isinstance(model, PeftModel):
+        model = model.get_base_model()
+    return model.get_output_embeddings()
+
+
 def _cache_root(cache_dir: str | os.PathLike | None) -> Path:
     if cache_dir is None:
         cache_dir = os.environ.get("EVOTUNE_CACHE") or Path.home() / ".cache" / "evotune"

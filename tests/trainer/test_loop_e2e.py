@@ -321,9 +321,13 @@ def test_mixed_chat_and_alpaca_pool_with_random_selector(tmp_path, tiny_model_di
 
 
 def test_two_ranks_under_zero3_with_partitioned_adapters(tmp_path, tiny_model_dir):
+    # selection.batch_size 3 makes an odd number of feature batches, so one rank runs a
+    # padding call (decoder and LM head) to keep ZeRO-3's gathers in step.
     cfg = write_config(tmp_path / "cfg.yaml", tiny_model_dir, tmp_path / "out",
                        deepspeed={"zero_stage": 3, "stage3_param_persistence_threshold": 0},
-                       selection={"rounds": 2}, train={"retrain_from_base": False})
+                       selection={"rounds": 2, "selector": "weighted", "score": "entropy",
+                                  "batch_size": 3},
+                       train={"retrain_from_base": False})
     run_train(["--config", str(cfg)], ranks=2)
     tensors = adapter(tmp_path / "out")
     assert tensors and all(t.numel() > 0 for t in tensors.values())
@@ -359,3 +363,25 @@ def test_resume_from_an_earlier_round_redoes_the_later_ones(baseline, tmp_path):
     assert "resumed after round 0" in proc.stderr
     assert selected_ids(out) == selected_ids(ref_out)
     assert_same_adapter(out, ref_out)
+
+
+def test_weighted_selector_reads_scores_computed_in_the_pass(baseline, tmp_path, tiny_model_dir):
+    ref_out, cfg, _ = baseline
+    out = tmp_path / "out"
+    run_train(["--config", str(cfg), f"output.dir={out}", "selection.selector=weighted",
+               "selection.score=perplexity", "selection.alpha=1.0"])
+    import numpy as np
+    rdir = out / "rounds" / "round_001"
+    rows = [json.loads(line) for line in (rdir / "selection.jsonl").read_text().splitlines()]
+    pool_scores = np.load(rdir / "features.npz")["score_perplexity"]
+    # alpha = 1 is top-score: the 5 highest-perplexity candidates, in descending order.
+    round0 = {json.loads(line)["pool_index"] for line in
+              (out / "rounds" / "round_000" / "selection.jsonl").read_text().splitlines()}
+    cand = [i for i in range(len(pool_scores)) if i not in round0]
+    best = sorted(cand, key=lambda i: (-pool_scores[i], i))[:5]
+    assert [r["pool_index"] for r in rows] == best
+    assert [r["perplexity"] for r in rows] == pytest.approx([pool_scores[i] for i in best])
+    summary = json.loads((rdir / "summary.json").read_text())
+    assert summary["selection_info"] == {"nan_scores": 0} and summary["selector"] == "weighted"
+    # Round 0 (random) is the same as the k-center baseline's: only later rounds differ.
+    assert selected_ids(out)[:6] == selected_ids(ref_out)[:6]
