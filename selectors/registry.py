@@ -20,7 +20,8 @@ def options_from_config(selection) -> dict:
     """The constructor arguments of ``selection.selector`` taken from the config section."""
     s = selection
     return {
-        "kcenter": {"chunk_size": s.chunk_size},
+        "kcenter": {"chunk_size": s.chunk_size, "filter_score": s.filter_score,
+                    "filter_max": s.filter_max, "filter_top_fraction": s.filter_top_fraction},
         "random": {},
         "weighted": {"score": s.score, "alpha": s.alpha, "chunk_size": s.chunk_size},
     }[s.selector]

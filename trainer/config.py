@@ -24,7 +24,7 @@ import typing
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import yaml
 
@@ -105,6 +105,13 @@ class SelectionConfig:
                             "preferred)", choices=SCORE_NAMES)
     alpha: float = _f(0.5, "weighted: weight of the score against k-center distance (0 = "
                            "k-center, 1 = top score)")
+    filter_score: Optional[str] = _f(
+        None, "kcenter: diversify only over candidates that pass a filter on this score "
+              "(Superfiltering-style filter-then-diversify); null = no filter",
+        choices=(None,) + SCORE_NAMES)
+    filter_max: Optional[float] = _f(None, "filter: drop candidates whose score is above this")
+    filter_top_fraction: float = _f(
+        1.0, "filter: then keep this fraction of the candidates with the highest scores")
     rounds: int = _f(3, "training rounds in the run, round 0 (random init) included")
     init_size: Union[int, float] = _f(
         32, "round-0 examples (seeded random): a count, or a fraction of the pool if < 1")
@@ -216,6 +223,8 @@ def _type_name(tp) -> str:
     if typing.get_origin(tp) is list:
         args = typing.get_args(tp)
         return f"list of {_type_name(args[0])}" if args else "list"
+    if tp is type(None):
+        return "null"
     return getattr(tp, "__name__", str(tp))
 
 
@@ -235,7 +244,10 @@ def _check_value(key: str, value: Any, tp) -> Any:
         args = typing.get_args(tp)
         return [_check_value(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)] if args \
             else [_check_value(f"{key}[{i}]", v, Union[int, float]) for i, v in enumerate(value)]
-    if tp is bool:
+    if tp is type(None):
+        if value is None:
+            return None
+    elif tp is bool:
         if isinstance(value, bool):
             return value
     elif tp is int:
@@ -376,6 +388,9 @@ def validate(cfg: Config) -> None:
     positive("lora.alpha", cfg.lora.alpha)
     if not 0 <= cfg.lora.dropout < 1:
         raise ConfigError(f"lora.dropout: must be in [0, 1), got {cfg.lora.dropout}")
+    if not 0 < cfg.selection.filter_top_fraction <= 1:
+        raise ConfigError(f"selection.filter_top_fraction: must be in (0, 1], got "
+                          f"{cfg.selection.filter_top_fraction}")
     if not 0 <= cfg.selection.alpha <= 1:
         raise ConfigError(f"selection.alpha: must be in [0, 1], got {cfg.selection.alpha}")
     if not 0 <= cfg.train.warmup_ratio < 1:

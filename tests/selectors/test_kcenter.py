@@ -124,3 +124,27 @@ def test_selector_wraps_greedy_and_reports_distances():
     with pytest.raises(ValueError, match="needs embeddings"):
         KCenterSelector().select(Features(), np.array([0]), np.array([1]), 1,
                                  np.random.default_rng(0))
+
+
+def test_filter_then_diversify():
+    from evotune.selectors.filters import score_filter
+    scores = np.array([0.0, 0.9, 0.5, 1.2, 0.8, np.nan, 0.7])
+    passed, info = score_filter(scores, [1, 2, 3, 4, 5, 6], max_value=1.0, top_fraction=0.5)
+    # finite and <= 1: 1, 2, 4, 6 (scores .9 .5 .8 .7); top half by score: 1 and 4.
+    assert passed.tolist() == [1, 4]
+    assert info == {"nan_scores": 1, "above_max": 1, "below_top_fraction": 2, "passed": 2}
+
+
+def test_kcenter_over_filtered_candidates_fills_when_too_few_pass():
+    emb = np.array([0, 1, 2, 3, 10, 11, 20], dtype=np.float32)[:, None]
+    scores = np.array([0.0, 5.0, 5.0, 5.0, 1.0, 1.0, 1.0])
+    sel = KCenterSelector(filter_score="loss", filter_max=None, filter_top_fraction=0.5)
+    out = sel.select(Features(embeddings=emb, scores={"loss": scores}), np.array([0]),
+                     pool_minus(7, [0]), 4, np.random.default_rng(0))
+    # The top half of the 6 candidates by score: 1, 2, 3. k-center among them from centre 0:
+    # 3 (3 away), then 1 and 2 are both 1 from a centre → lowest index 1, then 2. Only 3 pass
+    # for 4 picks: one fill-in by k-center over the others, 6 (17 from centre 3).
+    assert out.positions.tolist() == [3, 1, 2, 6]
+    assert out.numbers["passed_filter"].tolist() == [1, 1, 1, 0]
+    assert out.info["filled"] == 1 and out.info["passed"] == 3
+    assert sel.scores == ("loss",)
