@@ -14,6 +14,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -90,9 +91,10 @@ def composition(console: Console, rounds: list[dict]) -> None:
     console.print(table)
 
 
-def show_round(console: Console, rounds: list[dict], idx: int, limit: int, sort: str | None) -> None:
+def show_round(console: Console, rounds: list[dict], idx: int, limit: int, sort: str | None,
+               where: list[str] = ()) -> None:
     r = _get(rounds, idx)
-    picks = r["picks"]
+    picks = filter_picks(r["picks"], where)
     numbers = sorted({k for p in picks for k in p if k not in NON_NUMBERS})
     if sort:
         if sort not in numbers and sort not in ("tokens", "pick_order"):
@@ -115,6 +117,59 @@ def show_round(console: Console, rounds: list[dict], idx: int, limit: int, sort:
     if s:
         console.print(f"train loss {_f(s.get('train_loss'))}, eval loss {_f(s.get('eval_loss'))}, "
                       f"seconds {s.get('seconds')}")
+
+
+def histograms(console: Console, out: Path, idx: int, bins: int = 12, width: int = 40) -> None:
+    """Per score of round ``idx``: a text histogram over the pool (from features.npz), with
+    how many of the round's picks fall in each bin."""
+    path = out / "rounds" / f"round_{idx:03d}" / "features.npz"
+    if not path.is_file():
+        raise SystemExit(f"round {idx} has no features.npz (round 0, a selector that reads no "
+                         f"scores, or output.save_features=false)")
+    data = np.load(path)
+    names = [k[len("score_"):] for k in data.files if k.startswith("score_")]
+    if not names:
+        console.print(f"round {idx}: no scores were computed (the selector read embeddings only)")
+        return
+    picked = {p["pool_index"] for p in _get(rounds_of(out), idx)["picks"]}
+    for name in names:
+        values = data[f"score_{name}"]
+        finite = np.isfinite(values)
+        if not finite.any():
+            console.print(f"{name}: no finite values")
+            continue
+        counts, edges = np.histogram(values[finite], bins=bins)
+        picks = np.histogram(values[[i for i in sorted(picked) if finite[i]]], bins=edges)[0]
+        table = Table(title=f"round {idx}: {name} over the pool ({int(finite.sum())} scored, "
+                            f"{int((~finite).sum())} without a value); ▇ pool, picks counted")
+        for col in ("from", "to", "pool", "", "picks"):
+            table.add_column(col, justify="right" if col != "" else "left", no_wrap=True)
+        top = counts.max()
+        for lo, hi, c, k in zip(edges[:-1], edges[1:], counts, picks):
+            table.add_row(f"{lo:.4g}", f"{hi:.4g}", str(c), "▇" * int(round(width * c / top)),
+                          str(k) if k else "")
+        console.print(table)
+
+
+def filter_picks(picks: list[dict], where: list[str]) -> list[dict]:
+    """Keep picks matching every ``COLUMN<OP>VALUE`` (ops: <, <=, >, >=, =, !=)."""
+    import operator
+    import re
+    ops = {"<=": operator.le, ">=": operator.ge, "!=": operator.ne, "<": operator.lt,
+           ">": operator.gt, "=": operator.eq}
+    for cond in where:
+        m = re.fullmatch(r"\s*([\w./-]+)\s*(<=|>=|!=|<|>|=)\s*(.+?)\s*", cond)
+        if not m:
+            raise SystemExit(f"--where {cond!r}: expected COLUMN<OP>VALUE, e.g. loss>2.5")
+        col, op, raw = m.groups()
+        try:
+            value = float(raw)
+        except ValueError:
+            value = raw
+        picks = [p for p in picks if col in p and p[col] is not None and
+                 isinstance(p[col], type(value) if isinstance(value, str) else (int, float))
+                 and ops[op](p[col], value)]
+    return picks
 
 
 def diff(console: Console, rounds: list[dict], a: int, b: int) -> None:
@@ -159,6 +214,11 @@ def main(argv=None) -> int:
                    help="what changed between the selected sets after rounds A and B")
     p.add_argument("--limit", type=int, default=50, help="rows to show with --round")
     p.add_argument("--sort", help="with --round: sort picks by this column, descending")
+    p.add_argument("--where", action="append", default=[], metavar="COND",
+                   help="with --round: keep picks matching COND, e.g. loss>2.5 or source=gsm8k "
+                        "(repeatable)")
+    p.add_argument("--hist", action="store_true",
+                   help="with --round: histograms of every score over the pool, with the picks")
     args = p.parse_args(argv)
     if not (args.out / "rounds").is_dir():
         print(f"error: {args.out} has no rounds/ folder; is it an evotune output dir?",
@@ -166,8 +226,10 @@ def main(argv=None) -> int:
         return 2
     console = Console()
     rounds = rounds_of(args.out)
-    if args.round is not None:
-        show_round(console, rounds, args.round, args.limit, args.sort)
+    if args.round is not None and args.hist:
+        histograms(console, args.out, args.round)
+    elif args.round is not None:
+        show_round(console, rounds, args.round, args.limit, args.sort, args.where)
     elif args.diff:
         diff(console, rounds, *args.diff)
     else:

@@ -89,7 +89,7 @@ def compute_features(model: torch.nn.Module, encoded: list[Encoded], strategy, p
         return None, stats
     parts = [row for rank_rows in gathered for row in rank_rows]
     features = Features()
-    if need_embeddings:
+    if need_embeddings and parts:
         dim = next(emb for _, emb, _ in parts).shape[1]
         features.embeddings = np.full((len(encoded), dim), np.nan, dtype=np.float32)
         for positions, emb, _ in parts:
@@ -99,3 +99,35 @@ def compute_features(model: torch.nn.Module, encoded: list[Encoded], strategy, p
         for positions, _, scores in parts:
             features.scores[name][positions] = scores[name]
     return features, stats
+
+
+def compute_ifd(model: torch.nn.Module, inputs: list, strategy, pad_id: int, batch_size: int,
+                variant: str, advance=lambda n=1, **_: None
+                ) -> tuple[np.ndarray | None, dict[int, str], PassStats]:
+    """IFD of every pool example: the conditioned and the direct pass (``selectors/ifd.py``).
+
+    Args:
+        inputs: per pool example, ``(conditioned, direct)`` Encoded pairs from
+            :func:`~evotune.selectors.ifd.ifd_inputs`, or a skip reason (str).
+
+    Returns:
+        On rank 0: (N,) IFD values (NaN where skipped) and ``{position: reason}`` for the
+        skipped ones; None and {} elsewhere. Plus the statistics of both passes together.
+    """
+    from evotune.selectors.ifd import ifd_value
+
+    scored = [i for i, x in enumerate(inputs) if not isinstance(x, str)]
+    cond, s1 = compute_features(model, [inputs[i][0] for i in scored], strategy, pad_id,
+                                batch_size, False, ("loss",), advance)
+    direct, s2 = compute_features(model, [inputs[i][1] for i in scored], strategy, pad_id,
+                                  batch_size, False, ("loss",), advance)
+    stats = PassStats(s1.seconds + s2.seconds, s1.tokens + s2.tokens,
+                      s1.padded_tokens + s2.padded_tokens)
+    if not strategy.is_rank0:
+        return None, {}, stats
+    values = np.full(len(inputs), np.nan)
+    for k, i in enumerate(scored):
+        values[i] = ifd_value(float(cond.scores["loss"][k]), float(direct.scores["loss"][k]),
+                              variant)
+    skipped = {i: x for i, x in enumerate(inputs) if isinstance(x, str)}
+    return values, skipped, stats

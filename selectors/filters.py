@@ -28,3 +28,43 @@ def score_filter(scores: np.ndarray, candidates: np.ndarray, max_value: float | 
     info = {"nan_scores": int((~finite).sum()), "above_max": int((finite & ~under).sum()),
             "below_top_fraction": int(len(kept) - keep_n), "passed": int(len(passed))}
     return passed, info
+
+
+class ScoreFiltered:
+    """Any selector, run only over the candidates that pass :func:`score_filter`.
+
+    Filter-then-diversify (Superfiltering, MoDS's quality step): e.g. k-center or facility
+    location over the candidates with IFD <= 1 in the top 20% by IFD. If fewer candidates pass
+    than the round needs, a run must not stop in round 7 over it: the rest is picked by the same
+    selector from the candidates that failed, flagged ``passed_filter: 0`` and counted.
+    """
+
+    def __init__(self, inner, score: str, max_value: float | None, top_fraction: float):
+        self.inner, self.score = inner, score
+        self.max_value, self.top_fraction = max_value, top_fraction
+        self.name = inner.name
+        self.needs_embeddings = inner.needs_embeddings
+        self.scores = tuple(dict.fromkeys((*inner.scores, score)))
+
+    def select(self, features, labeled: np.ndarray, candidates: np.ndarray, n: int,
+               rng: np.random.Generator):
+        from evotune.selectors.base import Selection
+        passed, info = score_filter(features.scores[self.score], candidates, self.max_value,
+                                    self.top_fraction)
+        first = self.inner.select(features, labeled, passed, min(n, len(passed)), rng)
+        parts, met = [first], [np.ones(len(first.positions))]
+        if len(first.positions) < n:
+            rest = np.setdiff1d(candidates, passed)
+            more = self.inner.select(features, np.concatenate([labeled, first.positions]),
+                                     rest, n - len(first.positions), rng)
+            parts.append(more)
+            met.append(np.zeros(len(more.positions)))
+        numbers = {k: np.concatenate([p.numbers[k] for p in parts if k in p.numbers])
+                   for k in first.numbers if all(k in p.numbers for p in parts)}
+        numbers["passed_filter"] = np.concatenate(met)
+        info = {**info, **first.info, "filled": n - len(first.positions)}
+        return Selection(np.concatenate([p.positions for p in parts]), numbers, info)
+
+    def state_dict(self) -> dict:
+        return {**self.inner.state_dict(), "filter_score": self.score,
+                "filter_max": self.max_value, "filter_top_fraction": self.top_fraction}

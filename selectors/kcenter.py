@@ -21,7 +21,6 @@ from __future__ import annotations
 import numpy as np
 
 from evotune.selectors.base import Features, Selection
-from evotune.selectors.filters import score_filter
 
 
 class NearestCentre:
@@ -105,44 +104,21 @@ def kcenter_greedy(embeddings: np.ndarray, labeled: np.ndarray, candidates: np.n
 
 
 class KCenterSelector:
-    """DiverseEvol's diversity rule over the current model's embeddings, optionally over only
-    the candidates that pass a score filter (Superfiltering-style filter-then-diversify)."""
+    """DiverseEvol's diversity rule over the current model's embeddings."""
     name = "kcenter"
     needs_embeddings = True
+    scores = ()
 
-    def __init__(self, chunk_size: int = 4096, filter_score: str | None = None,
-                 filter_max: float | None = None, filter_top_fraction: float = 1.0):
+    def __init__(self, chunk_size: int = 4096):
         self.chunk_size = chunk_size
-        self.filter_score = filter_score
-        self.filter_max = filter_max
-        self.filter_top_fraction = filter_top_fraction
-        self.scores = (filter_score,) if filter_score else ()
 
     def select(self, features: Features, labeled: np.ndarray, candidates: np.ndarray, n: int,
                rng: np.random.Generator) -> Selection:
         if features.embeddings is None:
             raise ValueError("kcenter needs embeddings; the feature pass computed none")
-        if not self.filter_score:
-            picks, dists = kcenter_greedy(features.embeddings, labeled, candidates, n,
-                                          self.chunk_size)
-            return Selection(picks, {"kcenter_distance": dists})
-        passed, info = score_filter(features.scores[self.filter_score], candidates,
-                                    self.filter_max, self.filter_top_fraction)
-        picks, dists = kcenter_greedy(features.embeddings, labeled, passed,
-                                      min(n, len(passed)), self.chunk_size)
-        met = np.ones(len(picks))
-        if len(picks) < n:
-            # Too few candidates pass: a run must not stop in round 7 over it, so the rest is
-            # k-center over the candidates that failed the filter, flagged and counted.
-            rest = np.setdiff1d(candidates, passed)
-            more, more_d = kcenter_greedy(features.embeddings, np.concatenate([labeled, picks]),
-                                          rest, n - len(picks), self.chunk_size)
-            picks, dists = np.concatenate([picks, more]), np.concatenate([dists, more_d])
-            met = np.concatenate([met, np.zeros(len(more))])
-        info["filled"] = int((met == 0).sum())
-        return Selection(picks, {"kcenter_distance": dists, "passed_filter": met}, info)
+        picks, dists = kcenter_greedy(features.embeddings, labeled, candidates, n,
+                                      self.chunk_size)
+        return Selection(picks, {"kcenter_distance": dists})
 
     def state_dict(self) -> dict:
-        return {"name": self.name, "chunk_size": self.chunk_size,
-                "filter_score": self.filter_score, "filter_max": self.filter_max,
-                "filter_top_fraction": self.filter_top_fraction}
+        return {"name": self.name, "chunk_size": self.chunk_size}

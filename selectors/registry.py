@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+from evotune.selectors.cluster_quota import ClusterQuotaSelector
+from evotune.selectors.facility_location import FacilityLocationSelector
+from evotune.selectors.filters import ScoreFiltered
 from evotune.selectors.kcenter import KCenterSelector
 from evotune.selectors.random import RandomSelector
+from evotune.selectors.repr_filter import RepresentationFilterSelector
 from evotune.selectors.weighted import WeightedSelector
 
-SELECTORS = {cls.name: cls for cls in (KCenterSelector, RandomSelector, WeightedSelector)}
+SELECTORS = {cls.name: cls for cls in (KCenterSelector, RandomSelector, WeightedSelector,
+                                       RepresentationFilterSelector, ClusterQuotaSelector,
+                                       FacilityLocationSelector)}
 
 
 def build_selector(name: str, **options):
@@ -16,12 +22,24 @@ def build_selector(name: str, **options):
     return SELECTORS[name](**options)
 
 
+def selector_from_config(selection):
+    """The round's selector from the config section, wrapped in the score filter when
+    ``selection.filter_score`` is set."""
+    selector = build_selector(selection.selector, **options_from_config(selection))
+    if selection.filter_score:
+        selector = ScoreFiltered(selector, selection.filter_score, selection.filter_max,
+                                 selection.filter_top_fraction)
+    return selector
+
+
 def options_from_config(selection) -> dict:
     """The constructor arguments of ``selection.selector`` taken from the config section."""
     s = selection
     return {
-        "kcenter": {"chunk_size": s.chunk_size, "filter_score": s.filter_score,
-                    "filter_max": s.filter_max, "filter_top_fraction": s.filter_top_fraction},
+        "kcenter": {"chunk_size": s.chunk_size},
         "random": {},
         "weighted": {"score": s.score, "alpha": s.alpha, "chunk_size": s.chunk_size},
+        "repr_filter": {"score": s.score, "threshold": s.repr_threshold},
+        "cluster_quota": {"score": s.score, "n_clusters": s.n_clusters, "quota": s.quota},
+        "facility_location": {"score": s.score, "weighted": s.facility_weighted},
     }[s.selector]

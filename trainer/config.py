@@ -31,8 +31,10 @@ import yaml
 
 # Names of the selectors in selectors/registry.py and the scores in selectors/scores.py
 # (a test keeps them equal; kept here so the config does not import model code).
-SELECTOR_NAMES = ("kcenter", "random", "weighted")
-SCORE_NAMES = ("loss", "perplexity", "length", "least_confidence", "margin", "entropy")
+SELECTOR_NAMES = ("kcenter", "random", "weighted", "repr_filter", "cluster_quota",
+                  "facility_location")
+SCORE_NAMES = ("loss", "perplexity", "length", "least_confidence", "margin", "entropy",
+               "ifd_cherry", "ifd_superfilter")
 
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
@@ -106,12 +108,19 @@ class SelectionConfig:
     alpha: float = _f(0.5, "weighted: weight of the score against k-center distance (0 = "
                            "k-center, 1 = top score)")
     filter_score: Optional[str] = _f(
-        None, "kcenter: diversify only over candidates that pass a filter on this score "
-              "(Superfiltering-style filter-then-diversify); null = no filter",
+        None, "run the selector only over candidates that pass a filter on this score "
+              "(filter-then-diversify, as Superfiltering); null = no filter",
         choices=(None,) + SCORE_NAMES)
     filter_max: Optional[float] = _f(None, "filter: drop candidates whose score is above this")
     filter_top_fraction: float = _f(
         1.0, "filter: then keep this fraction of the candidates with the highest scores")
+    repr_threshold: float = _f(0.9, "repr_filter: admit a candidate only if its max cosine "
+                                    "similarity to everything selected is at most this")
+    n_clusters: int = _f(8, "cluster_quota: KMeans clusters over the candidates")
+    quota: str = _f("proportional", "cluster_quota: picks per cluster",
+                    choices=("proportional", "equal"))
+    facility_weighted: bool = _f(False, "facility_location: weight coverage by the normalised "
+                                        "score")
     rounds: int = _f(3, "training rounds in the run, round 0 (random init) included")
     init_size: Union[int, float] = _f(
         32, "round-0 examples (seeded random): a count, or a fraction of the pool if < 1")
@@ -151,6 +160,15 @@ class DeepSpeedConfig:
 
 
 @dataclass
+class ScoringConfig:
+    model: str = _f("", "model that computes the IFD scores: empty = the current training model "
+                        "(in-loop); a local dir or embedded:... = a fixed proxy model, loaded "
+                        "once (Superfiltering's weak-to-strong setting)", path="input")
+    max_length: int = _f(512, "IFD: max tokens of the conditioned pass (the reference scripts' "
+                              "max_length)")
+
+
+@dataclass
 class OutputConfig:
     dir: str = _f("runs/quickstart", "output directory of the run (relative: to the current "
                                      "directory, also when set in a YAML file)", path="output")
@@ -172,6 +190,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     selection: SelectionConfig = field(default_factory=SelectionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
@@ -373,6 +392,10 @@ def validate(cfg: Config) -> None:
     positive("selection.rounds", cfg.selection.rounds)
     positive("selection.batch_size", cfg.selection.batch_size)
     positive("selection.chunk_size", cfg.selection.chunk_size)
+    positive("selection.n_clusters", cfg.selection.n_clusters)
+    if not -1 <= cfg.selection.repr_threshold <= 1:
+        raise ConfigError(f"selection.repr_threshold: a cosine similarity, must be in [-1, 1], "
+                          f"got {cfg.selection.repr_threshold}")
     positive("train.epochs", cfg.train.epochs)
     positive("train.batch_size", cfg.train.batch_size)
     positive("train.micro_batch_size", cfg.train.micro_batch_size)
@@ -384,6 +407,7 @@ def validate(cfg: Config) -> None:
     positive("data.max_examples", cfg.data.max_examples, allow_zero=True)
     positive("eval.max_examples", cfg.eval.max_examples, allow_zero=True)
     positive("output.keep_checkpoints", cfg.output.keep_checkpoints, allow_zero=True)
+    positive("scoring.max_length", cfg.scoring.max_length)
     positive("lora.r", cfg.lora.r)
     positive("lora.alpha", cfg.lora.alpha)
     if not 0 <= cfg.lora.dropout < 1:
@@ -413,6 +437,10 @@ def validate(cfg: Config) -> None:
         _check_budget_entry("selection.per_round", per_round)
     if not cfg.data.pool:
         raise ConfigError("data.pool: missing; set it in the YAML or pass data.pool=PATH")
+    if cfg.scoring.model and not cfg.scoring.model.startswith("embedded:") \
+            and not (Path(cfg.scoring.model) / "config.json").is_file():
+        raise ConfigError(f"scoring.model: {cfg.scoring.model} is not a local model directory "
+                          f"(no config.json); give a local dir, embedded:..., or leave it empty")
     for key, value in (("data.pool", cfg.data.pool), ("eval.path", cfg.eval.path)):
         if value and not Path(value).is_file():
             raise ConfigError(f"{key}: file not found: {value}")

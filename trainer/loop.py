@@ -15,16 +15,19 @@ import numpy as np
 import yaml
 
 from evotune.selectors.base import Features, Selection
-from evotune.selectors.features import compute_features
+from evotune.selectors.features import compute_features, compute_ifd
+from evotune.selectors.ifd import VARIANTS as IFD_VARIANTS
+from evotune.selectors.ifd import ifd_inputs
 from evotune.selectors.random import RandomSelector
-from evotune.selectors.registry import build_selector, options_from_config
+from evotune.selectors.registry import selector_from_config
+from evotune.selectors.scores import SCORES
 from evotune.trainer.config import Config, resolve_budget
 from evotune.trainer.data import encode_all, load_examples, resolve_template
 from evotune.trainer.engine import Strategy
 from evotune.trainer.fit import evaluate, train_round
 from evotune.trainer.logs import RunLogger, drop_metrics_after, log, rounds_table, setup_console_logging
 from evotune.trainer.model import (build_trainable_model, check_lora_targets, export_weights,
-                                   load_tokenizer, resolve_model_path)
+                                   load_model, load_tokenizer, resolve_model_path)
 from evotune.trainer.state import (STATE_FILE, RoundState, capture_rng, crash_point, derive_seed,
                                    file_hash,
                                    plan_resume, read_state, restore_rng, round_dir,
@@ -100,9 +103,10 @@ def run(cfg: Config, resume: str = "auto", overwrite: bool = False) -> list[dict
     _report_data(pool, pool_enc, pool_report, eval_set, budget, template, cfg)
 
     logger = RunLogger(out, strategy.is_rank0, cfg.output.tensorboard, console)
-    selector = build_selector(cfg.selection.selector, **options_from_config(cfg.selection))
+    selector = selector_from_config(cfg.selection)
     id_to_pos = {ex.id: i for i, ex in enumerate(pool)}
     pad_id = tokenizer.pad_token_id
+    scorer = IFDScorer(cfg, selector, pool, tokenizer, strategy)
 
     engine = None
     state: RoundState | None = plan.state
@@ -148,7 +152,9 @@ def run(cfg: Config, resume: str = "auto", overwrite: bool = False) -> list[dict
                 with logger.progress(f"round {r}: embed pool", len(pool)) as advance:
                     features, pass_stats = compute_features(
                         engine.module, pool_enc, strategy, pad_id, cfg.selection.batch_size,
-                        selector.needs_embeddings, tuple(selector.scores), advance)
+                        selector.needs_embeddings,
+                        tuple(s for s in selector.scores if s in SCORES), advance)
+                scorer.add_scores(features, engine.module, logger, r)
             seconds["features"] = time.perf_counter() - t0
             crash_point("embed", r)
             t0 = time.perf_counter()
@@ -198,7 +204,7 @@ def run(cfg: Config, resume: str = "auto", overwrite: bool = False) -> list[dict
         if strategy.is_rank0:
             summary = _summary(r, round_selector.name, selection.info, new, selected, pool,
                                train_stats, eval_loss, eval_tokens, pass_stats, seconds,
-                               global_step, cfg, strategy)
+                               global_step, cfg, strategy, features)
             write_json_atomic(rdir / "summary.json", summary)
         strategy.barrier()
         if strategy.is_rank0:
@@ -223,6 +229,48 @@ def run(cfg: Config, resume: str = "auto", overwrite: bool = False) -> list[dict
 
 
 # ----------------------------------------------------------------------------- helpers
+
+class IFDScorer:
+    """The IFD scores a selector asked for, by the current model or by a fixed proxy model.
+
+    The two passes' token sequences depend only on the data, so they are built once. A proxy
+    model (``scoring.model``) never changes, so its scores are computed once and reused; the
+    in-loop model is re-scored every round. Only Alpaca rows can be scored (the reference
+    templates need instruction/input/output); chat rows are skipped with that reason.
+    """
+
+    def __init__(self, cfg: Config, selector, pool, tokenizer, strategy: Strategy):
+        self.variants = [s for s in selector.scores if s in IFD_VARIANTS]
+        self.strategy, self.cfg = strategy, cfg
+        self.model, self.cache = None, {}
+        if not self.variants:
+            return
+        tok = tokenizer
+        if cfg.scoring.model:
+            path = resolve_model_path(cfg.scoring.model)
+            tok = load_tokenizer(path)     # a proxy keeps its own tokenizer
+            self.model = load_model(path, strategy.dtype).to(strategy.device).eval()
+        self.pad_id = tok.pad_token_id
+        self.inputs = {v: [ifd_inputs(ex.alpaca, tok, v, cfg.scoring.max_length)
+                           if ex.alpaca else "chat row: IFD needs instruction/input/output"
+                           for ex in pool] for v in self.variants}
+
+    def add_scores(self, features: Features | None, current_model, logger, r: int) -> None:
+        for v in self.variants:
+            if v not in self.cache:
+                n = sum(not isinstance(x, str) for x in self.inputs[v])
+                with logger.progress(f"round {r}: {v}", 2 * n) as advance:
+                    values, skipped, _ = compute_ifd(self.model or current_model,
+                                                     self.inputs[v], self.strategy, self.pad_id,
+                                                     self.cfg.selection.batch_size, v, advance)
+                if self.model is not None:
+                    self.cache[v] = (values, skipped)
+            else:
+                values, skipped = self.cache[v]
+            if features is not None:
+                features.scores[v] = values
+                features.skipped[v] = skipped
+
 
 def _load(path, limit, tokenizer, template, cfg):
     examples, report = load_examples(path, cfg.data.on_error, limit)
@@ -270,8 +318,17 @@ def _write_selection(rdir: Path, r: int, selector, selection: Selection, pool, p
         np.savez(rdir / "features.npz", ids=np.array([ex.id for ex in pool]), **arrays)
 
 
+def _skip_summary(features: Features | None, pool) -> dict:
+    """Per score: how many pool examples got no value, and a few of the reasons."""
+    if features is None:
+        return {}
+    return {name: {"count": len(skipped),
+                   "examples": [f"{pool[i].id}: {why}" for i, why in list(skipped.items())[:3]]}
+            for name, skipped in features.skipped.items()}
+
+
 def _summary(r, selector_name, selection_info, new, selected, pool, train_stats, eval_loss,
-             eval_tokens, pass_stats, seconds, global_step, cfg, strategy) -> dict:
+             eval_tokens, pass_stats, seconds, global_step, cfg, strategy, features) -> dict:
     def by_source(positions):
         counts: dict[str, int] = {}
         for p in positions:
@@ -279,6 +336,7 @@ def _summary(r, selector_name, selection_info, new, selected, pool, train_stats,
         return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
     return {
         "round": r, "selector": selector_name, "selection_info": selection_info,
+        "score_skipped": _skip_summary(features, pool),
         "new_examples": len(new),
         "total_examples": len(selected), "new_by_source": by_source(new),
         "total_by_source": by_source(selected), "train_loss": train_stats.loss,

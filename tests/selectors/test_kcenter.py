@@ -135,10 +135,11 @@ def test_filter_then_diversify():
     assert info == {"nan_scores": 1, "above_max": 1, "below_top_fraction": 2, "passed": 2}
 
 
-def test_kcenter_over_filtered_candidates_fills_when_too_few_pass():
+def test_any_selector_over_filtered_candidates_fills_when_too_few_pass():
+    from evotune.selectors.filters import ScoreFiltered
     emb = np.array([0, 1, 2, 3, 10, 11, 20], dtype=np.float32)[:, None]
     scores = np.array([0.0, 5.0, 5.0, 5.0, 1.0, 1.0, 1.0])
-    sel = KCenterSelector(filter_score="loss", filter_max=None, filter_top_fraction=0.5)
+    sel = ScoreFiltered(KCenterSelector(), "loss", max_value=None, top_fraction=0.5)
     out = sel.select(Features(embeddings=emb, scores={"loss": scores}), np.array([0]),
                      pool_minus(7, [0]), 4, np.random.default_rng(0))
     # The top half of the 6 candidates by score: 1, 2, 3. k-center among them from centre 0:
@@ -146,5 +147,7 @@ def test_kcenter_over_filtered_candidates_fills_when_too_few_pass():
     # for 4 picks: one fill-in by k-center over the others, 6 (17 from centre 3).
     assert out.positions.tolist() == [3, 1, 2, 6]
     assert out.numbers["passed_filter"].tolist() == [1, 1, 1, 0]
+    assert out.numbers["kcenter_distance"].tolist() == [3.0, 1.0, 1.0, 17.0]
     assert out.info["filled"] == 1 and out.info["passed"] == 3
-    assert sel.scores == ("loss",)
+    assert sel.scores == ("loss",) and sel.name == "kcenter"
+    assert sel.state_dict()["filter_top_fraction"] == 0.5

@@ -385,3 +385,27 @@ def test_weighted_selector_reads_scores_computed_in_the_pass(baseline, tmp_path,
     assert summary["selection_info"] == {"nan_scores": 0} and summary["selector"] == "weighted"
     # Round 0 (random) is the same as the k-center baseline's: only later rounds differ.
     assert selected_ids(out)[:6] == selected_ids(ref_out)[:6]
+
+
+PRESETS = sorted(p.name for p in (REPO / "configs").glob("*.yaml") if p.name != "quickstart.yaml")
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_preset_runs(preset, tmp_path, tiny_model_dir):
+    """Each preset's selection rule, scores and filters run in the loop (tiny model, tiny data,
+    2 rounds: the budget and model are overridden, the method is the preset's)."""
+    from helpers import POOL_TINY, EVAL_TINY
+    overrides = [f"model.path={tiny_model_dir}", f"data.pool={POOL_TINY}",
+                 f"eval.path={EVAL_TINY}", "data.on_error=skip", "data.max_length=160",
+                 "selection.rounds=2", "selection.init_size=6", "selection.per_round=5",
+                 "train.epochs=1", "train.batch_size=4", "train.micro_batch_size=2",
+                 "lora.target_modules=[q_proj, v_proj]", f"output.dir={tmp_path / 'out'}",
+                 "selection.n_clusters=3", "scoring.max_length=160"]
+    import yaml
+    if yaml.safe_load((REPO / "configs" / preset).read_text()).get("scoring", {}).get("model"):
+        overrides.append(f"scoring.model={tiny_model_dir}")
+    run_train(["--config", str(REPO / "configs" / preset), *overrides])
+    rows = [json.loads(line) for line in
+            (tmp_path / "out" / "rounds" / "round_001" / "selection.jsonl").read_text()
+            .splitlines()]
+    assert len(rows) == 5 and len({r["id"] for r in rows}) == 5

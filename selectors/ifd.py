@@ -1,0 +1,219 @@
+"""Instruction-Following Difficulty (IFD): how much the instruction helps the model say the answer.
+
+Both scores compare two forward passes over the same answer text: a *conditioned* pass, where the
+answer follows its prompt, and a *direct* pass, where it follows little or nothing. Only answer
+tokens are scored; the score is high when the prompt barely lowers the answer's loss. The
+authors published two formulas in two repositories; evotune implements both, under explicit
+names, with the reference scripts' exact token choices (checked against values from the
+unmodified scripts: tests/fixtures/IFD_REFERENCE.md).
+
+``ifd_cherry`` (Li et al., "From Quantity to Quality", arXiv 2308.12032; tianyi-lab/Cherry_LLM,
+``cherry_seletion/data_analysis.py`` then ``data_by_IFD.py``, run with ``--prompt alpaca``):
+  - prompt: the Stanford Alpaca template (with or without its Input block; the Input block is used
+    when ``input`` is not the empty string); conditioned text = prompt + answer, no separator;
+  - direct text = ``"### Response:"`` + answer;
+  - IFD = mean NLL(answer | prompt) / mean NLL(answer | "### Response:"), a ratio of mean losses.
+``ifd_superfilter`` (Li et al., "Superfiltering", arXiv 2402.00530; tianyi-lab/Superfiltering,
+``code_ifd/data_analysis.py`` then ``put_analysis_to_data.py``, ``--prompt none``):
+  - prompt: no template, ``"{instruction}\\n{input}\\n"`` or ``"{instruction}\\n"``;
+    conditioned text = prompt + answer;
+  - direct text = the bare answer;
+  - IFD = PPL(answer | prompt) / PPL(answer) = exp(loss_cond - loss_direct).
+
+Token rules shared by both references (they are what make values match, so they are kept):
+  - every text goes through ``tokenizer.encode`` with its default special tokens (a BOS where
+    the tokenizer adds one) and right truncation to the pass's length limit;
+  - the answer starts at token ``len(tokenizer.encode(text[:text.rfind(answer)]))``: the prefix
+    is tokenised on its own and its length (BOS included) indexes the full text's ids, even where
+    tokenising the prefix alone splits the boundary differently from the full text;
+  - position 0 is never scored (nothing predicts it). In Superfiltering's direct pass the whole
+    text is the answer, so with a tokenizer that adds no BOS (GPT-2, SmolLM2) the answer's
+    first token is not scored and a one-token answer has no direct loss at all;
+  - the prompt length P is ``len(encode(prompt))`` truncated to ``max_length``; the conditioned
+    pass is truncated to ``max_length``, the direct pass to ``max_length - P + 4`` (Cherry) or
+    ``max_length - P + 1`` (Superfiltering). Cherry's 4 is BOS + "### Response:" under the
+    Llama-1/2 tokenizer; with other tokenizers it lets the direct pass keep more or fewer answer
+    tokens than the conditioned one. Kept for parity.
+
+Skips, where the reference drops the row or produces no number:
+  - Cherry (``data_by_IFD.py``): P >= max_length; no answer token in either pass; P + the direct
+    pass's answer tokens > max_length (with a tokenizer where "### Response:" is 3 tokens, e.g.
+    SmolLM2, that drops every row whose answer is cut by truncation).
+  - Superfiltering: an empty answer (the script writes an empty record, later NaN); a pass with
+    no scored answer token (the script's loss is then NaN, and its selection drops NaN).
+
+Departures from the references:
+  - A row that cannot be scored is returned as ``{"skipped": reason}``. The references skip
+    silently (Cherry) or write NaN / 0 (Superfiltering turns any exception in a forward pass into
+    a perplexity of 0 and a zero division into IFD 0); evotune never returns a stand-in number and
+    lets real errors (out of memory, a bad model) raise.
+  - Cherry's script also drops IFD > 1 and Superfiltering's keeps IFD < 1: those are selection
+    rules, not scoring; ``ifd_scores`` returns every IFD and the selector applies the threshold.
+  - Batched with right padding (one forward per batch, means over the answer tokens only) where
+    the references run one example at a time; in fp32 the losses agree to ~2e-6 relative.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from evotune.selectors.scores import response_scores
+from evotune.trainer.data import (
+    ALPACA_NO_INPUT,
+    ALPACA_WITH_INPUT,
+    IGNORE_INDEX,
+    Encoded,
+    collate,
+    plan_batches,
+)
+from evotune.trainer.fit import logits_window
+from evotune.trainer.model import backbone, lm_head
+
+VARIANTS = ("ifd_cherry", "ifd_superfilter")
+
+# Cherry's direct pass: the answer after the bare response header.
+CHERRY_DIRECT_PREFIX = "### Response:"
+# Extra tokens the direct pass may hold beyond ``max_length - P`` (the references' constants).
+DIRECT_SLACK = {"ifd_cherry": 4, "ifd_superfilter": 1}
+
+
+def _check_variant(variant: str) -> None:
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown IFD variant {variant!r}; expected one of {', '.join(VARIANTS)}")
+
+
+def ifd_prompt(alpaca: dict, variant: str) -> str:
+    """The conditioning prompt of an Alpaca row (instruction, optional input) for ``variant``."""
+    _check_variant(variant)
+    inp = alpaca.get("input", "")
+    # Both references test ``input == ''`` exactly, so a whitespace-only input keeps its block.
+    if variant == "ifd_cherry":
+        template = ALPACA_WITH_INPUT if inp != "" else ALPACA_NO_INPUT
+        return template.format(instruction=alpaca["instruction"], input=inp)
+    return alpaca["instruction"] + "\n" + (inp + "\n" if inp != "" else "")
+
+
+def _answer_pass(tokenizer, text: str, answer: str, limit: int) -> Encoded:
+    """``text`` truncated to ``limit`` tokens, labelled from the answer's first token on."""
+    ids = tokenizer.encode(text, truncation=True, max_length=limit)
+    start = len(tokenizer.encode(text[: text.rfind(answer)])) if text != answer else 0
+    first = max(start, 1)                      # position 0 is never a prediction target
+    labels = [IGNORE_INDEX] * min(first, len(ids)) + ids[first:]
+    truncated = len(tokenizer.encode(text)) > len(ids)
+    return Encoded(ids, labels, truncated)
+
+
+def ifd_inputs(alpaca: dict | None, tokenizer, variant: str, max_length: int
+               ) -> tuple[Encoded, Encoded] | str:
+    """The conditioned and the direct pass of one Alpaca row, or why the row gets no IFD.
+
+    Args:
+        alpaca: ``{"instruction", "input" (optional), "output"}`` (``Example.alpaca``); None
+            (a chat row) gets a skip reason, the references having no chat form.
+        tokenizer: a Hugging Face tokenizer; ``encode`` adds its usual special tokens.
+        variant: ``"ifd_cherry"`` or ``"ifd_superfilter"``.
+        max_length: the token limit of the conditioned pass (the references' ``--max_length``).
+
+    Returns:
+        ``(conditioned, direct)``, each with labels IGNORE_INDEX except on the answer tokens the
+        reference scores, or a short reason string where the reference skips the row or
+        produces no number.
+
+    Raises:
+        ValueError: unknown variant, or ``max_length`` < 1.
+    """
+    _check_variant(variant)
+    if max_length < 1:
+        raise ValueError(f"max_length must be >= 1, got {max_length}")
+    if alpaca is None:
+        return "chat row: IFD is defined for Alpaca rows (instruction, input, output)"
+    answer = alpaca["output"]
+    if answer == "":
+        return "empty answer"
+    prompt = ifd_prompt(alpaca, variant)
+    n_prompt = len(tokenizer.encode(prompt, truncation=True, max_length=max_length))
+    if variant == "ifd_cherry" and n_prompt >= max_length:
+        return f"prompt fills max_length ({n_prompt} >= {max_length} tokens)"
+    cond = _answer_pass(tokenizer, prompt + answer, answer, max_length)
+    direct_text = CHERRY_DIRECT_PREFIX + answer if variant == "ifd_cherry" else answer
+    direct = _answer_pass(tokenizer, direct_text, answer,
+                          max_length - n_prompt + DIRECT_SLACK[variant])
+    if cond.n_response == 0:
+        return f"no answer token left in the conditioned pass (prompt {n_prompt} tokens, " \
+               f"max_length {max_length})"
+    if direct.n_response == 0:
+        return "no scored answer token in the direct pass"
+    if variant == "ifd_cherry" and n_prompt + direct.n_response > max_length:
+        return (f"prompt + answer exceed max_length ({n_prompt} + {direct.n_response} > "
+                f"{max_length})")
+    return cond, direct
+
+
+def ifd_value(loss_cond: float, loss_direct: float, variant: str) -> float:
+    """IFD from the two mean answer losses (nats/token).
+
+    Cherry: ``loss_cond / loss_direct``. Superfiltering: ``exp(loss_cond - loss_direct)``, the
+    perplexity ratio. Raises ValueError for an unknown variant, or for Cherry when
+    ``loss_direct`` is 0 (the ratio is undefined; the reference would divide by zero).
+    """
+    _check_variant(variant)
+    if variant == "ifd_cherry":
+        if loss_direct == 0:
+            raise ValueError("direct loss is 0: the Cherry IFD ratio is undefined")
+        return loss_cond / loss_direct
+    return math.exp(loss_cond - loss_direct)
+
+
+@torch.no_grad()
+def ifd_scores(model, tokenizer, rows: list[dict | None], variant: str, max_length: int,
+               batch_size: int = 8, device: str | torch.device = "cpu") -> list[dict]:
+    """IFD of each Alpaca row with one model in one process (tests, benchmarks, small pools).
+
+    The conditioned and direct passes of all rows are batched together by length (right
+    padding); each mean loss covers the row's scored answer tokens only. The model is put in
+    eval mode for the pass and restored after.
+
+    Returns:
+        One dict per row, in order: ``{"loss_cond", "loss_direct", "ifd"}`` (floats; losses in
+        nats/token), or ``{"skipped": reason}``.
+    """
+    _check_variant(variant)
+    out: list[dict] = [{} for _ in rows]
+    seqs: list[Encoded] = []
+    owners: list[tuple[int, str]] = []          # (row index, "loss_cond" | "loss_direct")
+    for i, row in enumerate(rows):
+        made = ifd_inputs(row, tokenizer, variant, max_length)
+        if isinstance(made, str):
+            out[i] = {"skipped": made}
+            continue
+        seqs += made
+        owners += [(i, "loss_cond"), (i, "loss_direct")]
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    was_training = model.training
+    model.eval()
+    decoder, head = backbone(model), lm_head(model)
+    try:
+        for positions in plan_batches([len(s.input_ids) for s in seqs], batch_size):
+            batch = collate([seqs[p] for p in positions], pad_id)
+            hidden = decoder(input_ids=batch["input_ids"].to(device),
+                             attention_mask=batch["attention_mask"].to(device)).last_hidden_state
+            logits = head(hidden[:, -logits_window(batch["labels"]):])
+            losses = response_scores(logits, batch["labels"].to(logits.device))["loss"]
+            for p, loss in zip(positions, losses.tolist()):
+                i, key = owners[p]
+                out[i][key] = loss
+    finally:
+        model.train(was_training)
+
+    for r in out:
+        if "skipped" in r:
+            continue
+        try:
+            r["ifd"] = ifd_value(r["loss_cond"], r["loss_direct"], variant)
+        except ValueError as e:
+            r.clear()
+            r["skipped"] = str(e)
+    return out

@@ -1,0 +1,49 @@
+"""inspect_rounds on a hand-made run dir: filters, sorting, histograms."""
+
+import importlib.util
+import json
+import re
+
+import numpy as np
+import pytest
+from rich.console import Console
+
+from helpers import REPO
+
+
+def load_tool():
+    spec = importlib.util.spec_from_file_location("inspect_rounds",
+                                                  REPO / "launch" / "inspect_rounds.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+PICKS = [{"id": "a", "source": "gsm8k", "round": 1, "pick_order": 0, "selector": "weighted",
+          "pool_index": 0, "tokens": 10, "loss": 3.0, "preview": "first"},
+         {"id": "b", "source": "t0/x", "round": 1, "pick_order": 1, "selector": "weighted",
+          "pool_index": 2, "tokens": 20, "loss": 1.0, "preview": "second"}]
+
+
+def test_where_filters_on_numbers_and_text():
+    tool = load_tool()
+    assert [p["id"] for p in tool.filter_picks(PICKS, ["loss>2"])] == ["a"]
+    assert [p["id"] for p in tool.filter_picks(PICKS, ["source=t0/x"])] == ["b"]
+    assert tool.filter_picks(PICKS, ["loss>2", "tokens>=20"]) == []
+    with pytest.raises(SystemExit, match="COLUMN<OP>VALUE"):
+        tool.filter_picks(PICKS, ["loss"])
+
+
+def test_histogram_counts_the_pool_and_the_picks(tmp_path):
+    rdir = tmp_path / "rounds" / "round_001"
+    rdir.mkdir(parents=True)
+    (rdir / "selection.jsonl").write_text("".join(json.dumps(p) + "\n" for p in PICKS))
+    np.savez(rdir / "features.npz", ids=np.array(list("abcd")),
+             score_loss=np.array([3.0, np.nan, 1.0, 2.0]))
+    console = Console(record=True, width=120)
+    load_tool().histograms(console, tmp_path, 1, bins=2)
+    text = console.export_text()
+    assert "3 scored, 1 without a value" in text
+    # Two bins over [1, 3]: [1, 2) holds 1.0 (picked), [2, 3] holds 2.0 and 3.0 (3.0 picked).
+    rows = [re.findall(r"\d+(?:\.\d+)?", line) for line in text.splitlines() if line.startswith("│") and "▇" in line]
+    assert rows == [["1", "2", "1", "1"], ["2", "3", "2", "1"]]   # from, to, pool, picks
