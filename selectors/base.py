@@ -25,6 +25,14 @@ class Features:
     scores: dict[str, np.ndarray] = field(default_factory=dict)
     skipped: dict[str, dict[int, str]] = field(default_factory=dict)
 
+    def require(self, selector: str, score: str | None = None) -> None:
+        """Raise ValueError naming what ``selector`` needs that the feature pass did not make."""
+        if self.embeddings is None:
+            raise ValueError(f"{selector} needs embeddings; the feature pass computed none")
+        if score is not None and score not in self.scores:
+            raise ValueError(f"{selector} needs score {score!r}; the feature pass computed: "
+                             f"{', '.join(sorted(self.scores)) or 'none'}")
+
 
 @dataclass
 class Selection:

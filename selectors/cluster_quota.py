@@ -177,11 +177,7 @@ class ClusterQuotaSelector:
 
     def select(self, features: Features, labeled: np.ndarray, candidates: np.ndarray, n: int,
                rng: np.random.Generator) -> Selection:
-        if features.embeddings is None:
-            raise ValueError("cluster_quota needs embeddings; the feature pass computed none")
-        if self.score not in features.scores:
-            raise ValueError(f"cluster_quota needs score {self.score!r}; the feature pass "
-                             f"computed: {', '.join(sorted(features.scores)) or 'none'}")
+        features.require(self.name, self.score)
         return cluster_quota(features.embeddings, features.scores[self.score], candidates, n,
                              self.n_clusters, self.quota, self.n_init,
                              random_state=int(rng.integers(2**31)))

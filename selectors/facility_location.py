@@ -176,11 +176,7 @@ class FacilityLocationSelector:
 
     def select(self, features: Features, labeled: np.ndarray, candidates: np.ndarray, n: int,
                rng: np.random.Generator) -> Selection:
-        if features.embeddings is None:
-            raise ValueError("facility_location needs embeddings; the feature pass computed none")
-        if self.score not in features.scores:
-            raise ValueError(f"facility_location needs score {self.score!r}; the feature pass "
-                             f"computed: {', '.join(sorted(features.scores)) or 'none'}")
+        features.require(self.name, self.score)
         scores = np.asarray(features.scores[self.score], dtype=np.float64)
         if scores.shape != (len(features.embeddings),):
             raise ValueError(f"score {self.score!r} has shape {scores.shape}; expected "

@@ -114,8 +114,7 @@ class KCenterSelector:
 
     def select(self, features: Features, labeled: np.ndarray, candidates: np.ndarray, n: int,
                rng: np.random.Generator) -> Selection:
-        if features.embeddings is None:
-            raise ValueError("kcenter needs embeddings; the feature pass computed none")
+        features.require(self.name)
         picks, dists = kcenter_greedy(features.embeddings, labeled, candidates, n,
                                       self.chunk_size)
         return Selection(picks, {"kcenter_distance": dists})

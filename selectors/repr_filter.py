@@ -173,11 +173,7 @@ class RepresentationFilterSelector:
 
     def select(self, features: Features, labeled: np.ndarray, candidates: np.ndarray, n: int,
                rng: np.random.Generator) -> Selection:
-        if features.embeddings is None:
-            raise ValueError("repr_filter needs embeddings; the feature pass computed none")
-        if self.score not in features.scores:
-            raise ValueError(f"repr_filter needs score {self.score!r}; the feature pass "
-                             f"computed: {', '.join(sorted(features.scores)) or 'none'}")
+        features.require(self.name, self.score)
         return repr_filter(features.embeddings, features.scores[self.score], labeled,
                            candidates, n, self.threshold)
 

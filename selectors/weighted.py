@@ -87,8 +87,7 @@ class WeightedSelector:
 
     def select(self, features: Features, labeled: np.ndarray, candidates: np.ndarray, n: int,
                rng: np.random.Generator) -> Selection:
-        if features.embeddings is None or self.score not in features.scores:
-            raise ValueError(f"weighted needs embeddings and the score {self.score!r}")
+        features.require(self.name, self.score)
         picks, numbers, info = weighted_greedy(features.embeddings, features.scores[self.score],
                                                labeled, candidates, n, self.alpha,
                                                self.chunk_size)
