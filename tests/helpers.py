@@ -49,12 +49,21 @@ def run_train(args: list[str], ranks: int | None = None, timeout: int = 600,
         cmd = [str(deepspeed), "--num_gpus", str(ranks), "--master_port",
                str(_free_port()), str(REPO / "launch" / "train.py"), *args]
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    shm_before = shm_buffers()
     proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True,
                           timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n"
                              f"{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+    leaked = shm_buffers() - shm_before
+    assert not leaked, f"the run left DeepSpeed shared-memory buffers behind: {sorted(leaked)}"
     return proc
+
+
+def shm_buffers() -> set[str]:
+    """Names of DeepSpeed's CPU allreduce buffers in /dev/shm (each holds ~69 MB of RAM)."""
+    shm = Path("/dev/shm")
+    return {p.name for p in shm.glob("deepspeed_allreduce_buffer_*")} if shm.is_dir() else set()
 
 
 def _free_port() -> int:

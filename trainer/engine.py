@@ -64,6 +64,8 @@ class Strategy:
         deepspeed.init_distributed(dist_backend=backend)
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
+        if on_cpu:
+            self._unlink_shm_buffer()
         self.device = torch.device("cpu") if on_cpu else torch.device(
             self.accelerator.device_name(self.local_rank))
         precision = self.cfg.model.precision
@@ -75,6 +77,24 @@ class Strategy:
             raise ValueError("model.precision=bf16 but this accelerator has no bf16; use "
                              "model.precision=fp32 (or auto)")
         self.dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+
+    def _unlink_shm_buffer(self) -> None:
+        """Remove this rank's name of DeepSpeed's CPU shared-memory allreduce buffer.
+
+        DeepSpeed 0.19's CPU comm op creates ``/dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_
+        <port>_<rank>`` (~69 MB) while joining the group and never unlinks it, so every CPU run
+        would leave that much RAM in /dev/shm until reboot. Once every rank has returned from
+        ``init_distributed`` (the barrier), each has mapped all the others' buffers and the names
+        are no longer needed: the memory stays mapped and is freed when the last rank exits, also
+        when it is killed.
+        """
+        dist.barrier()
+        name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+                f"{os.environ.get('MASTER_PORT', '')}_{self.rank}")
+        try:
+            os.unlink(Path("/dev/shm") / name)
+        except FileNotFoundError:    # not created (ranks on several hosts, no shm op, no Linux)
+            pass
 
     @property
     def is_rank0(self) -> bool:

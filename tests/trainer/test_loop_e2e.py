@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import REPO, run_train, write_config
+from helpers import REPO, run_train, shm_buffers, write_config
 
 pytestmark = pytest.mark.e2e
 
@@ -126,6 +126,7 @@ def test_resume_never_refuses_non_empty_dir(baseline):
 
 def _kill_when(cmd: list[str], marker: Path, timeout: float = 300) -> None:
     """Start ``cmd``; SIGKILL its whole process group as soon as ``marker`` exists."""
+    shm_before = shm_buffers()
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     deadline = time.time() + timeout
@@ -139,6 +140,7 @@ def _kill_when(cmd: list[str], marker: Path, timeout: float = 300) -> None:
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    assert not shm_buffers() - shm_before, "a killed run left DeepSpeed shm buffers behind"
 
 
 def _assert_resumed_like_baseline(out: Path, ref_out: Path, cfg: Path) -> None:
