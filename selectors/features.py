@@ -1,9 +1,10 @@
 """The feature pass: per-example numbers from the current model, over the whole pool.
 
-One batched, sharded forward pass (no gradients) that yields what the round's selector asked
-for. Today that is the DiverseEvol embedding: the masked mean of the last hidden state (after
-the final norm) over every real token of the example (prompt and response). Per-example scores
-(IFD, perplexity, uncertainty) will be computed in the same pass.
+One batched, sharded forward pass (no gradients) yields what the round's selector asked for:
+the DiverseEvol embedding (the masked mean of the last hidden state, after the final norm, over
+every real token of the example, prompt and response) and the response scores of
+``selectors/scores.py``. :class:`FeaturePass` adds IFD's extra passes and the derived scores
+(``selectors/derived.py``) on top, and the prompt-only pass of Cherry's pre-experienced round.
 
 Batches are planned globally by length (``plan_batches``) and dealt round-robin to ranks, every
 rank making the same number of forward calls; rank 0 gathers the results into pool order.
@@ -18,8 +19,8 @@ import numpy as np
 import torch
 
 from evotune.selectors.base import Features
-from evotune.selectors.scores import response_scores
-from evotune.trainer.data import Encoded, collate, plan_batches, shard_batches
+from evotune.selectors.scores import SCORES, response_scores
+from evotune.trainer.data import IGNORE_INDEX, Encoded, collate, plan_batches, shard_batches
 from evotune.trainer.fit import logits_window
 from evotune.trainer.model import backbone, lm_head
 
@@ -101,33 +102,181 @@ def compute_features(model: torch.nn.Module, encoded: list[Encoded], strategy, p
     return features, stats
 
 
-def compute_ifd(model: torch.nn.Module, inputs: list, strategy, pad_id: int, batch_size: int,
-                variant: str, advance=lambda n=1, **_: None
-                ) -> tuple[np.ndarray | None, dict[int, str], PassStats]:
-    """IFD of every pool example: the conditioned and the direct pass (``selectors/ifd.py``).
+def _round(r: int | None) -> str:
+    return "" if r is None else f"round {r}: "
 
-    Args:
-        inputs: per pool example, ``(conditioned, direct)`` Encoded pairs from
-            :func:`~evotune.selectors.ifd.ifd_inputs`, or a skip reason (str).
 
-    Returns:
-        On rank 0: (N,) IFD values (NaN where skipped) and ``{position: reason}`` for the
-        skipped ones; None and {} elsewhere. Plus the statistics of both passes together.
+def _merge(a: PassStats, b: PassStats) -> PassStats:
+    return PassStats(a.seconds + b.seconds, a.tokens + b.tokens, a.padded_tokens + b.padded_tokens)
+
+
+class FeaturePass:
+    """Everything a round's selector reads, computed by one object: embeddings, scores from the
+    conditioned pass, IFD, and the derived scores (``knn_k``, ``linear``).
+
+    Built once per run from the config and the selector's needs; ``run`` is called each round
+    with the current model. The IFD passes depend on ``scoring.template``:
+
+    - ``train`` (default): the conditioned loss is the ``loss`` of the feature pass itself (the
+      run's own training encoding: chat template for chat models, with the same truncation and
+      response-only masking), so the embedding and the conditioned loss come from one forward
+      pass and the direct pass (response header + response tokens, :func:`direct_pass`) is the
+      only extra one; both IFD variants share it and differ by formula only.
+    - ``reference``: the published templates and token rules (``selectors/ifd.py``), two extra
+      passes per variant, Alpaca rows only; for parity with Cherry_LLM and Superfiltering.
+
+    A proxy model (``scoring.model``) scores IFD with its own tokenizer, once (it never changes);
+    in ``train`` mode its conditioned pass is then an extra pass over the pool encoded with the
+    proxy's tokenizer and template.
     """
-    from evotune.selectors.ifd import ifd_value
 
-    scored = [i for i, x in enumerate(inputs) if not isinstance(x, str)]
-    cond, s1 = compute_features(model, [inputs[i][0] for i in scored], strategy, pad_id,
-                                batch_size, False, ("loss",), advance)
-    direct, s2 = compute_features(model, [inputs[i][1] for i in scored], strategy, pad_id,
-                                  batch_size, False, ("loss",), advance)
-    stats = PassStats(s1.seconds + s2.seconds, s1.tokens + s2.tokens,
-                      s1.padded_tokens + s2.padded_tokens)
-    if not strategy.is_rank0:
-        return None, {}, stats
-    values = np.full(len(inputs), np.nan)
-    for k, i in enumerate(scored):
-        values[i] = ifd_value(float(cond.scores["loss"][k]), float(direct.scores["loss"][k]),
-                              variant)
-    skipped = {i: x for i, x in enumerate(inputs) if isinstance(x, str)}
-    return values, skipped, stats
+    def __init__(self, cfg, selector, pool, pool_enc, tokenizer, template: str, strategy):
+        from evotune.selectors.derived import DERIVED, parse_linear
+        from evotune.selectors.ifd import VARIANTS
+
+        self.cfg, self.strategy, self.pool_enc = cfg, strategy, pool_enc
+        self.pad_id = tokenizer.pad_token_id
+        wanted = set(selector.scores)
+        known = SCORES + VARIANTS + ("knn_k",)
+        self.linear = parse_linear(cfg.selection.linear, known) if "linear" in wanted else {}
+        base = wanted | set(self.linear)
+        self.derived = {s for s in base if s in DERIVED}
+        self.variants = [v for v in VARIANTS if v in base]
+        self.needs_embeddings = selector.needs_embeddings or "knn_k" in base
+        self.mode = cfg.scoring.template
+        self.proxy = None
+        pass_scores = {s for s in base if s in SCORES}
+        if self.variants and self.mode == "train" and not cfg.scoring.model:
+            pass_scores.add("loss")
+        self.pass_scores = tuple(s for s in SCORES if s in pass_scores)
+        self.loss_cache: dict[str, tuple] = {}
+        if self.variants:
+            self._prepare_ifd(pool, tokenizer, template)
+
+    @property
+    def needed(self) -> bool:
+        return bool(self.needs_embeddings or self.pass_scores or self.variants or self.derived)
+
+    def _prepare_ifd(self, pool, tokenizer, template) -> None:
+        from evotune.selectors.ifd import direct_pass, ifd_inputs, response_header
+        from evotune.trainer.data import encode, resolve_template
+        from evotune.trainer.model import load_model, load_tokenizer, resolve_model_path
+
+        cfg, tok, enc = self.cfg, tokenizer, self.pool_enc
+        if cfg.scoring.model:
+            path = resolve_model_path(cfg.scoring.model)
+            tok = load_tokenizer(path)     # a proxy keeps its own tokenizer
+            self.proxy = load_model(path, self.strategy.dtype).to(self.strategy.device).eval()
+            self.ifd_pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+            if self.mode == "train":
+                template = resolve_template(cfg.data.template, tok)
+                enc = []
+                for ex in pool:
+                    try:
+                        enc.append(encode(ex, tok, template, cfg.data.max_length))
+                    except ValueError as e:       # no response token fits with this tokenizer
+                        enc.append(f"proxy tokenizer: {e}")
+        else:
+            self.ifd_pad_id = self.pad_id
+        if self.mode == "reference":
+            self.inputs = {v: [ifd_inputs(ex.alpaca, tok, v, cfg.scoring.max_length)
+                               if ex.alpaca else "chat row: the reference IFD templates need "
+                               "instruction/input/output (scoring.template=train scores it)"
+                               for ex in pool] for v in self.variants}
+            return
+        header, bos = response_header(tok, template), tok.bos_token_id
+        pairs = [e if isinstance(e, str) else (e, direct_pass(e, header, bos)) for e in enc]
+        self.inputs = {v: pairs for v in self.variants}
+
+    def run(self, model, logger, r: int | None) -> tuple[Features | None, dict[str, PassStats]]:
+        """Compute the features with ``model`` (the current model; every rank calls this).
+        ``r`` (the round, or None outside a run) only labels the progress bars.
+
+        Returns:
+            Features on rank 0 (None elsewhere), and the statistics of each pass that ran:
+            ``features`` (embeddings + conditioned scores) and ``ifd`` (IFD's extra passes).
+        """
+        from evotune.selectors.derived import add_derived
+
+        stats: dict[str, PassStats] = {}
+        features = Features() if self.strategy.is_rank0 else None
+        if self.needs_embeddings or self.pass_scores:
+            with logger.progress(f"{_round(r)}embed pool", len(self.pool_enc)) as advance:
+                features, stats["features"] = compute_features(
+                    model, self.pool_enc, self.strategy, self.pad_id, self.cfg.selection.batch_size,
+                    self.needs_embeddings, self.pass_scores, advance)
+        losses = dict(self.loss_cache)         # a proxy's losses, computed in an earlier round
+        for v in self.variants:
+            key = v if self.mode == "reference" else "shared"
+            if key not in losses:
+                losses[key], s = self._losses(key, model, features, logger, r)
+                stats["ifd"] = _merge(stats["ifd"], s) if "ifd" in stats else s
+                if self.proxy is not None:
+                    self.loss_cache[key] = losses[key]
+            if features is not None:
+                features.scores[v], features.skipped[v] = self._values(v, self.inputs[v],
+                                                                       *losses[key])
+        if features is not None:
+            add_derived(features, self.derived, self.linear, self.cfg.selection.knn_k,
+                        self.cfg.selection.chunk_size)
+        return features, stats
+
+    def run_instructions(self, model, logger) -> tuple[Features | None, dict[str, PassStats]]:
+        """Features of the prompts alone, for Cherry's pre-experienced round 0: the mean last
+        hidden state over the prompt tokens (everything before the first response token) and
+        the prompt's perplexity (every token after the first), as Cherry's
+        ``get_perplexity_and_embedding_whole_text``.
+
+        Returns:
+            Features with ``embeddings`` and the ``instruction_perplexity`` score on rank 0.
+        """
+        prompts = []
+        for e in self.pool_enc:
+            first = next(i for i, t in enumerate(e.labels) if t != IGNORE_INDEX)
+            ids = e.input_ids[:max(first, 2)]            # >= 2 tokens: one is predicted
+            prompts.append(Encoded(ids, list(ids), e.truncated))
+        with logger.progress("round 0: embed instructions", len(prompts)) as advance:
+            features, stats = compute_features(model, prompts, self.strategy, self.pad_id,
+                                               self.cfg.selection.batch_size, True,
+                                               ("perplexity",), advance)
+        if features is not None:
+            features.scores = {"instruction_perplexity": features.scores["perplexity"]}
+        return features, {"features": stats}
+
+    def _losses(self, key, model, features, logger, r):
+        """Mean answer losses (conditioned, direct) of the scored rows of ``inputs[key]``, on
+        rank 0 (None elsewhere), and the statistics of the passes run for them."""
+        inputs = self.inputs[self.variants[0] if key == "shared" else key]
+        scored = [i for i, x in enumerate(inputs) if not isinstance(x, str)]
+        model = self.proxy or model
+        need_cond = self.mode == "reference" or self.proxy is not None
+        bs, pad = self.cfg.selection.batch_size, self.ifd_pad_id
+        label = key if key != "shared" else "IFD direct pass"
+        with logger.progress(f"{_round(r)}{label}", len(scored) * (1 + need_cond)) as advance:
+            cond = None
+            if need_cond:
+                cond, s1 = compute_features(model, [inputs[i][0] for i in scored], self.strategy,
+                                            pad, bs, False, ("loss",), advance)
+            direct, stats = compute_features(model, [inputs[i][1] for i in scored],
+                                             self.strategy, pad, bs, False, ("loss",), advance)
+        if need_cond:
+            stats = _merge(s1, stats)
+        if not self.strategy.is_rank0:
+            return None, stats
+        cond_loss = cond.scores["loss"] if need_cond else features.scores["loss"][scored]
+        return (cond_loss, direct.scores["loss"]), stats
+
+    @staticmethod
+    def _values(variant, inputs, cond_loss, direct_loss):
+        """(N,) IFD values, NaN where skipped, and ``{position: reason}``."""
+        from evotune.selectors.ifd import ifd_value
+
+        values = np.full(len(inputs), np.nan)
+        skipped = {i: x for i, x in enumerate(inputs) if isinstance(x, str)}
+        scored = [i for i, x in enumerate(inputs) if not isinstance(x, str)]
+        for k, i in enumerate(scored):
+            try:
+                values[i] = ifd_value(float(cond_loss[k]), float(direct_loss[k]), variant)
+            except ValueError as e:
+                skipped[i] = str(e)
+        return values, skipped

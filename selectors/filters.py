@@ -68,3 +68,48 @@ class ScoreFiltered:
     def state_dict(self) -> dict:
         return {**self.inner.state_dict(), "filter_score": self.score,
                 "filter_max": self.max_value, "filter_top_fraction": self.top_fraction}
+
+
+class ScoredFirst:
+    """A score-reading selector, kept alive when some candidates have no score.
+
+    The rules themselves refuse to pick more than the candidates with a finite score (they are
+    pure and say so). In a run that would stop round 7 because a proxy tokenizer made a few
+    hundred rows unscorable, so the loop wraps every score-reading selector in this: the rule
+    runs over the scored candidates, and only if they are fewer than the round needs, the rest
+    is picked by k-center (on the same embeddings) from the unscored ones, flagged
+    ``scored: 0`` and counted in ``info["unscored_fill"]``.
+    """
+
+    def __init__(self, inner, score: str, chunk_size: int = 4096):
+        self.inner, self.score, self.chunk_size = inner, score, chunk_size
+        self.name = inner.name
+        self.needs_embeddings = inner.needs_embeddings
+        self.scores = inner.scores
+
+    def select(self, features, labeled: np.ndarray, candidates: np.ndarray, n: int,
+               rng: np.random.Generator):
+        from evotune.selectors.base import Selection
+        from evotune.selectors.kcenter import kcenter_greedy
+        features.require(self.name, self.score)
+        candidates = np.sort(np.asarray(candidates, dtype=np.int64))
+        scored = candidates[np.isfinite(features.scores[self.score][candidates])]
+        if len(scored) >= n:
+            return self.inner.select(features, labeled, candidates, n, rng)
+        first = self.inner.select(features, labeled, scored, len(scored), rng)
+        rest = np.setdiff1d(candidates, scored)
+        more, dists = kcenter_greedy(features.embeddings,
+                                     np.concatenate([labeled, first.positions]).astype(np.int64),
+                                     rest, n - len(scored), self.chunk_size)
+        k = len(first.positions)
+        numbers = {name: np.concatenate([v, np.full(len(more), np.nan)])
+                   for name, v in first.numbers.items()}
+        numbers[self.score] = features.scores[self.score][np.concatenate([first.positions, more])]
+        numbers["kcenter_distance"] = np.concatenate(
+            [first.numbers.get("kcenter_distance", np.full(k, np.nan)), dists])
+        numbers["scored"] = np.concatenate([np.ones(k), np.zeros(len(more))])
+        info = {**first.info, "unscored_fill": int(len(more))}
+        return Selection(np.concatenate([first.positions, more]), numbers, info)
+
+    def state_dict(self) -> dict:
+        return self.inner.state_dict()

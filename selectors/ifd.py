@@ -42,6 +42,11 @@ Skips, where the reference drops the row or produces no number:
   - Superfiltering: an empty answer (the script writes an empty record, later NaN); a pass with
     no scored answer token (the script's loss is then NaN, and its selection drops NaN).
 
+The training template (``scoring.template: train``, evotune's own, not a reference method): the
+conditioned pass is the run's training encoding and the direct pass is built from it by
+:func:`direct_pass` (response header + the same response tokens), see
+:class:`~evotune.selectors.features.FeaturePass`. The rules above are for ``reference``.
+
 Departures from the references:
   - A row that cannot be scored is returned as ``{"skipped": reason}``. The references skip
     silently (Cherry) or write NaN / 0 (Superfiltering turns any exception in a forward pass into
@@ -164,6 +169,52 @@ def ifd_value(loss_cond: float, loss_direct: float, variant: str) -> float:
             raise ValueError("direct loss is 0: the Cherry IFD ratio is undefined")
         return loss_cond / loss_direct
     return math.exp(loss_cond - loss_direct)
+
+
+def response_header(tokenizer, template: str) -> list[int]:
+    """Token ids that open a response under the training ``template`` ("alpaca" or "chat").
+
+    Alpaca: ``"### Response:"`` (Cherry's direct prefix). Chat: what the tokenizer's chat template
+    adds for the generation prompt (for ChatML ``"<|im_start|>assistant\\n"``), found as the
+    difference between a one-turn conversation rendered with and without it.
+    """
+    if template == "alpaca":
+        text = CHERRY_DIRECT_PREFIX
+    else:
+        msgs = [{"role": "user", "content": "x"}]
+        with_gen = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        without = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=False)
+        if not with_gen.startswith(without) or with_gen == without:
+            raise ValueError("the chat template adds no generation prompt after the user turn, "
+                             "so IFD has no response header for its direct pass; use "
+                             "scoring.template=reference or data.template=alpaca")
+        text = with_gen[len(without):]
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
+def direct_pass(enc: Encoded, header: list[int], bos: int | None) -> Encoded:
+    """The direct pass of a training-template example: its response tokens without the prompt.
+
+    Each labelled span of ``enc`` (one per assistant turn) is kept, preceded by ``header`` (the
+    response opener); the prompt tokens are dropped. A leading BOS of ``enc`` is kept. The scored
+    tokens are exactly those of the conditioned pass (``enc``), so the two mean losses cover the
+    same tokens.
+    """
+    keep_bos = bos is not None and enc.input_ids[:1] == [bos]
+    ids = [bos] if keep_bos else []
+    labels = [IGNORE_INDEX] if keep_bos else []
+    j, n = 0, len(enc.labels)
+    while j < n:
+        if enc.labels[j] == IGNORE_INDEX:
+            j += 1
+            continue
+        k = j
+        while k < n and enc.labels[k] != IGNORE_INDEX:
+            k += 1
+        ids += header + enc.input_ids[j:k]
+        labels += [IGNORE_INDEX] * len(header) + enc.input_ids[j:k]
+        j = k
+    return Encoded(ids, labels, enc.truncated)
 
 
 @torch.no_grad()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from evotune.selectors.cluster_quota import ClusterQuotaSelector
 from evotune.selectors.facility_location import FacilityLocationSelector
-from evotune.selectors.filters import ScoreFiltered
+from evotune.selectors.filters import ScoredFirst, ScoreFiltered
 from evotune.selectors.kcenter import KCenterSelector
 from evotune.selectors.random import RandomSelector
 from evotune.selectors.repr_filter import RepresentationFilterSelector
@@ -23,9 +23,12 @@ def build_selector(name: str, **options):
 
 
 def selector_from_config(selection):
-    """The round's selector from the config section, wrapped in the score filter when
-    ``selection.filter_score`` is set."""
+    """The round's selector from the config section: a score-reading rule wrapped in
+    :class:`ScoredFirst` (unscored candidates only fill a shortfall), then in the score filter
+    when ``selection.filter_score`` is set."""
     selector = build_selector(selection.selector, **options_from_config(selection))
+    if selector.scores and selector.needs_embeddings:
+        selector = ScoredFirst(selector, selector.scores[0], selection.chunk_size)
     if selection.filter_score:
         selector = ScoreFiltered(selector, selection.filter_score, selection.filter_max,
                                  selection.filter_top_fraction)

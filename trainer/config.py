@@ -34,7 +34,7 @@ import yaml
 SELECTOR_NAMES = ("kcenter", "random", "weighted", "repr_filter", "cluster_quota",
                   "facility_location")
 SCORE_NAMES = ("loss", "perplexity", "length", "least_confidence", "margin", "entropy",
-               "ifd_cherry", "ifd_superfilter")
+               "ifd_cherry", "ifd_superfilter", "knn_k", "linear")
 
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
@@ -116,14 +116,25 @@ class SelectionConfig:
         1.0, "filter: then keep this fraction of the candidates with the highest scores")
     repr_threshold: float = _f(0.9, "repr_filter: admit a candidate only if its max cosine "
                                     "similarity to everything selected is at most this")
+    linear: str = _f("", "the 'linear' score: a rule over other scores, e.g. "
+                         "'0.9*knn_k - 1.0*ifd_cherry + 8e-5*length' (Instruction Mining; "
+                         "higher = preferred)")
+    knn_k: int = _f(6, "the 'knn_k' score: distance to the k-th nearest pool neighbour in the "
+                       "current embedding space")
     n_clusters: int = _f(8, "cluster_quota: KMeans clusters over the candidates")
     quota: str = _f("proportional", "cluster_quota: picks per cluster",
                     choices=("proportional", "equal"))
     facility_weighted: bool = _f(False, "facility_location: weight coverage by the normalised "
                                         "score")
-    rounds: int = _f(3, "training rounds in the run, round 0 (random init) included")
+    rounds: int = _f(3, "training rounds in the run, round 0 included")
+    first_round: str = _f(
+        "random", "how round 0 is chosen: random (seeded sample), selector (this section's "
+                  "selector on the base model's features), pre_experienced (Cherry LLM's "
+                  "KMeans + mid-perplexity sample of instruction embeddings)",
+        choices=("random", "selector", "pre_experienced"))
+    first_round_clusters: int = _f(100, "pre_experienced: KMeans clusters (Cherry: 100)")
     init_size: Union[int, float] = _f(
-        32, "round-0 examples (seeded random): a count, or a fraction of the pool if < 1")
+        32, "round-0 examples: a count, or a fraction of the pool if < 1")
     per_round: Union[int, float, list] = _f(
         32, "examples added each later round: a count, a fraction of the pool, or a list "
             "with one entry per round after round 0")
@@ -164,8 +175,13 @@ class ScoringConfig:
     model: str = _f("", "model that computes the IFD scores: empty = the current training model "
                         "(in-loop); a local dir or embedded:... = a fixed proxy model, loaded "
                         "once (Superfiltering's weak-to-strong setting)", path="input")
-    max_length: int = _f(512, "IFD: max tokens of the conditioned pass (the reference scripts' "
-                              "max_length)")
+    template: str = _f("train", "IFD passes: train = the run's own encoding (chat template for "
+                                "chat models; the conditioned loss comes from the embedding "
+                                "pass), reference = the published Cherry/Superfiltering "
+                                "templates (Alpaca rows only)", choices=("train", "reference"))
+    max_length: int = _f(512, "IFD, reference template: max tokens of the conditioned pass (the "
+                              "reference scripts' max_length); the train template uses "
+                              "data.max_length")
 
 
 @dataclass
@@ -393,6 +409,18 @@ def validate(cfg: Config) -> None:
     positive("selection.batch_size", cfg.selection.batch_size)
     positive("selection.chunk_size", cfg.selection.chunk_size)
     positive("selection.n_clusters", cfg.selection.n_clusters)
+    positive("selection.knn_k", cfg.selection.knn_k)
+    positive("selection.first_round_clusters", cfg.selection.first_round_clusters)
+    if cfg.selection.linear:
+        from evotune.selectors.derived import parse_linear
+        try:
+            parse_linear(cfg.selection.linear, tuple(n for n in SCORE_NAMES if n != "linear"))
+        except ValueError as e:
+            raise ConfigError(f"selection.linear: {e}") from None
+    uses = {cfg.selection.score, cfg.selection.filter_score}
+    if "linear" in uses and not cfg.selection.linear:
+        raise ConfigError("selection.linear: the 'linear' score is used but no rule is set; "
+                          "e.g. selection.linear='0.9*knn_k - 1.0*ifd_cherry'")
     if not -1 <= cfg.selection.repr_threshold <= 1:
         raise ConfigError(f"selection.repr_threshold: a cosine similarity, must be in [-1, 1], "
                           f"got {cfg.selection.repr_threshold}")

@@ -40,13 +40,36 @@ def setup_console_logging(rank: int) -> Console:
     return console
 
 
-class RunLogger:
+class ProgressBars:
+    """Rich progress bars on rank 0 (``enabled``), silent elsewhere."""
+
+    def __init__(self, enabled: bool, console: Console):
+        self.enabled = enabled
+        self.console = console
+
+    @contextmanager
+    def progress(self, description: str, total: int):
+        """A rich progress bar on rank 0; yields ``advance(n)``."""
+        if not self.enabled:
+            yield lambda n=1, **_: None
+            return
+        bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                       TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
+                       TimeRemainingColumn(), console=self.console, transient=False)
+        with bar:
+            task = bar.add_task(description, total=total, info="")
+
+            def advance(n: int = 1, info: str | None = None):
+                bar.update(task, advance=n, **({"info": info} if info is not None else {}))
+            yield advance
+
+
+class RunLogger(ProgressBars):
     """Writes ``metrics.jsonl`` (and TensorBoard events when installed) on rank 0."""
 
     def __init__(self, out_dir: Path, enabled: bool, tensorboard: bool, console: Console):
+        super().__init__(enabled, console)
         self.out_dir = Path(out_dir)
-        self.enabled = enabled
-        self.console = console
         self._metrics = None
         self._tb = None
         if not enabled:
@@ -70,22 +93,6 @@ class RunLogger:
             for k, v in values.items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool):
                     self._tb.add_scalar(k, v, step)
-
-    @contextmanager
-    def progress(self, description: str, total: int):
-        """A rich progress bar on rank 0; yields ``advance(n)``."""
-        if not self.enabled:
-            yield lambda n=1, **_: None
-            return
-        bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                       TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
-                       TimeRemainingColumn(), console=self.console, transient=False)
-        with bar:
-            task = bar.add_task(description, total=total, info="")
-
-            def advance(n: int = 1, info: str | None = None):
-                bar.update(task, advance=n, **({"info": info} if info is not None else {}))
-            yield advance
 
     def close(self) -> None:
         if self._metrics is not None:

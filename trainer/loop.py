@@ -15,12 +15,11 @@ import numpy as np
 import yaml
 
 from evotune.selectors.base import Features, Selection
-from evotune.selectors.features import compute_features, compute_ifd
-from evotune.selectors.ifd import VARIANTS as IFD_VARIANTS
-from evotune.selectors.ifd import ifd_inputs
+from evotune.selectors.derived import mark_non_finite
+from evotune.selectors.features import FeaturePass
+from evotune.selectors.pre_experienced import PreExperiencedSelector
 from evotune.selectors.random import RandomSelector
 from evotune.selectors.registry import selector_from_config
-from evotune.selectors.scores import SCORES
 from evotune.trainer.config import Config, resolve_budget
 from evotune.trainer.data import encode_all, load_examples, resolve_template
 from evotune.trainer.engine import Strategy
@@ -76,6 +75,8 @@ def run(cfg: Config, resume: str = "auto", overwrite: bool = False) -> list[dict
             if cfg.eval.path else None
         budget = resolve_budget(cfg, len(pool))
         strategy.grad_accum_steps()
+        selector = selector_from_config(cfg.selection)
+        feature_pass = FeaturePass(cfg, selector, pool, pool_enc, tokenizer, template, strategy)
     except (ValueError, OSError, ImportError) as e:   # bad config, data, model dir or install
         raise StartError(str(e)) from e
     pool_hash = file_hash(Path(cfg.data.pool))
@@ -103,10 +104,8 @@ def run(cfg: Config, resume: str = "auto", overwrite: bool = False) -> list[dict
     _report_data(pool, pool_enc, pool_report, eval_set, budget, template, cfg)
 
     logger = RunLogger(out, strategy.is_rank0, cfg.output.tensorboard, console)
-    selector = selector_from_config(cfg.selection)
     id_to_pos = {ex.id: i for i, ex in enumerate(pool)}
     pad_id = tokenizer.pad_token_id
-    scorer = IFDScorer(cfg, selector, pool, tokenizer, strategy)
 
     engine = None
     state: RoundState | None = plan.state
@@ -139,26 +138,32 @@ def run(cfg: Config, resume: str = "auto", overwrite: bool = False) -> list[dict
         # ---- select
         candidates = np.setdiff1d(np.arange(len(pool)), np.asarray(selected, dtype=np.int64))
         rng = np.random.default_rng(derive_seed(cfg.seed, "select", r))
-        features, pass_stats = None, None
-        if r == 0:
+        features, pass_stats = None, {}
+        fresh_engine = False
+        if r == 0 and cfg.selection.first_round == "random":
             round_selector = RandomSelector()
             selection = round_selector.select(Features(), np.array([], dtype=np.int64),
                                               candidates, budget[0], rng)
         else:
             round_selector = selector
-            needs = selector.needs_embeddings or selector.scores
             t0 = time.perf_counter()
-            if needs:
-                with logger.progress(f"round {r}: embed pool", len(pool)) as advance:
-                    features, pass_stats = compute_features(
-                        engine.module, pool_enc, strategy, pad_id, cfg.selection.batch_size,
-                        selector.needs_embeddings,
-                        tuple(s for s in selector.scores if s in SCORES), advance)
-                scorer.add_scores(features, engine.module, logger, r)
+            if r == 0:      # round 0 chosen by the base model: build the model round 0 trains
+                engine = strategy.prepare(build_trainable_model(
+                    cfg, model_path, strategy.dtype, derive_seed(cfg.seed, "init", 0)))
+                fresh_engine = True
+            if r == 0 and cfg.selection.first_round == "pre_experienced":
+                round_selector = PreExperiencedSelector(cfg.selection.first_round_clusters)
+                features, pass_stats = feature_pass.run_instructions(engine.module, logger)
+            elif feature_pass.needed:
+                features, pass_stats = feature_pass.run(engine.module, logger, r)
+            if features is not None:
+                for name, count in mark_non_finite(features).items():
+                    log.warning(f"round {r}: {count} non-finite {name} values (inf/NaN from "
+                                f"the model): never selected, listed in score_skipped")
             seconds["features"] = time.perf_counter() - t0
             crash_point("embed", r)
             t0 = time.perf_counter()
-            selection = _agree(strategy, lambda: selector.select(
+            selection = _agree(strategy, lambda: round_selector.select(
                 features or Features(), np.asarray(selected, dtype=np.int64), candidates,
                 budget[r], rng))
             seconds["select"] = time.perf_counter() - t0
@@ -169,7 +174,7 @@ def run(cfg: Config, resume: str = "auto", overwrite: bool = False) -> list[dict
                              cfg.output.save_features)
 
         # ---- train
-        if engine is None or cfg.train.retrain_from_base:
+        if engine is None or (cfg.train.retrain_from_base and not fresh_engine):
             Strategy.release(engine)
             engine = strategy.prepare(build_trainable_model(
                 cfg, model_path, strategy.dtype, derive_seed(cfg.seed, "init", r)))
@@ -229,48 +234,6 @@ def run(cfg: Config, resume: str = "auto", overwrite: bool = False) -> list[dict
 
 
 # ----------------------------------------------------------------------------- helpers
-
-class IFDScorer:
-    """The IFD scores a selector asked for, by the current model or by a fixed proxy model.
-
-    The two passes' token sequences depend only on the data, so they are built once. A proxy
-    model (``scoring.model``) never changes, so its scores are computed once and reused; the
-    in-loop model is re-scored every round. Only Alpaca rows can be scored (the reference
-    templates need instruction/input/output); chat rows are skipped with that reason.
-    """
-
-    def __init__(self, cfg: Config, selector, pool, tokenizer, strategy: Strategy):
-        self.variants = [s for s in selector.scores if s in IFD_VARIANTS]
-        self.strategy, self.cfg = strategy, cfg
-        self.model, self.cache = None, {}
-        if not self.variants:
-            return
-        tok = tokenizer
-        if cfg.scoring.model:
-            path = resolve_model_path(cfg.scoring.model)
-            tok = load_tokenizer(path)     # a proxy keeps its own tokenizer
-            self.model = load_model(path, strategy.dtype).to(strategy.device).eval()
-        self.pad_id = tok.pad_token_id
-        self.inputs = {v: [ifd_inputs(ex.alpaca, tok, v, cfg.scoring.max_length)
-                           if ex.alpaca else "chat row: IFD needs instruction/input/output"
-                           for ex in pool] for v in self.variants}
-
-    def add_scores(self, features: Features | None, current_model, logger, r: int) -> None:
-        for v in self.variants:
-            if v not in self.cache:
-                n = sum(not isinstance(x, str) for x in self.inputs[v])
-                with logger.progress(f"round {r}: {v}", 2 * n) as advance:
-                    values, skipped, _ = compute_ifd(self.model or current_model,
-                                                     self.inputs[v], self.strategy, self.pad_id,
-                                                     self.cfg.selection.batch_size, v, advance)
-                if self.model is not None:
-                    self.cache[v] = (values, skipped)
-            else:
-                values, skipped = self.cache[v]
-            if features is not None:
-                features.scores[v] = values
-                features.skipped[v] = skipped
-
 
 def _load(path, limit, tokenizer, template, cfg):
     examples, report = load_examples(path, cfg.data.on_error, limit)
@@ -343,9 +306,9 @@ def _summary(r, selector_name, selection_info, new, selected, pool, train_stats,
         "train_loss_first_epoch": train_stats.first_epoch_loss, "eval_loss": eval_loss,
         "eval_tokens": eval_tokens, "train_steps": train_stats.steps, "global_step": global_step,
         "tokens": {"train": train_stats.tokens,
-                   "features": pass_stats.tokens if pass_stats else 0,
-                   "features_padded": pass_stats.padded_tokens if pass_stats else 0},
-        "features_tokens_per_s": pass_stats.tokens_per_s if pass_stats else None,
+                   **{name: s.tokens for name, s in pass_stats.items()},
+                   **{f"{name}_padded": s.padded_tokens for name, s in pass_stats.items()}},
+        **{f"{name}_tokens_per_s": round(s.tokens_per_s, 1) for name, s in pass_stats.items()},
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
         "retrain_from_base": cfg.train.retrain_from_base, "world_size": strategy.world_size,
     }

@@ -183,3 +183,34 @@ def test_scores_skip_with_a_reason_and_keep_row_order(models):
     assert "ifd" in cher[2] and "skipped" in sup[2]
     assert model.training                  # the caller's mode is restored
     model.eval()
+
+
+# ----------------------------------------------------------------------------- training template
+
+def test_response_header_under_chat_and_alpaca(tokenizer):
+    from evotune.selectors.ifd import response_header
+    assert tokenizer.decode(response_header(tokenizer, "chat")) == "<|im_start|>assistant\n"
+    assert tokenizer.decode(response_header(tokenizer, "alpaca")) == "### Response:"
+
+
+def test_response_header_needs_a_generation_prompt(tokenizer):
+    import copy
+
+    from evotune.selectors.ifd import response_header
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    with pytest.raises(ValueError, match="generation prompt"):
+        response_header(tok, "chat")
+
+
+def test_direct_pass_keeps_every_response_span_after_a_header():
+    from evotune.selectors.ifd import direct_pass
+    from evotune.trainer.data import Encoded
+    I = IGNORE_INDEX
+    two_turns = Encoded([1, 2, 3, 10, 11, 4, 5, 12], [I, I, I, 10, 11, I, I, 12], True)
+    d = direct_pass(two_turns, [7, 8], bos=1)
+    assert d.input_ids == [1, 7, 8, 10, 11, 7, 8, 12]
+    assert d.labels == [I, I, I, 10, 11, I, I, 12]
+    assert d.n_response == two_turns.n_response and d.truncated
+    no_bos = direct_pass(Encoded([2, 3, 10], [I, I, 10], False), [7], bos=1)
+    assert no_bos.input_ids == [7, 10] and no_bos.labels == [I, 10]

@@ -151,3 +151,24 @@ def test_any_selector_over_filtered_candidates_fills_when_too_few_pass():
     assert out.info["filled"] == 1 and out.info["passed"] == 3
     assert sel.scores == ("loss",) and sel.name == "kcenter"
     assert sel.state_dict()["filter_top_fraction"] == 0.5
+
+
+def test_scored_first_fills_a_shortfall_by_kcenter_over_the_unscored():
+    from evotune.selectors.base import Features
+    from evotune.selectors.filters import ScoredFirst
+    from evotune.selectors.weighted import WeightedSelector
+    emb = np.array([[0.0], [1.0], [2.0], [10.0], [11.0], [20.0]], dtype=np.float32)
+    scores = np.array([np.nan, 0.9, 0.1, np.nan, np.nan, np.nan])
+    f = Features(embeddings=emb, scores={"loss": scores})
+    sel = ScoredFirst(WeightedSelector("loss", alpha=1.0), "loss").select(
+        f, np.array([0]), np.arange(1, 6), 4, np.random.default_rng(0))
+    # both scored ones by score, then k-center over 3, 4, 5 from centres {0, 1, 2}: 5 (18 away),
+    # then 4 (9 from both 2 and 5; 3 is 8 from 2)
+    assert sel.positions.tolist() == [1, 2, 5, 4]
+    assert sel.numbers["scored"].tolist() == [1, 1, 0, 0]
+    assert sel.info["unscored_fill"] == 2 and sel.info["nan_scores"] == 0
+    assert sel.numbers["kcenter_distance"][2:].tolist() == [18.0, 9.0]
+    # enough scored candidates: the rule alone, unchanged
+    plain = ScoredFirst(WeightedSelector("loss", alpha=1.0), "loss").select(
+        f, np.array([0]), np.arange(1, 6), 2, np.random.default_rng(0))
+    assert plain.positions.tolist() == [1, 2] and "scored" not in plain.numbers

@@ -25,11 +25,12 @@ def test_too_many_picks_is_an_error():
 
 
 def test_registry_names_match_config_keys():
+    from evotune.selectors.derived import DERIVED
     from evotune.selectors.ifd import VARIANTS
     from evotune.selectors.scores import SCORES
     from evotune.trainer.config import SCORE_NAMES, SELECTOR_NAMES
     assert set(SELECTORS) == set(SELECTOR_NAMES)
-    assert SCORES + VARIANTS == SCORE_NAMES
+    assert SCORES + VARIANTS + DERIVED == SCORE_NAMES
     assert build_selector("kcenter", chunk_size=8).chunk_size == 8
     with pytest.raises(ValueError, match="known: cluster_quota, facility_location, kcenter"):
         build_selector("ifd")

@@ -117,6 +117,14 @@ def test_wrong_type_names_the_key(pool, override, key):
     (["selection.selector=best"], "selection.selector"),
     (["lora.target_modules=[]"], "lora.target_modules"),
     (["data.pool="], "data.pool"),
+    (["selection.linear=0.5*reward"], "selection.linear"),
+    (["selection.linear=0.5*loss 2*length"], "selection.linear"),
+    (["selection.linear=1*linear"], "selection.linear"),
+    (["selection.score=linear"], "selection.linear"),
+    (["selection.knn_k=0"], "selection.knn_k"),
+    (["selection.first_round=kmeans"], "selection.first_round"),
+    (["selection.first_round_clusters=0"], "selection.first_round_clusters"),
+    (["scoring.template=alpaca"], "scoring.template"),
 ])
 def test_impossible_value_names_the_key(pool, overrides, key):
     message = config_error(pool, *overrides)

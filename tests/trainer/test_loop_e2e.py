@@ -404,10 +404,17 @@ def test_every_preset_runs(preset, tmp_path, tiny_model_dir):
                  "lora.target_modules=[q_proj, v_proj]", f"output.dir={tmp_path / 'out'}",
                  "selection.n_clusters=3", "scoring.max_length=160"]
     import yaml
-    if yaml.safe_load((REPO / "configs" / preset).read_text()).get("scoring", {}).get("model"):
+    spec = yaml.safe_load((REPO / "configs" / preset).read_text())
+    if spec.get("scoring", {}).get("model"):
         overrides.append(f"scoring.model={tiny_model_dir}")
     run_train(["--config", str(REPO / "configs" / preset), *overrides])
+    rounds = tmp_path / "out" / "rounds"
     rows = [json.loads(line) for line in
-            (tmp_path / "out" / "rounds" / "round_001" / "selection.jsonl").read_text()
-            .splitlines()]
+            (rounds / "round_001" / "selection.jsonl").read_text().splitlines()]
     assert len(rows) == 5 and len({r["id"] for r in rows}) == 5
+    first = [json.loads(line) for line in
+             (rounds / "round_000" / "selection.jsonl").read_text().splitlines()]
+    expected = {"random": "random", "pre_experienced": "pre_experienced",
+                "selector": spec["selection"]["selector"]}[
+        spec["selection"].get("first_round", "random")]
+    assert len(first) == 6 and {r["selector"] for r in first} == {expected}

@@ -1,0 +1,177 @@
+"""Score every example of a pool with one model, without training.
+
+The same sharded pass, scores and IFD passes as a round's feature pass (``selectors/
+features.py``), run once with ``model.path`` (or a proxy, ``scoring.model``). Use it to look at
+the scores before a run, to score a pool once with a proxy, or — with ``--label`` — to measure
+how well each score separates clean rows from labelled bad ones (AUROC, ``selectors/
+separation.py``).
+
+    python launch/score_pool.py --config configs/quickstart.yaml --out runs/scores
+    python launch/score_pool.py data.pool=noisy.jsonl --label corruption --pair orig_id \\
+        --scores loss,length,ifd_cherry --out runs/noisy
+    deepspeed --num_gpus 2 launch/score_pool.py --config CFG --out OUT
+
+Writes ``OUT/scores.jsonl`` (per example: id, source, every score, ``skipped`` reasons),
+``OUT/summary.json`` (tokens and tokens/s of each pass, settings) and, with ``--label``,
+``OUT/separation.json`` plus a table on the terminal. Files in OUT are replaced.
+Config keys used: model.*, data.* (pool, template, max_length, on_error, max_examples),
+scoring.*, selection.batch_size / linear / knn_k / chunk_size, deepspeed.backend.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+
+class ScoreRequest:
+    """What the feature pass computes: stands where a selector's needs would."""
+    name = "score_pool"
+
+    def __init__(self, scores: tuple[str, ...]):
+        self.scores = scores
+        self.needs_embeddings = "knn_k" in scores
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    from evotune.trainer.config import SCORE_NAMES
+    p = argparse.ArgumentParser(description="Score a pool with one model (no training).")
+    p.add_argument("--config", help="YAML config (optional: overrides alone are enough)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--scores", default="all",
+                   help=f"comma-separated, or all (= every score but linear; linear is added "
+                        f"when selection.linear is set). Known: {', '.join(SCORE_NAMES)}")
+    p.add_argument("--label", help="row field naming a bad row's group (null/empty = clean): "
+                                   "report each score's AUROC, clean vs each group")
+    p.add_argument("--pair", help="with --label: row field holding the id of the clean row a "
+                                  "bad row was made from; compare each group with its originals")
+    p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
+    return p.parse_intermixed_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from evotune.trainer.config import SCORE_NAMES, ConfigError, load_config
+    try:
+        cfg = load_config(args.config, args.overrides)
+        names = tuple(s for s in SCORE_NAMES if s != "linear" or cfg.selection.linear) \
+            if args.scores == "all" else tuple(s.strip() for s in args.scores.split(",") if s)
+        unknown = [s for s in names if s not in SCORE_NAMES]
+        if unknown or not names:
+            raise ConfigError(f"--scores: unknown {', '.join(unknown) or '(none given)'}; "
+                              f"known: {', '.join(SCORE_NAMES)}")
+        if "linear" in names and not cfg.selection.linear:
+            raise ConfigError("--scores linear needs selection.linear (the rule)")
+        if args.pair and not args.label:
+            raise ConfigError("--pair needs --label")
+    except (ConfigError, FileNotFoundError) as e:
+        return _fail(e)
+    try:
+        return score(cfg, names, Path(args.out), args.label, args.pair)
+    except (ValueError, OSError) as e:
+        return _fail(e)
+
+
+def score(cfg, names: tuple[str, ...], out: Path, label: str | None, pair: str | None) -> int:
+    import numpy as np
+
+    from evotune.selectors.derived import mark_non_finite
+    from evotune.selectors.features import FeaturePass
+    from evotune.selectors.separation import separation
+    from evotune.trainer.data import encode_all, load_examples, resolve_template
+    from evotune.trainer.engine import Strategy
+    from evotune.trainer.logs import ProgressBars, log, setup_console_logging
+    from evotune.trainer.model import load_model, load_tokenizer, resolve_model_path
+    from evotune.trainer.state import write_json_atomic, write_text_atomic
+
+    strategy = Strategy(cfg)
+    strategy.setup()
+    console = setup_console_logging(strategy.rank)
+    model_path = resolve_model_path(cfg.model.path)
+    tokenizer = load_tokenizer(model_path)
+    template = resolve_template(cfg.data.template, tokenizer)
+    examples, report = load_examples(cfg.data.pool, cfg.data.on_error, cfg.data.max_examples)
+    pool, pool_enc, enc_report = encode_all(examples, tokenizer, template, cfg.data.max_length,
+                                            cfg.data.on_error)
+    skipped_rows = report.skipped + enc_report.skipped
+    if label and pool and label not in pool[0].extra:
+        raise ValueError(f"--label {label}: the rows have no field {label!r} (fields: "
+                         f"{', '.join(sorted(pool[0].extra)) or 'none beyond the standard ones'})")
+    log.info(f"scoring {len(pool)} examples of {cfg.data.pool} ({len(skipped_rows)} skipped) "
+             f"with {model_path}: {', '.join(names)}")
+    feature_pass = FeaturePass(cfg, ScoreRequest(names), pool, pool_enc, tokenizer, template,
+                               strategy)
+    model = load_model(model_path, strategy.dtype, cfg.model.attn_implementation)
+    model.to(strategy.device).eval()
+    logger = ProgressBars(strategy.is_rank0, console)
+    t0 = time.perf_counter()
+    features, stats = feature_pass.run(model, logger, None)
+    seconds = time.perf_counter() - t0
+    strategy.barrier()
+    if not strategy.is_rank0:
+        return 0
+    mark_non_finite(features)
+    out.mkdir(parents=True, exist_ok=True)
+    columns = {n: features.scores[n] for n in names}
+    lines = []
+    for i, ex in enumerate(pool):
+        row = {"id": ex.id, "source": ex.source}
+        if label:
+            row[label] = ex.extra.get(label)
+        row.update({n: None if math.isnan(v[i]) else float(v[i]) for n, v in columns.items()})
+        why = {n: features.skipped[n][i] for n in names if i in features.skipped.get(n, {})}
+        if why:
+            row["skipped"] = why
+        lines.append(json.dumps(row, ensure_ascii=False))
+    write_text_atomic(out / "scores.jsonl", "".join(line + "\n" for line in lines))
+    summary = {"pool": str(cfg.data.pool), "model": str(model_path), "template": template,
+               "scoring_template": cfg.scoring.template, "rows": len(pool),
+               "rows_skipped": len(skipped_rows), "world_size": strategy.world_size,
+               "seconds": round(seconds, 2),
+               "passes": {k: {"tokens": s.tokens, "padded_tokens": s.padded_tokens,
+                              "seconds": round(s.seconds, 2),
+                              "tokens_per_s": round(s.tokens_per_s, 1)} for k, s in stats.items()},
+               "no_value": {n: len(features.skipped.get(n, {})) for n in names}}
+    write_json_atomic(out / "summary.json", summary)
+    if label:
+        table = separation(columns, [ex.extra.get(label) for ex in pool],
+                           [ex.extra.get(pair) for ex in pool] if pair else None,
+                           [ex.id for ex in pool])
+        write_json_atomic(out / "separation.json", table)
+        console.print(separation_table(table, names))
+    console.print(f"wrote {out / 'scores.jsonl'} ({len(pool)} rows) in {seconds:.1f}s")
+    return 0
+
+
+def separation_table(table: dict, names):
+    """A rich table: one row per score, one column per bad group, AUROC (clean > bad)."""
+    from rich.table import Table
+    t = Table(title="AUROC, clean rows scoring above bad rows (0.5 = no separation; < 0.5: "
+                    "the score prefers the bad rows)")
+    t.add_column("score")
+    for group, entry in table.items():
+        t.add_column(f"{group}\n({entry['n_clean']} vs {entry['n_bad']})", justify="right")
+    for n in names:
+        cells = []
+        for entry in table.values():
+            a = entry["scores"][n]["auroc"]
+            nan = entry["scores"][n]["nan_clean"] + entry["scores"][n]["nan_bad"]
+            cells.append("–" if math.isnan(a) else f"{a:.3f}" + (f" ({nan} n/a)" if nan else ""))
+        t.add_row(n, *cells)
+    return t
+
+
+def _fail(error: Exception) -> int:
+    if os.environ.get("RANK", "0") == "0":
+        print(f"error: {error}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

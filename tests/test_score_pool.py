@@ -1,0 +1,77 @@
+"""launch/score_pool.py and the AUROC evidence: which scores separate the labelled corruptions
+of the noisy pool (tests/fixtures/pool_noisy_subset.jsonl) from their clean originals.
+
+On the tiny random model only data-driven scores can separate anything, so this test checks the
+machinery and the one thing that must hold for any model: answer length separates truncated and
+one-word answers from their originals. The figures for SmolLM2-135M on the whole noisy pool are
+in benchmarks/RESULTS.md (benchmarks/noisy_auroc.py).
+"""
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from evotune.selectors.separation import auroc, separation
+from helpers import FIXTURES, REPO
+
+NOISY = FIXTURES / "pool_noisy_subset.jsonl"
+
+
+def test_auroc_by_hand():
+    assert auroc([3, 4], [1, 2]) == 1.0
+    assert auroc([1, 2], [3, 4]) == 0.0
+    assert auroc([1, 3], [2, 2]) == 0.5
+    assert auroc([2], [2]) == 0.5                          # ties count half
+    assert auroc([1, np.nan, 3], [2, np.nan]) == 0.5      # NaN rows are left out
+    assert math.isnan(auroc([np.nan], [1.0]))
+
+
+def test_separation_pairs_each_group_with_its_own_originals():
+    ids = ["a", "b", "c", "bad-a", "bad-c"]
+    labels = [None, None, "", "trunc", "trunc"]
+    scores = {"s": np.array([5.0, 0.0, 6.0, 1.0, 2.0])}
+    paired = separation(scores, labels, [None, None, None, "a", "c"], ids)
+    assert paired["trunc"]["n_clean"] == 2 and paired["trunc"]["scores"]["s"]["auroc"] == 1.0
+    unpaired = separation(scores, labels)
+    assert unpaired["trunc"]["n_clean"] == 3
+    assert unpaired["trunc"]["scores"]["s"]["auroc"] == pytest.approx(4 / 6)
+
+
+@pytest.mark.e2e
+def test_score_pool_writes_scores_and_auroc_table(tmp_path, tiny_model_dir):
+    out = tmp_path / "scores"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "launch" / "score_pool.py"), f"model.path={tiny_model_dir}",
+         f"data.pool={NOISY}", "data.max_length=256", "data.on_error=skip",
+         "--label", "corruption", "--pair", "orig_id", "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "AUROC" in proc.stderr and "truncated_output" in proc.stderr   # the rich console
+    rows = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(rows) == summary["rows"] and summary["rows"] + summary["rows_skipped"] == 72
+    assert {"loss", "length", "ifd_cherry", "ifd_superfilter", "knn_k", "entropy"} <= set(rows[0])
+    assert summary["passes"]["ifd"]["tokens_per_s"] > 0
+    table = json.loads((out / "separation.json").read_text())
+    assert set(table) == {"truncated_output", "empty_like", "shuffled_output"}
+    for group in table.values():
+        assert group["n_clean"] >= 10 and group["n_bad"] >= 10
+        assert all(0 <= v["auroc"] <= 1 for v in group["scores"].values())
+    # Any model: truncated and one-word answers are shorter than their originals.
+    assert table["truncated_output"]["scores"]["length"]["auroc"] >= 0.9
+    assert table["empty_like"]["scores"]["length"]["auroc"] >= 0.9
+
+
+def test_score_pool_rejects_unknown_scores_and_labels(tmp_path, tiny_model_dir):
+    base = [sys.executable, str(REPO / "launch" / "score_pool.py"), f"model.path={tiny_model_dir}",
+            f"data.pool={NOISY}", "--out", str(tmp_path / "o")]
+    proc = subprocess.run(base + ["--scores", "loss,reward"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "reward" in proc.stderr
+    proc = subprocess.run(base + ["--scores", "loss", "--label", "quality",
+                                  "data.on_error=skip"], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2 and "quality" in proc.stderr
