@@ -92,12 +92,17 @@ def composition(console: Console, rounds: list[dict]) -> None:
 
 
 def show_round(console: Console, rounds: list[dict], idx: int, limit: int, sort: str | None,
-               where: list[str] = ()) -> None:
+               where: list[str] = (), all_columns: bool = False) -> None:
     r = _get(rounds, idx)
     picks = filter_picks(r["picks"], where)
-    numbers = sorted({k for p in picks for k in p if k not in NON_NUMBERS})
+    columns = {k for p in picks for k in p if k not in NON_NUMBERS}
+    texts = sorted(k for k in columns if any(isinstance(p.get(k), str) for p in picks))
+    # Per-subtask influence columns ("influence:<subtask>") only with --all-columns: a pick's
+    # top_subtask already says which one drove it.
+    numbers = sorted(k for k in columns - set(texts) if all_columns or ":" not in k)
+    hidden = len(columns) - len(texts) - len(numbers)
     if sort:
-        if sort not in numbers and sort not in ("tokens", "pick_order"):
+        if sort not in columns - set(texts) and sort not in ("tokens", "pick_order"):
             raise SystemExit(f"--sort {sort}: round {idx} has no such column; have: "
                              f"{', '.join(['pick_order', 'tokens'] + numbers)}")
         picks = sorted(picks, key=lambda p: (p.get(sort) is None, -(p.get(sort) or 0)))
@@ -105,13 +110,17 @@ def show_round(console: Console, rounds: list[dict], idx: int, limit: int, sort:
     title = (f"round {idx}: {len(r['picks'])} picks by {picks[0]['selector'] if picks else '-'}"
              + ("" if r["complete"] else " (round not complete)"))
     table = Table(title=title)
-    for col in ["#", "id", "source", "tokens", *numbers, "preview"]:
+    for col in ["#", "id", "source", *texts, "tokens", *numbers, "preview"]:
         _column(table, col, numeric=col in ("#", "tokens", *numbers))
     for p in picks[:limit]:
         table.add_row(str(p["pick_order"]), _cell(p["id"]), _cell(p["source"]),
+                      *[_cell(str(p.get(k, "-"))) for k in texts],
                       str(p.get("tokens", "-")), *[_f(p.get(k)) for k in numbers],
                       _cell(p.get("preview", "")))
     console.print(table)
+    if hidden:
+        console.print(f"{hidden} per-subtask columns hidden (--all-columns shows them)",
+                      style="dim")
     if len(picks) > limit:
         console.print(f"... {len(picks) - limit} more (--limit N to show more)")
     if s:
@@ -214,6 +223,8 @@ def main(argv=None) -> int:
                    help="what changed between the selected sets after rounds A and B")
     p.add_argument("--limit", type=int, default=50, help="rows to show with --round")
     p.add_argument("--sort", help="with --round: sort picks by this column, descending")
+    p.add_argument("--all-columns", action="store_true",
+                   help="with --round: also show the per-subtask influence columns")
     p.add_argument("--where", action="append", default=[], metavar="COND",
                    help="with --round: keep picks matching COND, e.g. loss>2.5 or source=gsm8k "
                         "(repeatable)")
@@ -229,7 +240,8 @@ def main(argv=None) -> int:
     if args.round is not None and args.hist:
         histograms(console, args.out, args.round)
     elif args.round is not None:
-        show_round(console, rounds, args.round, args.limit, args.sort, args.where)
+        show_round(console, rounds, args.round, args.limit, args.sort, args.where,
+                   args.all_columns)
     elif args.diff:
         diff(console, rounds, *args.diff)
     else:

@@ -20,15 +20,22 @@ class Features:
     ``embeddings``: (N, D) float32, or None when no selector asked for them.
     ``scores``: name → (N,) float64; NaN where an example was not scored (with a reason in
     ``skipped``, name → {position: reason}).
+    ``extra``: other arrays of the pass, saved in the round's features.npz, never read by a
+    selector (e.g. the projected gradient features of influence selection).
     """
     embeddings: np.ndarray | None = None
     scores: dict[str, np.ndarray] = field(default_factory=dict)
     skipped: dict[str, dict[int, str]] = field(default_factory=dict)
+    extra: dict[str, np.ndarray] = field(default_factory=dict)   # saved with the round only
 
     def require(self, selector: str, score: str | None = None) -> None:
         """Raise ValueError naming what ``selector`` needs that the feature pass did not make."""
         if self.embeddings is None:
             raise ValueError(f"{selector} needs embeddings; the feature pass computed none")
+        self.require_score(selector, score)
+
+    def require_score(self, selector: str, score: str | None) -> None:
+        """Raise ValueError when ``score`` was not computed (embeddings not needed)."""
         if score is not None and score not in self.scores:
             raise ValueError(f"{selector} needs score {score!r}; the feature pass computed: "
                              f"{', '.join(sorted(self.scores)) or 'none'}")
@@ -36,11 +43,13 @@ class Features:
 
 @dataclass
 class Selection:
-    """Chosen pool positions in pick order, per-pick numbers (name → (n,) array), and counts
-    about the round's candidates (e.g. how many a filter removed, and why)."""
+    """Chosen pool positions in pick order, per-pick numbers (name → (n,) array), counts about
+    the round's candidates (e.g. how many a filter removed, and why), and per-pick text
+    (name → n strings, e.g. the validation subtask that drove an influence pick)."""
     positions: np.ndarray
     numbers: dict[str, np.ndarray] = field(default_factory=dict)
     info: dict[str, int | float | str] = field(default_factory=dict)
+    labels: dict[str, list[str]] = field(default_factory=dict)
 
 
 class Selector(Protocol):

@@ -152,10 +152,42 @@ class FeaturePass:
         self.loss_cache: dict[str, tuple] = {}
         if self.variants:
             self._prepare_ifd(pool, tokenizer, template)
+        self.influence = None
+        if "influence" in base:
+            self.influence = self._prepare_influence(tokenizer, template)
 
     @property
     def needed(self) -> bool:
-        return bool(self.needs_embeddings or self.pass_scores or self.variants or self.derived)
+        return bool(self.needs_embeddings or self.pass_scores or self.variants or self.derived
+                    or self.influence)
+
+    @property
+    def needs_optimizer_state(self) -> bool:
+        """True when the pass reads Adam's moments (a resume must restore the optimizer)."""
+        return self.influence is not None and self.cfg.influence.adam
+
+    def _prepare_influence(self, tokenizer, template):
+        from evotune.selectors.influence import InfluencePass
+        from evotune.trainer.model import load_model, resolve_model_path
+        from evotune.trainer.validation import load_validation
+
+        icfg = self.cfg.influence
+        val, skipped = load_validation(icfg.validation, tokenizer, template,
+                                       self.cfg.data.max_length, self.cfg.data.on_error)
+        if skipped:
+            from evotune.trainer.logs import log
+            log.warning(f"influence.validation: {len(skipped)} rows skipped (first: "
+                        f"{skipped[0][1]})")
+        reference = None
+        if icfg.reference_model:
+            if any(it.kind != "preference" for it in val):
+                raise ValueError("influence.reference_model applies to preference validation "
+                                 "sets only")
+            reference = load_model(resolve_model_path(icfg.reference_model), self.strategy.dtype)
+        elif icfg.label_smoothing > 0:
+            raise ValueError("influence.label_smoothing > 0 needs influence.reference_model: "
+                             "with smoothing the reference model decides the direction's sign")
+        return InfluencePass(self.cfg, self.pool_enc, val, self.strategy, reference)
 
     def _prepare_ifd(self, pool, tokenizer, template) -> None:
         from evotune.selectors.ifd import direct_pass, ifd_inputs, response_header
@@ -188,9 +220,12 @@ class FeaturePass:
         pairs = [e if isinstance(e, str) else (e, direct_pass(e, header, bos)) for e in enc]
         self.inputs = {v: pairs for v in self.variants}
 
-    def run(self, model, logger, r: int | None) -> tuple[Features | None, dict[str, PassStats]]:
+    def run(self, model, logger, r: int | None, engine=None, candidates=None
+            ) -> tuple[Features | None, dict[str, PassStats]]:
         """Compute the features with ``model`` (the current model; every rank calls this).
-        ``r`` (the round, or None outside a run) only labels the progress bars.
+        ``r`` (the round, or None outside a run) only labels the progress bars. Influence
+        selection also needs the DeepSpeed ``engine`` (its optimizer's moments) and the round's
+        ``candidates``.
 
         Returns:
             Features on rank 0 (None elsewhere), and the statistics of each pass that ran:
@@ -216,6 +251,14 @@ class FeaturePass:
             if features is not None:
                 features.scores[v], features.skipped[v] = self._values(v, self.inputs[v],
                                                                        *losses[key])
+        if self.influence is not None:
+            if engine is None or candidates is None:
+                raise ValueError("influence selection runs inside a training run only")
+            found, stats["influence"] = self.influence.run(engine, candidates, r, logger)
+            if features is not None:
+                features.scores.update(found.scores)
+                features.skipped.update(found.skipped)
+                features.extra.update(found.extra)
         if features is not None:
             add_derived(features, self.derived, self.linear, self.cfg.selection.knn_k,
                         self.cfg.selection.chunk_size)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from evotune.selectors.cluster_quota import ClusterQuotaSelector
 from evotune.selectors.facility_location import FacilityLocationSelector
 from evotune.selectors.filters import ScoredFirst, ScoreFiltered
+from evotune.selectors.influence import InfluenceSelector
 from evotune.selectors.kcenter import KCenterSelector
 from evotune.selectors.random import RandomSelector
 from evotune.selectors.repr_filter import RepresentationFilterSelector
@@ -12,7 +13,7 @@ from evotune.selectors.weighted import WeightedSelector
 
 SELECTORS = {cls.name: cls for cls in (KCenterSelector, RandomSelector, WeightedSelector,
                                        RepresentationFilterSelector, ClusterQuotaSelector,
-                                       FacilityLocationSelector)}
+                                       FacilityLocationSelector, InfluenceSelector)}
 
 
 def build_selector(name: str, **options):
@@ -45,4 +46,5 @@ def options_from_config(selection) -> dict:
         "repr_filter": {"score": s.score, "threshold": s.repr_threshold},
         "cluster_quota": {"score": s.score, "n_clusters": s.n_clusters, "quota": s.quota},
         "facility_location": {"score": s.score, "weighted": s.facility_weighted},
+        "influence": {},
     }[s.selector]

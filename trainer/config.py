@@ -32,9 +32,9 @@ import yaml
 # Names of the selectors in selectors/registry.py and the scores in selectors/scores.py
 # (a test keeps them equal; kept here so the config does not import model code).
 SELECTOR_NAMES = ("kcenter", "random", "weighted", "repr_filter", "cluster_quota",
-                  "facility_location")
+                  "facility_location", "influence")
 SCORE_NAMES = ("loss", "perplexity", "length", "least_confidence", "margin", "entropy",
-               "ifd_cherry", "ifd_superfilter", "knn_k", "linear")
+               "ifd_cherry", "ifd_superfilter", "knn_k", "linear", "influence")
 
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
@@ -185,6 +185,30 @@ class ScoringConfig:
 
 
 @dataclass
+class InfluenceConfig:
+    validation: str = _f("", "validation set for the influence selector: SFT rows (LESS) or "
+                             "prompt/chosen/rejected pairs (ROSE), JSON/JSONL, optional 'subtask'",
+                         path="input")
+    candidates: Union[int, float] = _f(
+        1.0, "candidates whose gradients are computed each round: a count, or a fraction of "
+             "the candidates (a full pass costs about one training epoch over them)")
+    dim: int = _f(8192, "dimensions of the random projection of the gradients")
+    projection_nnz: int = _f(4, "non-zeros per input coordinate of the sparse projection")
+    adam: bool = _f(True, "train features: LESS's Adam direction from the optimizer's moments "
+                          "(false = plain gradients)")
+    eps_inside_sqrt: bool = _f(True, "Adam direction: eps inside the square root, as LESS "
+                                     "(false: outside, as torch's Adam)")
+    aggregation: str = _f("max", "over validation subtasks (LESS: max of the per-subtask means)",
+                          choices=("max", "mean"))
+    reference_model: str = _f("", "preference validation: a reference model for the DPO "
+                                  "direction (needed only with label_smoothing > 0; empty = "
+                                  "reference-free, as ROSE)", path="input")
+    beta: float = _f(0.1, "DPO beta (with reference_model)")
+    label_smoothing: float = _f(0.0, "DPO label smoothing (with reference_model)")
+    batch_size: int = _f(16, "examples per projection batch (memory: batch x trainable params)")
+
+
+@dataclass
 class OutputConfig:
     dir: str = _f("runs/quickstart", "output directory of the run (relative: to the current "
                                      "directory, also when set in a YAML file)", path="output")
@@ -207,6 +231,7 @@ class Config:
     selection: SelectionConfig = field(default_factory=SelectionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    influence: InfluenceConfig = field(default_factory=InfluenceConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
@@ -410,6 +435,28 @@ def validate(cfg: Config) -> None:
     positive("selection.chunk_size", cfg.selection.chunk_size)
     positive("selection.n_clusters", cfg.selection.n_clusters)
     positive("selection.knn_k", cfg.selection.knn_k)
+    positive("influence.dim", cfg.influence.dim)
+    positive("influence.projection_nnz", cfg.influence.projection_nnz)
+    positive("influence.batch_size", cfg.influence.batch_size)
+    positive("influence.beta", cfg.influence.beta)
+    c = cfg.influence.candidates
+    if (isinstance(c, int) and c < 1) or (isinstance(c, float) and not 0 < c <= 1):
+        raise ConfigError(f"influence.candidates: a count >= 1 or a fraction in (0, 1], got {c}")
+    if not 0 <= cfg.influence.label_smoothing < 0.5:
+        raise ConfigError(f"influence.label_smoothing: must be in [0, 0.5), got "
+                          f"{cfg.influence.label_smoothing}")
+    if "influence" in (cfg.selection.selector, cfg.selection.score, cfg.selection.filter_score) \
+            and not cfg.influence.validation:
+        raise ConfigError("influence.validation: the influence selector needs a validation set "
+                          "(SFT rows or prompt/chosen/rejected pairs)")
+    for key, value in (("influence.validation", cfg.influence.validation),):
+        if value and not Path(value).is_file():
+            raise ConfigError(f"{key}: file not found: {value}")
+    if cfg.influence.reference_model and not (Path(cfg.influence.reference_model) /
+                                              "config.json").is_file() \
+            and not cfg.influence.reference_model.startswith("embedded:"):
+        raise ConfigError(f"influence.reference_model: {cfg.influence.reference_model} is not a "
+                          f"local model directory (no config.json)")
     positive("selection.first_round_clusters", cfg.selection.first_round_clusters)
     if cfg.selection.linear:
         from evotune.selectors.derived import parse_linear

@@ -224,6 +224,35 @@ class Strategy:
         return state if self.is_rank0 else None
 
     # ------------------------------------------------------------------ collectives
+    @staticmethod
+    def full_shape(param) -> tuple[int, ...]:
+        """A parameter's real shape, also when ZeRO-3 has partitioned it away."""
+        return tuple(getattr(param, "ds_shape", param.shape))
+
+    def optimizer_moments(self, engine, params) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Adam's ``exp_avg`` and ``exp_avg_sq`` of each parameter, whole, fp32, on the device.
+
+        ZeRO 1-3 (and the bf16 optimizer) keep them flattened and sharded:
+        ``safe_get_full_optimizer_state`` assembles them, a collective call that every rank
+        makes. At ZeRO-0 in fp32 they are the torch optimizer's own state. Zeros for a parameter
+        the optimizer has not stepped yet.
+        """
+        from deepspeed.utils import safe_get_full_optimizer_state
+
+        opt = engine.optimizer
+        torch_opt = getattr(opt, "optimizer", opt) if opt is not None else None
+        out: tuple[list, list] = ([], [])
+        for p in params:
+            shape = self.full_shape(p)
+            for key, dest in (("exp_avg", out[0]), ("exp_avg_sq", out[1])):
+                value = safe_get_full_optimizer_state(p, key)
+                if value is None and torch_opt is not None:
+                    value = torch_opt.state.get(p, {}).get(key)
+                if value is None:
+                    value = torch.zeros(shape)
+                dest.append(value.detach().float().reshape(shape).to(self.device))
+        return out
+
     def barrier(self) -> None:
         dist.barrier()
 

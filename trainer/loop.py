@@ -123,7 +123,8 @@ def run(cfg: Config, resume: str = "auto", overwrite: bool = False) -> list[dict
         engine = strategy.prepare(build_trainable_model(cfg, model_path, strategy.dtype,
                                                         derive_seed(cfg.seed, "init", 0)))
         strategy.load_checkpoint(engine, round_dir(out, state.round_idx) / "checkpoint",
-                                 optimizer=not cfg.train.retrain_from_base)
+                                 optimizer=not cfg.train.retrain_from_base
+                                 or feature_pass.needs_optimizer_state)
         restore_rng(state.rng)
         log.info(f"resumed after round {state.round_idx} (global step {global_step}, "
                  f"{len(selected)} examples selected)")
@@ -155,7 +156,8 @@ def run(cfg: Config, resume: str = "auto", overwrite: bool = False) -> list[dict
                 round_selector = PreExperiencedSelector(cfg.selection.first_round_clusters)
                 features, pass_stats = feature_pass.run_instructions(engine.module, logger)
             elif feature_pass.needed:
-                features, pass_stats = feature_pass.run(engine.module, logger, r)
+                features, pass_stats = feature_pass.run(engine.module, logger, r, engine,
+                                                        candidates)
             if features is not None:
                 for name, count in mark_non_finite(features).items():
                     log.warning(f"round {r}: {count} non-finite {name} values (inf/NaN from "
@@ -267,6 +269,7 @@ def _write_selection(rdir: Path, r: int, selector, selection: Selection, pool, p
         row = {"id": pool[p].id, "source": pool[p].source, "round": r, "pick_order": k,
                "selector": selector.name, "pool_index": p, "tokens": len(pool_enc[p].input_ids)}
         row.update({name: float(v[k]) for name, v in selection.numbers.items()})
+        row.update({name: v[k] for name, v in selection.labels.items()})
         if features is not None:   # every computed score of the pick, not only the one ranked by
             row.update({name: float(v[p]) for name, v in features.scores.items()
                         if name not in row})
@@ -278,6 +281,7 @@ def _write_selection(rdir: Path, r: int, selector, selection: Selection, pool, p
         arrays = {f"score_{k}": v for k, v in features.scores.items()}
         if features.embeddings is not None:
             arrays["embeddings"] = features.embeddings.astype(np.float16)
+        arrays.update(features.extra)
         np.savez(rdir / "features.npz", ids=np.array([ex.id for ex in pool]), **arrays)
 
 

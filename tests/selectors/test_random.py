@@ -30,7 +30,8 @@ def test_registry_names_match_config_keys():
     from evotune.selectors.scores import SCORES
     from evotune.trainer.config import SCORE_NAMES, SELECTOR_NAMES
     assert set(SELECTORS) == set(SELECTOR_NAMES)
-    assert SCORES + VARIANTS + DERIVED == SCORE_NAMES
+    from evotune.selectors.influence import SCORE as INFLUENCE
+    assert SCORES + VARIANTS + DERIVED + (INFLUENCE,) == SCORE_NAMES
     assert build_selector("kcenter", chunk_size=8).chunk_size == 8
-    with pytest.raises(ValueError, match="known: cluster_quota, facility_location, kcenter"):
+    with pytest.raises(ValueError, match="known: cluster_quota, facility_location, influence, kcenter"):
         build_selector("ifd")

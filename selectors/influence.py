@@ -1,0 +1,203 @@
+"""Influence selection (LESS, ROSE) in the loop: the gradient pass and the selection rule.
+
+Each round, with the current adapter and the optimizer's live Adam moments:
+1. a seeded sample of the candidates (``influence.candidates``: a gradient pass costs about a
+   training epoch over what it covers, so the cost per round is bounded);
+2. per candidate: the gradient of its mean answer-token loss w.r.t. the trainable (LoRA)
+   parameters, turned into LESS's Adam direction (``influence.adam``), projected to
+   ``influence.dim`` dims (:class:`~evotune.selectors.gradients.SparseProjector`), L2-normalised;
+3. per validation item: the plain gradient (SFT, LESS) or the DPO-pair direction (preference,
+   ROSE), projected and normalised the same way;
+4. influence = mean cosine over each subtask's validation items, aggregated over subtasks
+   (LESS: max); the selector takes the top candidates.
+
+Both passes are sharded over ranks (every rank runs the same number of forward/backward calls)
+and gathered on rank 0; the projected features are written per round (``grad_features.npz``,
+fp16).
+
+Departures from LESS: one checkpoint, the current one (LESS sums four epoch checkpoints of a
+warm-up run weighted by their learning rates; in the loop each round's model is the
+checkpoint, and with a single term the weight does not change the ranking); a sparse JL
+projection instead of trak's dense Rademacher one; gradients in eval mode (no dropout); the
+candidate sample. Departures from ROSE: the validation direction is reference-free unless
+``influence.reference_model`` is set (equal after normalisation without label smoothing, see
+:func:`~evotune.selectors.gradients.dpo_coefficient`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import torch
+
+from evotune.selectors.base import Features, Selection
+from evotune.selectors.gradients import (SparseProjector, adam_direction, aggregate, answer_loss,
+                                         answer_logprob, dpo_coefficient, example_grad,
+                                         influence, normalize_rows, trainable_params)
+
+SCORE = "influence"
+
+
+class InfluenceSelector:
+    """Top candidates by influence score (LESS: the global top-k), ties to the lowest index."""
+    name = "influence"
+    needs_embeddings = False
+    scores = (SCORE,)
+
+    def select(self, features: Features, labeled: np.ndarray, candidates: np.ndarray, n: int,
+               rng: np.random.Generator) -> Selection:
+        features.require_score(self.name, SCORE)
+        candidates = np.sort(np.asarray(candidates, dtype=np.int64))
+        s = features.scores[SCORE][candidates]
+        ok = np.isfinite(s)
+        if n > ok.sum():
+            raise ValueError(f"cannot pick {n}: only {int(ok.sum())} of {len(candidates)} "
+                             f"candidates have an influence score")
+        order = sorted(np.flatnonzero(ok), key=lambda i: (-s[i], candidates[i]))[:n]
+        picks = candidates[order]
+        subtasks = [k for k in features.scores if k.startswith(SCORE + ":")]
+        labels = {}
+        if subtasks:
+            per = np.stack([features.scores[k][picks] for k in subtasks], axis=1)
+            labels["top_subtask"] = [subtasks[j].split(":", 1)[1] for j in per.argmax(axis=1)]
+        return Selection(picks, {SCORE: s[order]},
+                         {"unscored": int((~ok).sum()), "scored": int(ok.sum())}, labels)
+
+    def state_dict(self) -> dict:
+        return {"name": self.name}
+
+
+class InfluencePass:
+    """Computes the ``influence`` score (and one ``influence:<subtask>`` score per subtask)."""
+
+    def __init__(self, cfg, pool_enc, val_items, strategy, reference_model=None):
+        self.cfg, self.icfg = cfg, cfg.influence
+        self.pool_enc, self.val, self.strategy = pool_enc, val_items, strategy
+        self.reference_margins = None
+        if reference_model is not None:
+            self.reference_margins = self._margins(reference_model)
+
+    @torch.no_grad()
+    def _margins(self, model) -> list[float]:
+        """log π(y_w) − log π(y_l) of every preference item under ``model`` (every rank)."""
+        dev = self.strategy.device
+        model.to(dev).eval()
+        out = []
+        for it in self.val:
+            w = answer_logprob(model, it.chosen.input_ids, it.chosen.labels, dev)
+            lo = answer_logprob(model, it.rejected.input_ids, it.rejected.labels, dev)
+            out.append(float(w - lo))
+        return out
+
+    def run(self, engine, candidates: np.ndarray, r: int, logger):
+        """Every rank calls this. Returns Features on rank 0 (None elsewhere) with the scores,
+        skip reasons and the projected features (``extra``), and the pass statistics (tokens
+        forwarded and backpropagated, all ranks)."""
+        from evotune.trainer.state import derive_seed
+
+        st, icfg = self.strategy, self.icfg
+        module = engine.module
+        t0 = time.perf_counter()
+        rng = np.random.default_rng(derive_seed(self.cfg.seed, "influence-sample", r))
+        k = icfg.candidates if isinstance(icfg.candidates, int) else \
+            max(1, math.floor(icfg.candidates * len(candidates)))
+        sample = np.sort(rng.choice(candidates, size=min(k, len(candidates)), replace=False))
+        named = trainable_params(module)
+        params = [p for _, p in named]
+        if not params:
+            raise ValueError("influence selection needs trainable parameters (LoRA or full)")
+        moments = st.optimizer_moments(engine, params) if icfg.adam else None
+        sizes = [int(np.prod(st.full_shape(p))) for p in params]
+        projector = SparseProjector(sizes, icfg.dim, derive_seed(self.cfg.seed, "projection", 0),
+                                    icfg.projection_nnz)
+        was_training = module.training
+        module.eval()
+        try:
+            with logger.progress(f"round {r}: gradients (train)", len(sample)) as advance:
+                train_rows = self._features(module, params, projector, list(sample), moments,
+                                            "train", advance)
+            with logger.progress(f"round {r}: gradients (validation)", len(self.val)) as advance:
+                val_rows = self._features(module, params, projector, list(range(len(self.val))),
+                                          None, "val", advance)
+        finally:
+            module.train(was_training)
+        from evotune.selectors.features import PassStats
+        tokens = sum(len(self.pool_enc[i].input_ids) for i in sample) + sum(
+            len(it.encoded.input_ids) if it.kind == "sft" else
+            len(it.chosen.input_ids) + len(it.rejected.input_ids) for it in self.val)
+        stats = PassStats(time.perf_counter() - t0, tokens, tokens)
+        train_all = st.gather_to_rank0(train_rows)
+        val_all = st.gather_to_rank0(val_rows)
+        if not st.is_rank0:
+            return None, stats
+        train = _assemble(train_all, sample)
+        val = _assemble(val_all, np.arange(len(self.val)))
+        per_subtask, names = influence(torch.from_numpy(train), torch.from_numpy(val),
+                                       [it.subtask for it in self.val])
+        total = aggregate(per_subtask, icfg.aggregation).numpy()
+        features = Features()
+        n = len(self.pool_enc)
+        unsampled = {int(i): "not in this round's gradient sample (influence.candidates)"
+                     for i in np.setdiff1d(candidates, sample)}
+        unsampled.update({int(i): "already selected" for i in
+                          np.setdiff1d(np.arange(len(self.pool_enc)), candidates)})
+        for name, values in [(SCORE, total)] + [(f"{SCORE}:{t}", per_subtask[:, j].numpy())
+                                                for j, t in enumerate(names)]:
+            features.scores[name] = np.full(n, np.nan)
+            features.scores[name][sample] = values
+            features.skipped[name] = dict(unsampled)
+        features.extra = {"grad_positions": sample, "grad_train": train.astype(np.float16),
+                          "grad_val": val.astype(np.float16),
+                          "grad_val_subtasks": np.array([it.subtask for it in self.val])}
+        return features, stats
+
+    def _features(self, module, params, projector, items: list[int], moments, which: str,
+                  advance) -> list[tuple[int, np.ndarray]]:
+        """This rank's share of ``items``: (item, normalised projected feature) pairs."""
+        st, icfg = self.strategy, self.icfg
+        mine = items[st.rank::st.world_size]
+        # Equal call counts on every rank (ZeRO-3 gathers are collectives): pad by repeating.
+        per_rank = math.ceil(len(items) / st.world_size)
+        padded = mine + [items[0]] * (per_rank - len(mine)) if items else []
+        out, batch, owners = [], [], []
+        for slot, item in enumerate(padded):
+            grads = self._grad(module, params, item, moments, which)
+            batch.append(grads)
+            owners.append(item if slot < len(mine) else None)
+            if len(batch) == icfg.batch_size or slot == len(padded) - 1:
+                blocks = [torch.stack([g[i] for g in batch]) for i in range(len(params))]
+                rows = normalize_rows(projector.project(blocks)).cpu().numpy()
+                out += [(o, row) for o, row in zip(owners, rows) if o is not None]
+                advance(sum(o is not None for o in owners) * st.world_size)
+                batch, owners = [], []
+        return out
+
+    def _grad(self, module, params, item: int, moments, which: str) -> list[torch.Tensor]:
+        dev, icfg = self.strategy.device, self.icfg
+        if which == "train":
+            enc = self.pool_enc[item]
+            g = example_grad(answer_loss(module, enc.input_ids, enc.labels, dev), params)
+            if moments is not None:
+                g = adam_direction(g, *moments, eps_inside_sqrt=icfg.eps_inside_sqrt)
+            return [t.reshape(-1).cpu() for t in g]
+        it = self.val[item]
+        if it.kind == "sft":
+            g = example_grad(answer_loss(module, it.encoded.input_ids, it.encoded.labels, dev),
+                             params)
+            return [t.reshape(-1).cpu() for t in g]
+        margin = answer_logprob(module, it.chosen.input_ids, it.chosen.labels, dev) \
+            - answer_logprob(module, it.rejected.input_ids, it.rejected.labels, dev)
+        if self.reference_margins is None:
+            coef = -1.0          # reference-free: every DPO gradient is a negative multiple
+        else:
+            coef = dpo_coefficient(float(margin.detach()), self.reference_margins[item],
+                                   icfg.beta, icfg.label_smoothing)
+        g = example_grad(margin, params)
+        return [(coef * t).reshape(-1).cpu() for t in g]
+
+
+def _assemble(gathered, order) -> np.ndarray:
+    rows = {item: row for rank_rows in gathered for item, row in rank_rows}
+    return np.stack([rows[int(i)] for i in order]).astype(np.float32)

@@ -1,0 +1,124 @@
+"""Influence selection (LESS, ROSE) in the loop: Adam moments read under every ZeRO stage, the
+logged scores against the saved gradient features, 1 vs 2 ranks under ZeRO-3, preference
+validation with a candidate sample, and kill-and-resume."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from helpers import EVAL_TINY, FIXTURES, REPO, run_train, write_config
+
+pytestmark = pytest.mark.e2e
+
+
+def picks(out: Path, r: int) -> list[dict]:
+    path = out / "rounds" / f"round_{r:03d}" / "selection.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def ids(out: Path) -> list[str]:
+    return [p["id"] for r in (1, 2) for p in picks(out, r)]
+
+
+@pytest.mark.parametrize("stage, ranks", [(0, 1), (1, 1), (2, 1), (3, 1), (2, 2)])
+def test_optimizer_moments_match_a_plain_adamw(tmp_path, tiny_model_dir, stage, ranks):
+    out = tmp_path / "moments.json"
+    script = str(REPO / "tests" / "scripts" / "check_moments.py")
+    if ranks == 1:
+        cmd = [sys.executable, script]
+    else:
+        from helpers import _free_port
+        cmd = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", str(ranks),
+               "--master_port", str(_free_port()), script]
+    proc = subprocess.run(cmd + [str(tiny_model_dir), str(stage), str(out)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["world_size"] == ranks and result["params"] == 8
+    assert result["max_rel_diff"] < 1e-4
+
+
+@pytest.fixture(scope="module")
+def less_run(tmp_path_factory, tiny_model_dir):
+    d = tmp_path_factory.mktemp("less")
+    cfg = write_config(d / "cfg.yaml", tiny_model_dir, d / "out",
+                       selection={"selector": "influence"},
+                       influence={"validation": str(EVAL_TINY), "dim": 1024})
+    run_train(["--config", str(cfg)])
+    return d / "out", cfg
+
+
+def test_less_scores_are_the_saved_features_mean_per_subtask_then_max(less_run):
+    out, _ = less_run
+    f = np.load(out / "rounds" / "round_001" / "features.npz")
+    train = f["grad_train"].astype(np.float32)
+    val = f["grad_val"].astype(np.float32)
+    subtasks = list(f["grad_val_subtasks"])
+    assert np.allclose(np.linalg.norm(train, axis=1), 1, atol=1e-2)
+    assert train.shape[1] == 1024 and len(val) == len(subtasks) >= 6
+    sims = train @ val.T
+    names = sorted(set(subtasks))
+    per = np.stack([sims[:, [i for i, s in enumerate(subtasks) if s == n]].mean(1)
+                    for n in names], 1)
+    got = f["score_influence"][f["grad_positions"]]
+    assert got == pytest.approx(per.max(1), abs=2e-3)
+    # The picks are the top candidates by influence, each naming the subtask that drove it.
+    rows = picks(out, 1)
+    scored = f["grad_positions"]
+    best = sorted(scored, key=lambda i: (-f["score_influence"][i], i))[:5]
+    assert [r["pool_index"] for r in rows] == [int(i) for i in best]
+    for r in rows:
+        per_pick = {k.split(":", 1)[1]: v for k, v in r.items() if k.startswith("influence:")}
+        assert r["top_subtask"] == max(per_pick, key=per_pick.get)
+    summary = json.loads((out / "rounds" / "round_001" / "summary.json").read_text())
+    assert summary["tokens"]["influence"] > 0 and summary["influence_tokens_per_s"] > 0
+    assert summary["selection_info"]["scored"] == len(scored)
+
+
+def test_influence_under_two_ranks_and_zero3_picks_like_one_rank(less_run, tmp_path,
+                                                                  tiny_model_dir):
+    ref_out, _ = less_run
+    cfg = write_config(tmp_path / "cfg.yaml", tiny_model_dir, tmp_path / "out",
+                       selection={"selector": "influence"}, deepspeed={"zero_stage": 3},
+                       influence={"validation": str(EVAL_TINY), "dim": 1024})
+    run_train(["--config", str(cfg)], ranks=2)
+    assert ids(tmp_path / "out") == ids(ref_out)
+    a = np.load(ref_out / "rounds" / "round_002" / "features.npz")["score_influence"]
+    b = np.load(tmp_path / "out" / "rounds" / "round_002" / "features.npz")["score_influence"]
+    ok = ~np.isnan(a)
+    assert np.isnan(b).tolist() == np.isnan(a).tolist()
+    assert b[ok] == pytest.approx(a[ok], abs=1e-5)
+
+
+def test_kill_during_training_then_resume_reads_the_restored_optimizer(less_run, tmp_path):
+    ref_out, cfg = less_run
+    out = tmp_path / "out"
+    proc = run_train(["--config", str(cfg), f"output.dir={out}"], check=False,
+                     env={"EVOTUNE_CRASH_AT": "train:1"})
+    assert proc.returncode == -9
+    proc = run_train(["--config", str(cfg), f"output.dir={out}"])
+    assert "resumed after round 0" in proc.stderr
+    assert ids(out) == ids(ref_out)        # round 1 re-scored with round 0's restored moments
+
+
+def test_rose_preference_validation_with_a_candidate_sample(tmp_path, tiny_model_dir):
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path / "cfg.yaml", tiny_model_dir, out,
+                       selection={"selector": "influence", "rounds": 2},
+                       influence={"validation": str(FIXTURES / "preference_tiny.jsonl"),
+                                  "dim": 1024, "candidates": 0.5})
+    run_train(["--config", str(cfg)])
+    summary = json.loads((out / "rounds" / "round_001" / "summary.json").read_text())
+    n_candidates = summary["selection_info"]["scored"] + summary["selection_info"]["unscored"]
+    assert summary["selection_info"]["scored"] == n_candidates // 2
+    reasons = summary["score_skipped"]["influence"]["examples"]
+    assert any("gradient sample" in why for why in reasons)
+    rows = picks(out, 1)
+    assert {r["top_subtask"] for r in rows} <= {"gsm8k", "t0", "self-instruct-seed"}
+    assert all(f"influence:{r['top_subtask']}" in r for r in rows)

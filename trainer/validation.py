@@ -1,0 +1,99 @@
+"""Validation sets for influence selection: SFT examples (LESS) or preference pairs (ROSE).
+
+A file is JSON or JSONL, all rows of one kind:
+- SFT: any pool row (Alpaca ``instruction``/``input``/``output`` or chat ``messages``), plus an
+  optional ``subtask`` (default: the row's ``source``, else the file name).
+- Preference: ``prompt`` (str), ``chosen`` (str), ``rejected`` (str), optional ``subtask``
+  and ``id``. The prompt is the user turn; each answer is encoded like a training example.
+
+Errors name the file, the line (JSONL) or item (JSON) and the field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from evotune.trainer.data import DataError, Encoded, _rows, encode, parse_row
+
+
+@dataclass
+class ValItem:
+    """One validation item: an SFT example (``encoded``) or a preference pair (``chosen``,
+    ``rejected``), with its subtask."""
+    id: str
+    subtask: str
+    kind: str                               # "sft" | "preference"
+    encoded: Encoded | None = None
+    chosen: Encoded | None = None
+    rejected: Encoded | None = None
+
+
+def _pair(row: dict, where: str, path: Path) -> tuple[dict, dict, str]:
+    for key in ("prompt", "chosen", "rejected"):
+        if key not in row:
+            raise DataError(f"{where}: preference row without field {key!r} (a pair needs "
+                            f"prompt, chosen and rejected)")
+        if not isinstance(row[key], str) or not row[key].strip():
+            raise DataError(f"{where}: field {key!r} must be a non-empty string")
+    if row["chosen"] == row["rejected"]:
+        raise DataError(f"{where}: chosen and rejected are the same text; a pair must differ")
+    base = {"instruction": row["prompt"], "source": str(row.get("subtask") or path.stem)}
+    if "id" in row:
+        base["id"] = str(row["id"])
+    return ({**base, "output": row["chosen"]}, {**base, "output": row["rejected"]},
+            str(row.get("subtask") or path.stem))
+
+
+def load_validation(path: str | Path, tokenizer, template: str, max_length: int,
+                    on_error: str = "error") -> tuple[list[ValItem], list[tuple[str, str]]]:
+    """Read and encode a validation file (see the module docstring).
+
+    Raises DataError on a malformed row or a mix of SFT and preference rows. A row whose answer
+    has no token left after truncation to ``max_length`` raises too, or with
+    ``on_error="skip"`` is dropped and listed.
+
+    Returns:
+        The items, and ``(where, reason)`` for each skipped row.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"validation file not found: {path}")
+    items: list[ValItem] = []
+    skipped: list[tuple[str, str]] = []
+    kind = None
+    for where, row in _rows(path):
+        if isinstance(row, DataError):
+            raise row
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        row_kind = "preference" if ("chosen" in row or "rejected" in row) else "sft"
+        if kind is None:
+            kind = row_kind
+        elif row_kind != kind:
+            raise DataError(f"{where}: a {row_kind} row in a file of {kind} rows; a validation "
+                            f"file holds SFT examples or preference pairs, not both")
+        try:
+            if kind == "sft":
+                ex = parse_row(row, where, path.stem)
+                subtask = str(row.get("subtask") or ex.source)
+                items.append(ValItem(ex.id, subtask, "sft",
+                                     encoded=encode(ex, tokenizer, template, max_length)))
+            else:
+                chosen_row, rejected_row, subtask = _pair(row, where, path)
+                chosen = parse_row(chosen_row, where, path.stem)
+                rejected = parse_row(rejected_row, where, path.stem)
+                items.append(ValItem(str(row.get("id", chosen.id)), subtask, "preference",
+                                     chosen=encode(chosen, tokenizer, template, max_length),
+                                     rejected=encode(rejected, tokenizer, template, max_length)))
+        except DataError as e:
+            if on_error != "skip" or "no response token fits" not in str(e):
+                raise
+            skipped.append((where, str(e)))
+    if not items:
+        raise DataError(f"{path}: no usable validation rows ({len(skipped)} skipped)")
+    ids = [it.id for it in items]
+    dup = next((i for i in ids if ids.count(i) > 1), None)
+    if dup is not None:
+        raise DataError(f"{path}: duplicate validation id {dup!r}")
+    return items, skipped
