@@ -28,15 +28,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--overwrite", action="store_true",
                    help="allow deleting a non-empty output dir (or rounds after --resume PATH)")
     p.add_argument("--help-config", action="store_true", help="list every config key and exit")
+    p.add_argument("--help-config-markdown", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # launcher's
     return p.parse_intermixed_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from evotune.trainer.config import ConfigError, describe, load_config
+    from evotune.trainer.config import ConfigError, describe, describe_markdown, load_config
     if args.help_config:
         print(describe())
+        return 0
+    if args.help_config_markdown:     # the README's table (tests/test_docs.py keeps them equal)
+        print(describe_markdown())
         return 0
     try:
         if args.config is None and args.resume not in ("auto", "never"):

@@ -65,10 +65,15 @@ def _canonical_labels(raw: np.ndarray) -> np.ndarray:
     return new_id[raw]
 
 
-def cluster_quota(embeddings: np.ndarray, scores: np.ndarray, candidates: np.ndarray, n: int,
-                  n_clusters: int = 8, quota: str = "proportional", n_init: int = 10,
+def cluster_quota(embeddings: np.ndarray, scores: np.ndarray | None, candidates: np.ndarray,
+                  n: int, n_clusters: int = 8, quota: str = "proportional", n_init: int = 10,
                   random_state: int = 0) -> Selection:
     """Pick ``n`` of ``candidates``: per-cluster quotas, best scores within each cluster.
+
+    With ``scores=None`` the "score" inside a cluster is each member's cosine similarity to its
+    cluster's centroid (the most representative members first): TAGCOS's choice inside a
+    cluster is OMP towards the centroid, whose first step is exactly this member; later OMP
+    steps fit the residual, here the next-closest members follow.
 
     Args:
         embeddings: (N, D) pool embeddings (only the scored candidates' rows are read).
@@ -98,6 +103,9 @@ def cluster_quota(embeddings: np.ndarray, scores: np.ndarray, candidates: np.nda
     if n_clusters < 1 or n_init < 1:
         raise ValueError(f"n_clusters and n_init must be >= 1, got {n_clusters}, {n_init}")
     emb = np.asarray(embeddings)
+    by_centroid = scores is None
+    if by_centroid:   # every candidate with a finite embedding takes part
+        scores = np.where(np.isfinite(emb).all(axis=1), 0.0, np.nan)
     scores = np.asarray(scores, dtype=np.float64)
     candidates = np.sort(np.asarray(candidates, dtype=np.int64))
     if emb.ndim != 2:
@@ -138,6 +146,11 @@ def cluster_quota(embeddings: np.ndarray, scores: np.ndarray, candidates: np.nda
     # Rank of each scored candidate inside its cluster: by descending score, ties to the lowest
     # pool index (``scored`` is ascending, so a stable sort keeps that order on equal keys).
     s = scores[scored]
+    if by_centroid:
+        centroids = np.stack([x[labels == c].mean(axis=0) for c in range(m)])
+        unit = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+        cu = centroids / np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)
+        s = np.einsum("ij,ij->i", unit, cu[labels]).astype(np.float64)
     by_cluster = np.lexsort((scored, -s, labels))
     start = np.r_[0, np.cumsum(sizes)[:-1]]
     rank = np.empty(len(scored), dtype=np.int64)
@@ -152,7 +165,7 @@ def cluster_quota(embeddings: np.ndarray, scores: np.ndarray, candidates: np.nda
     idx = np.r_[idx, fill]
 
     picks = scored[idx]
-    numbers = {"score": s[idx], "cluster": labels[idx],
+    numbers = {"centroid_cosine" if by_centroid else "score": s[idx], "cluster": labels[idx],
                "in_quota": np.r_[np.ones(n - len(fill)), np.zeros(len(fill))]}
     info = {"nan_scores": int(nan.sum()), "n_clusters": m,
             "cluster_sizes": ",".join(map(str, sizes.tolist())),
@@ -166,22 +179,25 @@ class ClusterQuotaSelector:
     needs_embeddings = True
 
     def __init__(self, score: str, n_clusters: int = 8, quota: str = "proportional",
-                 n_init: int = 10):
+                 n_init: int = 10, pick: str = "score"):
         if quota not in QUOTAS:
             raise ValueError(f"quota must be one of {', '.join(QUOTAS)}, got {quota!r}")
+        if pick not in ("score", "centroid"):
+            raise ValueError(f"pick must be score or centroid, got {pick!r}")
         self.score = score
         self.n_clusters = int(n_clusters)
         self.quota = quota
         self.n_init = int(n_init)
-        self.scores = (score,)
+        self.pick = pick
+        self.scores = (score,) if pick == "score" else ()
 
     def select(self, features: Features, labeled: np.ndarray, candidates: np.ndarray, n: int,
                rng: np.random.Generator) -> Selection:
-        features.require(self.name, self.score)
-        return cluster_quota(features.embeddings, features.scores[self.score], candidates, n,
-                             self.n_clusters, self.quota, self.n_init,
-                             random_state=int(rng.integers(2**31)))
+        features.require(self.name, self.score if self.pick == "score" else None)
+        scores = features.scores[self.score] if self.pick == "score" else None
+        return cluster_quota(features.embeddings, scores, candidates, n, self.n_clusters,
+                             self.quota, self.n_init, random_state=int(rng.integers(2**31)))
 
     def state_dict(self) -> dict:
         return {"name": self.name, "score": self.score, "n_clusters": self.n_clusters,
-                "quota": self.quota, "n_init": self.n_init}
+                "quota": self.quota, "n_init": self.n_init, "pick": self.pick}

@@ -143,6 +143,9 @@ class FeaturePass:
         self.derived = {s for s in base if s in DERIVED}
         self.variants = [v for v in VARIANTS if v in base]
         self.needs_embeddings = selector.needs_embeddings or "knn_k" in base
+        # Gradient embeddings come from the gradient pass, not from the hidden states.
+        self.gradient_embeddings = self.needs_embeddings and \
+            cfg.selection.embedding == "gradient"
         self.mode = cfg.scoring.template
         self.proxy = None
         pass_scores = {s for s in base if s in SCORES}
@@ -153,7 +156,7 @@ class FeaturePass:
         if self.variants:
             self._prepare_ifd(pool, tokenizer, template)
         self.influence = None
-        if "influence" in base:
+        if "influence" in base or self.gradient_embeddings:
             self.influence = self._prepare_influence(tokenizer, template)
 
     @property
@@ -172,6 +175,8 @@ class FeaturePass:
         from evotune.trainer.validation import load_validation
 
         icfg = self.cfg.influence
+        if not icfg.validation:          # gradient embeddings only (TAGCOS): no influence score
+            return InfluencePass(self.cfg, self.pool_enc, [], self.strategy)
         val, skipped = load_validation(icfg.validation, tokenizer, template,
                                        self.cfg.data.max_length, self.cfg.data.on_error)
         if skipped:
@@ -220,12 +225,13 @@ class FeaturePass:
         pairs = [e if isinstance(e, str) else (e, direct_pass(e, header, bos)) for e in enc]
         self.inputs = {v: pairs for v in self.variants}
 
-    def run(self, model, logger, r: int | None, engine=None, candidates=None
+    def run(self, model, logger, r: int | None, engine=None, candidates=None, labeled=None,
+            shard_dir=None, weight: float = 1.0, history=()
             ) -> tuple[Features | None, dict[str, PassStats]]:
         """Compute the features with ``model`` (the current model; every rank calls this).
         ``r`` (the round, or None outside a run) only labels the progress bars. Influence
-        selection also needs the DeepSpeed ``engine`` (its optimizer's moments) and the round's
-        ``candidates``.
+        selection and gradient embeddings also need the DeepSpeed ``engine`` (its optimizer's
+        moments), the round's ``candidates`` and the ``labeled`` (selected) positions.
 
         Returns:
             Features on rank 0 (None elsewhere), and the statistics of each pass that ran:
@@ -235,11 +241,12 @@ class FeaturePass:
 
         stats: dict[str, PassStats] = {}
         features = Features() if self.strategy.is_rank0 else None
-        if self.needs_embeddings or self.pass_scores:
+        hidden = self.needs_embeddings and not self.gradient_embeddings
+        if hidden or self.pass_scores:
             with logger.progress(f"{_round(r)}embed pool", len(self.pool_enc)) as advance:
                 features, stats["features"] = compute_features(
                     model, self.pool_enc, self.strategy, self.pad_id, self.cfg.selection.batch_size,
-                    self.needs_embeddings, self.pass_scores, advance)
+                    hidden, self.pass_scores, advance)
         losses = dict(self.loss_cache)         # a proxy's losses, computed in an earlier round
         for v in self.variants:
             key = v if self.mode == "reference" else "shared"
@@ -254,11 +261,15 @@ class FeaturePass:
         if self.influence is not None:
             if engine is None or candidates is None:
                 raise ValueError("influence selection runs inside a training run only")
-            found, stats["influence"] = self.influence.run(engine, candidates, r, logger)
+            found, stats["influence"] = self.influence.run(
+                engine, candidates, r, logger, labeled if labeled is not None else [],
+                self.gradient_embeddings, shard_dir, weight, history)
             if features is not None:
                 features.scores.update(found.scores)
                 features.skipped.update(found.skipped)
                 features.extra.update(found.extra)
+                if self.gradient_embeddings:
+                    features.embeddings = found.embeddings
         if features is not None:
             add_derived(features, self.derived, self.linear, self.cfg.selection.knn_k,
                         self.cfg.selection.chunk_size)

@@ -26,8 +26,11 @@ candidate sample. Departures from ROSE: the validation direction is reference-fr
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -36,6 +39,7 @@ from evotune.selectors.base import Features, Selection
 from evotune.selectors.gradients import (SparseProjector, adam_direction, aggregate, answer_loss,
                                          answer_logprob, dpo_coefficient, example_grad,
                                          influence, normalize_rows, trainable_params)
+from evotune.trainer.state import crash_point
 
 SCORE = "influence"
 
@@ -91,10 +95,22 @@ class InfluencePass:
             out.append(float(w - lo))
         return out
 
-    def run(self, engine, candidates: np.ndarray, r: int, logger):
-        """Every rank calls this. Returns Features on rank 0 (None elsewhere) with the scores,
-        skip reasons and the projected features (``extra``), and the pass statistics (tokens
-        forwarded and backpropagated, all ranks)."""
+    def run(self, engine, candidates: np.ndarray, r: int, logger, labeled=(),
+            embeddings: bool = False, shard_dir: Path | None = None, weight: float = 1.0,
+            history: list[Path] = ()):
+        """Every rank calls this. Returns Features on rank 0 (None elsewhere) with the scores
+        (when there is a validation set), skip reasons, the projected features (``extra``) and,
+        with ``embeddings``, the projected features of the sample and of the ``labeled``
+        positions as (N, dim) ``embeddings`` (NaN rows elsewhere); and the pass statistics
+        (tokens forwarded and backpropagated, all ranks). ``shard_dir``: where the pass keeps
+        its finished batches until the round is complete (see :meth:`_features`).
+
+        ``weight``: this checkpoint's weight (the mean learning rate of the training that made
+        it). With ``influence.checkpoints: all``, ``history`` holds the ``influence_terms.npz``
+        of the earlier influence rounds, and each subtask's score is the weighted sum over all
+        those checkpoints (LESS's sum over checkpoints) before the aggregation; the terms of
+        this round go to ``extra["influence_terms"]`` for the loop to store."""
+        self._round = r
         from evotune.trainer.state import derive_seed
 
         st, icfg = self.strategy, self.icfg
@@ -112,19 +128,21 @@ class InfluencePass:
         sizes = [int(np.prod(st.full_shape(p))) for p in params]
         projector = SparseProjector(sizes, icfg.dim, derive_seed(self.cfg.seed, "projection", 0),
                                     icfg.projection_nnz)
+        rows_for = np.union1d(sample, np.asarray(labeled, dtype=np.int64)) if embeddings \
+            else sample
         was_training = module.training
         module.eval()
         try:
-            with logger.progress(f"round {r}: gradients (train)", len(sample)) as advance:
-                train_rows = self._features(module, params, projector, list(sample), moments,
-                                            "train", advance)
+            with logger.progress(f"round {r}: gradients (train)", len(rows_for)) as advance:
+                train_rows = self._features(module, params, projector, list(rows_for), moments,
+                                            "train", advance, shard_dir)
             with logger.progress(f"round {r}: gradients (validation)", len(self.val)) as advance:
                 val_rows = self._features(module, params, projector, list(range(len(self.val))),
-                                          None, "val", advance)
+                                          None, "val", advance, shard_dir)
         finally:
             module.train(was_training)
         from evotune.selectors.features import PassStats
-        tokens = sum(len(self.pool_enc[i].input_ids) for i in sample) + sum(
+        tokens = sum(len(self.pool_enc[i].input_ids) for i in rows_for) + sum(
             len(it.encoded.input_ids) if it.kind == "sft" else
             len(it.chosen.input_ids) + len(it.rejected.input_ids) for it in self.val)
         stats = PassStats(time.perf_counter() - t0, tokens, tokens)
@@ -132,46 +150,90 @@ class InfluencePass:
         val_all = st.gather_to_rank0(val_rows)
         if not st.is_rank0:
             return None, stats
-        train = _assemble(train_all, sample)
+        n = len(self.pool_enc)
+        computed = _assemble(train_all, rows_for)
+        train = computed[np.searchsorted(rows_for, sample)]
+        features = Features()
+        features.extra = {"grad_sample": sample, "grad_positions": rows_for,
+                          "grad_train": computed.astype(np.float16)}
+        if embeddings:
+            features.embeddings = np.full((n, computed.shape[1]), np.nan, dtype=np.float32)
+            features.embeddings[rows_for] = computed
+        if not self.val:
+            return features, stats
         val = _assemble(val_all, np.arange(len(self.val)))
         per_subtask, names = influence(torch.from_numpy(train), torch.from_numpy(val),
                                        [it.subtask for it in self.val])
+        terms = np.full((n, len(names)), np.nan)
+        terms[sample] = per_subtask.numpy()
+        features.extra["influence_terms"] = terms
+        features.extra["influence_weight"] = np.array(weight)
+        features.extra["influence_subtasks"] = np.array(names)
+        summed = weight * terms
+        for path in history:                 # earlier checkpoints (influence.checkpoints: all)
+            with np.load(path) as old:
+                if list(old["influence_subtasks"]) != names:
+                    raise ValueError(f"{path}: its validation subtasks differ from this round's")
+                summed = summed + float(old["influence_weight"]) * old["influence_terms"]
+        per_subtask = torch.from_numpy(summed[sample])
+        if not np.isfinite(summed[sample]).all():
+            raise ValueError("influence.checkpoints=all: a candidate lacks a score at an earlier "
+                             "checkpoint (influence.candidates must be all of them)")
         total = aggregate(per_subtask, icfg.aggregation).numpy()
-        features = Features()
-        n = len(self.pool_enc)
         unsampled = {int(i): "not in this round's gradient sample (influence.candidates)"
                      for i in np.setdiff1d(candidates, sample)}
         unsampled.update({int(i): "already selected" for i in
-                          np.setdiff1d(np.arange(len(self.pool_enc)), candidates)})
+                          np.setdiff1d(np.arange(n), candidates)})
         for name, values in [(SCORE, total)] + [(f"{SCORE}:{t}", per_subtask[:, j].numpy())
                                                 for j, t in enumerate(names)]:
             features.scores[name] = np.full(n, np.nan)
             features.scores[name][sample] = values
             features.skipped[name] = dict(unsampled)
-        features.extra = {"grad_positions": sample, "grad_train": train.astype(np.float16),
-                          "grad_val": val.astype(np.float16),
-                          "grad_val_subtasks": np.array([it.subtask for it in self.val])}
+        features.extra.update({"grad_val": val.astype(np.float16),
+                               "grad_val_subtasks": np.array([it.subtask for it in self.val])})
         return features, stats
 
     def _features(self, module, params, projector, items: list[int], moments, which: str,
-                  advance) -> list[tuple[int, np.ndarray]]:
-        """This rank's share of ``items``: (item, normalised projected feature) pairs."""
+                  advance, shard_dir: Path | None = None) -> list[tuple[int, np.ndarray]]:
+        """This rank's share of ``items``: (item, normalised projected feature) pairs.
+
+        With ``shard_dir``, every projected batch is written there as a shard (atomically,
+        fp32) as soon as it is done, and a rerun of the same pass (a resumed round) reloads the
+        shards every rank has finished and computes only the rest: a crash mid-pass loses at
+        most one batch per rank, and the resumed values are the uninterrupted ones.
+        """
         st, icfg = self.strategy, self.icfg
         mine = items[st.rank::st.world_size]
         # Equal call counts on every rank (ZeRO-3 gathers are collectives): pad by repeating.
         per_rank = math.ceil(len(items) / st.world_size)
         padded = mine + [items[0]] * (per_rank - len(mine)) if items else []
-        out, batch, owners = [], [], []
-        for slot, item in enumerate(padded):
-            grads = self._grad(module, params, item, moments, which)
-            batch.append(grads)
-            owners.append(item if slot < len(mine) else None)
-            if len(batch) == icfg.batch_size or slot == len(padded) - 1:
-                blocks = [torch.stack([g[i] for g in batch]) for i in range(len(params))]
-                rows = normalize_rows(projector.project(blocks)).cpu().numpy()
-                out += [(o, row) for o, row in zip(owners, rows) if o is not None]
-                advance(sum(o is not None for o in owners) * st.world_size)
-                batch, owners = [], []
+        batches = [padded[i:i + icfg.batch_size] for i in range(0, len(padded), icfg.batch_size)]
+        key = _fingerprint(self.cfg, which, st.world_size, st.rank, padded)
+        done = _load_shards(shard_dir, which, st.rank, key, batches) if shard_dir else []
+        # Every rank resumes at the same batch (the fewest any rank has finished).
+        counts = st.gather_to_rank0(len(done))
+        start = st.broadcast_from_rank0(min(counts) if st.is_rank0 else None)
+        if start and st.is_rank0:
+            from evotune.trainer.logs import log
+            log.info(f"gradient pass ({which}): reusing {start} of {len(batches)} finished "
+                     f"batches per rank from {shard_dir}")
+        def owners(k):      # the real items of batch k (None for the padding repeats)
+            first = k * icfg.batch_size
+            return [item if first + j < len(mine) else None for j, item in enumerate(batches[k])]
+
+        out = []
+        for k in range(start):
+            out += [(o, row) for o, row in zip(owners(k), done[k]) if o is not None]
+            advance(sum(o is not None for o in owners(k)) * st.world_size)
+        for k in range(start, len(batches)):
+            batch = [self._grad(module, params, item, moments, which) for item in batches[k]]
+            blocks = [torch.stack([g[i] for g in batch]) for i in range(len(params))]
+            rows = normalize_rows(projector.project(blocks)).cpu().numpy()
+            if shard_dir is not None:
+                _save_shard(shard_dir, which, st.rank, k, key, rows)
+                crash_point(f"grad_{which}", self._round)
+            out += [(o, row) for o, row in zip(owners(k), rows) if o is not None]
+            advance(sum(o is not None for o in owners(k)) * st.world_size)
         return out
 
     def _grad(self, module, params, item: int, moments, which: str) -> list[torch.Tensor]:
@@ -196,6 +258,43 @@ class InfluencePass:
                                    icfg.beta, icfg.label_smoothing)
         g = example_grad(margin, params)
         return [(coef * t).reshape(-1).cpu() for t in g]
+
+
+def _fingerprint(cfg, which: str, world_size: int, rank: int, items: list[int]) -> str:
+    """What a shard's values depend on besides the model (the round's model is fixed by the
+    run's settings and seeds, which ``results_hash`` covers)."""
+    text = json.dumps([cfg.results_hash(), which, world_size, rank, [int(i) for i in items],
+                       cfg.influence.batch_size])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _shard_path(shard_dir: Path, which: str, rank: int, k: int) -> Path:
+    return shard_dir / f"{which}_rank{rank:03d}_{k:05d}.npz"
+
+
+def _save_shard(shard_dir: Path, which: str, rank: int, k: int, key: str, rows) -> None:
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    path = _shard_path(shard_dir, which, rank, k)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, key=np.array(key), rows=rows)
+    tmp.replace(path)
+
+
+def _load_shards(shard_dir: Path, which: str, rank: int, key: str, batches) -> list[np.ndarray]:
+    """The finished shards of this rank, in order, up to the first missing or foreign one."""
+    done = []
+    for k, batch in enumerate(batches):
+        path = _shard_path(shard_dir, which, rank, k)
+        if not path.is_file():
+            break
+        try:
+            with np.load(path) as f:
+                if str(f["key"]) != key or f["rows"].shape[0] != len(batch):
+                    break
+                done.append(f["rows"])
+        except (OSError, ValueError, KeyError):     # a torn file: recompute from here
+            break
+    return done
 
 
 def _assemble(gathered, order) -> np.ndarray:

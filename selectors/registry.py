@@ -44,7 +44,8 @@ def options_from_config(selection) -> dict:
         "random": {},
         "weighted": {"score": s.score, "alpha": s.alpha, "chunk_size": s.chunk_size},
         "repr_filter": {"score": s.score, "threshold": s.repr_threshold},
-        "cluster_quota": {"score": s.score, "n_clusters": s.n_clusters, "quota": s.quota},
+        "cluster_quota": {"score": s.score, "n_clusters": s.n_clusters, "quota": s.quota,
+                          "pick": s.cluster_pick},
         "facility_location": {"score": s.score, "weighted": s.facility_weighted},
         "influence": {},
     }[s.selector]

@@ -32,3 +32,9 @@ def test_readme_documents_every_config_key():
     section = readme().split("## Configuration", 1)[1].split("\n## ", 1)[0]
     documented = set(re.findall(r"^\| `([a-z_.0-9]+)` \|", section, flags=re.M))
     assert documented == set(Config().flat())
+
+
+def test_readme_config_table_is_the_generated_one():
+    """Defaults and docs too (regenerate: python launch/train.py --help-config-markdown)."""
+    from evotune.trainer.config import describe_markdown
+    assert describe_markdown() in readme()

@@ -121,9 +121,16 @@ class SelectionConfig:
                          "higher = preferred)")
     knn_k: int = _f(6, "the 'knn_k' score: distance to the k-th nearest pool neighbour in the "
                        "current embedding space")
+    embedding: str = _f("hidden", "what embedding-based rules measure: hidden = the mean last "
+                                  "hidden state (DiverseEvol); gradient = the projected, "
+                                  "normalised LoRA gradient (influence.* settings; TAGCOS)",
+                        choices=("hidden", "gradient"))
     n_clusters: int = _f(8, "cluster_quota: KMeans clusters over the candidates")
     quota: str = _f("proportional", "cluster_quota: picks per cluster",
                     choices=("proportional", "equal"))
+    cluster_pick: str = _f("score", "cluster_quota: inside a cluster, the best scores or the "
+                                    "members closest to the centroid (TAGCOS)",
+                           choices=("score", "centroid"))
     facility_weighted: bool = _f(False, "facility_location: weight coverage by the normalised "
                                         "score")
     rounds: int = _f(3, "training rounds in the run, round 0 included")
@@ -200,6 +207,11 @@ class InfluenceConfig:
                                      "(false: outside, as torch's Adam)")
     aggregation: str = _f("max", "over validation subtasks (LESS: max of the per-subtask means)",
                           choices=("max", "mean"))
+    checkpoints: str = _f("current", "current = score with this round's model only; all = sum "
+                                     "over every influence round's model so far, each weighted "
+                                     "by the mean learning rate of the training that made it "
+                                     "(LESS's sum over checkpoints; needs candidates = 1.0)",
+                          choices=("current", "all"))
     reference_model: str = _f("", "preference validation: a reference model for the DPO "
                                   "direction (needed only with label_smoothing > 0; empty = "
                                   "reference-free, as ROSE)", path="input")
@@ -256,7 +268,7 @@ SAFE_TO_CHANGE = {
     "selection.rounds", "selection.batch_size", "selection.chunk_size", "eval.path",
     "eval.max_examples", "eval.batch_size", "train.log_every", "output.dir", "output.save_merged",
     "output.keep_checkpoints", "output.tensorboard", "output.save_features", "deepspeed.backend",
-    "model.attn_implementation", "model.gradient_checkpointing",
+    "model.attn_implementation", "model.gradient_checkpointing", "influence.batch_size",
 }
 
 
@@ -442,6 +454,10 @@ def validate(cfg: Config) -> None:
     c = cfg.influence.candidates
     if (isinstance(c, int) and c < 1) or (isinstance(c, float) and not 0 < c <= 1):
         raise ConfigError(f"influence.candidates: a count >= 1 or a fraction in (0, 1], got {c}")
+    if cfg.influence.checkpoints == "all" and c != 1.0:
+        raise ConfigError("influence.checkpoints: 'all' sums each candidate's score over every "
+                          "earlier checkpoint, so every candidate must be scored every round: "
+                          "set influence.candidates=1.0")
     if not 0 <= cfg.influence.label_smoothing < 0.5:
         raise ConfigError(f"influence.label_smoothing: must be in [0, 0.5), got "
                           f"{cfg.influence.label_smoothing}")
@@ -569,3 +585,30 @@ def describe() -> str:
                          f"      {f.metadata.get('doc', '')}")
     walk(Config())
     return "\n".join(lines)
+
+
+def describe_markdown() -> str:
+    """The README's configuration table: every key, its type, default and doc."""
+    rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
+
+    def fmt(v):
+        if isinstance(v, str):
+            return f'`"{v}"`'
+        if isinstance(v, list):
+            return "`[" + ", ".join(map(str, v)) + "]`"
+        return f"`{v}`"
+
+    def walk(obj, prefix=""):
+        hints = typing.get_type_hints(type(obj))
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                walk(value, f"{prefix}{f.name}.")
+                continue
+            choices = f.metadata.get("choices")
+            doc = f.metadata.get("doc", "") + (
+                f" ({' / '.join(map(str, choices))})" if choices else "")
+            rows.append(f"| `{prefix}{f.name}` | {_type_name(hints[f.name])} | {fmt(value)} | "
+                        f"{doc} |")
+    walk(Config())
+    return "\n".join(rows)

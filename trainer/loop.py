@@ -156,8 +156,13 @@ def run(cfg: Config, resume: str = "auto", overwrite: bool = False) -> list[dict
                 round_selector = PreExperiencedSelector(cfg.selection.first_round_clusters)
                 features, pass_stats = feature_pass.run_instructions(engine.module, logger)
             elif feature_pass.needed:
+                weight, history = _checkpoint_weights(out, r, cfg)
                 features, pass_stats = feature_pass.run(engine.module, logger, r, engine,
-                                                        candidates)
+                                                        candidates, np.asarray(selected),
+                                                        _partial_dir(out, r), weight, history)
+                if feature_pass.gradient_embeddings and features is not None:
+                    # only the sampled candidates have a gradient embedding
+                    candidates = np.intersect1d(candidates, features.extra["grad_sample"])
             if features is not None:
                 for name, count in mark_non_finite(features).items():
                     log.warning(f"round {r}: {count} non-finite {name} values (inf/NaN from "
@@ -174,6 +179,10 @@ def run(cfg: Config, resume: str = "auto", overwrite: bool = False) -> list[dict
         if strategy.is_rank0:
             _write_selection(rdir, r, round_selector, selection, pool, pool_enc, features,
                              cfg.output.save_features)
+            if features is not None and "influence_terms" in features.extra:
+                terms = {k: features.extra[k] for k in
+                         ("influence_terms", "influence_weight", "influence_subtasks")}
+                np.savez(rdir / "influence_terms.npz", **terms)
 
         # ---- train
         if engine is None or (cfg.train.retrain_from_base and not fresh_engine):
@@ -216,6 +225,7 @@ def run(cfg: Config, resume: str = "auto", overwrite: bool = False) -> list[dict
         strategy.barrier()
         if strategy.is_rank0:
             write_json_atomic(rdir / STATE_FILE, state.to_json())
+            shutil.rmtree(_partial_dir(out, r), ignore_errors=True)   # the round is complete
             crash_point("state", r)
             _rebuild_rounds_jsonl(out, r)
             _prune_checkpoints(out, r, cfg.output.keep_checkpoints)
@@ -316,6 +326,29 @@ def _summary(r, selector_name, selection_info, new, selected, pool, train_stats,
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
         "retrain_from_base": cfg.train.retrain_from_base, "world_size": strategy.world_size,
     }
+
+
+def _checkpoint_weights(out: Path, r: int, cfg: Config) -> tuple[float, list[Path]]:
+    """This round's checkpoint weight for influence (the mean learning rate of round r-1's
+    training, from its summary) and, with ``influence.checkpoints: all``, the stored terms of
+    the earlier influence rounds."""
+    from evotune.trainer.fit import lr_at
+    summary_file = round_dir(out, r - 1) / "summary.json"
+    weight = 1.0
+    if r > 0 and summary_file.is_file():
+        steps = json.loads(summary_file.read_text())["train_steps"]
+        weight = sum(lr_at(s, steps, cfg.train) for s in range(steps)) / max(steps, 1)
+    history = []
+    if cfg.influence.checkpoints == "all":
+        history = [round_dir(out, c) / "influence_terms.npz" for c in range(r)
+                   if (round_dir(out, c) / "influence_terms.npz").is_file()]
+    return weight, history
+
+
+def _partial_dir(out: Path, r: int) -> Path:
+    """Where round ``r``'s gradient pass keeps its finished batches until the round completes
+    (outside ``rounds/``, which a resume clears for the rounds it redoes)."""
+    return out / "partial" / f"round_{r:03d}"
 
 
 def _rebuild_rounds_jsonl(out: Path, last: int) -> None:

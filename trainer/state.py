@@ -128,8 +128,9 @@ CRASH_ENV = "EVOTUNE_CRASH_AT"
 def crash_point(name: str, round_idx: int) -> None:
     """SIGKILL this process at a named point when ``$EVOTUNE_CRASH_AT`` is ``name:round``.
 
-    For testing resume at exact places (``embed``, ``train``, ``checkpoint``, ``state``): a
-    real kill, no cleanup, like a node failure. Does nothing unless the variable is set.
+    For testing resume at exact places (``embed``, ``train``, ``checkpoint``, ``state``, and
+    ``grad_train`` / ``grad_val``: after the gradient pass's first finished batch): a real
+    kill, no cleanup, like a node failure. Does nothing unless the variable is set.
     """
     if os.environ.get(CRASH_ENV) == f"{name}:{round_idx}":
         os.kill(os.getpid(), signal.SIGKILL)

@@ -148,7 +148,7 @@ def test_selector_seeds_kmeans_from_rng():
     sel = ClusterQuotaSelector("ifd", n_clusters=3)
     assert sel.name == "cluster_quota" and sel.needs_embeddings and sel.scores == ("ifd",)
     assert sel.state_dict() == {"name": "cluster_quota", "score": "ifd", "n_clusters": 3,
-                                "quota": "proportional", "n_init": 10}
+                                "quota": "proportional", "n_init": 10, "pick": "score"}
     a = sel.select(feats, np.array([], np.int64), np.arange(12), 4, np.random.default_rng(7))
     b = sel.select(feats, np.array([], np.int64), np.arange(12), 4, np.random.default_rng(7))
     assert a.positions.tolist() == b.positions.tolist() == [1, 6, 10, 3]
@@ -168,3 +168,17 @@ def test_random_data_is_deterministic_for_a_seed():
     runs = [sel.select(feats, np.array([], np.int64), np.arange(50), 10,
                        np.random.default_rng(3)).positions.tolist() for _ in range(2)]
     assert runs[0] == runs[1]
+
+
+def test_centroid_pick_takes_the_most_central_members_without_a_score():
+    from evotune.selectors.cluster_quota import ClusterQuotaSelector
+    # two directions; within each, the member closest in angle to the cluster mean goes first
+    emb = np.array([[1.0, 0.1], [1.0, 0.0], [1.0, -0.3], [0.0, 1.0], [0.1, 1.0], [-0.4, 1.0]],
+                   dtype=np.float32)
+    emb = np.concatenate([emb, np.full((1, 2), np.nan, dtype=np.float32)])   # unscored row
+    sel = ClusterQuotaSelector("loss", n_clusters=2, quota="equal", pick="centroid").select(
+        Features(embeddings=emb), np.array([], dtype=np.int64), np.arange(7), 2,
+        np.random.default_rng(0))
+    assert sorted(sel.positions.tolist()) == [1, 3]   # means (1, -0.07) and (-0.1, 1)
+    assert "centroid_cosine" in sel.numbers and sel.info["nan_scores"] == 1
+    assert ClusterQuotaSelector("loss", pick="centroid").scores == ()

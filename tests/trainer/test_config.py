@@ -125,6 +125,10 @@ def test_wrong_type_names_the_key(pool, override, key):
     (["selection.first_round=kmeans"], "selection.first_round"),
     (["selection.first_round_clusters=0"], "selection.first_round_clusters"),
     (["scoring.template=alpaca"], "scoring.template"),
+    (["influence.checkpoints=all", "influence.candidates=0.5"], "influence.checkpoints"),
+    (["influence.candidates=0"], "influence.candidates"),
+    (["influence.label_smoothing=0.5"], "influence.label_smoothing"),
+    (["selection.selector=influence"], "influence.validation"),
 ])
 def test_impossible_value_names_the_key(pool, overrides, key):
     message = config_error(pool, *overrides)

@@ -107,6 +107,24 @@ def test_kill_during_training_then_resume_reads_the_restored_optimizer(less_run,
     assert ids(out) == ids(ref_out)        # round 1 re-scored with round 0's restored moments
 
 
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_kill_mid_gradient_pass_then_resume_reuses_finished_batches(less_run, tmp_path, ranks):
+    ref_out, cfg = less_run
+    out = tmp_path / "out"
+    args = ["--config", str(cfg), f"output.dir={out}", "influence.batch_size=4"]
+    if ranks == 2:
+        args.append("deepspeed.zero_stage=3")
+    launcher = ranks if ranks > 1 else None
+    proc = run_train(args, ranks=launcher, check=False, env={"EVOTUNE_CRASH_AT": "grad_train:1"})
+    assert proc.returncode != 0
+    assert list((out / "partial" / "round_001").glob("train_rank000_00000.npz"))
+    proc = run_train(args, ranks=launcher)
+    batches = 5 if ranks == 1 else 3              # 19 candidates: per rank ceil(19 / 2) = 10
+    assert f"reusing 1 of {batches} finished batches" in proc.stderr
+    assert ids(out) == ids(ref_out)        # batch size does not change any value
+    assert not (out / "partial" / "round_001").exists()   # removed once the round completed
+
+
 def test_rose_preference_validation_with_a_candidate_sample(tmp_path, tiny_model_dir):
     out = tmp_path / "out"
     cfg = write_config(tmp_path / "cfg.yaml", tiny_model_dir, out,
@@ -122,3 +140,73 @@ def test_rose_preference_validation_with_a_candidate_sample(tmp_path, tiny_model
     rows = picks(out, 1)
     assert {r["top_subtask"] for r in rows} <= {"gsm8k", "t0", "self-instruct-seed"}
     assert all(f"influence:{r['top_subtask']}" in r for r in rows)
+
+
+@pytest.mark.parametrize("selector, extra", [
+    ("cluster_quota", {"cluster_pick": "centroid", "n_clusters": 3}),   # TAGCOS
+    ("kcenter", {}),                                                     # diversity on gradients
+])
+def test_gradient_embeddings_feed_the_diversity_rules(tmp_path, tiny_model_dir, selector, extra):
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path / "cfg.yaml", tiny_model_dir, out,
+                       selection={"selector": selector, "embedding": "gradient", "rounds": 2,
+                                  **extra},
+                       influence={"dim": 256, "candidates": 0.5})
+    run_train(["--config", str(cfg)])
+    f = np.load(out / "rounds" / "round_001" / "features.npz")
+    emb = f["embeddings"].astype(np.float32)
+    rows = np.isfinite(emb).all(axis=1)
+    assert emb.shape[1] == 256
+    # the sample and the labeled (round-0) examples have a gradient embedding, nothing else
+    labeled = [p["pool_index"] for p in picks(out, 0)]
+    assert sorted(np.flatnonzero(rows)) == sorted(set(f["grad_sample"]) | set(labeled))
+    assert np.allclose(np.linalg.norm(emb[rows], axis=1), 1, atol=1e-2)
+    # picks come from the sample only
+    assert {p["pool_index"] for p in picks(out, 1)} <= set(f["grad_sample"].tolist())
+
+
+def test_explicit_reference_model_with_label_smoothing(tmp_path, tiny_model_dir):
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path / "cfg.yaml", tiny_model_dir, out,
+                       selection={"selector": "influence", "rounds": 2},
+                       influence={"validation": str(FIXTURES / "preference_tiny.jsonl"),
+                                  "dim": 256, "reference_model": str(tiny_model_dir),
+                                  "label_smoothing": 0.3})
+    run_train(["--config", str(cfg)])
+    f = np.load(out / "rounds" / "round_001" / "features.npz")
+    assert np.isfinite(f["score_influence"][f["grad_sample"]]).all()
+    # label smoothing without a reference model is refused before anything is written
+    bad = write_config(tmp_path / "bad.yaml", tiny_model_dir, tmp_path / "bad",
+                       selection={"selector": "influence"},
+                       influence={"validation": str(FIXTURES / "preference_tiny.jsonl"),
+                                  "label_smoothing": 0.3})
+    proc = run_train(["--config", str(bad)], check=False)
+    assert proc.returncode == 2 and "reference_model" in proc.stderr
+    assert not (tmp_path / "bad").exists()
+
+
+def test_sum_over_checkpoints_weighted_by_learning_rate(tmp_path, tiny_model_dir):
+    """influence.checkpoints=all: round 2 scores each candidate by w1·s1 + w2·s2 per subtask
+    (s_c from round c's model, w_c the mean LR of the training that made it), then the max."""
+    from evotune.trainer.config import load_config
+    from evotune.trainer.fit import lr_at
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path / "cfg.yaml", tiny_model_dir, out,
+                       selection={"selector": "influence"},
+                       influence={"validation": str(EVAL_TINY), "dim": 256,
+                                  "checkpoints": "all"})
+    run_train(["--config", str(cfg)])
+    t = load_config(cfg).train
+    terms = {}
+    for r in (1, 2):
+        with np.load(out / "rounds" / f"round_{r:03d}" / "influence_terms.npz") as f:
+            steps = json.loads((out / "rounds" / f"round_{r - 1:03d}" / "summary.json")
+                               .read_text())["train_steps"]
+            w = sum(lr_at(s, steps, t) for s in range(steps)) / steps
+            assert float(f["influence_weight"]) == pytest.approx(w)
+            terms[r] = (w, f["influence_terms"])
+    final = np.load(out / "rounds" / "round_002" / "features.npz")["score_influence"]
+    cand = np.flatnonzero(np.isfinite(final))
+    expected = (terms[1][0] * terms[1][1] + terms[2][0] * terms[2][1])[cand].max(axis=1)
+    assert final[cand] == pytest.approx(expected, rel=1e-5)
+    assert not np.allclose(final[cand], terms[2][1][cand].max(axis=1) * terms[2][0])

@@ -62,3 +62,15 @@ def test_too_long_rows_raise_or_are_skipped(tmp_path, tokenizer):
         load_validation(path, tokenizer, "chat", 64)
     items, skipped = load_validation(path, tokenizer, "chat", 64, on_error="skip")
     assert len(items) == 1 and len(skipped) == 1 and f"{path}:1" in skipped[0][0]
+
+
+@pytest.mark.parametrize("preset", ["less.yaml", "rose.yaml"])
+def test_preset_validation_sets_fit_their_max_length(preset, tokenizer):
+    """Every row of a preset's validation set encodes under the preset's own data.max_length
+    with the default model's chat template (a row that does not would stop the run)."""
+    from evotune.trainer.config import load_config
+    from helpers import REPO
+    cfg = load_config(REPO / "configs" / preset)
+    items, skipped = load_validation(cfg.influence.validation, tokenizer, "chat",
+                                     cfg.data.max_length)
+    assert len(items) >= 16 and not skipped
