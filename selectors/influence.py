@@ -169,7 +169,8 @@ class InfluencePass:
         features.extra["influence_terms"] = terms
         features.extra["influence_weight"] = np.array(weight)
         features.extra["influence_subtasks"] = np.array(names)
-        summed = weight * terms
+        # One checkpoint: the mean cosines as they are; a sum over checkpoints: LR-weighted.
+        summed = weight * terms if icfg.checkpoints == "all" else terms
         for path in history:                 # earlier checkpoints (influence.checkpoints: all)
             with np.load(path) as old:
                 if list(old["influence_subtasks"]) != names:
