@@ -137,7 +137,7 @@ class FeaturePass:
         self.cfg, self.strategy, self.pool_enc = cfg, strategy, pool_enc
         self.pad_id = tokenizer.pad_token_id
         wanted = set(selector.scores)
-        known = SCORES + VARIANTS + ("knn_k",)
+        known = SCORES + VARIANTS + ("knn_k", "influence")
         self.linear = parse_linear(cfg.selection.linear, known) if "linear" in wanted else {}
         base = wanted | set(self.linear)
         self.derived = {s for s in base if s in DERIVED}
