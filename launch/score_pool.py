@@ -45,8 +45,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--scores", default="all",
-                   help=f"comma-separated, or all (= every score but linear; linear is added "
-                        f"when selection.linear is set). Known: {', '.join(SCORE_NAMES)}")
+                   help=f"comma-separated, or all (= every score but influence, which needs a "
+                        f"training run; linear is added when selection.linear is set). Known: "
+                        f"{', '.join(SCORE_NAMES)}")
     p.add_argument("--label", help="row field naming a bad row's group (null/empty = clean): "
                                    "report each score's AUROC, clean vs each group")
     p.add_argument("--pair", help="with --label: row field holding the id of the clean row a "
@@ -60,8 +61,12 @@ def main(argv=None) -> int:
     from evotune.trainer.config import SCORE_NAMES, ConfigError, load_config
     try:
         cfg = load_config(args.config, args.overrides)
-        names = tuple(s for s in SCORE_NAMES if s != "linear" or cfg.selection.linear) \
+        names = tuple(s for s in SCORE_NAMES if s != "influence"
+                      and (s != "linear" or cfg.selection.linear)) \
             if args.scores == "all" else tuple(s.strip() for s in args.scores.split(",") if s)
+        if "influence" in names:
+            raise ConfigError("--scores influence: influence needs a training run's optimizer "
+                              "state (launch/train.py with selection.selector=influence)")
         unknown = [s for s in names if s not in SCORE_NAMES]
         if unknown or not names:
             raise ConfigError(f"--scores: unknown {', '.join(unknown) or '(none given)'}; "

@@ -71,6 +71,8 @@ def test_score_pool_rejects_unknown_scores_and_labels(tmp_path, tiny_model_dir):
             f"data.pool={NOISY}", "--out", str(tmp_path / "o")]
     proc = subprocess.run(base + ["--scores", "loss,reward"], capture_output=True, text=True)
     assert proc.returncode == 2 and "reward" in proc.stderr
+    proc = subprocess.run(base + ["--scores", "influence"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "training run" in proc.stderr
     proc = subprocess.run(base + ["--scores", "loss", "--label", "quality",
                                   "data.on_error=skip"], capture_output=True, text=True,
                           timeout=300)
