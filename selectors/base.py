@@ -41,6 +41,25 @@ class Features:
                              f"{', '.join(sorted(self.scores)) or 'none'}")
 
 
+def scored_candidates(scores: np.ndarray, candidates: np.ndarray, n: int,
+                      finite: bool = False) -> tuple[np.ndarray, int]:
+    """The candidates (ascending) that have a score, and how many have none.
+
+    A score is missing where it is NaN (also where it is infinite with ``finite``). Raises
+    ValueError when fewer than ``n`` candidates have one: a score-reading rule never picks an
+    unscored example (the loop's :class:`~evotune.selectors.filters.ScoredFirst` fills instead).
+    """
+    values = scores[candidates]
+    missing = ~np.isfinite(values) if finite else np.isnan(values)
+    scored = candidates[~missing]
+    if len(scored) < n:
+        what = "a finite score" if finite else "a score"
+        raise ValueError(f"cannot pick {n}: only {len(scored)} of {len(candidates)} candidates "
+                         f"have {what} ({int(missing.sum())} are "
+                         f"{'NaN or inf' if finite else 'NaN'})")
+    return scored, int(missing.sum())
+
+
 @dataclass
 class Selection:
     """Chosen pool positions in pick order, per-pick numbers (name → (n,) array), counts about

@@ -36,7 +36,7 @@ import numpy as np
 from sklearn.cluster import KMeans
 from sklearn.exceptions import ConvergenceWarning
 
-from evotune.selectors.base import Features, Selection
+from evotune.selectors.base import Features, Selection, scored_candidates
 
 QUOTAS = ("proportional", "equal")
 
@@ -114,11 +114,7 @@ def cluster_quota(embeddings: np.ndarray, scores: np.ndarray | None, candidates:
         raise ValueError(f"scores must have shape ({len(emb)},), got {scores.shape}")
     if not 0 <= n <= len(candidates):
         raise ValueError(f"cannot pick {n} of {len(candidates)} candidates")
-    nan = np.isnan(scores[candidates])
-    scored = candidates[~nan]
-    if len(scored) < n:
-        raise ValueError(f"cannot pick {n}: only {len(scored)} of {len(candidates)} candidates "
-                         f"have a score ({int(nan.sum())} are NaN)")
+    scored, n_nan = scored_candidates(scores, candidates, n)
     x = np.asarray(emb[scored], dtype=np.float32)
     bad = ~np.isfinite(x).all(axis=1)
     if bad.any():
@@ -127,7 +123,7 @@ def cluster_quota(embeddings: np.ndarray, scores: np.ndarray | None, candidates:
     if n == 0:
         return Selection(np.empty(0, dtype=np.int64),
                          {"score": np.empty(0), "cluster": np.empty(0), "in_quota": np.empty(0)},
-                         {"nan_scores": int(nan.sum()), "n_clusters": 0, "cluster_sizes": "",
+                         {"nan_scores": n_nan, "n_clusters": 0, "cluster_sizes": "",
                           "quotas": "", "filled": 0})
 
     k = min(n_clusters, len(scored))
@@ -167,7 +163,7 @@ def cluster_quota(embeddings: np.ndarray, scores: np.ndarray | None, candidates:
     picks = scored[idx]
     numbers = {"centroid_cosine" if by_centroid else "score": s[idx], "cluster": labels[idx],
                "in_quota": np.r_[np.ones(n - len(fill)), np.zeros(len(fill))]}
-    info = {"nan_scores": int(nan.sum()), "n_clusters": m,
+    info = {"nan_scores": n_nan, "n_clusters": m,
             "cluster_sizes": ",".join(map(str, sizes.tolist())),
             "quotas": ",".join(map(str, quotas.tolist())), "filled": len(fill)}
     return Selection(picks, numbers, info)

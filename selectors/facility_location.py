@@ -32,7 +32,7 @@ import heapq
 import numpy as np
 from sklearn.metrics.pairwise import euclidean_distances
 
-from evotune.selectors.base import Features, Selection
+from evotune.selectors.base import Features, Selection, scored_candidates
 
 
 def _dissimilarity(d: np.ndarray, gamma: float) -> np.ndarray:
@@ -184,11 +184,7 @@ class FacilityLocationSelector:
         candidates = np.sort(np.asarray(candidates, dtype=np.int64))
         if not 0 <= n <= len(candidates):
             raise ValueError(f"cannot pick {n} of {len(candidates)} candidates")
-        nan = np.isnan(scores[candidates])
-        scored = candidates[~nan]
-        if len(scored) < n:
-            raise ValueError(f"cannot pick {n}: only {len(scored)} of {len(candidates)} "
-                             f"candidates have a score ({int(nan.sum())} are NaN)")
+        scored, n_nan = scored_candidates(scores, candidates, n)
         weights = None
         if self.weighted:
             if not np.isfinite(scores[scored]).all():
@@ -198,7 +194,7 @@ class FacilityLocationSelector:
         picks, gains = facility_location_greedy(features.embeddings, labeled, scored, n,
                                                 weights, max_candidates=self.max_candidates)
         return Selection(picks, {"score": scores[picks], "gain": gains},
-                         {"nan_scores": int(nan.sum())})
+                         {"nan_scores": n_nan})
 
     def state_dict(self) -> dict:
         return {"name": self.name, "score": self.score, "weighted": self.weighted,

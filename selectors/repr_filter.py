@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from evotune.selectors.base import Features, Selection
+from evotune.selectors.base import Features, Selection, scored_candidates
 
 
 def _unit_rows(x: np.ndarray) -> tuple[np.ndarray, int]:
@@ -91,11 +91,7 @@ def repr_filter(embeddings: np.ndarray, scores: np.ndarray, labeled: np.ndarray,
         raise ValueError(f"cannot pick {n} of {len(candidates)} candidates")
     if np.intersect1d(labeled, candidates).size:
         raise ValueError("labeled and candidate positions overlap")
-    nan = np.isnan(scores[candidates])
-    scored = candidates[~nan]
-    if len(scored) < n:
-        raise ValueError(f"cannot pick {n}: only {len(scored)} of {len(candidates)} candidates "
-                         f"have a score ({int(nan.sum())} are NaN)")
+    scored, n_nan = scored_candidates(scores, candidates, n)
     used = np.concatenate([labeled, scored])
     bad = ~np.isfinite(emb[used]).all(axis=1)
     if bad.any():
@@ -154,7 +150,7 @@ def repr_filter(embeddings: np.ndarray, scores: np.ndarray, labeled: np.ndarray,
     numbers = {"score": scores[picks],
                "max_cosine": max_cos,
                "admitted": np.r_[np.ones(len(walk_admit)), np.zeros(len(fill))]}
-    info = {"nan_scores": int(nan.sum()),
+    info = {"nan_scores": n_nan,
             "rejected_by_threshold": examined - len(walk_admit),
             "filled": len(fill),
             "zero_embeddings": zero_c + zero_l}

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from evotune.selectors.base import Features, Selection
+from evotune.selectors.base import Features, Selection, scored_candidates
 from evotune.selectors.kcenter import NearestCentre, check_inputs
 
 
@@ -42,11 +42,8 @@ def weighted_greedy(embeddings: np.ndarray, scores: np.ndarray, labeled: np.ndar
     scores = np.asarray(scores, dtype=np.float64)
     labeled = np.asarray(labeled, dtype=np.int64)
     candidates = np.sort(np.asarray(candidates, dtype=np.int64))
-    scored = candidates[np.isfinite(scores[candidates])]
-    info = {"nan_scores": int(len(candidates) - len(scored))}
-    if n > len(scored):
-        raise ValueError(f"cannot pick {n}: only {len(scored)} of {len(candidates)} candidates "
-                         f"have a finite score")
+    scored, n_nan = scored_candidates(scores, candidates, n, finite=True)
+    info = {"nan_scores": n_nan}
     check_inputs(emb, labeled, scored, n)
     s = scores[scored]
     spread = s.max() - s.min() if len(s) else 0.0
