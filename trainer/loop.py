@@ -177,12 +177,13 @@ def run(cfg: Config, resume: str = "auto", overwrite: bool = False) -> list[dict
         new = [int(p) for p in selection.positions]
         selected += new
         if strategy.is_rank0:
-            _write_selection(rdir, r, round_selector, selection, pool, pool_enc, features,
-                             cfg.output.save_features)
             if features is not None and "influence_terms" in features.extra:
-                terms = {k: features.extra[k] for k in
+                # its own file (read back by later rounds), not a second copy in features.npz
+                terms = {k: features.extra.pop(k) for k in
                          ("influence_terms", "influence_weight", "influence_subtasks")}
                 np.savez(rdir / "influence_terms.npz", **terms)
+            _write_selection(rdir, r, round_selector, selection, pool, pool_enc, features,
+                             cfg.output.save_features)
 
         # ---- train
         if engine is None or (cfg.train.retrain_from_base and not fresh_engine):
