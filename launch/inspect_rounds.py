@@ -59,8 +59,9 @@ def overview(console: Console, out: Path, rounds: list[dict]) -> None:
     """One line per round; `state` is done (state.json written), picked (selection written,
     training not finished) or started."""
     table = Table(title=f"rounds of {out}")
-    for col in ("round", "state", "selector", "new", "total", "train loss", "eval loss",
-                "time s"):
+    accuracy = any((r["summary"] or {}).get("eval_accuracy") is not None for r in rounds)
+    for col in ("round", "state", "selector", "new", "total", "train loss", "eval loss") \
+            + (("eval acc",) if accuracy else ()) + ("time s",):
         _column(table, col, numeric=col not in ("state", "selector"))
     for r in rounds:
         s = r["summary"] or {}
@@ -69,6 +70,7 @@ def overview(console: Console, out: Path, rounds: list[dict]) -> None:
         table.add_row(str(r["round"]), state, selector,
                       str(s.get("new_examples", len(r["picks"]))), _f(s.get("total_examples")),
                       _f(s.get("train_loss")), _f(s.get("eval_loss")),
+                      *((_f(s.get("eval_accuracy"), 3),) if accuracy else ()),
                       _f(s.get("seconds", {}).get("total"), 1))
     console.print(table)
     console.print("seconds per phase: --round N", style="dim")

@@ -307,6 +307,84 @@ def encode_all(examples: list[Example], tokenizer, template: str, max_length: in
     return kept, encoded, report
 
 
+@dataclass
+class ChoiceSet:
+    """Multiple-choice eval rows, each choice encoded as the row's response.
+
+    ``encoded`` holds every choice of every row back to back; row ``i`` owns
+    ``encoded[starts[i]: starts[i] + counts[i]]`` and its gold answer is choice ``gold[i]``.
+    """
+    encoded: list[Encoded]
+    starts: list[int]
+    counts: list[int]
+    gold: list[int]
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+
+def _gold_response(ex: Example) -> str:
+    if ex.alpaca is not None:
+        return ex.alpaca["output"]
+    return [m for m in ex.messages if m["role"] == "assistant"][-1]["content"]
+
+
+def _with_response(ex: Example, response: str) -> Example:
+    messages = [dict(m) for m in ex.messages]
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    messages[last]["content"] = response
+    alpaca = dict(ex.alpaca, output=response) if ex.alpaca is not None else None
+    return Example(ex.id, ex.source, messages, ex.where, alpaca, ex.extra)
+
+
+def choice_set(examples: list[Example], tokenizer, template: str, max_length: int,
+               on_error: str = "error") -> ChoiceSet:
+    """Encode the rows that carry ``choices`` (a list of answer strings, the gold one among
+    them) for accuracy by ranking: the choice with the highest summed log-likelihood of its
+    response tokens wins (lm-evaluation-harness's unnormalised ``acc``).
+
+    Rows without the field are left out. A malformed field raises DataError naming the row
+    (``on_error="skip"``: the row is listed in ``skipped``); a row with a choice that does not
+    fit in ``max_length`` whole is always skipped, since a cut answer would be compared unfairly.
+    """
+    out = ChoiceSet([], [], [], [])
+    for ex in examples:
+        choices = ex.extra.get("choices")
+        if choices is None:
+            continue
+        try:
+            if (not isinstance(choices, list) or len(choices) < 2
+                    or not all(isinstance(c, str) and c.strip() for c in choices)):
+                raise DataError(f"{ex.where}: field 'choices' must be a list of at least 2 "
+                                f"non-empty strings")
+            if len(set(choices)) != len(choices):
+                raise DataError(f"{ex.where}: field 'choices' repeats an answer")
+            gold = _gold_response(ex)
+            if gold not in choices:
+                raise DataError(f"{ex.where}: the answer {gold[:60]!r} is not one of its "
+                                f"'choices'")
+        except DataError as e:
+            if on_error != "skip":
+                raise
+            out.skipped.append((ex.where, str(e)))
+            continue
+        try:
+            encoded = [encode(_with_response(ex, c), tokenizer, template, max_length)
+                       for c in choices]
+        except DataError as e:
+            out.skipped.append((ex.where, str(e)))
+            continue
+        if any(e.truncated for e in encoded):
+            out.skipped.append((ex.where, f"a choice does not fit in max_length={max_length}"))
+            continue
+        out.starts.append(len(out.encoded))
+        out.counts.append(len(choices))
+        out.gold.append(choices.index(gold))
+        out.encoded += encoded
+    return out
+
+
 def collate(batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a batch: ``input_ids``, ``attention_mask``, ``labels`` of shape (B, T)."""
     width = max(len(e.input_ids) for e in batch)

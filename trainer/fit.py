@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from evotune.trainer.config import TrainConfig
-from evotune.trainer.data import IGNORE_INDEX, Encoded, collate, plan_batches, shard_batches
+from evotune.trainer.data import (IGNORE_INDEX, ChoiceSet, Encoded, collate, plan_batches,
+                                  shard_batches)
 from evotune.trainer.state import crash_point, derive_seed
 
 
@@ -169,3 +170,37 @@ def evaluate(model, strategy, encoded: list[Encoded], pad_id: int, batch_size: i
     model.train(was_training)
     ce_sum, n = strategy.all_reduce_sum([ce_sum, n])
     return ce_sum / max(n, 1), int(n)
+
+
+@torch.no_grad()
+def evaluate_choices(model, strategy, choices: ChoiceSet, pad_id: int, batch_size: int,
+                     advance=lambda n=1, **_: None) -> float:
+    """Multiple-choice accuracy: a row counts as right when its gold choice has the highest
+    summed log-likelihood of the response tokens (ties go to the first choice listed).
+
+    Every choice of every row is one sequence; sequences are batched by length across rows and
+    dealt to ranks like ``evaluate``, so 1 or N ranks give the same numbers."""
+    was_training = model.training
+    model.eval()
+    nll = [0.0] * len(choices.encoded)
+    batches = plan_batches([len(e.input_ids) for e in choices.encoded], batch_size)
+    for positions, is_padding in shard_batches(batches, strategy.rank, strategy.world_size):
+        b = collate([choices.encoded[i] for i in positions], pad_id)
+        logits = model(input_ids=b["input_ids"].to(strategy.device),
+                       attention_mask=b["attention_mask"].to(strategy.device),
+                       logits_to_keep=logits_window(b["labels"])).logits
+        if is_padding:
+            continue
+        labels = b["labels"].to(strategy.device)
+        k, t = logits.size(1), labels.size(1)
+        targets = labels[:, t - k + 1:]
+        per_token = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets,
+                                    ignore_index=IGNORE_INDEX, reduction="none")
+        for row, value in zip(positions, per_token.sum(dim=1).tolist()):
+            nll[row] = value
+        advance(len(positions) * strategy.world_size)
+    model.train(was_training)
+    nll = strategy.all_reduce_sum(nll)
+    right = sum(int(np.argmin(nll[s: s + n])) == g
+                for s, n, g in zip(choices.starts, choices.counts, choices.gold))
+    return right / max(len(choices), 1)

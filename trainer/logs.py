@@ -124,14 +124,17 @@ def rounds_table(summaries: list[dict], title: str = "evotune rounds") -> Table:
     """Per round: examples selected (new / total), train loss, held-out loss, time (fits 80
     columns; the per-phase seconds are in each round's summary.json)."""
     table = Table(title=title)
-    for col in ("round", "selector", "new", "total", "train loss", "eval loss", "select s",
-                "time s"):
+    accuracy = any(s.get("eval_accuracy") is not None for s in summaries)
+    for col in ("round", "selector", "new", "total", "train loss", "eval loss") \
+            + (("eval acc",) if accuracy else ()) + ("select s", "time s"):
         table.add_column(col, justify="left" if col == "selector" else "right", no_wrap=True,
                          min_width=len(col))
-    for s in summaries:
-        sec = s.get("seconds", {})
-        table.add_row(str(s["round"]), s.get("selector", "-"), str(s["new_examples"]),
-                      str(s["total_examples"]), fmt(s.get("train_loss")), fmt(s.get("eval_loss")),
+    for sm in summaries:
+        sec = sm.get("seconds", {})
+        table.add_row(str(sm["round"]), sm.get("selector", "-"), str(sm["new_examples"]),
+                      str(sm["total_examples"]), fmt(sm.get("train_loss")),
+                      fmt(sm.get("eval_loss")),
+                      *((fmt(sm.get("eval_accuracy"), 3),) if accuracy else ()),
                       fmt(sec.get("features", 0.0) + sec.get("select", 0.0), 1),
                       fmt(sec.get("total"), 1))
     return table

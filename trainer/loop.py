@@ -21,9 +21,9 @@ from evotune.selectors.pre_experienced import PreExperiencedSelector
 from evotune.selectors.random import RandomSelector
 from evotune.selectors.registry import selector_from_config
 from evotune.trainer.config import Config, resolve_budget
-from evotune.trainer.data import encode_all, load_examples, resolve_template
+from evotune.trainer.data import choice_set, encode_all, load_examples, resolve_template
 from evotune.trainer.engine import Strategy
-from evotune.trainer.fit import evaluate, train_round
+from evotune.trainer.fit import evaluate, evaluate_choices, train_round
 from evotune.trainer.logs import RunLogger, drop_metrics_after, log, rounds_table, setup_console_logging
 from evotune.trainer.model import (build_trainable_model, check_lora_targets, export_weights,
                                    load_model, load_tokenizer, resolve_model_path)
@@ -73,6 +73,8 @@ def run(cfg: Config, resume: str = "auto", overwrite: bool = False) -> list[dict
                                             template, cfg)
         eval_set = _load(cfg.eval.path, cfg.eval.max_examples, tokenizer, template, cfg) \
             if cfg.eval.path else None
+        choices = choice_set(eval_set[0], tokenizer, template, cfg.data.max_length,
+                             cfg.data.on_error) if eval_set else None
         budget = resolve_budget(cfg, len(pool))
         strategy.grad_accum_steps()
         selector = selector_from_config(cfg.selection)
@@ -98,10 +100,13 @@ def run(cfg: Config, resume: str = "auto", overwrite: bool = False) -> list[dict
             "pool_skipped": [{"where": w, "reason": r} for w, r in pool_report.skipped],
             "eval_rows": len(eval_set[0]) if eval_set else 0,
             "eval_skipped": [{"where": w, "reason": r} for w, r in eval_set[2].skipped]
-            if eval_set else [], "budget": budget})
+            if eval_set else [],
+            "eval_choice_rows": len(choices) if choices else 0,
+            "eval_choice_skipped": [{"where": w, "reason": r} for w, r in choices.skipped]
+            if choices else [], "budget": budget})
         drop_metrics_after(out, plan.start_round - 1)
     strategy.barrier()
-    _report_data(pool, pool_enc, pool_report, eval_set, budget, template, cfg)
+    _report_data(pool, pool_enc, pool_report, eval_set, choices, budget, template, cfg)
 
     logger = RunLogger(out, strategy.is_rank0, cfg.output.tensorboard, console)
     id_to_pos = {ex.id: i for i, ex in enumerate(pool)}
@@ -197,14 +202,19 @@ def run(cfg: Config, resume: str = "auto", overwrite: bool = False) -> list[dict
         seconds["train"] = train_stats.seconds
 
         # ---- evaluate
-        eval_loss = eval_tokens = None
+        eval_loss = eval_tokens = eval_accuracy = None
         if eval_set is not None:
             t0 = time.perf_counter()
             with logger.progress(f"round {r}: eval", len(eval_set[1])) as advance:
                 eval_loss, eval_tokens = evaluate(engine.module, strategy, eval_set[1], pad_id,
                                                   cfg.eval.batch_size, advance)
+            if choices:
+                with logger.progress(f"round {r}: eval choices", len(choices.encoded)) as advance:
+                    eval_accuracy = evaluate_choices(engine.module, strategy, choices, pad_id,
+                                                     cfg.eval.batch_size, advance)
             seconds["eval"] = time.perf_counter() - t0
-            logger.metrics(global_step, {"round": r, "eval/loss": eval_loss})
+            logger.metrics(global_step, {"round": r, "eval/loss": eval_loss,
+                                         **({"eval/accuracy": eval_accuracy} if choices else {})})
 
         # ---- save: checkpoint and exports first, state.json last (the round's commit point)
         t0 = time.perf_counter()
@@ -221,7 +231,8 @@ def run(cfg: Config, resume: str = "auto", overwrite: bool = False) -> list[dict
         if strategy.is_rank0:
             summary = _summary(r, round_selector.name, selection.info, new, selected, pool,
                                train_stats, eval_loss, eval_tokens, pass_stats, seconds,
-                               global_step, cfg, strategy, features)
+                               global_step, cfg, strategy, features,
+                               (eval_accuracy, len(choices) if choices else 0))
             write_json_atomic(rdir / "summary.json", summary)
         strategy.barrier()
         if strategy.is_rank0:
@@ -233,6 +244,8 @@ def run(cfg: Config, resume: str = "auto", overwrite: bool = False) -> list[dict
             log.info(f"round {r} done: {len(new)} new, {len(selected)} total, train loss "
                      f"{train_stats.loss:.4f}" + (f", eval loss {eval_loss:.4f}"
                                                   if eval_loss is not None else "")
+                     + (f", eval accuracy {eval_accuracy:.3f}" if eval_accuracy is not None
+                        else "")
                      + f", {seconds['total']:.1f}s")
         strategy.barrier()
 
@@ -258,7 +271,7 @@ def _load(path, limit, tokenizer, template, cfg):
     return kept, encoded, report
 
 
-def _report_data(pool, pool_enc, report, eval_set, budget, template, cfg) -> None:
+def _report_data(pool, pool_enc, report, eval_set, choices, budget, template, cfg) -> None:
     truncated = sum(e.truncated for e in pool_enc)
     log.info(f"pool: {len(pool)} examples from {cfg.data.pool} (template: {template}); "
              f"{truncated} truncated to max_length={cfg.data.max_length}; "
@@ -268,6 +281,11 @@ def _report_data(pool, pool_enc, report, eval_set, budget, template, cfg) -> Non
     if eval_set is not None:
         log.info(f"eval: {len(eval_set[0])} examples from {cfg.eval.path}; "
                  f"{len(eval_set[2].skipped)} skipped")
+    if choices is not None and (len(choices) or choices.skipped):
+        log.info(f"eval accuracy: {len(choices)} multiple-choice rows; "
+                 f"{len(choices.skipped)} skipped")
+        for where, reason in choices.skipped[:3]:
+            log.warning(f"eval choices: skipped {where}: {reason}")
     log.info(f"budget per round: {budget} = {sum(budget)} of {len(pool)} examples "
              f"({100 * sum(budget) / len(pool):.1f}%)")
 
@@ -306,7 +324,8 @@ def _skip_summary(features: Features | None, pool) -> dict:
 
 
 def _summary(r, selector_name, selection_info, new, selected, pool, train_stats, eval_loss,
-             eval_tokens, pass_stats, seconds, global_step, cfg, strategy, features) -> dict:
+             eval_tokens, pass_stats, seconds, global_step, cfg, strategy, features,
+             accuracy) -> dict:
     def by_source(positions):
         counts: dict[str, int] = {}
         for p in positions:
@@ -319,7 +338,8 @@ def _summary(r, selector_name, selection_info, new, selected, pool, train_stats,
         "total_examples": len(selected), "new_by_source": by_source(new),
         "total_by_source": by_source(selected), "train_loss": train_stats.loss,
         "train_loss_first_epoch": train_stats.first_epoch_loss, "eval_loss": eval_loss,
-        "eval_tokens": eval_tokens, "train_steps": train_stats.steps, "global_step": global_step,
+        "eval_tokens": eval_tokens, "eval_accuracy": accuracy[0], "eval_choice_rows": accuracy[1],
+        "train_steps": train_stats.steps, "global_step": global_step,
         "tokens": {"train": train_stats.tokens,
                    **{name: s.tokens for name, s in pass_stats.items()},
                    **{f"{name}_padded": s.padded_tokens for name, s in pass_stats.items()}},

@@ -411,3 +411,45 @@ def test_resolve_model_path_of_an_unknown_embedded_model():
 
 def test_resolve_model_path_of_a_local_dir(tiny_model_dir):
     assert resolve_model_path(str(tiny_model_dir)) == tiny_model_dir
+
+
+# ---- multiple-choice eval rows
+
+def test_choice_set_encodes_every_choice_as_the_response(tmp_path, tokenizer):
+    from evotune.trainer.data import choice_set
+    rows = [dict(GOOD, choices=["4", "5", "6"]), {"instruction": "No choices", "output": "x"},
+            {"messages": [{"role": "user", "content": "Pick"},
+                          {"role": "assistant", "content": "b"}], "choices": ["b", "a"]}]
+    examples, _ = load_examples(write_jsonl(tmp_path / "e.jsonl", rows))
+    cs = choice_set(examples, tokenizer, "chat", 64)
+    assert (cs.starts, cs.counts, cs.gold, len(cs)) == ([0, 3], [3, 2], [1, 0], 2)
+    gold = encode(examples[0], tokenizer, "chat", 64)
+    assert cs.encoded[1] == gold                      # the gold choice is the row itself
+    first = cs.encoded[0]
+    assert tokenizer.decode([t for t in first.labels if t != IGNORE_INDEX]).startswith("4")
+    assert first.input_ids[:len(gold.input_ids) - 3] == gold.input_ids[:len(gold.input_ids) - 3]
+
+
+@pytest.mark.parametrize("choices, fragment", [
+    (["5"], "at least 2"), ("5", "at least 2"), (["5", ""], "at least 2"),
+    (["5", "5"], "repeats"), (["4", "6"], "is not one of its 'choices'")])
+def test_bad_choices_name_the_row(tmp_path, tokenizer, choices, fragment):
+    from evotune.trainer.data import choice_set
+    path = write_jsonl(tmp_path / "e.jsonl", [GOOD, dict(GOOD, instruction="B", choices=choices)])
+    examples, _ = load_examples(path)
+    with pytest.raises(DataError, match=fragment) as err:
+        choice_set(examples, tokenizer, "chat", 64)
+    assert "e.jsonl:2" in str(err.value)
+
+
+def test_choice_rows_that_do_not_fit_or_are_malformed_are_skipped_when_asked(tmp_path,
+                                                                             tokenizer):
+    from evotune.trainer.data import choice_set
+    rows = [dict(GOOD, choices=["5", "4"]),
+            dict(GOOD, instruction="Long", choices=["5", "word " * 200]),
+            dict(GOOD, instruction="Bad", choices=["4", "6"])]
+    examples, _ = load_examples(write_jsonl(tmp_path / "e.jsonl", rows))
+    cs = choice_set(examples, tokenizer, "chat", 64, on_error="skip")
+    assert len(cs) == 1
+    assert [w.rsplit(":", 1)[1] for w, _ in cs.skipped] == ["2", "3"]
+    assert "does not fit" in cs.skipped[0][1]

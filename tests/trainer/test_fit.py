@@ -72,3 +72,38 @@ def test_windowed_loss_equals_the_full_loss(tiny_model_dir):
         ignore_index=IGNORE_INDEX, reduction="sum")
     assert token_loss_sum(full, b["labels"]) == pytest.approx(float(ref), rel=1e-6)
     assert token_loss_sum(win, b["labels"]) == pytest.approx(float(ref), rel=1e-5)
+
+
+class _OneRank:
+    rank, world_size, device = 0, 1, torch.device("cpu")
+
+    @staticmethod
+    def all_reduce_sum(values):
+        return list(values)
+
+
+def test_choice_accuracy_ranks_summed_log_likelihoods(tiny_model_dir, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    from evotune.trainer.data import choice_set, load_examples
+    from evotune.trainer.fit import evaluate_choices
+    from helpers import EVAL_TINY
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    examples, _ = load_examples(EVAL_TINY)
+    cs = choice_set(examples, tokenizer, "chat", 1024)
+    assert (len(cs), cs.skipped) == (10, [])
+    # reference: one sequence at a time, no padding, full logits
+    right = 0
+    for s, n, g in zip(cs.starts, cs.counts, cs.gold):
+        nll = []
+        for e in cs.encoded[s: s + n]:
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor([e.input_ids])).logits
+            nll.append(float(token_loss_sum(logits, torch.tensor([e.labels]))))
+        right += int(min(range(n), key=nll.__getitem__) == g)
+    acc = evaluate_choices(model, _OneRank(), cs, tokenizer.pad_token_id, batch_size=3)
+    assert acc == right / 10
+    # the gold answer moved to another slot: only the reported gold index changes the count
+    cs.gold = [(g + 1) % n for g, n in zip(cs.gold, cs.counts)]
+    moved = evaluate_choices(model, _OneRank(), cs, tokenizer.pad_token_id, batch_size=3)
+    assert moved != acc or acc == 0.0

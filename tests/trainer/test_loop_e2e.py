@@ -83,6 +83,14 @@ def test_run_writes_every_artifact(baseline, tiny_model_dir):
     assert {"train/loss", "train/lr"} <= metrics[0].keys()
     assert all(m["train/grad_norm"] > 0 for m in metrics if "train/loss" in m)   # ZeRO-0 too
     assert any("eval/loss" in m for m in metrics)
+    # eval_tiny's rows carry 'choices': accuracy by ranking them, every round; rows whose
+    # choices do not all fit in max_length=160 are skipped and listed
+    assert report["eval_choice_rows"] > 0
+    assert report["eval_choice_rows"] + len(report["eval_choice_skipped"]) <= 10
+    assert all(s["eval_choice_rows"] == report["eval_choice_rows"] for s in summaries)
+    assert all(0.0 <= s["eval_accuracy"] <= 1.0 for s in summaries)
+    assert any("eval/accuracy" in m for m in metrics)
+    assert "eval acc" in proc.stderr + proc.stdout
     assert (out / "config.yaml").is_file() and (out / "data_report.json").is_file()
     assert "evotune rounds" in proc.stderr + proc.stdout
 
@@ -215,6 +223,9 @@ def test_two_ranks_select_like_one_rank(tmp_path, tiny_model_dir, baseline):
         "world_size"] == 2
     assert selected_ids(out) == selected_ids(ref_out)
     assert_same_adapter(out, ref_out, atol=1e-4)
+    acc = [[json.loads(line)["eval_accuracy"] for line in
+            (o / "rounds.jsonl").read_text().splitlines()] for o in (out, ref_out)]
+    assert acc[0] == acc[1]
 
 
 def test_bad_model_path_fails_cleanly_and_leaves_output_untouched(tmp_path, tiny_model_dir):
