@@ -311,13 +311,15 @@ def encode_all(examples: list[Example], tokenizer, template: str, max_length: in
 class ChoiceSet:
     """Multiple-choice eval rows, each choice encoded as the row's response.
 
-    ``encoded`` holds every choice of every row back to back; row ``i`` owns
-    ``encoded[starts[i]: starts[i] + counts[i]]`` and its gold answer is choice ``gold[i]``.
+    ``encoded`` holds every choice of every row back to back; row ``i`` (eval example
+    ``rows[i]``) owns ``encoded[starts[i]: starts[i] + counts[i]]`` and its gold answer is choice
+    ``gold[i]``, encoded exactly as the example itself.
     """
     encoded: list[Encoded]
     starts: list[int]
     counts: list[int]
     gold: list[int]
+    rows: list[int] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
     def __len__(self) -> int:
@@ -349,7 +351,7 @@ def choice_set(examples: list[Example], tokenizer, template: str, max_length: in
     fit in ``max_length`` whole is always skipped, since a cut answer would be compared unfairly.
     """
     out = ChoiceSet([], [], [], [])
-    for ex in examples:
+    for index, ex in enumerate(examples):
         choices = ex.extra.get("choices")
         if choices is None:
             continue
@@ -381,6 +383,7 @@ def choice_set(examples: list[Example], tokenizer, template: str, max_length: in
         out.starts.append(len(out.encoded))
         out.counts.append(len(choices))
         out.gold.append(choices.index(gold))
+        out.rows.append(index)
         out.encoded += encoded
     return out
 

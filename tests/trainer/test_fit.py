@@ -82,28 +82,52 @@ class _OneRank:
         return list(values)
 
 
-def test_choice_accuracy_ranks_summed_log_likelihoods(tiny_model_dir, tokenizer):
+def _reference_nll(model, encoded):
+    """One sequence at a time, no padding, no cache, full logits."""
+    out = []
+    for e in encoded:
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([e.input_ids])).logits
+        out.append(float(token_loss_sum(logits, torch.tensor([e.labels]))))
+    return out
+
+
+def test_choice_nll_with_a_shared_prompt_cache_equals_whole_sequences(tiny_model_dir, tokenizer):
     from transformers import AutoModelForCausalLM
 
-    from evotune.trainer.data import choice_set, load_examples
-    from evotune.trainer.fit import evaluate_choices
+    from evotune.trainer.data import choice_set, encode, load_examples
+    from evotune.trainer.fit import _prompt_length, choice_nll, evaluate_choices
     from helpers import EVAL_TINY
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     examples, _ = load_examples(EVAL_TINY)
     cs = choice_set(examples, tokenizer, "chat", 1024)
     assert (len(cs), cs.skipped) == (10, [])
-    # reference: one sequence at a time, no padding, full logits
-    right = 0
-    for s, n, g in zip(cs.starts, cs.counts, cs.gold):
-        nll = []
-        for e in cs.encoded[s: s + n]:
-            with torch.no_grad():
-                logits = model(input_ids=torch.tensor([e.input_ids])).logits
-            nll.append(float(token_loss_sum(logits, torch.tensor([e.labels]))))
-        right += int(min(range(n), key=nll.__getitem__) == g)
-    acc = evaluate_choices(model, _OneRank(), cs, tokenizer.pad_token_id, batch_size=3)
+    assert all(_prompt_length(cs.encoded[s: s + n]) > 0 for s, n in zip(cs.starts, cs.counts))
+    ref = _reference_nll(model, cs.encoded)
+    assert choice_nll(model, _OneRank(), cs) == pytest.approx(ref, rel=1e-4)
+    right = sum(min(range(n), key=lambda j: ref[s + j]) == g
+                for s, n, g in zip(cs.starts, cs.counts, cs.gold))
+    # loss over every row: choice rows from their gold choice, the others forwarded as usual
+    rows = [encode(ex, tokenizer, "chat", 1024) for ex in examples]
+    extra = Encoded([5, 6, 7, 8, 9], [IGNORE_INDEX] * 3 + [8, 9], False)
+    loss, n, acc = evaluate_choices(model, _OneRank(), rows + [extra], cs,
+                                    tokenizer.pad_token_id, 3)
     assert acc == right / 10
-    # the gold answer moved to another slot: only the reported gold index changes the count
-    cs.gold = [(g + 1) % n for g, n in zip(cs.gold, cs.counts)]
-    moved = evaluate_choices(model, _OneRank(), cs, tokenizer.pad_token_id, batch_size=3)
-    assert moved != acc or acc == 0.0
+    everything = _reference_nll(model, rows + [extra])
+    tokens = sum(response_tokens(e) for e in rows + [extra])
+    assert (n, loss) == (tokens, pytest.approx(sum(everything) / tokens, rel=1e-5))
+    assert evaluate_choices(model, _OneRank(), rows, None, 0, 3)[2] is None
+
+
+def test_choice_nll_without_a_shared_prompt_forwards_whole_sequences(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from evotune.trainer.data import ChoiceSet
+    from evotune.trainer.fit import _prompt_length, choice_nll
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    a = Encoded([5, 6, 7, 8, 9], [IGNORE_INDEX] * 3 + [8, 9], False)
+    b = Encoded([5, 6, 11, 12, 13, 14], [IGNORE_INDEX] * 3 + [12, 13, 14], False)
+    assert _prompt_length([a, b]) == 0
+    cs = ChoiceSet([a, b], [0], [2], [1])
+    assert choice_nll(model, _OneRank(), cs) == pytest.approx(_reference_nll(model, [a, b]),
+                                                              rel=1e-4)
