@@ -3,6 +3,7 @@
     python launch/inspect_rounds.py OUT                  # rounds overview + per-source composition
     python launch/inspect_rounds.py OUT --round 2        # round 2's picks with their numbers
     python launch/inspect_rounds.py OUT --diff 1 3       # what rounds 2..3 added on top of round 1
+    python launch/inspect_rounds.py OUT --plot           # a PNG per round, next to its logs
 
 Reads only the files the run wrote (summary.json, selection.jsonl, state.json); needs no model.
 """
@@ -162,6 +163,96 @@ def histograms(console: Console, out: Path, idx: int, bins: int = 12, width: int
         console.print(table)
 
 
+def plot_rounds(out: Path, rounds: list[dict], only: int | None = None,
+                max_scores: int = 4) -> list[Path]:
+    """One PNG per round, ``rounds/round_XXX/round_XXX.png``: a 2-D PCA projection of the pool's
+    embeddings in that round (features.npz) coloured by the round each example was picked in,
+    the composition of the picks by source up to that round, and histograms of the round's
+    scores over the pool with its picks."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    picked_in: dict[int, int] = {}
+    for r in rounds:
+        for p in r["picks"]:
+            picked_in[p["pool_index"]] = r["round"]
+    families = sorted({p["source"].split("/")[0] for r in rounds for p in r["picks"]})
+    cmap = plt.get_cmap("viridis", max(2, len(rounds)))
+    written = []
+    for r in rounds:
+        idx = r["round"]
+        if only is not None and idx != only:
+            continue
+        path = out / "rounds" / f"round_{idx:03d}" / "features.npz"
+        data = np.load(path) if path.is_file() else None
+        names = [k[len("score_"):] for k in data.files if k.startswith("score_")][:max_scores] \
+            if data is not None else []
+        ncols = max(2, len(names))
+        fig = plt.figure(figsize=(4.2 * ncols, 8.4 if names else 4.4))
+        grid = fig.add_gridspec(2 if names else 1, ncols)
+        ax = fig.add_subplot(grid[0, : ncols // 2 + ncols % 2])
+        emb = data["embeddings"].astype(np.float32) if data is not None and \
+            "embeddings" in data.files else None
+        if emb is not None:
+            ok = np.isfinite(emb).all(axis=1)
+            x = emb[ok] - emb[ok].mean(axis=0)
+            xy = x @ np.linalg.svd(x, full_matrices=False)[2][:2].T
+            pos = np.flatnonzero(ok)
+            when = np.array([picked_in.get(int(i), -1) for i in pos])
+            later = (when == -1) | (when > idx)
+            if later.any():
+                ax.scatter(xy[later, 0], xy[later, 1], s=6, c="lightgrey",
+                           label="not picked (yet)")
+            for k in range(idx + 1):
+                sel = when == k
+                if sel.any():
+                    ax.scatter(xy[sel, 0], xy[sel, 1], s=28 if k == idx else 12,
+                               color=cmap(k), edgecolors="black" if k == idx else "none",
+                               linewidths=0.5, label=f"round {k}")
+            ax.set_title(f"pool embeddings in round {idx} (PCA, {int(ok.sum())} rows)")
+            ax.legend(fontsize=7, markerscale=1.2)
+        else:
+            ax.text(0.5, 0.5, f"round {idx}: no embeddings saved\n(random round, a selector "
+                              "without embeddings,\nor output.save_features=false)",
+                    ha="center", va="center")
+            ax.set_axis_off()
+        ax = fig.add_subplot(grid[0, ncols // 2 + ncols % 2:])
+        upto = [q for q in rounds if q["round"] <= idx]
+        bottom = np.zeros(len(upto))
+        for f_i, fam in enumerate(families):
+            counts = np.array([sum(p["source"].split("/")[0] == fam for p in q["picks"])
+                               for q in upto])
+            ax.bar([q["round"] for q in upto], counts, bottom=bottom, label=fam,
+                   color=plt.get_cmap("tab10")(f_i % 10))
+            bottom += counts
+        ax.set_xticks([q["round"] for q in upto])
+        ax.set_xlabel("round")
+        ax.set_ylabel("new picks")
+        ax.set_title("picks by source")
+        ax.legend(fontsize=7)
+        mine = [p["pool_index"] for p in r["picks"]]
+        for k, name in enumerate(names):
+            ax = fig.add_subplot(grid[1, k])
+            values = data[f"score_{name}"]
+            finite = np.isfinite(values)
+            if finite.any():
+                edges = np.histogram_bin_edges(values[finite], bins=20)
+                ax.hist(values[finite], bins=edges, color="lightgrey", label="pool")
+                ax.hist(values[[i for i in mine if finite[i]]], bins=edges, color=cmap(idx),
+                        label=f"round {idx} picks")
+                ax.legend(fontsize=7)
+            ax.set_title(f"{name} ({int(finite.sum())} scored)")
+        fig.suptitle(f"{out.name}: round {idx} ({len(r['picks'])} picks"
+                     + (f" by {r['picks'][0]['selector']}" if r["picks"] else "") + ")")
+        fig.tight_layout()
+        target = out / "rounds" / f"round_{idx:03d}" / f"round_{idx:03d}.png"
+        fig.savefig(target, dpi=100)
+        plt.close(fig)
+        written.append(target)
+    return written
+
+
 def filter_picks(picks: list[dict], where: list[str]) -> list[dict]:
     """Keep picks matching every ``COLUMN<OP>VALUE`` (ops: <, <=, >, >=, =, !=)."""
     import operator
@@ -232,6 +323,9 @@ def main(argv=None) -> int:
                         "(repeatable)")
     p.add_argument("--hist", action="store_true",
                    help="with --round: histograms of every score over the pool, with the picks")
+    p.add_argument("--plot", action="store_true",
+                   help="write rounds/round_XXX/round_XXX.png for every round (or --round N): "
+                        "embedding projection by pick round, picks by source, score histograms")
     args = p.parse_args(argv)
     if not (args.out / "rounds").is_dir():
         print(f"error: {args.out} has no rounds/ folder; is it an evotune output dir?",
@@ -239,7 +333,12 @@ def main(argv=None) -> int:
         return 2
     console = Console()
     rounds = rounds_of(args.out)
-    if args.round is not None and args.hist:
+    if args.plot:
+        if args.round is not None:
+            _get(rounds, args.round)
+        for path in plot_rounds(args.out, rounds, args.round):
+            console.print(f"wrote {path}")
+    elif args.round is not None and args.hist:
         histograms(console, args.out, args.round)
     elif args.round is not None:
         show_round(console, rounds, args.round, args.limit, args.sort, args.where,

@@ -47,3 +47,29 @@ def test_histogram_counts_the_pool_and_the_picks(tmp_path):
     # Two bins over [1, 3]: [1, 2) holds 1.0 (picked), [2, 3] holds 2.0 and 3.0 (3.0 picked).
     rows = [re.findall(r"\d+(?:\.\d+)?", line) for line in text.splitlines() if line.startswith("│") and "▇" in line]
     assert rows == [["1", "2", "1", "1"], ["2", "3", "2", "1"]]   # from, to, pool, picks
+
+
+def test_plot_writes_a_png_per_round_with_and_without_features(tmp_path):
+    import matplotlib.image
+    rng = np.random.default_rng(0)
+    r0 = [dict(PICKS[0], round=0, selector="random", pool_index=1, id="x")]
+    for r, picks in ((0, r0), (1, PICKS)):
+        rdir = tmp_path / "rounds" / f"round_{r:03d}"
+        rdir.mkdir(parents=True)
+        (rdir / "selection.jsonl").write_text("".join(json.dumps(p) + "\n" for p in picks))
+    emb = rng.standard_normal((4, 8)).astype(np.float16)
+    emb[3] = np.nan                   # a row without an embedding (e.g. not sampled) is left out
+    np.savez(tmp_path / "rounds" / "round_001" / "features.npz", ids=np.array(list("abcd")),
+             embeddings=emb, score_loss=np.array([3.0, np.nan, 1.0, 2.0]),
+             score_length=np.array([5.0, 6.0, 7.0, 8.0]))
+    tool = load_tool()
+    written = tool.plot_rounds(tmp_path, tool.rounds_of(tmp_path))
+    assert [p.name for p in written] == ["round_000.png", "round_001.png"]
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in written)
+    # round 1 has score histograms below the projection: a taller image than round 0's
+    h0, h1 = (matplotlib.image.imread(p).shape[0] for p in written)
+    assert h1 > h0
+    assert tool.plot_rounds(tmp_path, tool.rounds_of(tmp_path), only=1) == written[1:]
+    assert tool.main([str(tmp_path), "--plot", "--round", "0"]) == 0
+    with pytest.raises(SystemExit, match="no round 7"):
+        tool.main([str(tmp_path), "--plot", "--round", "7"])

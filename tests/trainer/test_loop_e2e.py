@@ -285,6 +285,9 @@ def test_inspect_rounds_shows_rounds_picks_and_diffs(baseline):
     proc = subprocess.run([sys.executable, script, str(out), "--round", "9"],
                           capture_output=True, text=True)
     assert proc.returncode != 0 and "no round 9" in proc.stderr
+    assert "round_002.png" in show("--plot").replace("\n", "")
+    assert all((out / "rounds" / f"round_{r:03d}" / f"round_{r:03d}.png").is_file()
+               for r in range(3))
 
 
 def test_full_finetuning_exports_a_plain_model(tmp_path, tiny_model_dir):
