@@ -93,8 +93,8 @@ class DataConfig:
 
 @dataclass
 class EvalConfig:
-    path: str = _f("", "held-out JSON/JSONL evaluated after every round (empty = no eval)",
-                   path="input")
+    path: str = _f("", "held-out JSON/JSONL evaluated after every round: loss on the answers, "
+                       "and accuracy over rows with 'choices' (empty = no eval)", path="input")
     max_examples: int = _f(0, "use only the first N eval rows (0 = all)")
     batch_size: int = _f(8, "examples per forward call per rank")
 

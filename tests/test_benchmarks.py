@@ -1,0 +1,61 @@
+"""The benchmark scripts' own logic (configs per arm, statistics, tables, plots) on synthetic
+results; the benchmarks themselves are scripts with recorded results, never timed tests."""
+
+import importlib.util
+
+import pytest
+import yaml
+
+from helpers import REPO
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("arm", ["random", "longest", "kcenter", "ifd_proxy", "ifd_loop",
+                                 "evotune", "full"])
+def test_every_arm_is_a_valid_config_with_the_budget_it_names(tmp_path, arm):
+    from evotune.trainer.config import load_config, resolve_budget
+    bench = load("selection_quality")
+    cfg_dict = bench.run_config(arm, 0.1, 3, 200, tmp_path / "out")
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg_dict))
+    cfg = load_config(tmp_path / "c.yaml")
+    budget = resolve_budget(cfg, 200)
+    assert sum(budget) == (200 if arm == "full" else 20)
+    assert len(budget) == (2 if arm in bench.IN_LOOP else 1)
+    assert cfg.seed == 3 and cfg.data.max_examples == 200
+    # every arm trains its final model the same way: from the base, same epochs and batch
+    assert (cfg.train.retrain_from_base, cfg.train.epochs, cfg.train.batch_size) == (True, 2, 4)
+
+
+def test_exceeds_needs_a_difference_beyond_twice_the_standard_error():
+    bench = load("selection_quality")
+    assert bench.exceeds([1.0, 1.1, 0.9], [2.0, 2.1, 1.9])
+    assert not bench.exceeds([1.0, 1.5, 0.5], [1.2, 1.7, 0.7])
+    assert not bench.exceeds([1.0], [2.0])          # one seed: no noise estimate, no claim
+
+
+def test_tables_and_plots_from_synthetic_results(tmp_path):
+    bench = load("selection_quality")
+
+    def run(loss, acc):
+        return {"loss": loss, "accuracy": acc, "examples": 10, "scored": 200,
+                "per_round": [(0, 5, loss + 0.1, acc), (1, 10, loss, acc)],
+                "tokens": {"train": 1000, "features": 500}, "by_source": {},
+                "seconds": {"features": 1.0, "select": 0.1, "train": 2.0, "eval": 1.0,
+                            "total": 5.0}}
+    budgets = [0.05, 0.1]
+    results = {(arm, b): [run(base + d, 0.3) for d in (0.0, 0.01, -0.01)]
+               for arm, base in (("random", 1.5), ("kcenter", 1.2)) for b in budgets}
+    results[("full", None)] = [run(1.0, 0.4)] * 3
+    text = bench.tables(results, budgets, ["random", "kcenter", "full"])
+    assert "| kcenter | 1.2000 ± 0.0100 (Δ -0.3000*)" in text
+    assert "| full (100%) | 1.0000 ± 0.0000 |" in text
+    assert "| kcenter | 5% | 10 | 200 | 500 | 1,000 | 1 | 2 | 1 | 5 |" in text
+    files = bench.plot(results, budgets, ["random", "kcenter", "full"], tmp_path)
+    assert [f.name for f in files] == ["quality_vs_budget.png", "quality_vs_round.png"]
+    assert all(f.read_bytes()[:4] == b"\x89PNG" for f in files)
