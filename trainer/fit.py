@@ -234,7 +234,7 @@ def choice_nll(model, strategy, choices: ChoiceSet, advance=lambda n=1, **_: Non
     return strategy.all_reduce_sum(nll)
 
 
-def evaluate_choices(model, strategy, encoded: list[Encoded], choices: ChoiceSet | None,
+def evaluate_with_choices(model, strategy, encoded: list[Encoded], choices: ChoiceSet | None,
                      pad_id: int, batch_size: int, advance=lambda n=1, **_: None
                      ) -> tuple[float, int, float | None]:
     """Held-out loss over every eval row, and multiple-choice accuracy over ``choices``.

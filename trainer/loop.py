@@ -23,7 +23,7 @@ from evotune.selectors.registry import selector_from_config
 from evotune.trainer.config import Config, resolve_budget
 from evotune.trainer.data import choice_set, encode_all, load_examples, resolve_template
 from evotune.trainer.engine import Strategy
-from evotune.trainer.fit import evaluate_choices, train_round
+from evotune.trainer.fit import evaluate_with_choices, train_round
 from evotune.trainer.logs import RunLogger, drop_metrics_after, log, rounds_table, setup_console_logging
 from evotune.trainer.model import (build_trainable_model, check_lora_targets, export_weights,
                                    load_model, load_tokenizer, resolve_model_path)
@@ -206,7 +206,7 @@ def run(cfg: Config, resume: str = "auto", overwrite: bool = False) -> list[dict
         if eval_set is not None:
             t0 = time.perf_counter()
             with logger.progress(f"round {r}: eval", len(eval_set[1])) as advance:
-                eval_loss, eval_tokens, eval_accuracy = evaluate_choices(
+                eval_loss, eval_tokens, eval_accuracy = evaluate_with_choices(
                     engine.module, strategy, eval_set[1], choices, pad_id, cfg.eval.batch_size,
                     advance)
             seconds["eval"] = time.perf_counter() - t0

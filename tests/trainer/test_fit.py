@@ -96,7 +96,7 @@ def test_choice_nll_with_a_shared_prompt_cache_equals_whole_sequences(tiny_model
     from transformers import AutoModelForCausalLM
 
     from evotune.trainer.data import choice_set, encode, load_examples
-    from evotune.trainer.fit import _prompt_length, choice_nll, evaluate_choices
+    from evotune.trainer.fit import _prompt_length, choice_nll, evaluate_with_choices
     from helpers import EVAL_TINY
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     examples, _ = load_examples(EVAL_TINY)
@@ -110,13 +110,13 @@ def test_choice_nll_with_a_shared_prompt_cache_equals_whole_sequences(tiny_model
     # loss over every row: choice rows from their gold choice, the others forwarded as usual
     rows = [encode(ex, tokenizer, "chat", 1024) for ex in examples]
     extra = Encoded([5, 6, 7, 8, 9], [IGNORE_INDEX] * 3 + [8, 9], False)
-    loss, n, acc = evaluate_choices(model, _OneRank(), rows + [extra], cs,
+    loss, n, acc = evaluate_with_choices(model, _OneRank(), rows + [extra], cs,
                                     tokenizer.pad_token_id, 3)
     assert acc == right / 10
     everything = _reference_nll(model, rows + [extra])
     tokens = sum(response_tokens(e) for e in rows + [extra])
     assert (n, loss) == (tokens, pytest.approx(sum(everything) / tokens, rel=1e-5))
-    assert evaluate_choices(model, _OneRank(), rows, None, 0, 3)[2] is None
+    assert evaluate_with_choices(model, _OneRank(), rows, None, 0, 3)[2] is None
 
 
 def test_choice_nll_without_a_shared_prompt_forwards_whole_sequences(tiny_model_dir):
