@@ -67,6 +67,7 @@ def setup(n_examples: int):
         _STRATEGY = Strategy(cfg)
         _STRATEGY.setup()
     strategy = _STRATEGY
+    strategy.cfg = cfg              # this part's settings (train_round reads strategy.cfg)
     path = resolve_model_path(cfg.model.path)
     tok = load_tokenizer(path)
     template = resolve_template(cfg.data.template, tok)
