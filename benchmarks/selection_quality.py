@@ -74,6 +74,7 @@ ARMS = {
     "full": (1, "random", {}, {}),
 }
 IN_LOOP = ("kcenter", "ifd_loop", "evotune")
+COLORS = {arm: f"C{i}" for i, arm in enumerate(ARMS)}    # the same colour per arm in every plot
 
 
 def run_config(arm: str, budget: float, seed: int, pool_size: int, out: Path) -> dict:
@@ -220,7 +221,8 @@ def plot(results: dict, budgets: list[float], arms: list[str], where: Path) -> l
                    for b in budgets if results.get((arm, b))]
             if pts:
                 ax.errorbar([100 * b for b, _ in pts], [m for _, (m, _) in pts],
-                            yerr=[s for _, (_, s) in pts], marker="o", capsize=3, label=arm)
+                            yerr=[s for _, (_, s) in pts], marker="o", capsize=3, label=arm,
+                            color=COLORS[arm])
         ax.set_xlabel("budget (% of pool)")
         ax.set_ylabel(label)
         ax.set_xticks([100 * b for b in budgets])
@@ -242,7 +244,11 @@ def plot(results: dict, budgets: list[float], arms: list[str], where: Path) -> l
             ms = [mean_std([p[2] for r in runs for p in r["per_round"] if p[0] == k])
                   for k in rounds]
             ax.errorbar(rounds, [m for m, _ in ms], yerr=[s for _, s in ms], marker="o",
-                        capsize=3, label=arm)
+                        capsize=3, label=arm, color=COLORS[arm])
+        if results.get(("random", b)):
+            m = mean_std([r["loss"] for r in results[("random", b)]])[0]
+            ax.axhline(m, color=COLORS["random"], ls="--", lw=1,
+                       label=f"random, {b:.0%} at once")
         ax.set_title(f"budget {b:.0%}")
         ax.set_xlabel("round")
         ax.set_xticks([0, 1])
@@ -267,6 +273,8 @@ def main() -> int:
     p.add_argument("--pool-size", type=int, default=200,
                    help="first N rows of configs/data/quickstart_pool.jsonl")
     p.add_argument("--plots", default=str(REPO / "benchmarks" / "plots"))
+    p.add_argument("--report", action="store_true",
+                   help="train nothing: tables and plots from the runs already finished")
     args = p.parse_args()
     root = Path(args.out)
     root.mkdir(parents=True, exist_ok=True)
@@ -278,6 +286,9 @@ def main() -> int:
     for k, (arm, b, seed) in enumerate(jobs):
         out = run_dir(root, arm, b or 0.0, seed)
         done = (out / "final").is_dir() and (out / "rounds.jsonl").is_file()
+        if not done and args.report:
+            print(f"missing: {arm} budget={b} seed={seed}")
+            continue
         if not done:
             t0 = time.time()
             print(f"[{k + 1}/{len(jobs)}] {arm} budget={b} seed={seed} ...", end=" ", flush=True)
