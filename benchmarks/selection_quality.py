@@ -127,6 +127,7 @@ def read_run(out: Path) -> dict:
             "per_round": [(s["round"], s["total_examples"], s["eval_loss"], s["eval_accuracy"])
                           for s in rounds],
             "examples": last["total_examples"], "tokens": tokens, "seconds": seconds,
+            "choice_rows": last.get("eval_choice_rows", 0),
             "scored": scored, "by_source": last["total_by_source"]}
 
 
@@ -134,13 +135,15 @@ def mean_std(xs: list[float]) -> tuple[float, float]:
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
-def exceeds(a: list[float], b: list[float]) -> bool:
-    """Is mean(a) - mean(b) larger than twice its standard error (Welch, seed noise)?"""
+def exceeds(a: list[float], b: list[float], resolution: float = 0.0) -> bool:
+    """Is mean(a) - mean(b) larger than twice its standard error over seeds (Welch), and larger
+    than the metric's resolution (accuracy: one eval row; identical accuracies in every seed
+    have no spread, and a one-row difference would otherwise always count)?"""
     if len(a) < 2 or len(b) < 2:
         return False
     (ma, sa), (mb, sb) = mean_std(a), mean_std(b)
     se = math.sqrt(sa ** 2 / len(a) + sb ** 2 / len(b))
-    return abs(ma - mb) > 2 * se
+    return abs(ma - mb) > max(2 * se, resolution + 1e-9)
 
 
 def tables(results: dict, budgets: list[float], arms: list[str]) -> str:
@@ -149,8 +152,11 @@ def tables(results: dict, budgets: list[float], arms: list[str]) -> str:
                                    "lower"),
                                   ("accuracy", "multiple-choice accuracy (higher is better)",
                                    "higher")):
+        rows = max((r.get("choice_rows", 0) for v in results.values() for r in v), default=0)
+        resolution = 1.0 / rows if metric == "accuracy" and rows else 0.0
         lines += [f"\n**{label}** — mean ± std over seeds; Δ = arm − random; `*` = |Δ| exceeds "
-                  f"twice its standard error over seeds (Welch)\n",
+                  f"twice its standard error over seeds (Welch)"
+                  + (f" and one eval row ({resolution:.4f})" if resolution else "") + "\n",
                   "| arm | " + " | ".join(f"{b:.0%} of pool" for b in budgets) + " |",
                   "|---|" + "---|" * len(budgets)]
         for arm in arms:
@@ -167,7 +173,7 @@ def tables(results: dict, budgets: list[float], arms: list[str]) -> str:
                 cell = f"{m:.4f} ± {s:.4f}" if metric == "loss" else f"{m:.3f} ± {s:.3f}"
                 if arm != "random" and ref:
                     d = m - mean_std(ref)[0]
-                    cell += f" (Δ {d:+.4f}{'*' if exceeds(vals, ref) else ''})"
+                    cell += f" (Δ {d:+.4f}{'*' if exceeds(vals, ref, resolution) else ''})"
                 cells.append(cell)
             lines.append(f"| {arm} | " + " | ".join(cells) + " |")
         full = [r[metric] for r in results.get(("full", None), [])]

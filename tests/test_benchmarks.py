@@ -37,6 +37,9 @@ def test_exceeds_needs_a_difference_beyond_twice_the_standard_error():
     assert bench.exceeds([1.0, 1.1, 0.9], [2.0, 2.1, 1.9])
     assert not bench.exceeds([1.0, 1.5, 0.5], [1.2, 1.7, 0.7])
     assert not bench.exceeds([1.0], [2.0])          # one seed: no noise estimate, no claim
+    # no spread over seeds: only a difference beyond the resolution (one eval row) counts
+    assert not bench.exceeds([0.3125] * 3, [0.2917] * 3, resolution=1 / 48)
+    assert bench.exceeds([0.3333] * 3, [0.2917] * 3, resolution=1 / 48)
 
 
 def test_tables_and_plots_from_synthetic_results(tmp_path):
