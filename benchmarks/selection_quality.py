@@ -61,15 +61,19 @@ BASE = {
 # arm -> (rounds, first_round, selection/scoring settings)
 ARMS = {
     "random": (1, "random", {}, {}),
-    "longest": (1, "selector", {"selector": "weighted", "score": "length", "alpha": 1.0}, {}),
+    "longest": (1, "selector", {"selector": "weighted",
+                                "weighted": {"score": "length", "alpha": 1.0}}, {}),
     "kcenter": (2, "random", {"selector": "kcenter"}, {}),
-    "ifd_proxy": (1, "selector", {"selector": "weighted", "score": "ifd_superfilter", "alpha": 1.0,
+    "ifd_proxy": (1, "selector", {"selector": "weighted",
+                                  "weighted": {"score": "ifd_superfilter", "alpha": 1.0},
                                   "filter_score": "ifd_superfilter", "filter_max": 1.0},
                   {"model": "embedded:smollm2-135m-instruct", "template": "reference",
                    "max_length": 256}),
-    "ifd_loop": (2, "random", {"selector": "weighted", "score": "ifd_cherry", "alpha": 1.0,
+    "ifd_loop": (2, "random", {"selector": "weighted",
+                               "weighted": {"score": "ifd_cherry", "alpha": 1.0},
                                "filter_score": "ifd_cherry", "filter_max": 1.0}, {}),
-    "evotune": (2, "random", {"selector": "weighted", "score": "ifd_cherry", "alpha": 0.5,
+    "evotune": (2, "random", {"selector": "weighted",
+                              "weighted": {"score": "ifd_cherry", "alpha": 0.5},
                               "filter_score": "ifd_cherry", "filter_max": 1.0}, {}),
     "full": (1, "random", {}, {}),
 }

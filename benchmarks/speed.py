@@ -67,7 +67,7 @@ def setup(n_examples: int):
         _STRATEGY = Strategy(cfg)
         _STRATEGY.setup()
     strategy = _STRATEGY
-    strategy.cfg = cfg              # this part's settings (train_round reads strategy.cfg)
+    strategy.cfg = cfg              # this part's settings (the DeepSpeed config reads them)
     path = resolve_model_path(cfg.model.path)
     tok = load_tokenizer(path)
     template = resolve_template(cfg.data.template, tok)
@@ -81,8 +81,8 @@ def setup(n_examples: int):
 def part_pass(args) -> str:
     import torch
 
-    import evotune.selectors.features as features_mod
-    from evotune.selectors.scores import SCORES
+    import evotune.trainer.passes.forward as forward_mod
+    from evotune.trainer.scores import names as score_names
     from evotune.trainer.data import collate, plan_batches
     from evotune.trainer.model import backbone, load_model
     cfg, strategy, path, tok, _, _, enc = setup(args.pass_n)
@@ -105,12 +105,13 @@ def part_pass(args) -> str:
 
     def ours(batches):
         def fn():
-            saved = features_mod.plan_batches
-            features_mod.plan_batches = lambda lengths, size: batches
+            saved = forward_mod.plan_batches
+            forward_mod.plan_batches = lambda lengths, size: batches
             try:
-                return features_mod.compute_features(model, enc, strategy, pad, bs, True, SCORES)
+                return forward_mod.compute_features(model, enc, strategy, pad, bs, True,
+                                                    score_names("forward"))
             finally:
-                features_mod.plan_batches = saved
+                forward_mod.plan_batches = saved
         return fn
 
     real = sum(lengths)
@@ -123,7 +124,6 @@ def part_pass(args) -> str:
              "raw forward, decoder only (no LM head), bucketed",
              "evotune pass, pool order (no bucketing)",
              "raw forward, full model, pool order"]
-    pads = [padded["bucketed"]] * 3 + [padded["in order"]] * 2
     lines = [f"{len(enc)} examples, {real:,} real tokens, batch {bs}; padding: bucketed "
              f"{padded['bucketed'] / real - 1:.1%}, pool order {padded['in order'] / real - 1:.1%}"
              f"; best of {args.repeats}\n",
@@ -144,7 +144,7 @@ def part_ifd(args) -> str:
     import numpy as np
     import torch
 
-    from evotune.selectors.features import FeaturePass
+    from evotune.trainer.passes.features import FeaturePass
     from evotune.trainer.logs import ProgressBars
     from evotune.trainer.model import load_model
     cfg, strategy, path, tok, template, pool, enc = setup(args.ifd_n)
@@ -155,11 +155,11 @@ def part_ifd(args) -> str:
 
     fp = FeaturePass(cfg, Request(), pool, enc, tok, template, strategy)
     quiet = ProgressBars(False, None)
-    pairs = fp.inputs["ifd_cherry"]
+    pairs = fp.ifd.inputs["shared"]
 
     def ours():
-        features, stats = fp.run(model, quiet, None)
-        return features.scores["ifd_cherry"], stats
+        result = fp.run(model, quiet)
+        return result.features.scores["ifd_cherry"], result.stats
 
     def one_at_a_time():
         # As the reference scripts: per example, a forward of the whole text with labels on the
@@ -276,7 +276,7 @@ def part_train(args) -> str:
     steps = plan_steps(positions, 1, cfg.train.batch_size, cfg.seed, 0)
 
     def loop():
-        train_round(engine, strategy, enc, positions, 0, 0, pad, logger, cfg.seed)
+        train_round(engine, strategy, cfg.train, enc, positions, 0, 0, pad, logger, cfg.seed)
 
     def plain(same_batches: bool):
         # the loop one writes from DeepSpeed's docs: forward with labels, backward, step

@@ -1,10 +1,10 @@
 """Score every example of a pool with one model, without training.
 
-The same sharded pass, scores and IFD passes as a round's feature pass (``selectors/
-features.py``), run once with ``model.path`` (or a proxy, ``scoring.model``). Use it to look at
-the scores before a run, to score a pool once with a proxy, or — with ``--label`` — to measure
-how well each score separates clean rows from labelled bad ones (AUROC, ``selectors/
-separation.py``).
+The same sharded pass, scores and IFD passes as a round's feature pass
+(``trainer/passes/features.py``), run once with ``model.path`` (or a proxy, ``scoring.model``).
+Use it to look at the scores before a run, to score a pool once with a proxy, or — with
+``--label`` — to measure how well each score separates clean rows from labelled bad ones
+(AUROC, ``trainer/separation.py``).
 
     python launch/score_pool.py --config configs/quickstart.yaml --out runs/scores
     python launch/score_pool.py data.pool=noisy.jsonl --label corruption --pair orig_id \\
@@ -15,7 +15,8 @@ Writes ``OUT/scores.jsonl`` (per example: id, source, every score, ``skipped`` r
 ``OUT/summary.json`` (tokens and tokens/s of each pass, settings) and, with ``--label``,
 ``OUT/separation.json`` plus a table on the terminal. Files in OUT are replaced.
 Config keys used: model.*, data.* (pool, template, max_length, on_error, max_examples),
-scoring.*, selection.batch_size / linear / knn_k / chunk_size, deepspeed.backend.
+scoring.* (IFD settings, scoring.knn_k.*, scoring.linear.rule), selection.batch_size,
+deepspeed.backend.
 """
 
 from __future__ import annotations
@@ -35,19 +36,19 @@ class ScoreRequest:
 
     def __init__(self, scores: tuple[str, ...]):
         self.scores = scores
-        self.needs_embeddings = "knn_k" in scores
+        self.needs_embeddings = False     # a score that reads them (knn_k) brings them itself
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from evotune.trainer.config import SCORE_NAMES
+    from evotune.trainer.scores import SCORES
     p = argparse.ArgumentParser(description="Score a pool with one model (no training).")
     p.add_argument("--config", help="YAML config (optional: overrides alone are enough)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--scores", default="all",
                    help=f"comma-separated, or all (= every score but influence, which needs a "
-                        f"training run; linear is added when selection.linear is set). Known: "
-                        f"{', '.join(SCORE_NAMES)}")
+                        f"training run; linear is added when scoring.linear.rule is set). "
+                        f"Known: {', '.join(SCORES)}")
     p.add_argument("--label", help="row field naming a bad row's group (null/empty = clean): "
                                    "report each score's AUROC, clean vs each group")
     p.add_argument("--pair", help="with --label: row field holding the id of the clean row a "
@@ -58,21 +59,25 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from evotune.trainer.config import SCORE_NAMES, ConfigError, load_config
+    from evotune.trainer.config import ConfigError, load_config
+    from evotune.trainer.scores import SCORES
     try:
         cfg = load_config(args.config, args.overrides)
-        names = tuple(s for s in SCORE_NAMES if s != "influence"
-                      and (s != "linear" or cfg.selection.linear)) \
+        names = tuple(n for n, s in SCORES.items() if s.source != "influence"
+                      and (n != "linear" or cfg.scoring.linear.rule)) \
             if args.scores == "all" else tuple(s.strip() for s in args.scores.split(",") if s)
-        if "influence" in names:
-            raise ConfigError("--scores influence: influence needs a training run's optimizer "
-                              "state (launch/train.py with selection.selector=influence)")
-        unknown = [s for s in names if s not in SCORE_NAMES]
+        unknown = [s for s in names if s not in SCORES]
         if unknown or not names:
             raise ConfigError(f"--scores: unknown {', '.join(unknown) or '(none given)'}; "
-                              f"known: {', '.join(SCORE_NAMES)}")
-        if "linear" in names and not cfg.selection.linear:
-            raise ConfigError("--scores linear needs selection.linear (the rule)")
+                              f"known: {', '.join(SCORES)}")
+        if any(SCORES[n].source == "influence" for n in names):
+            raise ConfigError("--scores influence: influence needs a training run's optimizer "
+                              "state (launch/train.py with selection.selector=influence)")
+        for n in names:
+            try:
+                SCORES[n].check(cfg)
+            except ValueError as e:
+                raise ConfigError(f"--scores {n}: {e}") from None
         if args.pair and not args.label:
             raise ConfigError("--pair needs --label")
     except (ConfigError, FileNotFoundError) as e:
@@ -84,15 +89,12 @@ def main(argv=None) -> int:
 
 
 def score(cfg, names: tuple[str, ...], out: Path, label: str | None, pair: str | None) -> int:
-    import numpy as np
-
-    from evotune.selectors.derived import mark_non_finite
-    from evotune.selectors.features import FeaturePass
-    from evotune.selectors.separation import separation
     from evotune.trainer.data import encode_all, load_examples, resolve_template
     from evotune.trainer.engine import Strategy
     from evotune.trainer.logs import ProgressBars, log, setup_console_logging
     from evotune.trainer.model import load_model, load_tokenizer, resolve_model_path
+    from evotune.trainer.passes.features import FeaturePass
+    from evotune.trainer.separation import separation
     from evotune.trainer.state import write_json_atomic, write_text_atomic
 
     strategy = Strategy(cfg)
@@ -116,12 +118,12 @@ def score(cfg, names: tuple[str, ...], out: Path, label: str | None, pair: str |
     model.to(strategy.device).eval()
     logger = ProgressBars(strategy.is_rank0, console)
     t0 = time.perf_counter()
-    features, stats = feature_pass.run(model, logger, None)
+    result = feature_pass.run(model, logger)
+    features, stats = result.features, result.stats
     seconds = time.perf_counter() - t0
     strategy.barrier()
     if not strategy.is_rank0:
         return 0
-    mark_non_finite(features)
     out.mkdir(parents=True, exist_ok=True)
     columns = {n: features.scores[n] for n in names}
     lines = []

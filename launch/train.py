@@ -35,12 +35,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from evotune.trainer.config import ConfigError, describe, describe_markdown, load_config
+    from evotune.trainer.config import (ConfigError, describe, describe_markdown, load_config,
+                                        scores_markdown, selectors_markdown)
     if args.help_config:
         print(describe())
         return 0
-    if args.help_config_markdown:     # the README's table (tests/test_docs.py keeps them equal)
-        print(describe_markdown())
+    if args.help_config_markdown:     # the README's tables (tests/test_docs.py keeps them equal)
+        for title, table in (("Selectors", selectors_markdown()), ("Scores", scores_markdown()),
+                             ("Configuration", describe_markdown())):
+            print(f"<!-- README section: {title} -->\n{table}\n")
         return 0
     try:
         if args.config is None and args.resume not in ("auto", "never"):

@@ -1,16 +1,64 @@
-"""What selectors read and return.
+"""What selectors read and return, and how a selector declares itself.
 
-Model-facing work (embedding, scoring) produces a :class:`Features` over the whole pool and
-stores it as data; a selector only reads it. ``select`` is pure: arrays in, ordered pool
-positions out, no model and no I/O, so it is testable on hand-made inputs.
+Model-facing work (the passes under ``trainer/passes/``) produces a :class:`Features` over the
+whole pool and stores it as data; a selector only reads it. ``select`` is pure: arrays in,
+ordered pool positions out, no model and no I/O, so it is testable on hand-made inputs.
+Nothing under ``selectors/`` imports torch, transformers, peft, deepspeed or ``evotune.trainer``
+(``tests/selectors/test_registry.py`` reads every import to keep it so).
+
+A selector is a class with (``selectors/kcenter.py`` is the model to copy):
+
+- ``name``: its key in ``selection.selector`` and in ``selectors/registry.py``;
+- ``doc`` and ``logs``: one line each, what it picks and the numbers it logs per pick (the
+  README's selector table and ``--help-config`` are generated from them);
+- ``Options``: a dataclass of its settings, every field made with :func:`option`; the config
+  reads them under ``selection.<name>.<field>``. A ``check()`` method, when present, raises
+  ValueError (``"field: problem"``) on an impossible combination;
+- ``needs_embeddings`` and ``scores``: what the feature pass must compute for it (``scores``
+  may depend on the options: set it in ``__init__``);
+- ``__init__(options)``, ``select(features, labeled, candidates, n, rng)`` and
+  ``state_dict()`` (the settings written to the round's ``selector_state.json``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
-from typing import ClassVar, Protocol
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
+
+
+def option(default: Any, doc: str, choices: tuple | None = None, score: bool = False,
+           safe: bool = False):
+    """A field of an ``Options`` dataclass: its default and a one-line doc.
+
+    ``choices``: the allowed values. ``score=True``: the value names a score (the config checks
+    it against the score registry, ``trainer/scores.py``). ``safe=True``: changing it leaves
+    results unchanged (a memory bound, say), so a resumed run may change it.
+    """
+    meta = {"doc": doc, "choices": choices, "score": score, "safe": safe}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def require_positive(options, *names: str) -> None:
+    """For an ``Options.check()``: raise ValueError (``"field: ..."``) unless every named
+    setting is > 0."""
+    for name in names:
+        if getattr(options, name) < 1:
+            raise ValueError(f"{name}: must be > 0, got {getattr(options, name)}")
+
+
+@dataclass
+class NoOptions:
+    """The ``Options`` of a selector without settings."""
+
+
+def options_dict(options) -> dict:
+    """The settings of an ``Options`` instance as a plain dict (for ``state_dict``)."""
+    return dataclasses.asdict(options)
 
 
 @dataclass
@@ -72,15 +120,17 @@ class Selection:
 
 
 class Selector(Protocol):
-    """A selection rule.
+    """A selection rule (see the module docstring for what each member is for).
 
-    ``needs_embeddings`` and ``scores`` say what the feature pass must compute for it.
     ``select`` picks ``n`` of ``candidates`` (pool positions, ascending) given the already
     selected ``labeled`` positions; ``rng`` is seeded per round by the loop.
     """
     name: ClassVar[str]
-    needs_embeddings: ClassVar[bool]
-    scores: ClassVar[tuple[str, ...]]
+    doc: ClassVar[str]
+    logs: ClassVar[str]
+    Options: ClassVar[type]
+    needs_embeddings: bool
+    scores: tuple[str, ...]
 
     def select(self, features: Features, labeled: np.ndarray, candidates: np.ndarray, n: int,
                rng: np.random.Generator) -> Selection: ...

@@ -5,18 +5,16 @@ per-cluster quotas, either proportional to cluster size (largest-remainder round
 each cluster gives its best-scored members. A cluster smaller than its quota gives all it has,
 and the surplus goes to the best-scored candidates left in the other clusters.
 
-Two reference methods are presets of this rule, neither one exactly (REFERENCE §2–3):
-- Cherry LLM's "pre-experienced" sampling: ``quota="equal"``, ``n_clusters=100``, n = 1,000
-  (10 per cluster), KMeans random_state 0 on embeddings of the templated instruction only.
-  Cherry does not take a cluster's top scores: it keeps the members whose instruction perplexity
-  lies between the cluster's 25th and 75th percentiles and takes 10 evenly spaced by dataset
-  index. Here the choice inside a cluster is always by score, so that rule would have to be
-  expressed as a score (none ships).
-- TAGCOS: ``quota="proportional"`` on per-example gradient features rather than hidden-state
-  embeddings (the proportional split is our reading of the paper). Inside a cluster TAGCOS runs
-  OMP towards the cluster's mean gradient; here it takes the top scores.
-Both are one-shot; here the labeled set (earlier rounds) does not enter: the clusters and quotas
-are over this round's scored candidates only.
+Reference methods close to this rule:
+- TAGCOS (Zhang et al., arXiv 2407.15235; ``configs/tagcos.yaml``): ``quota="proportional"``
+  and ``pick="centroid"`` on per-example gradient features (``selection.embedding: gradient``)
+  rather than hidden states (the proportional split is our reading of the paper). Inside a
+  cluster TAGCOS runs OMP towards the cluster's mean gradient; the centroid pick takes OMP's
+  first step (the member closest to the centroid), then the next-closest members.
+- Cherry LLM's pre-experienced sampling (arXiv 2308.12032) also clusters, but picks inside a
+  cluster by a perplexity band, not by score: :mod:`~evotune.selectors.pre_experienced`.
+Both references are one-shot; here the labeled set (earlier rounds) does not enter: the
+clusters and quotas are over this round's scored candidates only.
 
 Choices where the references say nothing:
 - Cluster ids are made canonical: cluster 0 holds the lowest candidate pool index, cluster 1 the
@@ -32,11 +30,14 @@ from __future__ import annotations
 
 import warnings
 
+from dataclasses import dataclass
+
 import numpy as np
 from sklearn.cluster import KMeans
 from sklearn.exceptions import ConvergenceWarning
 
-from evotune.selectors.base import Features, Selection, scored_candidates
+from evotune.selectors.base import (Features, Selection, option, options_dict,
+                                    require_positive, scored_candidates)
 
 QUOTAS = ("proportional", "equal")
 
@@ -56,7 +57,7 @@ def largest_remainder(n: int, weights: np.ndarray) -> np.ndarray:
     return share
 
 
-def _canonical_labels(raw: np.ndarray) -> np.ndarray:
+def canonical_labels(raw: np.ndarray) -> np.ndarray:
     """Relabel clusters by first appearance (``raw`` is in ascending pool order), dropping ids
     that no point carries (KMeans can leave a cluster empty on duplicate points)."""
     ids, first = np.unique(raw, return_index=True)
@@ -132,7 +133,7 @@ def cluster_quota(embeddings: np.ndarray, scores: np.ndarray | None, candidates:
         # dropped below and ``info["n_clusters"]`` reports the clusters actually used.
         warnings.simplefilter("ignore", ConvergenceWarning)
         raw = KMeans(n_clusters=k, n_init=n_init, random_state=random_state).fit_predict(x)
-    labels = _canonical_labels(raw)
+    labels = canonical_labels(raw)
     m = int(labels.max()) + 1
     sizes = np.bincount(labels, minlength=m)
     quotas = largest_remainder(n, sizes if quota == "proportional" else np.ones(m, np.int64))
@@ -172,28 +173,43 @@ def cluster_quota(embeddings: np.ndarray, scores: np.ndarray | None, candidates:
 class ClusterQuotaSelector:
     """KMeans over the round's candidates, a quota per cluster, best scores inside each."""
     name = "cluster_quota"
+    doc = ("KMeans (scikit-learn, seeded) on the candidates' embeddings, `n_clusters` clusters, "
+           "per-cluster quotas proportional to size (largest remainder) or equal, best scores "
+           "within each cluster (or, with `pick: centroid`, the members closest in angle to the "
+           "cluster centroid: TAGCOS), picked round-robin over clusters")
+    logs = "the score (or `centroid_cosine`), `cluster`, `in_quota`"
     needs_embeddings = True
 
-    def __init__(self, score: str, n_clusters: int = 8, quota: str = "proportional",
-                 n_init: int = 10, pick: str = "score"):
-        if quota not in QUOTAS:
-            raise ValueError(f"quota must be one of {', '.join(QUOTAS)}, got {quota!r}")
-        if pick not in ("score", "centroid"):
-            raise ValueError(f"pick must be score or centroid, got {pick!r}")
-        self.score = score
-        self.n_clusters = int(n_clusters)
-        self.quota = quota
-        self.n_init = int(n_init)
-        self.pick = pick
-        self.scores = (score,) if pick == "score" else ()
+    @dataclass
+    class Options:
+        score: str = option("loss", "the score ranked inside each cluster (with pick: score)",
+                            score=True)
+        n_clusters: int = option(8, "KMeans clusters over the candidates")
+        quota: str = option("proportional", "picks per cluster", choices=QUOTAS)
+        pick: str = option("score", "inside a cluster, the best scores or the members closest "
+                                    "to the centroid (TAGCOS)", choices=("score", "centroid"))
+        n_init: int = option(10, "KMeans restarts (pinned: scikit-learn's default has changed "
+                                 "across versions)")
+
+        def check(self) -> None:
+            require_positive(self, "n_clusters", "n_init")
+
+    def __init__(self, options: Options | None = None):
+        self.options = options or self.Options()
+        o = self.options
+        if o.quota not in QUOTAS:
+            raise ValueError(f"quota must be one of {', '.join(QUOTAS)}, got {o.quota!r}")
+        if o.pick not in ("score", "centroid"):
+            raise ValueError(f"pick must be score or centroid, got {o.pick!r}")
+        self.scores = (o.score,) if o.pick == "score" else ()
 
     def select(self, features: Features, labeled: np.ndarray, candidates: np.ndarray, n: int,
                rng: np.random.Generator) -> Selection:
-        features.require(self.name, self.score if self.pick == "score" else None)
-        scores = features.scores[self.score] if self.pick == "score" else None
-        return cluster_quota(features.embeddings, scores, candidates, n, self.n_clusters,
-                             self.quota, self.n_init, random_state=int(rng.integers(2**31)))
+        o = self.options
+        features.require(self.name, o.score if o.pick == "score" else None)
+        scores = features.scores[o.score] if o.pick == "score" else None
+        return cluster_quota(features.embeddings, scores, candidates, n, o.n_clusters,
+                             o.quota, o.n_init, random_state=int(rng.integers(2**31)))
 
     def state_dict(self) -> dict:
-        return {"name": self.name, "score": self.score, "n_clusters": self.n_clusters,
-                "quota": self.quota, "n_init": self.n_init, "pick": self.pick}
+        return {"name": self.name, **options_dict(self.options)}

@@ -1,4 +1,6 @@
-"""Facility location by lazy greedy: Superfiltering.D's diversity step (REFERENCE §2).
+"""Facility location by lazy greedy: Superfiltering.D's diversity step.
+
+Superfiltering: Li et al., arXiv 2402.00530; code tianyi-lab/Superfiltering (``do_fla``).
 
 Maximises F(S) = Σ_{i∈C} w_i · max_{j∈S∪L} sim(i, j) over the scored candidates C, where L is
 the labeled set (earlier rounds): what L already covers adds nothing, so picks go to the parts
@@ -29,10 +31,13 @@ from __future__ import annotations
 
 import heapq
 
+from dataclasses import dataclass
+
 import numpy as np
 from sklearn.metrics.pairwise import euclidean_distances
 
-from evotune.selectors.base import Features, Selection, scored_candidates
+from evotune.selectors.base import (Features, Selection, option, options_dict,
+                                    require_positive, scored_candidates)
 
 
 def _dissimilarity(d: np.ndarray, gamma: float) -> np.ndarray:
@@ -91,7 +96,8 @@ def facility_location_greedy(embeddings: np.ndarray, labeled: np.ndarray, candid
         raise ValueError(f"facility location over {len(candidates)} candidates needs a dense "
                          f"{len(candidates)}×{len(candidates)} kernel; max_candidates is "
                          f"{max_candidates}: filter the candidates by score first (e.g. keep "
-                         f"the top ones, as Superfiltering.D does) or raise max_candidates")
+                         f"the top ones, as Superfiltering.D does) or raise "
+                         f"selection.facility_location.max_candidates")
     if np.intersect1d(labeled, candidates).size:
         raise ValueError("labeled and candidate positions overlap")
     w = np.ones(len(candidates)) if weights is None else np.asarray(weights, dtype=np.float64)
@@ -166,36 +172,49 @@ def minmax_weights(s: np.ndarray) -> np.ndarray:
 class FacilityLocationSelector:
     """Superfiltering.D's facility location over the scored candidates, labeled set as cover."""
     name = "facility_location"
+    doc = ("Superfiltering.D: lazy greedy maximisation of facility location, similarity "
+           "`exp(−d / D)` on Euclidean distance (submodlib's dense euclidean kernel), the "
+           "selected set counting as coverage; optionally weighted by the normalised score")
+    logs = "the score, `gain`"
     needs_embeddings = True
 
-    def __init__(self, score: str, weighted: bool = False, max_candidates: int = 20000):
-        self.score = score
-        self.weighted = bool(weighted)
-        self.max_candidates = int(max_candidates)
-        self.scores = (score,)
+    @dataclass
+    class Options:
+        score: str = option("loss", "candidates without this score are left out; with "
+                                    "`weighted`, coverage is weighted by it", score=True)
+        weighted: bool = option(False, "weight coverage by the normalised score")
+        max_candidates: int = option(20000, "largest candidate set accepted: the kernel is a "
+                                            "dense candidates² float32 matrix (1.6 GB at 20,000)")
+
+        def check(self) -> None:
+            require_positive(self, "max_candidates")
+
+    def __init__(self, options: Options | None = None):
+        self.options = options or self.Options()
+        self.scores = (self.options.score,)
 
     def select(self, features: Features, labeled: np.ndarray, candidates: np.ndarray, n: int,
                rng: np.random.Generator) -> Selection:
-        features.require(self.name, self.score)
-        scores = np.asarray(features.scores[self.score], dtype=np.float64)
+        o = self.options
+        features.require(self.name, o.score)
+        scores = np.asarray(features.scores[o.score], dtype=np.float64)
         if scores.shape != (len(features.embeddings),):
-            raise ValueError(f"score {self.score!r} has shape {scores.shape}; expected "
+            raise ValueError(f"score {o.score!r} has shape {scores.shape}; expected "
                              f"({len(features.embeddings)},), one per pool example")
         candidates = np.sort(np.asarray(candidates, dtype=np.int64))
         if not 0 <= n <= len(candidates):
             raise ValueError(f"cannot pick {n} of {len(candidates)} candidates")
         scored, n_nan = scored_candidates(scores, candidates, n)
         weights = None
-        if self.weighted:
+        if o.weighted:
             if not np.isfinite(scores[scored]).all():
                 raise ValueError(f"weighted facility location needs finite scores; "
-                                 f"{self.score!r} has ±inf among the candidates")
+                                 f"{o.score!r} has ±inf among the candidates")
             weights = minmax_weights(scores[scored])
         picks, gains = facility_location_greedy(features.embeddings, labeled, scored, n,
-                                                weights, max_candidates=self.max_candidates)
+                                                weights, max_candidates=o.max_candidates)
         return Selection(picks, {"score": scores[picks], "gain": gains},
                          {"nan_scores": n_nan})
 
     def state_dict(self) -> dict:
-        return {"name": self.name, "score": self.score, "weighted": self.weighted,
-                "max_candidates": self.max_candidates}
+        return {"name": self.name, **options_dict(self.options)}

@@ -1,8 +1,17 @@
-"""Score filters that run before a diversity rule (filter-then-diversify)."""
+"""The two wrappers the loop puts around a selector: the score filter and the unscored fill.
+
+:class:`ScoreFiltered` runs any selector over the candidates that pass a filter on a score
+(``selection.filter_score``: filter-then-diversify). :class:`ScoredFirst` keeps a rule that
+reads a score alive when some candidates have no value for it. Which selector gets which is
+decided in one place, :func:`evotune.selectors.registry.build`.
+"""
 
 from __future__ import annotations
 
 import numpy as np
+
+from evotune.selectors.base import Selection
+from evotune.selectors.kcenter import kcenter_greedy
 
 
 def score_filter(scores: np.ndarray, candidates: np.ndarray, max_value: float | None,
@@ -42,13 +51,12 @@ class ScoreFiltered:
     def __init__(self, inner, score: str, max_value: float | None, top_fraction: float):
         self.inner, self.score = inner, score
         self.max_value, self.top_fraction = max_value, top_fraction
-        self.name = inner.name
+        self.name, self.options = inner.name, inner.options
         self.needs_embeddings = inner.needs_embeddings
         self.scores = tuple(dict.fromkeys((*inner.scores, score)))
 
     def select(self, features, labeled: np.ndarray, candidates: np.ndarray, n: int,
                rng: np.random.Generator):
-        from evotune.selectors.base import Selection
         passed, info = score_filter(features.scores[self.score], candidates, self.max_value,
                                     self.top_fraction)
         first = self.inner.select(features, labeled, passed, min(n, len(passed)), rng)
@@ -74,23 +82,23 @@ class ScoredFirst:
     """A score-reading selector, kept alive when some candidates have no score.
 
     The rules themselves refuse to pick more than the candidates with a finite score (they are
-    pure and say so). In a run that would stop round 7 because a proxy tokenizer made a few
-    hundred rows unscorable, so the loop wraps every score-reading selector in this: the rule
-    runs over the scored candidates, and only if they are fewer than the round needs, the rest
-    is picked by k-center (on the same embeddings) from the unscored ones, flagged
-    ``scored: 0`` and counted in ``info["unscored_fill"]``.
+    pure and say so). A run would then stop in round 7 because a proxy tokenizer made a few
+    hundred rows unscorable, so every rule that reads a score *and* measures embeddings is
+    wrapped in this (:func:`evotune.selectors.registry.build`): the rule runs over the scored
+    candidates, and only if they are fewer than the round needs, the rest is picked by k-center
+    (on the same embeddings) from the unscored ones, flagged ``scored: 0`` and counted in
+    ``info["unscored_fill"]``. A rule without embeddings (influence) has nothing to fill with
+    and raises instead.
     """
 
     def __init__(self, inner, score: str, chunk_size: int = 4096):
         self.inner, self.score, self.chunk_size = inner, score, chunk_size
-        self.name = inner.name
+        self.name, self.options = inner.name, inner.options
         self.needs_embeddings = inner.needs_embeddings
         self.scores = inner.scores
 
     def select(self, features, labeled: np.ndarray, candidates: np.ndarray, n: int,
                rng: np.random.Generator):
-        from evotune.selectors.base import Selection
-        from evotune.selectors.kcenter import kcenter_greedy
         features.require(self.name, self.score)
         candidates = np.sort(np.asarray(candidates, dtype=np.int64))
         scored = candidates[np.isfinite(features.scores[self.score][candidates])]

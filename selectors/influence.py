@@ -1,45 +1,16 @@
-"""Influence selection (LESS, ROSE) in the loop: the gradient pass and the selection rule.
+"""Influence selection's rule (LESS, ROSE): the candidates whose gradients align best with the
+target set's.
 
-Each round, with the current adapter and the optimizer's live Adam moments:
-1. a seeded sample of the candidates (``influence.candidates``: a gradient pass costs about a
-   training epoch over what it covers, so the cost per round is bounded);
-2. per candidate: the gradient of its mean answer-token loss w.r.t. the trainable (LoRA)
-   parameters, turned into LESS's Adam direction (``influence.adam``), projected to
-   ``influence.dim`` dims (:class:`~evotune.selectors.gradients.SparseProjector`), L2-normalised;
-3. per validation item: the plain gradient (SFT, LESS) or the DPO-pair direction (preference,
-   ROSE), projected and normalised the same way;
-4. influence = mean cosine over each subtask's validation items, aggregated over subtasks
-   (LESS: max); the selector takes the top candidates.
-
-Both passes are sharded over ranks (every rank runs the same number of forward/backward calls)
-and gathered on rank 0; the projected features are written per round (``grad_features.npz``,
-fp16).
-
-Departures from LESS: one checkpoint, the current one (LESS sums four epoch checkpoints of a
-warm-up run weighted by their learning rates; in the loop each round's model is the
-checkpoint, and with a single term the weight does not change the ranking); a sparse JL
-projection instead of trak's dense Rademacher one; gradients in eval mode (no dropout); the
-candidate sample. Departures from ROSE: the validation direction is reference-free unless
-``influence.reference_model`` is set (equal after normalisation without label smoothing, see
-:func:`~evotune.selectors.gradients.dpo_coefficient`).
+The scores come from the gradient pass (``trainer/passes/influence.py``): ``influence`` (the
+aggregate over the target subtasks) and one ``influence:<subtask>`` per subtask. This rule only
+ranks them: LESS keeps the global top-k (Xia et al., arXiv 2402.04333; princeton-nlp/LESS).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import math
-import time
-from pathlib import Path
-
 import numpy as np
-import torch
 
-from evotune.selectors.base import Features, Selection
-from evotune.selectors.gradients import (SparseProjector, adam_direction, aggregate, answer_loss,
-                                         answer_logprob, dpo_coefficient, example_grad,
-                                         influence, normalize_rows, trainable_params)
-from evotune.trainer.state import crash_point
+from evotune.selectors.base import Features, NoOptions, Selection
 
 SCORE = "influence"
 
@@ -47,8 +18,16 @@ SCORE = "influence"
 class InfluenceSelector:
     """Top candidates by influence score (LESS: the global top-k), ties to the lowest index."""
     name = "influence"
+    doc = ("LESS / ROSE: the candidates whose Adam-preconditioned LoRA gradients (projected, "
+           "normalised) align best with a validation set's gradients: mean cosine per "
+           "validation subtask, max over subtasks (see Influence selection)")
+    logs = "`influence`, `top_subtask`, one `influence:<subtask>` per subtask"
+    Options = NoOptions
     needs_embeddings = False
     scores = (SCORE,)
+
+    def __init__(self, options: NoOptions | None = None):
+        self.options = options or NoOptions()
 
     def select(self, features: Features, labeled: np.ndarray, candidates: np.ndarray, n: int,
                rng: np.random.Generator) -> Selection:
@@ -71,233 +50,3 @@ class InfluenceSelector:
 
     def state_dict(self) -> dict:
         return {"name": self.name}
-
-
-class InfluencePass:
-    """Computes the ``influence`` score (and one ``influence:<subtask>`` score per subtask)."""
-
-    def __init__(self, cfg, pool_enc, val_items, strategy, reference_model=None):
-        self.cfg, self.icfg = cfg, cfg.influence
-        self.pool_enc, self.val, self.strategy = pool_enc, val_items, strategy
-        self.reference_margins = None
-        if reference_model is not None:
-            self.reference_margins = self._margins(reference_model)
-
-    @torch.no_grad()
-    def _margins(self, model) -> list[float]:
-        """log π(y_w) − log π(y_l) of every preference item under ``model`` (every rank)."""
-        dev = self.strategy.device
-        model.to(dev).eval()
-        out = []
-        for it in self.val:
-            w = answer_logprob(model, it.chosen.input_ids, it.chosen.labels, dev)
-            lo = answer_logprob(model, it.rejected.input_ids, it.rejected.labels, dev)
-            out.append(float(w - lo))
-        return out
-
-    def run(self, engine, candidates: np.ndarray, r: int, logger, labeled=(),
-            embeddings: bool = False, shard_dir: Path | None = None, weight: float = 1.0,
-            history: list[Path] = ()):
-        """Every rank calls this. Returns Features on rank 0 (None elsewhere) with the scores
-        (when there is a validation set), skip reasons, the projected features (``extra``) and,
-        with ``embeddings``, the projected features of the sample and of the ``labeled``
-        positions as (N, dim) ``embeddings`` (NaN rows elsewhere); and the pass statistics
-        (tokens forwarded and backpropagated, all ranks). ``shard_dir``: where the pass keeps
-        its finished batches until the round is complete (see :meth:`_features`).
-
-        ``weight``: this checkpoint's weight (the mean learning rate of the training that made
-        it). With ``influence.checkpoints: all``, ``history`` holds the ``influence_terms.npz``
-        of the earlier influence rounds, and each subtask's score is the weighted sum over all
-        those checkpoints (LESS's sum over checkpoints) before the aggregation; the terms of
-        this round go to ``extra["influence_terms"]`` for the loop to store."""
-        self._round = r
-        from evotune.trainer.state import derive_seed
-
-        st, icfg = self.strategy, self.icfg
-        module = engine.module
-        t0 = time.perf_counter()
-        rng = np.random.default_rng(derive_seed(self.cfg.seed, "influence-sample", r))
-        k = icfg.candidates if isinstance(icfg.candidates, int) else \
-            max(1, math.floor(icfg.candidates * len(candidates)))
-        sample = np.sort(rng.choice(candidates, size=min(k, len(candidates)), replace=False))
-        named = trainable_params(module)
-        params = [p for _, p in named]
-        if not params:
-            raise ValueError("influence selection needs trainable parameters (LoRA or full)")
-        moments = st.optimizer_moments(engine, params) if icfg.adam else None
-        sizes = [int(np.prod(st.full_shape(p))) for p in params]
-        projector = SparseProjector(sizes, icfg.dim, derive_seed(self.cfg.seed, "projection", 0),
-                                    icfg.projection_nnz)
-        rows_for = np.union1d(sample, np.asarray(labeled, dtype=np.int64)) if embeddings \
-            else sample
-        was_training = module.training
-        module.eval()
-        try:
-            with logger.progress(f"round {r}: gradients (train)", len(rows_for)) as advance:
-                train_rows = self._features(module, params, projector, list(rows_for), moments,
-                                            "train", advance, shard_dir)
-            with logger.progress(f"round {r}: gradients (validation)", len(self.val)) as advance:
-                val_rows = self._features(module, params, projector, list(range(len(self.val))),
-                                          None, "val", advance, shard_dir)
-        finally:
-            module.train(was_training)
-        from evotune.selectors.features import PassStats
-        tokens = sum(len(self.pool_enc[i].input_ids) for i in rows_for) + sum(
-            len(it.encoded.input_ids) if it.kind == "sft" else
-            len(it.chosen.input_ids) + len(it.rejected.input_ids) for it in self.val)
-        stats = PassStats(time.perf_counter() - t0, tokens, tokens)
-        train_all = st.gather_to_rank0(train_rows)
-        val_all = st.gather_to_rank0(val_rows)
-        if not st.is_rank0:
-            return None, stats
-        n = len(self.pool_enc)
-        computed = _assemble(train_all, rows_for)
-        train = computed[np.searchsorted(rows_for, sample)]
-        features = Features()
-        features.extra = {"grad_sample": sample, "grad_positions": rows_for,
-                          "grad_train": computed.astype(np.float16)}
-        if embeddings:
-            features.embeddings = np.full((n, computed.shape[1]), np.nan, dtype=np.float32)
-            features.embeddings[rows_for] = computed
-        if not self.val:
-            return features, stats
-        val = _assemble(val_all, np.arange(len(self.val)))
-        per_subtask, names = influence(torch.from_numpy(train), torch.from_numpy(val),
-                                       [it.subtask for it in self.val])
-        terms = np.full((n, len(names)), np.nan)
-        terms[sample] = per_subtask.numpy()
-        features.extra["influence_terms"] = terms
-        features.extra["influence_weight"] = np.array(weight)
-        features.extra["influence_subtasks"] = np.array(names)
-        # One checkpoint: the mean cosines as they are; a sum over checkpoints: LR-weighted.
-        summed = weight * terms if icfg.checkpoints == "all" else terms
-        for path in history:                 # earlier checkpoints (influence.checkpoints: all)
-            with np.load(path) as old:
-                if list(old["influence_subtasks"]) != names:
-                    raise ValueError(f"{path}: its validation subtasks differ from this round's")
-                summed = summed + float(old["influence_weight"]) * old["influence_terms"]
-        per_subtask = torch.from_numpy(summed[sample])
-        if not np.isfinite(summed[sample]).all():
-            raise ValueError("influence.checkpoints=all: a candidate lacks a score at an earlier "
-                             "checkpoint (influence.candidates must be all of them)")
-        total = aggregate(per_subtask, icfg.aggregation).numpy()
-        unsampled = {int(i): "not in this round's gradient sample (influence.candidates)"
-                     for i in np.setdiff1d(candidates, sample)}
-        unsampled.update({int(i): "already selected" for i in
-                          np.setdiff1d(np.arange(n), candidates)})
-        for name, values in [(SCORE, total)] + [(f"{SCORE}:{t}", per_subtask[:, j].numpy())
-                                                for j, t in enumerate(names)]:
-            features.scores[name] = np.full(n, np.nan)
-            features.scores[name][sample] = values
-            features.skipped[name] = dict(unsampled)
-        features.extra.update({"grad_val": val.astype(np.float16),
-                               "grad_val_subtasks": np.array([it.subtask for it in self.val])})
-        return features, stats
-
-    def _features(self, module, params, projector, items: list[int], moments, which: str,
-                  advance, shard_dir: Path | None = None) -> list[tuple[int, np.ndarray]]:
-        """This rank's share of ``items``: (item, normalised projected feature) pairs.
-
-        With ``shard_dir``, every projected batch is written there as a shard (atomically,
-        fp32) as soon as it is done, and a rerun of the same pass (a resumed round) reloads the
-        shards every rank has finished and computes only the rest: a crash mid-pass loses at
-        most one batch per rank, and the resumed values are the uninterrupted ones.
-        """
-        st, icfg = self.strategy, self.icfg
-        mine = items[st.rank::st.world_size]
-        # Equal call counts on every rank (ZeRO-3 gathers are collectives): pad by repeating.
-        per_rank = math.ceil(len(items) / st.world_size)
-        padded = mine + [items[0]] * (per_rank - len(mine)) if items else []
-        batches = [padded[i:i + icfg.batch_size] for i in range(0, len(padded), icfg.batch_size)]
-        key = _fingerprint(self.cfg, which, st.world_size, st.rank, padded)
-        done = _load_shards(shard_dir, which, st.rank, key, batches) if shard_dir else []
-        # Every rank resumes at the same batch (the fewest any rank has finished).
-        counts = st.gather_to_rank0(len(done))
-        start = st.broadcast_from_rank0(min(counts) if st.is_rank0 else None)
-        if start and st.is_rank0:
-            from evotune.trainer.logs import log
-            log.info(f"gradient pass ({which}): reusing {start} of {len(batches)} finished "
-                     f"batches per rank from {shard_dir}")
-        def owners(k):      # the real items of batch k (None for the padding repeats)
-            first = k * icfg.batch_size
-            return [item if first + j < len(mine) else None for j, item in enumerate(batches[k])]
-
-        out = []
-        for k in range(start):
-            out += [(o, row) for o, row in zip(owners(k), done[k]) if o is not None]
-            advance(sum(o is not None for o in owners(k)) * st.world_size)
-        for k in range(start, len(batches)):
-            batch = [self._grad(module, params, item, moments, which) for item in batches[k]]
-            blocks = [torch.stack([g[i] for g in batch]) for i in range(len(params))]
-            rows = normalize_rows(projector.project(blocks)).cpu().numpy()
-            if shard_dir is not None:
-                _save_shard(shard_dir, which, st.rank, k, key, rows)
-                crash_point(f"grad_{which}", self._round)
-            out += [(o, row) for o, row in zip(owners(k), rows) if o is not None]
-            advance(sum(o is not None for o in owners(k)) * st.world_size)
-        return out
-
-    def _grad(self, module, params, item: int, moments, which: str) -> list[torch.Tensor]:
-        dev, icfg = self.strategy.device, self.icfg
-        if which == "train":
-            enc = self.pool_enc[item]
-            g = example_grad(answer_loss(module, enc.input_ids, enc.labels, dev), params)
-            if moments is not None:
-                g = adam_direction(g, *moments, eps_inside_sqrt=icfg.eps_inside_sqrt)
-            return [t.reshape(-1).cpu() for t in g]
-        it = self.val[item]
-        if it.kind == "sft":
-            g = example_grad(answer_loss(module, it.encoded.input_ids, it.encoded.labels, dev),
-                             params)
-            return [t.reshape(-1).cpu() for t in g]
-        margin = answer_logprob(module, it.chosen.input_ids, it.chosen.labels, dev) \
-            - answer_logprob(module, it.rejected.input_ids, it.rejected.labels, dev)
-        if self.reference_margins is None:
-            coef = -1.0          # reference-free: every DPO gradient is a negative multiple
-        else:
-            coef = dpo_coefficient(float(margin.detach()), self.reference_margins[item],
-                                   icfg.beta, icfg.label_smoothing)
-        g = example_grad(margin, params)
-        return [(coef * t).reshape(-1).cpu() for t in g]
-
-
-def _fingerprint(cfg, which: str, world_size: int, rank: int, items: list[int]) -> str:
-    """What a shard's values depend on besides the model (the round's model is fixed by the
-    run's settings and seeds, which ``results_hash`` covers)."""
-    text = json.dumps([cfg.results_hash(), which, world_size, rank, [int(i) for i in items],
-                       cfg.influence.batch_size])
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def _shard_path(shard_dir: Path, which: str, rank: int, k: int) -> Path:
-    return shard_dir / f"{which}_rank{rank:03d}_{k:05d}.npz"
-
-
-def _save_shard(shard_dir: Path, which: str, rank: int, k: int, key: str, rows) -> None:
-    shard_dir.mkdir(parents=True, exist_ok=True)
-    path = _shard_path(shard_dir, which, rank, k)
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, key=np.array(key), rows=rows)
-    tmp.replace(path)
-
-
-def _load_shards(shard_dir: Path, which: str, rank: int, key: str, batches) -> list[np.ndarray]:
-    """The finished shards of this rank, in order, up to the first missing or foreign one."""
-    done = []
-    for k, batch in enumerate(batches):
-        path = _shard_path(shard_dir, which, rank, k)
-        if not path.is_file():
-            break
-        try:
-            with np.load(path) as f:
-                if str(f["key"]) != key or f["rows"].shape[0] != len(batch):
-                    break
-                done.append(f["rows"])
-        except (OSError, ValueError, KeyError):     # a torn file: recompute from here
-            break
-    return done
-
-
-def _assemble(gathered, order) -> np.ndarray:
-    rows = {item: row for rank_rows in gathered for item, row in rank_rows}
-    return np.stack([rows[int(i)] for i in order]).astype(np.float32)

@@ -1,4 +1,7 @@
-"""Greedy k-center (furthest-first) selection, with DiverseEvol's semantics (REFERENCE §1).
+"""Greedy k-center (furthest-first) selection, with DiverseEvol's semantics.
+
+DiverseEvol: Wu et al., "Self-Evolved Diverse Data Sampling for Efficient Instruction Tuning",
+arXiv 2311.08182; code OFA-Sys/DiverseEvol.
 
 All labeled points are the initial centres. Each pick is the candidate furthest (Euclidean) from
 its nearest centre; it then becomes a centre. Ties go to the lowest pool index.
@@ -18,9 +21,12 @@ Departures from the reference implementation (OFA-Sys/DiverseEvol), on purpose:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
-from evotune.selectors.base import Features, Selection
+from evotune.selectors.base import (Features, Selection, option, options_dict,
+                                    require_positive)
 
 
 class NearestCentre:
@@ -106,18 +112,30 @@ def kcenter_greedy(embeddings: np.ndarray, labeled: np.ndarray, candidates: np.n
 class KCenterSelector:
     """DiverseEvol's diversity rule over the current model's embeddings."""
     name = "kcenter"
+    doc = ("DiverseEvol's greedy k-center: the candidate furthest (Euclidean, current-model "
+           "embedding) from everything selected so far, one at a time.")
+    logs = "`kcenter_distance`"
     needs_embeddings = True
     scores = ()
 
-    def __init__(self, chunk_size: int = 4096):
-        self.chunk_size = chunk_size
+    @dataclass
+    class Options:
+        chunk_size: int = option(4096, "candidate rows per distance block (a memory bound; also "
+                                       "the block of the k-center fill of unscored candidates)",
+                                 safe=True)
+
+        def check(self) -> None:
+            require_positive(self, "chunk_size")
+
+    def __init__(self, options: Options | None = None):
+        self.options = options or self.Options()
 
     def select(self, features: Features, labeled: np.ndarray, candidates: np.ndarray, n: int,
                rng: np.random.Generator) -> Selection:
         features.require(self.name)
         picks, dists = kcenter_greedy(features.embeddings, labeled, candidates, n,
-                                      self.chunk_size)
+                                      self.options.chunk_size)
         return Selection(picks, {"kcenter_distance": dists})
 
     def state_dict(self) -> dict:
-        return {"name": self.name, "chunk_size": self.chunk_size}
+        return {"name": self.name, **options_dict(self.options)}

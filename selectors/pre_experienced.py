@@ -26,13 +26,15 @@ Departures (each on purpose):
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 from sklearn.cluster import KMeans
 from sklearn.exceptions import ConvergenceWarning
 
-from evotune.selectors.base import Features, Selection
-from evotune.selectors.cluster_quota import _canonical_labels
+from evotune.selectors.base import (Features, Selection, option, options_dict,
+                                    require_positive)
+from evotune.selectors.cluster_quota import canonical_labels
 
 SCORE = "instruction_perplexity"
 
@@ -58,16 +60,40 @@ def middle_band_sample(labels: np.ndarray, confidences: np.ndarray, n: int,
 
 
 class PreExperiencedSelector:
-    """Round 0 by Cherry's pre-experienced sampling (see the module docstring)."""
+    """Round 0 by Cherry's pre-experienced sampling (see the module docstring).
+
+    It reads features of the prompts alone (the ``instructions`` pass of
+    ``trainer/passes/features.py``), so it chooses round 0 only (``selection.first_round``).
+    """
     name = "pre_experienced"
+    doc = ("Cherry LLM's pre-experienced round 0: KMeans on the base model's prompt embeddings, "
+           "from each cluster members of the middle prompt-perplexity band, evenly spaced")
+    logs = "`instruction_perplexity`, `cluster`, `in_band`"
     needs_embeddings = True
     scores = (SCORE,)
 
-    def __init__(self, n_clusters: int = 100, low: float = 25, up: float = 75, n_init: int = 10):
-        self.n_clusters, self.low, self.up, self.n_init = n_clusters, low, up, n_init
+    @dataclass
+    class Options:
+        n_clusters: int = option(100, "KMeans clusters (Cherry: 100)")
+        low: float = option(25.0, "lower percentile of a cluster's prompt-perplexity band "
+                                  "(Cherry: 25)")
+        up: float = option(75.0, "upper percentile of the band (Cherry: 75)")
+        n_init: int = option(10, "KMeans restarts (pinned: scikit-learn's default has changed "
+                                 "across versions)")
+
+        def check(self) -> None:
+            require_positive(self, "n_clusters", "n_init")
+            if not 0 <= self.low <= 100:
+                raise ValueError(f"low: a percentile, must be in [0, 100], got {self.low}")
+            if not self.low <= self.up <= 100:
+                raise ValueError(f"up: must be in [low, 100] = [{self.low}, 100], got {self.up}")
+
+    def __init__(self, options: Options | None = None):
+        self.options = options or self.Options()
 
     def select(self, features: Features, labeled: np.ndarray, candidates: np.ndarray, n: int,
                rng: np.random.Generator) -> Selection:
+        o = self.options
         features.require(self.name, SCORE)
         candidates = np.sort(np.asarray(candidates, dtype=np.int64))
         if not 0 <= n <= len(candidates):
@@ -75,16 +101,16 @@ class PreExperiencedSelector:
         ppl = features.scores[SCORE][candidates]
         ok = np.isfinite(ppl) & np.isfinite(features.embeddings[candidates]).all(axis=1)
         rows = candidates[ok]
-        k = min(self.n_clusters, len(rows))
+        k = min(o.n_clusters, len(rows))
         if k < 1:
             raise ValueError("no candidate has a finite instruction embedding and perplexity")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
-            raw = KMeans(n_clusters=k, n_init=self.n_init, random_state=0).fit_predict(
+            raw = KMeans(n_clusters=k, n_init=o.n_init, random_state=0).fit_predict(
                 np.asarray(features.embeddings[rows], dtype=np.float32))
-        labels = _canonical_labels(raw)
+        labels = canonical_labels(raw)
         per_cluster = max(1, n // k)
-        chosen = middle_band_sample(labels, ppl[ok], per_cluster, self.low, self.up)
+        chosen = middle_band_sample(labels, ppl[ok], per_cluster, o.low, o.up)
         picks = np.concatenate([rows[chosen[c]] for c in sorted(chosen)])[:n]
         cluster = np.concatenate([labels[chosen[c]] for c in sorted(chosen)])[:n]
         fill = n - len(picks)
@@ -99,5 +125,4 @@ class PreExperiencedSelector:
         return Selection(picks.astype(np.int64), numbers, info)
 
     def state_dict(self) -> dict:
-        return {"n_clusters": self.n_clusters, "low": self.low, "up": self.up,
-                "n_init": self.n_init}
+        return {"name": self.name, **options_dict(self.options)}

@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import numpy as np
 
-from evotune.selectors.base import Features, Selection
+from evotune.selectors.base import Features, NoOptions, Selection
 
 
 class RandomSelector:
     """Picks ``n`` candidates uniformly without replacement with the round's generator."""
     name = "random"
+    doc = "seeded uniform sample of the candidates (the baseline to beat)"
+    logs = "–"
+    Options = NoOptions
     needs_embeddings = False
     scores = ()
+
+    def __init__(self, options: NoOptions | None = None):
+        self.options = options or NoOptions()
 
     def select(self, features: Features, labeled: np.ndarray, candidates: np.ndarray, n: int,
                rng: np.random.Generator) -> Selection:

@@ -1,4 +1,6 @@
-"""DEITA's representation filter: best score first, skipping near-duplicates (REFERENCE §3).
+"""DEITA's representation filter: best score first, skipping near-duplicates.
+
+DEITA: Liu et al., "What Makes Good Data for Alignment?", arXiv 2312.15685; code hkust-nlp/deita.
 
 Candidates are walked by descending score. One is admitted only if its largest cosine similarity
 to everything already admitted is <= ``threshold`` (0.9 in DEITA); the walk stops at ``n``.
@@ -23,9 +25,12 @@ purpose:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
-from evotune.selectors.base import Features, Selection, scored_candidates
+from evotune.selectors.base import (Features, Selection, option, options_dict,
+                                    scored_candidates)
 
 
 def _unit_rows(x: np.ndarray) -> tuple[np.ndarray, int]:
@@ -160,18 +165,34 @@ def repr_filter(embeddings: np.ndarray, scores: np.ndarray, labeled: np.ndarray,
 class RepresentationFilterSelector:
     """DEITA's score-first, near-duplicate-skipping rule over the round's embeddings."""
     name = "repr_filter"
+    doc = ("DEITA's representation filter: candidates by descending score, each admitted only "
+           "if its max cosine similarity to everything selected (earlier rounds and this one) is "
+           "≤ `threshold`; if too few pass, the best rejected fill the budget (`admitted: 0`)")
+    logs = "the score, `max_cosine`, `admitted`"
     needs_embeddings = True
 
-    def __init__(self, score: str, threshold: float = 0.9):
-        self.score = score
-        self.threshold = float(threshold)
-        self.scores = (score,)
+    @dataclass
+    class Options:
+        score: str = option("loss", "the score candidates are walked by (highest first)",
+                            score=True)
+        threshold: float = option(0.9, "admit a candidate only if its max cosine similarity to "
+                                       "everything selected is at most this (DEITA: 0.9)")
+
+        def check(self) -> None:
+            if not -1 <= self.threshold <= 1:
+                raise ValueError(f"threshold: a cosine similarity, must be in [-1, 1], got "
+                                 f"{self.threshold}")
+
+    def __init__(self, options: Options | None = None):
+        self.options = options or self.Options()
+        self.scores = (self.options.score,)
 
     def select(self, features: Features, labeled: np.ndarray, candidates: np.ndarray, n: int,
                rng: np.random.Generator) -> Selection:
-        features.require(self.name, self.score)
-        return repr_filter(features.embeddings, features.scores[self.score], labeled,
-                           candidates, n, self.threshold)
+        o = self.options
+        features.require(self.name, o.score)
+        return repr_filter(features.embeddings, features.scores[o.score], labeled,
+                           candidates, n, float(o.threshold))
 
     def state_dict(self) -> dict:
-        return {"name": self.name, "score": self.score, "threshold": self.threshold}
+        return {"name": self.name, **options_dict(self.options)}

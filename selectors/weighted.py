@@ -10,9 +10,12 @@ This rule is evotune's own; no reference method defines it.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
-from evotune.selectors.base import Features, Selection, scored_candidates
+from evotune.selectors.base import (Features, Selection, option, options_dict,
+                                    require_positive, scored_candidates)
 from evotune.selectors.kcenter import NearestCentre, check_inputs
 
 
@@ -74,23 +77,38 @@ def weighted_greedy(embeddings: np.ndarray, scores: np.ndarray, labeled: np.ndar
 class WeightedSelector:
     """``alpha`` · normalised score + (1 − ``alpha``) · normalised k-center distance."""
     name = "weighted"
+    doc = ("greedy on `alpha · score + (1 − alpha) · distance`: the score min-max normalised "
+           "over the candidates, the k-center distance divided by the largest remaining one; "
+           "`alpha` 0 is k-center, 1 is top-score. evotune's own rule")
+    logs = "the score, `kcenter_distance`, `objective`"
     needs_embeddings = True
 
-    def __init__(self, score: str, alpha: float = 0.5, chunk_size: int = 4096):
-        self.score = score
-        self.scores = (score,)
-        self.alpha = alpha
-        self.chunk_size = chunk_size
+    @dataclass
+    class Options:
+        score: str = option("loss", "the score mixed with the k-center distance (higher = "
+                                    "preferred)", score=True)
+        alpha: float = option(0.5, "weight of the score against the k-center distance (0 = "
+                                   "k-center, 1 = top score)")
+        chunk_size: int = option(4096, "candidate rows per distance block (a memory bound)",
+                                 safe=True)
+
+        def check(self) -> None:
+            if not 0 <= self.alpha <= 1:
+                raise ValueError(f"alpha: must be in [0, 1], got {self.alpha}")
+            require_positive(self, "chunk_size")
+
+    def __init__(self, options: Options | None = None):
+        self.options = options or self.Options()
+        self.scores = (self.options.score,)
 
     def select(self, features: Features, labeled: np.ndarray, candidates: np.ndarray, n: int,
                rng: np.random.Generator) -> Selection:
-        features.require(self.name, self.score)
-        picks, numbers, info = weighted_greedy(features.embeddings, features.scores[self.score],
-                                               labeled, candidates, n, self.alpha,
-                                               self.chunk_size)
-        numbers[self.score] = numbers.pop("score")
+        o = self.options
+        features.require(self.name, o.score)
+        picks, numbers, info = weighted_greedy(features.embeddings, features.scores[o.score],
+                                               labeled, candidates, n, o.alpha, o.chunk_size)
+        numbers[o.score] = numbers.pop("score")
         return Selection(picks, numbers, info)
 
     def state_dict(self) -> dict:
-        return {"name": self.name, "score": self.score, "alpha": self.alpha,
-                "chunk_size": self.chunk_size}
+        return {"name": self.name, **options_dict(self.options)}

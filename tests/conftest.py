@@ -29,5 +29,5 @@ def tokenizer(smollm_dir):
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, smollm_dir) -> Path:
-    from evotune.trainer.model import build_tiny_model
+    from helpers import build_tiny_model
     return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"), smollm_dir)

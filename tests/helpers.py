@@ -70,3 +70,101 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def build_tiny_model(out_dir, tokenizer_dir) -> Path:
+    """Save a tiny randomly initialised Llama (hidden 32, 2 layers) and a real tokenizer, for tests.
+
+    The weights are the same on every call (seed 0; the global RNG state is left untouched).
+    The vocabulary is the tokenizer's, so real chat-templated text can be fed to the model.
+
+    Returns:
+        ``out_dir`` as a ``Path``, loadable with ``load_model`` and ``load_tokenizer``.
+    """
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    out_dir = Path(out_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),  # len() counts added special tokens, vocab_size does not
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def ifd_scores(model, tokenizer, rows: list, variant: str, max_length: int,
+               batch_size: int = 8, device="cpu") -> list[dict]:
+    """IFD of each Alpaca row with one model in one process, from evotune's own token rules
+    (``ifd_inputs``), batching and loss: the reference-template IFD pass without a Strategy.
+
+    The conditioned and direct passes of all rows are batched together by length (right
+    padding); each mean loss covers the row's scored answer tokens only. The model is put in
+    eval mode for the pass and restored after.
+
+    Returns:
+        One dict per row, in order: ``{"loss_cond", "loss_direct", "ifd"}`` (floats; losses in
+        nats/token), or ``{"skipped": reason}``.
+    """
+    import torch
+
+    from evotune.trainer.data import Encoded, collate, plan_batches
+    from evotune.trainer.fit import logits_window
+    from evotune.trainer.model import backbone, lm_head
+    from evotune.trainer.passes.ifd import ifd_inputs, ifd_value
+    from evotune.trainer.scores import response_scores
+
+    out: list[dict] = [{} for _ in rows]
+    seqs: list[Encoded] = []
+    owners: list[tuple[int, str]] = []          # (row index, "loss_cond" | "loss_direct")
+    for i, row in enumerate(rows):
+        made = ifd_inputs(row, tokenizer, variant, max_length)
+        if isinstance(made, str):
+            out[i] = {"skipped": made}
+            continue
+        seqs += made
+        owners += [(i, "loss_cond"), (i, "loss_direct")]
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    was_training = model.training
+    model.eval()
+    decoder, head = backbone(model), lm_head(model)
+    try:
+        with torch.no_grad():
+            for positions in plan_batches([len(s.input_ids) for s in seqs], batch_size):
+                batch = collate([seqs[p] for p in positions], pad_id)
+                hidden = decoder(input_ids=batch["input_ids"].to(device),
+                                 attention_mask=batch["attention_mask"].to(device)
+                                 ).last_hidden_state
+                logits = head(hidden[:, -logits_window(batch["labels"]):])
+                losses = response_scores(logits, batch["labels"].to(logits.device),
+                                         ("loss",))["loss"]
+                for p, loss in zip(positions, losses.tolist()):
+                    i, key = owners[p]
+                    out[i][key] = loss
+    finally:
+        model.train(was_training)
+
+    for r in out:
+        if "skipped" in r:
+            continue
+        try:
+            r["ifd"] = ifd_value(r["loss_cond"], r["loss_direct"], variant)
+        except ValueError as e:
+            r.clear()
+            r["skipped"] = str(e)
+    return out

@@ -34,7 +34,15 @@ def test_readme_documents_every_config_key():
     assert documented == set(Config().flat())
 
 
-def test_readme_config_table_is_the_generated_one():
-    """Defaults and docs too (regenerate: python launch/train.py --help-config-markdown)."""
-    from evotune.trainer.config import describe_markdown
-    assert describe_markdown() in readme()
+def test_readme_tables_are_the_generated_ones():
+    """The configuration, selector and score tables, defaults and docs too, come from the code
+    (regenerate: python launch/train.py --help-config-markdown)."""
+    from evotune.trainer.config import describe_markdown, scores_markdown, selectors_markdown
+    text = readme()
+    assert describe_markdown() in section(text, "Configuration")
+    assert selectors_markdown() in section(text, "Selectors")
+    assert scores_markdown() in section(text, "Scores")
+
+
+def section(text: str, title: str) -> str:
+    return text.split(f"\n## {title}\n", 1)[1].split("\n## ", 1)[0]

@@ -5,6 +5,13 @@ launch/train.py --help-config`` prints them all. Loading fails early, naming the
 fix, on unknown keys, wrong types and impossible values. Checks that need the data (the budget
 against the pool size) live in :func:`resolve_budget`.
 
+Each selector's settings are its own ``Options`` dataclass, read under ``selection.<name>``
+(``selectors/registry.py``), and each score's under ``scoring.<name>`` (``trainer/scores.py``):
+those sections are built from the two registries, so a registered selector or score brings its
+settings, their docs and their checks with it. Keys that moved there from a flat
+``selection.*`` field are listed in :data:`MOVED`: a saved run config is migrated, a YAML file
+or an override gets an error naming the new key.
+
 Input paths (model, data, eval) written in a YAML file are resolved against that file's folder,
 so a config and the data next to it travel together; given on the command line they are
 resolved against the current directory. ``output.dir`` is always relative to the current
@@ -24,17 +31,13 @@ import typing
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import yaml
 
 
-# Names of the selectors in selectors/registry.py and the scores in selectors/scores.py
-# (a test keeps them equal; kept here so the config does not import model code).
-SELECTOR_NAMES = ("kcenter", "random", "weighted", "repr_filter", "cluster_quota",
-                  "facility_location", "influence")
-SCORE_NAMES = ("loss", "perplexity", "length", "least_confidence", "margin", "entropy",
-               "ifd_cherry", "ifd_superfilter", "knn_k", "linear", "influence")
+from evotune.selectors import registry as selector_registry
+from evotune.trainer import scores as score_registry
 
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
@@ -43,14 +46,18 @@ class ConfigError(ValueError):
     """A config value is missing, unknown, of the wrong type or impossible."""
 
 
-def _f(default: Any, doc: str, choices: tuple | None = None, path: str | None = None):
-    """A dataclass field with a one-line doc and optional allowed values.
+def _f(default: Any, doc: str, choices: tuple | Callable | None = None, path: str | None = None,
+       safe: bool = False):
+    """A dataclass field with a one-line doc and optional allowed values (a tuple, or a function
+    returning one, read when the config is checked: e.g. the registered selectors).
 
     ``path="input"``: a relative value is resolved against the YAML file's folder (or the
     current directory on the command line); ``path="output"``: always against the current
-    directory.
+    directory. ``safe=True``: changing the value leaves results unchanged, so a resume accepts
+    the change with a warning (the selectors' and scores' options say so with
+    :func:`evotune.selectors.base.option`).
     """
-    meta = {"doc": doc, "choices": choices, "path": path}
+    meta = {"doc": doc, "choices": choices, "path": path, "safe": safe}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
     return field(default=default, metadata=meta)
@@ -65,8 +72,9 @@ class ModelConfig:
     precision: str = _f("auto", "auto = bf16 on accelerators that support it, else fp32",
                         choices=("auto", "bf16", "fp32"))
     attn_implementation: str = _f("sdpa", "attention kernel passed to transformers",
-                                  choices=("sdpa", "eager", "flash_attention_2"))
-    gradient_checkpointing: bool = _f(False, "recompute activations in backward to save memory")
+                                  choices=("sdpa", "eager", "flash_attention_2"), safe=True)
+    gradient_checkpointing: bool = _f(False, "recompute activations in backward to save memory",
+                                      safe=True)
 
 
 @dataclass
@@ -94,59 +102,52 @@ class DataConfig:
 @dataclass
 class EvalConfig:
     path: str = _f("", "held-out JSON/JSONL evaluated after every round: loss on the answers, "
-                       "and accuracy over rows with 'choices' (empty = no eval)", path="input")
-    max_examples: int = _f(0, "use only the first N eval rows (0 = all)")
-    batch_size: int = _f(8, "examples per forward call per rank")
+                       "and accuracy over rows with 'choices' (empty = no eval)", path="input",
+                  safe=True)
+    max_examples: int = _f(0, "use only the first N eval rows (0 = all)", safe=True)
+    batch_size: int = _f(8, "examples per forward call per rank", safe=True)
+
+
+def _selector_names() -> tuple[str, ...]:
+    return tuple(selector_registry.SELECTORS)
+
+
+def _score_names() -> tuple[str, ...]:
+    return tuple(score_registry.SCORES)
 
 
 @dataclass
 class SelectionConfig:
+    """What is selected when. Each selector's own settings are a ``selection.<name>`` section
+    (its ``Options``), added from ``selectors/registry.py``: see :func:`selection_config`."""
     selector: str = _f("kcenter", "how new examples are chosen each round (see README, "
-                                  "Selectors)", choices=SELECTOR_NAMES)
-    score: str = _f("loss", "per-example score a score-reading selector ranks by (higher = "
-                            "preferred)", choices=SCORE_NAMES)
-    alpha: float = _f(0.5, "weighted: weight of the score against k-center distance (0 = "
-                           "k-center, 1 = top score)")
+                                  "Selectors; settings under selection.<selector>)",
+                       choices=_selector_names)
     filter_score: Optional[str] = _f(
         None, "run the selector only over candidates that pass a filter on this score "
               "(filter-then-diversify, as Superfiltering); null = no filter",
-        choices=(None,) + SCORE_NAMES)
+        choices=lambda: (None,) + _score_names())
     filter_max: Optional[float] = _f(None, "filter: drop candidates whose score is above this")
     filter_top_fraction: float = _f(
         1.0, "filter: then keep this fraction of the candidates with the highest scores")
-    repr_threshold: float = _f(0.9, "repr_filter: admit a candidate only if its max cosine "
-                                    "similarity to everything selected is at most this")
-    linear: str = _f("", "the 'linear' score: a rule over other scores, e.g. "
-                         "'0.9*knn_k - 1.0*ifd_cherry + 8e-5*length' (Instruction Mining; "
-                         "higher = preferred)")
-    knn_k: int = _f(6, "the 'knn_k' score: distance to the k-th nearest pool neighbour in the "
-                       "current embedding space")
     embedding: str = _f("hidden", "what embedding-based rules measure: hidden = the mean last "
                                   "hidden state (DiverseEvol); gradient = the projected, "
                                   "normalised LoRA gradient (influence.* settings; TAGCOS)",
                         choices=("hidden", "gradient"))
-    n_clusters: int = _f(8, "cluster_quota: KMeans clusters over the candidates")
-    quota: str = _f("proportional", "cluster_quota: picks per cluster",
-                    choices=("proportional", "equal"))
-    cluster_pick: str = _f("score", "cluster_quota: inside a cluster, the best scores or the "
-                                    "members closest to the centroid (TAGCOS)",
-                           choices=("score", "centroid"))
-    facility_weighted: bool = _f(False, "facility_location: weight coverage by the normalised "
-                                        "score")
-    rounds: int = _f(3, "training rounds in the run, round 0 included")
+    rounds: int = _f(3, "training rounds in the run, round 0 included", safe=True)
     first_round: str = _f(
         "random", "how round 0 is chosen: random (seeded sample), selector (this section's "
                   "selector on the base model's features), pre_experienced (Cherry LLM's "
-                  "KMeans + mid-perplexity sample of instruction embeddings)",
-        choices=("random", "selector", "pre_experienced"))
-    first_round_clusters: int = _f(100, "pre_experienced: KMeans clusters (Cherry: 100)")
+                  "KMeans + mid-perplexity sample of instruction embeddings; settings under "
+                  "selection.pre_experienced)",
+        choices=lambda: tuple(selector_registry.FIRST_ROUND))
     init_size: Union[int, float] = _f(
         32, "round-0 examples: a count, or a fraction of the pool if < 1")
     per_round: Union[int, float, list] = _f(
         32, "examples added each later round: a count, a fraction of the pool, or a list "
             "with one entry per round after round 0")
-    batch_size: int = _f(16, "examples per forward call per rank in the embedding pass")
-    chunk_size: int = _f(4096, "k-center: candidate rows per distance block (memory bound)")
+    batch_size: int = _f(16, "examples per forward call per rank in the embedding pass",
+                         safe=True)
 
 
 @dataclass
@@ -165,7 +166,7 @@ class TrainConfig:
     data_per_round: str = _f(
         "all", "continue mode only: train on all selected examples, or only the round's new ones",
         choices=("all", "new"))
-    log_every: int = _f(1, "optimizer steps between metric lines")
+    log_every: int = _f(1, "optimizer steps between metric lines", safe=True)
 
 
 @dataclass
@@ -174,11 +175,13 @@ class DeepSpeedConfig:
     stage3_param_persistence_threshold: int = _f(
         100000, "ZeRO-3: parameters smaller than this many elements stay whole on every rank")
     backend: str = _f("auto", "torch.distributed backend (auto = nccl on CUDA, gloo on CPU)",
-                      choices=("auto", "nccl", "gloo"))
+                      choices=("auto", "nccl", "gloo"), safe=True)
 
 
 @dataclass
 class ScoringConfig:
+    """How scores are computed: IFD's passes here, and each score's own settings in a
+    ``scoring.<name>`` section, added from ``trainer/scores.py`` (:func:`scoring_config`)."""
     model: str = _f("", "model that computes the IFD scores: empty = the current training model "
                         "(in-loop); a local dir or embedded:... = a fixed proxy model, loaded "
                         "once (Superfiltering's weak-to-strong setting)", path="input")
@@ -217,20 +220,53 @@ class InfluenceConfig:
                                   "reference-free, as ROSE)", path="input")
     beta: float = _f(0.1, "DPO beta (with reference_model)")
     label_smoothing: float = _f(0.0, "DPO label smoothing (with reference_model)")
-    batch_size: int = _f(16, "examples per projection batch (memory: batch x trainable params)")
+    batch_size: int = _f(16, "examples per projection batch (memory: batch x trainable params)",
+                         safe=True)
 
 
 @dataclass
 class OutputConfig:
     dir: str = _f("runs/quickstart", "output directory of the run (relative: to the current "
-                                     "directory, also when set in a YAML file)", path="output")
-    save_merged: bool = _f(False, "also save the final model with the adapter merged in")
+                                     "directory, also when set in a YAML file)", path="output",
+                  safe=True)
+    save_merged: bool = _f(False, "also save the final model with the adapter merged in", safe=True)
     keep_checkpoints: int = _f(
         1, "keep the DeepSpeed checkpoints of the last N rounds (0 = all); resuming needs the "
-           "last one, every round's adapter export is always kept")
-    tensorboard: bool = _f(True, "also log step metrics to TensorBoard when it is installed")
+           "last one, every round's adapter export is always kept", safe=True)
+    tensorboard: bool = _f(True, "also log step metrics to TensorBoard when it is installed",
+                           safe=True)
     save_features: bool = _f(True, "write each round's embeddings and scores to features.npz "
-                                   "(fp16; N x hidden x 2 bytes per round)")
+                                   "(fp16; N x hidden x 2 bytes per round)", safe=True)
+
+
+_SECTION_CLASSES: dict[tuple, type] = {}
+
+
+def _with_sections(base: type, sections: dict[str, type], what: str) -> Any:
+    """A ``base`` instance with one sub-section per entry of ``sections`` (name → options
+    dataclass), built as a subclass so that each section is typed, checked and documented like
+    the static ones. Raises ValueError when a name clashes with a field of ``base``."""
+    key = (base, tuple(sections.items()))
+    if key not in _SECTION_CLASSES:
+        taken = {f.name for f in dataclasses.fields(base)}
+        clash = sorted(taken & set(sections))
+        if clash:
+            raise ValueError(f"{what} {clash[0]!r} has the name of a {base.__name__} setting")
+        fields = [(name, options, field(default_factory=options, metadata={
+            "doc": f"settings of the {name} {what}"})) for name, options in sections.items()]
+        _SECTION_CLASSES[key] = dataclasses.make_dataclass(
+            base.__name__, fields, bases=(base,), namespace={"__module__": __name__})
+    return _SECTION_CLASSES[key]()
+
+
+def selection_config() -> SelectionConfig:
+    """A SelectionConfig with a ``selection.<name>`` section per registered rule with options."""
+    return _with_sections(SelectionConfig, selector_registry.option_sections(), "selector")
+
+
+def scoring_config() -> ScoringConfig:
+    """A ScoringConfig with a ``scoring.<name>`` section per registered score with options."""
+    return _with_sections(ScoringConfig, score_registry.option_sections(), "score")
 
 
 @dataclass
@@ -240,9 +276,9 @@ class Config:
     lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    selection: SelectionConfig = field(default_factory=selection_config)
     train: TrainConfig = field(default_factory=TrainConfig)
-    scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    scoring: ScoringConfig = field(default_factory=scoring_config)
     influence: InfluenceConfig = field(default_factory=InfluenceConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
@@ -252,39 +288,87 @@ class Config:
 
     def flat(self) -> dict[str, Any]:
         """The config as ``{"section.key": value}``."""
-        return dict(_flatten(self.to_dict()))
+        return dict(flatten(self.to_dict()))
 
     def results_hash(self) -> str:
-        """Hash of every setting that changes results (the keys in RESULT_KEYS)."""
+        """Hash of every setting that changes results (:func:`result_keys`)."""
         flat = self.flat()
-        picked = {k: flat[k] for k in sorted(flat) if k in RESULT_KEYS}
+        keys = result_keys()
+        picked = {k: flat[k] for k in sorted(flat) if k in keys}
         return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
 
 
-# Settings that leave the selected ids and the trained weights unchanged: a resume may change
-# them (with a warning). Everything else changes results, and a resume refuses a change to it.
-# `selection.rounds` is safe to raise: the completed rounds are unaffected.
-SAFE_TO_CHANGE = {
-    "selection.rounds", "selection.batch_size", "selection.chunk_size", "eval.path",
-    "eval.max_examples", "eval.batch_size", "train.log_every", "output.dir", "output.save_merged",
-    "output.keep_checkpoints", "output.tensorboard", "output.save_features", "deepspeed.backend",
-    "model.attn_implementation", "model.gradient_checkpointing", "influence.batch_size",
+# Flat selection keys that became a selector's or a score's own setting (2026-11-30).
+MOVED: dict[str, tuple[str, ...]] = {
+    "selection.score": ("selection.weighted.score", "selection.repr_filter.score",
+                        "selection.cluster_quota.score", "selection.facility_location.score"),
+    "selection.alpha": ("selection.weighted.alpha",),
+    "selection.repr_threshold": ("selection.repr_filter.threshold",),
+    "selection.n_clusters": ("selection.cluster_quota.n_clusters",),
+    "selection.quota": ("selection.cluster_quota.quota",),
+    "selection.cluster_pick": ("selection.cluster_quota.pick",),
+    "selection.facility_weighted": ("selection.facility_location.weighted",),
+    "selection.first_round_clusters": ("selection.pre_experienced.n_clusters",),
+    "selection.chunk_size": ("selection.kcenter.chunk_size", "selection.weighted.chunk_size",
+                             "scoring.knn_k.chunk_size"),
+    "selection.knn_k": ("scoring.knn_k.k",),
+    "selection.linear": ("scoring.linear.rule",),
 }
 
 
-def _flatten(d: dict, prefix: str = ""):
+def _moved_error(key: str) -> ConfigError:
+    new = MOVED[key]
+    if len(new) == 1:
+        return ConfigError(f"{key} has moved to {new[0]} (each selector's settings are under "
+                           f"selection.<selector>, each score's under scoring.<score>)")
+    return ConfigError(f"{key} has moved: each selector or score now has its own; set it where "
+                       f"you use it: {', '.join(new)}")
+
+
+def migrate(flat: dict[str, Any]) -> dict[str, Any]:
+    """A flat saved config (``{"section.key": value}``) with every :data:`MOVED` key renamed to
+    its new place(s), so a run started before the move resumes with the same settings."""
+    out = {k: v for k, v in flat.items() if k not in MOVED}
+    for old, new in MOVED.items():
+        if old in flat:
+            for key in new:
+                out.setdefault(key, flat[old])
+    return out
+
+
+def flatten(d: dict, prefix: str = ""):
+    """Yield ``("section.key", value)`` for every leaf of a nested config dict."""
     for k, v in d.items():
         if isinstance(v, dict):
-            yield from _flatten(v, f"{prefix}{k}.")
+            yield from flatten(v, f"{prefix}{k}.")
         else:
             yield f"{prefix}{k}", v
 
 
-def _all_keys() -> set[str]:
-    return set(Config().flat())
+def settings(section, prefix: str = ""):
+    """Every field of a config section, depth first: ``(dotted key, field, value, type)``; a
+    sub-section comes before its own fields, with type None (its value is the section)."""
+    hints = typing.get_type_hints(type(section))
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if dataclasses.is_dataclass(value):
+            yield prefix + f.name, f, value, None
+            yield from settings(value, f"{prefix}{f.name}.")
+        else:
+            yield prefix + f.name, f, value, hints[f.name]
 
 
-RESULT_KEYS = _all_keys() - SAFE_TO_CHANGE
+def safe_keys() -> set[str]:
+    """Keys whose values leave the selected ids and the trained weights unchanged (declared
+    ``safe`` where they are defined): a resume may change them, with a warning. Everything
+    else changes results, and a resume refuses a change to it."""
+    return {key for key, f, _, tp in settings(Config())
+            if tp is not None and f.metadata.get("safe")}
+
+
+def result_keys() -> set[str]:
+    """Every key that changes results (all keys but :func:`safe_keys`)."""
+    return set(Config().flat()) - safe_keys()
 
 
 # ----------------------------------------------------------------------------- type checking
@@ -342,6 +426,8 @@ def _section_fields(obj) -> dict[str, dataclasses.Field]:
 
 def _set(cfg: Config, key: str, value: Any, base_dir: Path | None) -> None:
     """Set dotted ``key`` on ``cfg`` with type checking; ``base_dir`` resolves relative paths."""
+    if key in MOVED:
+        raise _moved_error(key)
     parts = key.split(".")
     obj: Any = cfg
     for i, part in enumerate(parts):
@@ -419,24 +505,17 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = (),
 
 
 def config_from_dict(d: dict) -> Config:
-    """Rebuild a Config from :meth:`Config.to_dict` output (paths already absolute)."""
+    """Rebuild a Config from :meth:`Config.to_dict` output (paths already absolute; keys that
+    have moved since it was saved are migrated, :func:`migrate`)."""
     cfg = Config()
-    for key, value in d.items():
+    for key, value in migrate(dict(flatten(d))).items():
         _set(cfg, key, value, None)
     return cfg
 
 
 def validate(cfg: Config) -> None:
     """Check choices, ranges and files; raise ConfigError naming the key and the fix."""
-    for section in [cfg] + [getattr(cfg, f.name) for f in dataclasses.fields(cfg)
-                            if dataclasses.is_dataclass(getattr(cfg, f.name))]:
-        prefix = "" if section is cfg else next(
-            f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) is section) + "."
-        for f in dataclasses.fields(section):
-            choices = f.metadata.get("choices")
-            if choices and getattr(section, f.name) not in choices:
-                raise ConfigError(f"{prefix}{f.name}: {getattr(section, f.name)!r} is not one of "
-                                  f"{', '.join(map(str, choices))}")
+    _check_sections(cfg)
 
     def positive(key: str, value, allow_zero: bool = False):
         if value < 0 or (value == 0 and not allow_zero):
@@ -444,9 +523,6 @@ def validate(cfg: Config) -> None:
 
     positive("selection.rounds", cfg.selection.rounds)
     positive("selection.batch_size", cfg.selection.batch_size)
-    positive("selection.chunk_size", cfg.selection.chunk_size)
-    positive("selection.n_clusters", cfg.selection.n_clusters)
-    positive("selection.knn_k", cfg.selection.knn_k)
     positive("influence.dim", cfg.influence.dim)
     positive("influence.projection_nnz", cfg.influence.projection_nnz)
     positive("influence.batch_size", cfg.influence.batch_size)
@@ -461,10 +537,7 @@ def validate(cfg: Config) -> None:
     if not 0 <= cfg.influence.label_smoothing < 0.5:
         raise ConfigError(f"influence.label_smoothing: must be in [0, 0.5), got "
                           f"{cfg.influence.label_smoothing}")
-    if "influence" in (cfg.selection.selector, cfg.selection.score, cfg.selection.filter_score) \
-            and not cfg.influence.validation:
-        raise ConfigError("influence.validation: the influence selector needs a validation set "
-                          "(SFT rows or prompt/chosen/rejected pairs)")
+    _check_selection(cfg)
     for key, value in (("influence.validation", cfg.influence.validation),):
         if value and not Path(value).is_file():
             raise ConfigError(f"{key}: file not found: {value}")
@@ -473,20 +546,6 @@ def validate(cfg: Config) -> None:
             and not cfg.influence.reference_model.startswith("embedded:"):
         raise ConfigError(f"influence.reference_model: {cfg.influence.reference_model} is not a "
                           f"local model directory (no config.json)")
-    positive("selection.first_round_clusters", cfg.selection.first_round_clusters)
-    if cfg.selection.linear:
-        from evotune.selectors.derived import parse_linear
-        try:
-            parse_linear(cfg.selection.linear, tuple(n for n in SCORE_NAMES if n != "linear"))
-        except ValueError as e:
-            raise ConfigError(f"selection.linear: {e}") from None
-    uses = {cfg.selection.score, cfg.selection.filter_score}
-    if "linear" in uses and not cfg.selection.linear:
-        raise ConfigError("selection.linear: the 'linear' score is used but no rule is set; "
-                          "e.g. selection.linear='0.9*knn_k - 1.0*ifd_cherry'")
-    if not -1 <= cfg.selection.repr_threshold <= 1:
-        raise ConfigError(f"selection.repr_threshold: a cosine similarity, must be in [-1, 1], "
-                          f"got {cfg.selection.repr_threshold}")
     positive("train.epochs", cfg.train.epochs)
     positive("train.batch_size", cfg.train.batch_size)
     positive("train.micro_batch_size", cfg.train.micro_batch_size)
@@ -506,8 +565,6 @@ def validate(cfg: Config) -> None:
     if not 0 < cfg.selection.filter_top_fraction <= 1:
         raise ConfigError(f"selection.filter_top_fraction: must be in (0, 1], got "
                           f"{cfg.selection.filter_top_fraction}")
-    if not 0 <= cfg.selection.alpha <= 1:
-        raise ConfigError(f"selection.alpha: must be in [0, 1], got {cfg.selection.alpha}")
     if not 0 <= cfg.train.warmup_ratio < 1:
         raise ConfigError(f"train.warmup_ratio: must be in [0, 1), got {cfg.train.warmup_ratio}")
     if cfg.data.max_length < 8:
@@ -535,6 +592,46 @@ def validate(cfg: Config) -> None:
     for key, value in (("data.pool", cfg.data.pool), ("eval.path", cfg.eval.path)):
         if value and not Path(value).is_file():
             raise ConfigError(f"{key}: file not found: {value}")
+
+
+def _choices(f: dataclasses.Field) -> tuple | None:
+    if f.metadata.get("score"):
+        return _score_names()
+    choices = f.metadata.get("choices")
+    return choices() if callable(choices) else choices
+
+
+def _check_sections(cfg: Config) -> None:
+    """Allowed values of every field, then each section's own ``check()`` (a selector's or a
+    score's options); errors name the full key."""
+    for key, f, value, tp in settings(cfg):
+        choices = _choices(f) if tp is not None else None
+        if choices and value not in choices:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}")
+    for key, _, section, tp in settings(cfg):
+        check = getattr(section, "check", None) if tp is None else None
+        if callable(check):
+            try:
+                check()
+            except ValueError as e:
+                raise ConfigError(f"{key}.{e}") from None
+
+
+def _check_selection(cfg: Config) -> None:
+    """The selector can be built from its settings, and every score it reads (with the scores
+    those are computed from) can be computed with this config (each score's ``check``)."""
+    try:
+        selector = selector_registry.build(cfg.selection)
+        selector_registry.build_first_round(cfg.selection)
+    except ValueError as e:
+        raise ConfigError(f"selection: {e}") from None
+    try:                        # each score's check names the key to fix
+        wanted = score_registry.with_inputs(selector.scores,
+                                            lambda name: getattr(cfg.scoring, name, None))
+        for name in wanted:
+            score_registry.SCORES[name].check(cfg)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _check_budget_entry(key: str, value) -> None:
@@ -571,19 +668,21 @@ def resolve_budget(cfg: Config, pool_size: int) -> list[int]:
 def describe() -> str:
     """Every key with its type, default and doc, one per line (for --help-config)."""
     lines = []
-    def walk(obj, prefix=""):
-        hints = typing.get_type_hints(type(obj))
-        for f in dataclasses.fields(obj):
-            value = getattr(obj, f.name)
-            if dataclasses.is_dataclass(value):
-                lines.append(f"\n[{prefix}{f.name}]")
-                walk(value, f"{prefix}{f.name}.")
-                continue
-            choices = f.metadata.get("choices")
-            extra = f" (one of: {', '.join(map(str, choices))})" if choices else ""
-            lines.append(f"  {prefix}{f.name}: {_type_name(hints[f.name])} = {value!r}{extra}\n"
-                         f"      {f.metadata.get('doc', '')}")
-    walk(Config())
+    for key, f, value, tp in settings(Config()):
+        if tp is None:
+            doc = f.metadata.get("doc")
+            lines.append(f"\n[{key}]" + (f"  {doc}" if doc else ""))
+            continue
+        choices = _choices(f)
+        extra = " (a score name: see [scores] below)" if f.metadata.get("score") \
+            else f" (one of: {', '.join(map(str, choices))})" if choices else ""
+        lines.append(f"  {key}: {_type_name(tp)} = {value!r}{extra}\n"
+                     f"      {f.metadata.get('doc', '')}")
+    lines.append("\n[selectors]  (selection.selector)")
+    lines += [f"  {name}: {cls.doc}" for name, cls in selector_registry.SELECTORS.items()]
+    lines.append("\n[scores]  (selection.<selector>.score, selection.filter_score)")
+    lines += [f"  {name} ({_SOURCE_NAMES[score.source]}): {score.doc}"
+              for name, score in score_registry.SCORES.items()]
     return "\n".join(lines)
 
 
@@ -598,17 +697,37 @@ def describe_markdown() -> str:
             return "`[" + ", ".join(map(str, v)) + "]`"
         return f"`{v}`"
 
-    def walk(obj, prefix=""):
-        hints = typing.get_type_hints(type(obj))
-        for f in dataclasses.fields(obj):
-            value = getattr(obj, f.name)
-            if dataclasses.is_dataclass(value):
-                walk(value, f"{prefix}{f.name}.")
-                continue
-            choices = f.metadata.get("choices")
-            doc = f.metadata.get("doc", "") + (
-                f" ({' / '.join(map(str, choices))})" if choices else "")
-            rows.append(f"| `{prefix}{f.name}` | {_type_name(hints[f.name])} | {fmt(value)} | "
-                        f"{doc} |")
-    walk(Config())
+    for key, f, value, tp in settings(Config()):
+        if tp is None:
+            continue
+        choices = _choices(f)
+        doc = f.metadata.get("doc", "") + (
+            " (a score: see Scores)" if f.metadata.get("score")
+            else f" ({' / '.join(map(str, choices))})" if choices else "")
+        rows.append(f"| `{key}` | {_type_name(tp)} | {fmt(value)} | {doc} |")
+    return "\n".join(rows)
+
+
+def selectors_markdown() -> str:
+    """The README's selector table, from the registry (``selectors/registry.py``)."""
+    rows = ["| `selection.selector` | what it picks each round | settings "
+            "(`selection.<selector>.*`) | numbers logged per pick |", "|---|---|---|---|"]
+    for name, cls in selector_registry.SELECTORS.items():
+        keys = ", ".join(f"`{f.name}`" for f in dataclasses.fields(cls.Options)) or "–"
+        rows.append(f"| `{name}` | {cls.doc} | {keys} | {cls.logs} |")
+    return "\n".join(rows)
+
+
+_SOURCE_NAMES = {"forward": "the embedding pass", "ifd": "IFD's passes",
+                 "derived": "derived after the passes", "influence": "the gradient pass"}
+
+
+def scores_markdown() -> str:
+    """The README's score table, from the registry (``trainer/scores.py``)."""
+    rows = ["| score | computed by | meaning (higher = preferred) | settings "
+            "(`scoring.<score>.*`) |", "|---|---|---|---|"]
+    for name, score in score_registry.SCORES.items():
+        keys = ", ".join(f"`{f.name}`" for f in dataclasses.fields(score.options)) \
+            if score.options else "–"
+        rows.append(f"| `{name}` | {_SOURCE_NAMES[score.source]} | {score.doc} | {keys} |")
     return "\n".join(rows)

@@ -21,7 +21,7 @@ import torch
 
 IGNORE_INDEX = -100
 
-# The Alpaca prompt, as in Stanford Alpaca and the Cherry/IFD scripts (REFERENCE §2).
+# The Alpaca prompt, as in Stanford Alpaca (tatsu-lab/stanford_alpaca) and the Cherry/IFD scripts.
 ALPACA_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further "
     "context. Write a response that appropriately completes the request.\n\n"

@@ -100,10 +100,6 @@ class Strategy:
     def is_rank0(self) -> bool:
         return self.rank == 0
 
-    @property
-    def is_local_rank0(self) -> bool:
-        return self.local_rank == 0
-
     def grad_accum_steps(self) -> int:
         t = self.cfg.train
         per_step = t.micro_batch_size * self.world_size
@@ -200,7 +196,7 @@ class Strategy:
         """Full (gathered) trainable weights on rank 0, None on other ranks.
 
         Collective under ZeRO-3, where each rank holds a shard: without the gather the saved
-        adapter would be empty tensors (REFERENCE §5).
+        adapter would be empty tensors (parameters are partitioned across ranks).
         """
         import deepspeed
         named = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
@@ -281,7 +277,3 @@ class Strategy:
 
     def _comm_device(self) -> torch.device:
         return torch.device("cpu") if dist.get_backend() == "gloo" else self.device
-
-    def shutdown(self) -> None:
-        if dist.is_initialized():
-            dist.destroy_process_group()

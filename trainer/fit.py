@@ -89,10 +89,11 @@ class TrainStats:
     seconds: float
 
 
-def train_round(engine, strategy, encoded: list[Encoded], positions: list[int], round_idx: int,
-                global_step: int, pad_id: int, logger, seed: int) -> tuple[int, TrainStats]:
-    """Train ``train.epochs`` passes over ``positions``; return the new global step and stats."""
-    t = strategy.cfg.train
+def train_round(engine, strategy, t: TrainConfig, encoded: list[Encoded], positions: list[int],
+                round_idx: int, global_step: int, pad_id: int, logger, seed: int
+                ) -> tuple[int, TrainStats]:
+    """Train ``t.epochs`` passes over ``positions`` (pool positions into ``encoded``) with the
+    settings ``t``; return the new global step and the round's statistics."""
     world, gas, micro = strategy.world_size, strategy.grad_accum_steps(), t.micro_batch_size
     steps = plan_steps(positions, t.epochs, t.batch_size, seed, round_idx)
     steps_per_epoch = len(steps) // t.epochs

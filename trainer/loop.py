@@ -1,7 +1,8 @@
-"""The round loop: resume → for each round: features → select → log → train → eval → save.
+"""The round loop: prepare → for each round: choose → train and evaluate → commit.
 
-Read :func:`run` top to bottom to follow a whole run. Every rank runs the same code; model
-work is sharded, selection runs on rank 0 and is broadcast, and only rank 0 writes files.
+Read :func:`run` top to bottom to follow a whole run; each phase is one function below it.
+Every rank runs the same code; model work is sharded, selection runs on rank 0 and is
+broadcast, and only rank 0 writes files.
 """
 
 from __future__ import annotations
@@ -9,32 +10,189 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import yaml
 
 from evotune.selectors.base import Features, Selection
-from evotune.selectors.derived import mark_non_finite
-from evotune.selectors.features import FeaturePass
-from evotune.selectors.pre_experienced import PreExperiencedSelector
-from evotune.selectors.random import RandomSelector
-from evotune.selectors.registry import selector_from_config
+from evotune.selectors.registry import build, build_first_round
 from evotune.trainer.config import Config, resolve_budget
-from evotune.trainer.data import choice_set, encode_all, load_examples, resolve_template
+from evotune.trainer.data import (ChoiceSet, Encoded, Example, LoadReport, choice_set,
+                                  encode_all, load_examples, resolve_template)
 from evotune.trainer.engine import Strategy
-from evotune.trainer.fit import evaluate_with_choices, train_round
-from evotune.trainer.logs import RunLogger, drop_metrics_after, log, rounds_table, setup_console_logging
+from evotune.trainer.fit import TrainStats, evaluate_with_choices, train_round
+from evotune.trainer.logs import (RunLogger, drop_metrics_after, log, rounds_table,
+                                  setup_console_logging)
 from evotune.trainer.model import (build_trainable_model, check_lora_targets, export_weights,
-                                   load_model, load_tokenizer, resolve_model_path)
-from evotune.trainer.state import (STATE_FILE, RoundState, capture_rng, crash_point, derive_seed,
-                                   file_hash,
-                                   plan_resume, read_state, restore_rng, round_dir,
-                                   write_json_atomic, write_text_atomic)
+                                   load_tokenizer, merge_adapter, resolve_model_path)
+from evotune.trainer.passes.features import FeaturePass, PassResult
+from evotune.trainer.passes.forward import PassStats
+from evotune.trainer.state import (STATE_FILE, ResumePlan, RoundState, capture_rng, crash_point,
+                                   derive_seed, file_hash, partial_dir, plan_resume, read_state,
+                                   restore_rng, round_dir, write_json_atomic, write_text_atomic)
 
 
 class StartError(RuntimeError):
     """A problem found before the run touched its output dir (bad data, refused resume...)."""
+
+
+def run(cfg: Config, resume: str = "auto", overwrite: bool = False) -> list[dict]:
+    """Run (or resume) an active-selection run; returns the per-round summaries (rank 0; an
+    empty list on the other ranks). Raises StartError on bad input or a refused resume, before
+    anything in the output dir changes."""
+    strategy = Strategy(cfg)
+    try:
+        strategy.setup()
+    except ValueError as e:                            # a setting this machine cannot honour
+        raise StartError(str(e)) from e
+    console = setup_console_logging(strategy.rank)
+    log.info(f"evotune: {strategy.world_size} rank(s), device {strategy.device}, "
+             f"dtype {str(strategy.dtype).replace('torch.', '')}, ZeRO-{cfg.deepspeed.zero_stage}")
+
+    # ---- prepare: everything that can fail on bad input happens before the output dir is touched
+    data = prepare(cfg, strategy)
+    plan: ResumePlan = _agree(strategy, lambda: plan_resume(
+        Path(cfg.output.dir), resume, overwrite, cfg, data.budget, data.pool_hash,
+        strategy.world_size))
+    out = plan.out_dir
+    for w in plan.warnings:
+        log.warning(w)
+    if strategy.is_rank0:
+        open_run_dir(out, plan, cfg, data)
+    strategy.barrier()
+    data.log_report(cfg)
+    logger = RunLogger(out, strategy.is_rank0, cfg.output.tensorboard, console)
+    model = RoundModel(cfg, strategy, data.model_path)
+    progress = resume_progress(plan, data, model, out, cfg)
+
+    for r in range(plan.start_round, cfg.selection.rounds):
+        t_round = time.perf_counter()
+        if strategy.is_rank0:
+            round_dir(out, r).mkdir(parents=True, exist_ok=True)
+        choice = choose(r, cfg, data, model, progress, out, strategy, logger)
+        progress.selected += choice.new
+        if strategy.is_rank0:
+            write_selection(round_dir(out, r), r, choice, data, cfg.output.save_features)
+        trained = train_and_evaluate(r, cfg, data, model, progress, choice.new, strategy, logger)
+        progress.global_step = trained.global_step
+        commit(r, cfg, data, model, progress, choice, trained, out, strategy, t_round)
+
+    summaries = finish(out, cfg, strategy, data)
+    if strategy.is_rank0:
+        console.print(rounds_table(summaries))
+        console.print(f"outputs: {out}  (inspect: python launch/inspect_rounds.py {out})")
+    logger.close()
+    model.release()
+    strategy.barrier()
+    return summaries
+
+
+# ----------------------------------------------------------------------------- prepare
+
+@dataclass
+class EvalSet:
+    """The held-out set: its examples, encodings, what was skipped, and the multiple-choice
+    rows among them."""
+    examples: list[Example]
+    encoded: list[Encoded]
+    report: LoadReport
+    choices: ChoiceSet
+
+
+@dataclass
+class RunData:
+    """Everything a run reads, loaded and checked before its output dir is touched."""
+    model_path: Path
+    tokenizer: Any
+    template: str
+    pool: list[Example]
+    pool_enc: list[Encoded]
+    pool_report: LoadReport
+    pool_hash: str
+    eval: EvalSet | None
+    budget: list[int]                   # examples added per round, round 0 first
+    selector: Any                       # the rule of the rounds after round 0
+    first_selector: Any                 # the rule of round 0 (selection.first_round)
+    feature_pass: FeaturePass
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_token_id
+
+    def report_json(self) -> dict:
+        """``data_report.json``: template, rows used, truncated and skipped, the budget."""
+        def listed(skipped):
+            return [{"where": w, "reason": r} for w, r in skipped]
+        ev = self.eval
+        return {"template": self.template, "model_path": str(self.model_path),
+                "pool_rows": len(self.pool), "pool_truncated": sum(e.truncated for e in
+                                                                    self.pool_enc),
+                "pool_skipped": listed(self.pool_report.skipped),
+                "eval_rows": len(ev.examples) if ev else 0,
+                "eval_skipped": listed(ev.report.skipped) if ev else [],
+                "eval_choice_rows": len(ev.choices) if ev else 0,
+                "eval_choice_skipped": listed(ev.choices.skipped) if ev else [],
+                "budget": self.budget}
+
+    def log_report(self, cfg: Config) -> None:
+        truncated = sum(e.truncated for e in self.pool_enc)
+        log.info(f"pool: {len(self.pool)} examples from {cfg.data.pool} (template: "
+                 f"{self.template}); {truncated} truncated to max_length={cfg.data.max_length}; "
+                 f"{len(self.pool_report.skipped)} skipped")
+        for where, reason in self.pool_report.skipped[:5]:
+            log.warning(f"skipped {where}: {reason}")
+        ev = self.eval
+        if ev is not None:
+            log.info(f"eval: {len(ev.examples)} examples from {cfg.eval.path}; "
+                     f"{len(ev.report.skipped)} skipped")
+            if len(ev.choices) or ev.choices.skipped:
+                log.info(f"eval accuracy: {len(ev.choices)} multiple-choice rows; "
+                         f"{len(ev.choices.skipped)} skipped")
+                for where, reason in ev.choices.skipped[:3]:
+                    log.warning(f"eval choices: skipped {where}: {reason}")
+        log.info(f"budget per round: {self.budget} = {sum(self.budget)} of {len(self.pool)} "
+                 f"examples ({100 * sum(self.budget) / len(self.pool):.1f}%)")
+
+
+def prepare(cfg: Config, strategy: Strategy) -> RunData:
+    """Load the tokenizer, pool and eval set, check the budget and the settings, build the
+    selectors and plan the feature pass. Raises StartError naming the problem."""
+    try:
+        model_path = resolve_model_path(cfg.model.path)
+        tokenizer = load_tokenizer(model_path)
+        if cfg.lora.enabled:
+            check_lora_targets(model_path, cfg.lora.target_modules)
+        template = resolve_template(cfg.data.template, tokenizer)
+        pool, pool_enc, pool_report = _load(cfg.data.pool, cfg.data.max_examples, tokenizer,
+                                            template, cfg)
+        eval_set = None
+        if cfg.eval.path:
+            examples, encoded, report = _load(cfg.eval.path, cfg.eval.max_examples, tokenizer,
+                                              template, cfg)
+            eval_set = EvalSet(examples, encoded, report, choice_set(
+                examples, tokenizer, template, cfg.data.max_length, cfg.data.on_error))
+        budget = resolve_budget(cfg, len(pool))
+        strategy.grad_accum_steps()
+        selector = build(cfg.selection)
+        feature_pass = FeaturePass(cfg, selector, pool, pool_enc, tokenizer, template, strategy)
+        return RunData(model_path, tokenizer, template, pool, pool_enc, pool_report,
+                       file_hash(Path(cfg.data.pool)), eval_set, budget, selector,
+                       build_first_round(cfg.selection), feature_pass)
+    except (ValueError, OSError, ImportError) as e:   # bad config, data, model dir or install
+        raise StartError(str(e)) from e
+
+
+def _load(path, limit, tokenizer, template, cfg):
+    examples, report = load_examples(path, cfg.data.on_error, limit)
+    kept, encoded, enc_report = encode_all(examples, tokenizer, template, cfg.data.max_length,
+                                           cfg.data.on_error)
+    report.skipped += enc_report.skipped
+    if not kept:
+        raise StartError(f"{path}: no usable rows after encoding ({len(report.skipped)} skipped)")
+    return kept, encoded, report
 
 
 def _agree(strategy: Strategy, fn):
@@ -51,322 +209,281 @@ def _agree(strategy: Strategy, fn):
     return value
 
 
-def run(cfg: Config, resume: str = "auto", overwrite: bool = False) -> list[dict]:
-    """Run (or resume) an active-selection run; returns the per-round summaries."""
-    strategy = Strategy(cfg)
-    try:
-        strategy.setup()
-    except ValueError as e:                            # a setting this machine cannot honour
-        raise StartError(str(e)) from e
-    console = setup_console_logging(strategy.rank)
-    log.info(f"evotune: {strategy.world_size} rank(s), device {strategy.device}, "
-             f"dtype {str(strategy.dtype).replace('torch.', '')}, ZeRO-{cfg.deepspeed.zero_stage}")
-
-    # ---- everything that can fail on bad input happens before the output dir is touched
-    try:
-        model_path = resolve_model_path(cfg.model.path)
-        tokenizer = load_tokenizer(model_path)
-        if cfg.lora.enabled:
-            check_lora_targets(model_path, cfg.lora.target_modules)
-        template = resolve_template(cfg.data.template, tokenizer)
-        pool, pool_enc, pool_report = _load(cfg.data.pool, cfg.data.max_examples, tokenizer,
-                                            template, cfg)
-        eval_set = _load(cfg.eval.path, cfg.eval.max_examples, tokenizer, template, cfg) \
-            if cfg.eval.path else None
-        choices = choice_set(eval_set[0], tokenizer, template, cfg.data.max_length,
-                             cfg.data.on_error) if eval_set else None
-        budget = resolve_budget(cfg, len(pool))
-        strategy.grad_accum_steps()
-        selector = selector_from_config(cfg.selection)
-        feature_pass = FeaturePass(cfg, selector, pool, pool_enc, tokenizer, template, strategy)
-    except (ValueError, OSError, ImportError) as e:   # bad config, data, model dir or install
-        raise StartError(str(e)) from e
-    pool_hash = file_hash(Path(cfg.data.pool))
-    out = Path(cfg.output.dir)
-    plan = _agree(strategy, lambda: plan_resume(out, resume, overwrite, cfg, budget, pool_hash,
-                                                strategy.world_size))
-    out = plan.out_dir
-    cfg.output.dir = str(out)
-    for w in plan.warnings:
-        log.warning(w)
-
-    if strategy.is_rank0:
-        plan.apply()
-        write_text_atomic(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        write_json_atomic(out / "config.json", cfg.to_dict())
-        write_json_atomic(out / "data_report.json", {
-            "template": template, "model_path": str(model_path),
-            "pool_rows": len(pool), "pool_truncated": sum(e.truncated for e in pool_enc),
-            "pool_skipped": [{"where": w, "reason": r} for w, r in pool_report.skipped],
-            "eval_rows": len(eval_set[0]) if eval_set else 0,
-            "eval_skipped": [{"where": w, "reason": r} for w, r in eval_set[2].skipped]
-            if eval_set else [],
-            "eval_choice_rows": len(choices) if choices else 0,
-            "eval_choice_skipped": [{"where": w, "reason": r} for w, r in choices.skipped]
-            if choices else [], "budget": budget})
-        drop_metrics_after(out, plan.start_round - 1)
-    strategy.barrier()
-    _report_data(pool, pool_enc, pool_report, eval_set, choices, budget, template, cfg)
-
-    logger = RunLogger(out, strategy.is_rank0, cfg.output.tensorboard, console)
-    id_to_pos = {ex.id: i for i, ex in enumerate(pool)}
-    pad_id = tokenizer.pad_token_id
-
-    engine = None
-    state: RoundState | None = plan.state
-    selected: list[int] = []
-    global_step = 0
-    if state is not None and plan.start_round < cfg.selection.rounds:
-        missing = [i for i in state.selected_ids if i not in id_to_pos]
-        if missing:
-            raise StartError(f"{len(missing)} selected ids are not in the pool (e.g. "
-                             f"{missing[0]!r}); the pool changed since the run started")
-        selected = [id_to_pos[i] for i in state.selected_ids]
-        global_step = state.global_step
-        # The model after the last complete round: needed for the next round's features and,
-        # when continuing, as the starting point of training (optimizer state included).
-        engine = strategy.prepare(build_trainable_model(cfg, model_path, strategy.dtype,
-                                                        derive_seed(cfg.seed, "init", 0)))
-        strategy.load_checkpoint(engine, round_dir(out, state.round_idx) / "checkpoint",
-                                 optimizer=not cfg.train.retrain_from_base
-                                 or feature_pass.needs_optimizer_state)
-        restore_rng(state.rng)
-        log.info(f"resumed after round {state.round_idx} (global step {global_step}, "
-                 f"{len(selected)} examples selected)")
-
-    for r in range(plan.start_round, cfg.selection.rounds):
-        t_round = time.perf_counter()
-        rdir = round_dir(out, r)
-        if strategy.is_rank0:
-            rdir.mkdir(parents=True, exist_ok=True)
-        seconds: dict[str, float] = {}
-
-        # ---- select
-        candidates = np.setdiff1d(np.arange(len(pool)), np.asarray(selected, dtype=np.int64))
-        rng = np.random.default_rng(derive_seed(cfg.seed, "select", r))
-        features, pass_stats = None, {}
-        fresh_engine = False
-        if r == 0 and cfg.selection.first_round == "random":
-            round_selector = RandomSelector()
-            selection = round_selector.select(Features(), np.array([], dtype=np.int64),
-                                              candidates, budget[0], rng)
-        else:
-            round_selector = selector
-            t0 = time.perf_counter()
-            if r == 0:      # round 0 chosen by the base model: build the model round 0 trains
-                engine = strategy.prepare(build_trainable_model(
-                    cfg, model_path, strategy.dtype, derive_seed(cfg.seed, "init", 0)))
-                fresh_engine = True
-            if r == 0 and cfg.selection.first_round == "pre_experienced":
-                round_selector = PreExperiencedSelector(cfg.selection.first_round_clusters)
-                features, pass_stats = feature_pass.run_instructions(engine.module, logger)
-            elif feature_pass.needed:
-                weight, history = _checkpoint_weights(out, r, cfg)
-                features, pass_stats = feature_pass.run(engine.module, logger, r, engine,
-                                                        candidates, np.asarray(selected),
-                                                        _partial_dir(out, r), weight, history)
-                if feature_pass.gradient_embeddings and features is not None:
-                    # only the sampled candidates have a gradient embedding
-                    candidates = np.intersect1d(candidates, features.extra["grad_sample"])
-            if features is not None:
-                for name, count in mark_non_finite(features).items():
-                    log.warning(f"round {r}: {count} non-finite {name} values (inf/NaN from "
-                                f"the model): never selected, listed in score_skipped")
-            seconds["features"] = time.perf_counter() - t0
-            crash_point("embed", r)
-            t0 = time.perf_counter()
-            selection = _agree(strategy, lambda: round_selector.select(
-                features or Features(), np.asarray(selected, dtype=np.int64), candidates,
-                budget[r], rng))
-            seconds["select"] = time.perf_counter() - t0
-        new = [int(p) for p in selection.positions]
-        selected += new
-        if strategy.is_rank0:
-            if features is not None and "influence_terms" in features.extra:
-                # its own file (read back by later rounds), not a second copy in features.npz
-                terms = {k: features.extra.pop(k) for k in
-                         ("influence_terms", "influence_weight", "influence_subtasks")}
-                np.savez(rdir / "influence_terms.npz", **terms)
-            _write_selection(rdir, r, round_selector, selection, pool, pool_enc, features,
-                             cfg.output.save_features)
-
-        # ---- train
-        if engine is None or (cfg.train.retrain_from_base and not fresh_engine):
-            Strategy.release(engine)
-            engine = strategy.prepare(build_trainable_model(
-                cfg, model_path, strategy.dtype, derive_seed(cfg.seed, "init", r)))
-        train_on = selected if (cfg.train.retrain_from_base or cfg.train.data_per_round == "all") \
-            else new
-        global_step, train_stats = train_round(engine, strategy, pool_enc, train_on, r,
-                                               global_step, pad_id, logger, cfg.seed)
-        seconds["train"] = train_stats.seconds
-
-        # ---- evaluate
-        eval_loss = eval_tokens = eval_accuracy = None
-        if eval_set is not None:
-            t0 = time.perf_counter()
-            with logger.progress(f"round {r}: eval", len(eval_set[1])) as advance:
-                eval_loss, eval_tokens, eval_accuracy = evaluate_with_choices(
-                    engine.module, strategy, eval_set[1], choices, pad_id, cfg.eval.batch_size,
-                    advance)
-            seconds["eval"] = time.perf_counter() - t0
-            logger.metrics(global_step, {"round": r, "eval/loss": eval_loss,
-                                         **({"eval/accuracy": eval_accuracy} if choices else {})})
-
-        # ---- save: checkpoint and exports first, state.json last (the round's commit point)
-        t0 = time.perf_counter()
-        state = RoundState(round_idx=r, global_step=global_step,
-                           selected_ids=[pool[i].id for i in selected], budget=budget,
-                           seed=cfg.seed, config_hash=cfg.results_hash(), pool_hash=pool_hash,
-                           world_size=strategy.world_size, zero_stage=cfg.deepspeed.zero_stage,
-                           rng=capture_rng())
-        strategy.save_checkpoint(engine, rdir / "checkpoint", state.to_json())
-        crash_point("checkpoint", r)
-        export_weights(engine, strategy, cfg, tokenizer, rdir)
-        seconds["save"] = time.perf_counter() - t0
-        seconds["total"] = time.perf_counter() - t_round
-        if strategy.is_rank0:
-            summary = _summary(r, round_selector.name, selection.info, new, selected, pool,
-                               train_stats, eval_loss, eval_tokens, pass_stats, seconds,
-                               global_step, cfg, strategy, features,
-                               (eval_accuracy, len(choices) if choices else 0))
-            write_json_atomic(rdir / "summary.json", summary)
-        strategy.barrier()
-        if strategy.is_rank0:
-            write_json_atomic(rdir / STATE_FILE, state.to_json())
-            shutil.rmtree(_partial_dir(out, r), ignore_errors=True)   # the round is complete
-            crash_point("state", r)
-            _rebuild_rounds_jsonl(out, r)
-            _prune_checkpoints(out, r, cfg.output.keep_checkpoints)
-            log.info(f"round {r} done: {len(new)} new, {len(selected)} total, train loss "
-                     f"{train_stats.loss:.4f}" + (f", eval loss {eval_loss:.4f}"
-                                                  if eval_loss is not None else "")
-                     + (f", eval accuracy {eval_accuracy:.3f}" if eval_accuracy is not None
-                        else "")
-                     + f", {seconds['total']:.1f}s")
-        strategy.barrier()
-
-    summaries = _finish(out, cfg, strategy, model_path, tokenizer)
-    if strategy.is_rank0:
-        console.print(rounds_table(summaries))
-        console.print(f"outputs: {out}  (inspect: python launch/inspect_rounds.py {out})")
-    logger.close()
-    Strategy.release(engine)
-    strategy.barrier()
-    return summaries
+def open_run_dir(out: Path, plan: ResumePlan, cfg: Config, data: RunData) -> None:
+    """Rank 0: clear what the resume plan says, then write the run's config (with the output
+    dir it really uses) and data report, and drop metric lines of rounds to be redone."""
+    plan.apply()
+    saved = cfg.to_dict()
+    saved["output"]["dir"] = str(out)
+    write_text_atomic(out / "config.yaml", yaml.safe_dump(saved, sort_keys=False))
+    write_json_atomic(out / "config.json", saved)
+    write_json_atomic(out / "data_report.json", data.report_json())
+    drop_metrics_after(out, plan.start_round - 1)
 
 
-# ----------------------------------------------------------------------------- helpers
+# ----------------------------------------------------------------------------- the model
 
-def _load(path, limit, tokenizer, template, cfg):
-    examples, report = load_examples(path, cfg.data.on_error, limit)
-    kept, encoded, enc_report = encode_all(examples, tokenizer, template, cfg.data.max_length,
-                                           cfg.data.on_error)
-    report.skipped += enc_report.skipped
-    if not kept:
-        raise StartError(f"{path}: no usable rows after encoding ({len(report.skipped)} skipped)")
-    return kept, encoded, report
+class RoundModel:
+    """The model being trained, as a DeepSpeed engine; the one place engines are built.
+
+    A fresh engine is the base weights with a new adapter seeded for its round (so a redone
+    round starts from the same weights). With ``train.retrain_from_base`` every round trains a
+    fresh engine (DiverseEvol); otherwise training continues on the previous round's engine,
+    optimizer state included.
+    """
+
+    def __init__(self, cfg: Config, strategy: Strategy, model_path: Path):
+        self.cfg, self.strategy, self.model_path = cfg, strategy, model_path
+        self.engine = None
+        self._untrained: int | None = None       # built fresh for this round, not trained yet
+
+    def fresh(self, r: int):
+        self.release()
+        self.engine = self.strategy.prepare(build_trainable_model(
+            self.cfg, self.model_path, self.strategy.dtype, derive_seed(self.cfg.seed, "init", r)))
+        self._untrained = r
+        return self.engine
+
+    def restore(self, out: Path, state: RoundState, optimizer: bool) -> None:
+        """The model after round ``state.round_idx``, from its checkpoint (with the optimizer's
+        state when it is needed: continuing to train, or reading Adam's moments)."""
+        self.fresh(0)
+        self.strategy.load_checkpoint(self.engine, round_dir(out, state.round_idx) / "checkpoint",
+                                      optimizer=optimizer)
+        self._untrained = None
+
+    def current(self, r: int):
+        """The model that chooses round ``r``: the one trained last, or, in round 0, the fresh
+        base model that round 0 will then train."""
+        return self.engine if self.engine is not None else self.fresh(r)
+
+    def for_training(self, r: int):
+        """The engine round ``r`` trains (see the class docstring)."""
+        if self.engine is None or (self.cfg.train.retrain_from_base and self._untrained != r):
+            self.fresh(r)
+        self._untrained = None
+        return self.engine
+
+    def release(self) -> None:
+        Strategy.release(self.engine)
+        self.engine = None
 
 
-def _report_data(pool, pool_enc, report, eval_set, choices, budget, template, cfg) -> None:
-    truncated = sum(e.truncated for e in pool_enc)
-    log.info(f"pool: {len(pool)} examples from {cfg.data.pool} (template: {template}); "
-             f"{truncated} truncated to max_length={cfg.data.max_length}; "
-             f"{len(report.skipped)} skipped")
-    for where, reason in report.skipped[:5]:
-        log.warning(f"skipped {where}: {reason}")
-    if eval_set is not None:
-        log.info(f"eval: {len(eval_set[0])} examples from {cfg.eval.path}; "
-                 f"{len(eval_set[2].skipped)} skipped")
-    if choices is not None and (len(choices) or choices.skipped):
-        log.info(f"eval accuracy: {len(choices)} multiple-choice rows; "
-                 f"{len(choices.skipped)} skipped")
-        for where, reason in choices.skipped[:3]:
-            log.warning(f"eval choices: skipped {where}: {reason}")
-    log.info(f"budget per round: {budget} = {sum(budget)} of {len(pool)} examples "
-             f"({100 * sum(budget) / len(pool):.1f}%)")
+@dataclass
+class Progress:
+    """What the run has done so far: the selected pool positions (in selection order) and the
+    optimizer steps taken."""
+    selected: list[int] = field(default_factory=list)
+    global_step: int = 0
 
 
-def _write_selection(rdir: Path, r: int, selector, selection: Selection, pool, pool_enc,
-                     features: Features | None, save_features: bool) -> None:
+def resume_progress(plan: ResumePlan, data: RunData, model: RoundModel, out: Path,
+                    cfg: Config) -> Progress:
+    """The progress of the last complete round (and its model and RNG states), or a fresh
+    start. Raises StartError when the selected ids are no longer in the pool."""
+    state = plan.state
+    if state is None or plan.start_round >= cfg.selection.rounds:
+        return Progress()
+    id_to_pos = {ex.id: i for i, ex in enumerate(data.pool)}
+    missing = [i for i in state.selected_ids if i not in id_to_pos]
+    if missing:
+        raise StartError(f"{len(missing)} selected ids are not in the pool (e.g. "
+                         f"{missing[0]!r}); the pool changed since the run started")
+    # The model after the last complete round: needed for the next round's features and,
+    # when continuing, as the starting point of training (optimizer state included).
+    model.restore(out, state, optimizer=not cfg.train.retrain_from_base
+                  or data.feature_pass.needs_optimizer_state)
+    restore_rng(state.rng)
+    progress = Progress([id_to_pos[i] for i in state.selected_ids], state.global_step)
+    log.info(f"resumed after round {state.round_idx} (global step {progress.global_step}, "
+             f"{len(progress.selected)} examples selected)")
+    return progress
+
+
+# ----------------------------------------------------------------------------- choose
+
+@dataclass
+class Choice:
+    """A round's picks and how they were made."""
+    selector: Any
+    selection: Selection
+    features: Features | None = None
+    stats: dict[str, PassStats] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def new(self) -> list[int]:
+        return [int(p) for p in self.selection.positions]
+
+
+def choose(r: int, cfg: Config, data: RunData, model: RoundModel, progress: Progress,
+           out: Path, strategy: Strategy, logger) -> Choice:
+    """Round ``r``'s new examples: round 0 by ``selection.first_round``, later rounds by the
+    selector on the features of the current model. Every rank calls this; the selection runs
+    on rank 0 and every rank gets it."""
+    labeled = np.asarray(progress.selected, dtype=np.int64)
+    candidates = np.setdiff1d(np.arange(len(data.pool)), labeled)
+    rng = np.random.default_rng(derive_seed(cfg.seed, "select", r))
+    selector = data.first_selector if r == 0 else data.selector
+    if r == 0 and cfg.selection.first_round == "random":
+        return Choice(selector, selector.select(Features(), labeled, candidates, data.budget[0],
+                                                rng))
+    t0 = time.perf_counter()
+    result = PassResult(None, {}, candidates)
+    if r == 0 and cfg.selection.first_round == "pre_experienced":
+        result = data.feature_pass.run_instructions(model.current(r).module, logger)
+        result.candidates = candidates
+    elif data.feature_pass.needed:
+        engine = model.current(r)
+        result = data.feature_pass.run(engine.module, logger, r, engine, candidates, labeled, out)
+    seconds = {"features": time.perf_counter() - t0}
+    crash_point("embed", r)
+    t0 = time.perf_counter()
+    cands = result.candidates if result.candidates is not None else candidates
+    selection = _agree(strategy, lambda: selector.select(
+        result.features or Features(), labeled, cands, data.budget[r], rng))
+    seconds["select"] = time.perf_counter() - t0
+    return Choice(selector, selection, result.features, result.stats, seconds)
+
+
+def write_selection(rdir: Path, r: int, choice: Choice, data: RunData,
+                    save_features: bool) -> None:
+    """Rank 0: ``selection.jsonl`` (one row per pick, in pick order, with every computed score
+    of the pick), ``selector_state.json`` and, when asked, ``features.npz``."""
     rows = []
-    for k, p in enumerate(selection.positions):
-        p = int(p)
-        row = {"id": pool[p].id, "source": pool[p].source, "round": r, "pick_order": k,
-               "selector": selector.name, "pool_index": p, "tokens": len(pool_enc[p].input_ids)}
+    features, selection = choice.features, choice.selection
+    for k, p in enumerate(choice.new):
+        ex = data.pool[p]
+        row = {"id": ex.id, "source": ex.source, "round": r, "pick_order": k,
+               "selector": choice.selector.name, "pool_index": p,
+               "tokens": len(data.pool_enc[p].input_ids)}
         row.update({name: float(v[k]) for name, v in selection.numbers.items()})
         row.update({name: v[k] for name, v in selection.labels.items()})
         if features is not None:   # every computed score of the pick, not only the one ranked by
             row.update({name: float(v[p]) for name, v in features.scores.items()
                         if name not in row})
-        row["preview"] = pool[p].preview()
+        row["preview"] = ex.preview()
         rows.append(json.dumps(row, ensure_ascii=False))
     write_text_atomic(rdir / "selection.jsonl", "".join(line + "\n" for line in rows))
-    write_json_atomic(rdir / "selector_state.json", selector.state_dict())
+    write_json_atomic(rdir / "selector_state.json", choice.selector.state_dict())
     if features is not None and save_features:
         arrays = {f"score_{k}": v for k, v in features.scores.items()}
         if features.embeddings is not None:
             arrays["embeddings"] = features.embeddings.astype(np.float16)
         arrays.update(features.extra)
-        np.savez(rdir / "features.npz", ids=np.array([ex.id for ex in pool]), **arrays)
+        np.savez(rdir / "features.npz", ids=np.array([ex.id for ex in data.pool]), **arrays)
 
 
-def _skip_summary(features: Features | None, pool) -> dict:
-    """Per score: how many pool examples got no value, and a few of the reasons."""
-    if features is None:
-        return {}
-    return {name: {"count": len(skipped),
-                   "examples": [f"{pool[i].id}: {why}" for i, why in list(skipped.items())[:3]]}
-            for name, skipped in features.skipped.items()}
+# ----------------------------------------------------------------------------- train, evaluate
+
+@dataclass
+class Trained:
+    """A round's training and held-out evaluation."""
+    stats: TrainStats
+    global_step: int
+    eval_loss: float | None = None
+    eval_tokens: int | None = None
+    eval_accuracy: float | None = None
+    eval_seconds: float | None = None
 
 
-def _summary(r, selector_name, selection_info, new, selected, pool, train_stats, eval_loss,
-             eval_tokens, pass_stats, seconds, global_step, cfg, strategy, features,
-             accuracy) -> dict:
+def train_and_evaluate(r: int, cfg: Config, data: RunData, model: RoundModel,
+                       progress: Progress, new: list[int], strategy: Strategy,
+                       logger) -> Trained:
+    """Train round ``r`` (on everything selected, or only the new picks when continuing with
+    ``train.data_per_round: new``), then evaluate on the held-out set."""
+    engine = model.for_training(r)
+    every = cfg.train.retrain_from_base or cfg.train.data_per_round == "all"
+    global_step, stats = train_round(engine, strategy, cfg.train, data.pool_enc,
+                                     progress.selected if every else new, r,
+                                     progress.global_step, data.pad_id, logger, cfg.seed)
+    trained = Trained(stats, global_step)
+    ev = data.eval
+    if ev is not None:
+        t0 = time.perf_counter()
+        with logger.progress(f"round {r}: eval", len(ev.encoded)) as advance:
+            trained.eval_loss, trained.eval_tokens, trained.eval_accuracy = \
+                evaluate_with_choices(engine.module, strategy, ev.encoded, ev.choices,
+                                      data.pad_id, cfg.eval.batch_size, advance)
+        trained.eval_seconds = time.perf_counter() - t0
+        logger.metrics(global_step, {"round": r, "eval/loss": trained.eval_loss,
+                                     **({"eval/accuracy": trained.eval_accuracy}
+                                        if ev.choices else {})})
+    return trained
+
+
+# ----------------------------------------------------------------------------- commit
+
+def commit(r: int, cfg: Config, data: RunData, model: RoundModel, progress: Progress,
+           choice: Choice, trained: Trained, out: Path, strategy: Strategy,
+           t_round: float) -> None:
+    """Save round ``r``: the checkpoint and the exports first, ``state.json`` last (the
+    round's commit point: a crash before it redoes the round, after it the round is kept)."""
+    rdir = round_dir(out, r)
+    t0 = time.perf_counter()
+    state = RoundState(round_idx=r, global_step=progress.global_step,
+                       selected_ids=[data.pool[i].id for i in progress.selected],
+                       budget=data.budget, seed=cfg.seed, config_hash=cfg.results_hash(),
+                       pool_hash=data.pool_hash, world_size=strategy.world_size,
+                       zero_stage=cfg.deepspeed.zero_stage, rng=capture_rng())
+    strategy.save_checkpoint(model.engine, rdir / "checkpoint", state.to_json())
+    crash_point("checkpoint", r)
+    export_weights(model.engine, strategy, cfg, data.tokenizer, rdir)
+    seconds = {**choice.seconds, "train": trained.stats.seconds,
+               **({"eval": trained.eval_seconds} if trained.eval_seconds is not None else {}),
+               "save": time.perf_counter() - t0, "total": time.perf_counter() - t_round}
+    if strategy.is_rank0:
+        summary = round_summary(r, cfg, data, progress, choice, trained, seconds,
+                                strategy.world_size)
+        write_json_atomic(rdir / "summary.json", summary)
+    strategy.barrier()
+    if strategy.is_rank0:
+        write_json_atomic(rdir / STATE_FILE, state.to_json())
+        shutil.rmtree(partial_dir(out, r), ignore_errors=True)   # the round is complete
+        crash_point("state", r)
+        _rebuild_rounds_jsonl(out, r)
+        _prune_checkpoints(out, r, cfg.output.keep_checkpoints)
+        log.info(f"round {r} done: {len(choice.new)} new, {len(progress.selected)} total, "
+                 f"train loss {trained.stats.loss:.4f}"
+                 + (f", eval loss {trained.eval_loss:.4f}" if trained.eval_loss is not None
+                    else "")
+                 + (f", eval accuracy {trained.eval_accuracy:.3f}"
+                    if trained.eval_accuracy is not None else "")
+                 + f", {seconds['total']:.1f}s")
+    strategy.barrier()
+
+
+def round_summary(r: int, cfg: Config, data: RunData, progress: Progress, choice: Choice,
+                  trained: Trained, seconds: dict[str, float], world_size: int) -> dict:
+    """The round's ``summary.json`` (the README's "Outputs and logs" lists every key)."""
     def by_source(positions):
         counts: dict[str, int] = {}
         for p in positions:
-            counts[pool[p].source] = counts.get(pool[p].source, 0) + 1
+            counts[data.pool[p].source] = counts.get(data.pool[p].source, 0) + 1
         return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+    features, stats, t = choice.features, choice.stats, trained.stats
+    skipped = {} if features is None else {
+        name: {"count": len(why), "examples": [f"{data.pool[i].id}: {w}"
+                                               for i, w in list(why.items())[:3]]}
+        for name, why in features.skipped.items()}
+    ev = data.eval
     return {
-        "round": r, "selector": selector_name, "selection_info": selection_info,
-        "score_skipped": _skip_summary(features, pool),
-        "new_examples": len(new),
-        "total_examples": len(selected), "new_by_source": by_source(new),
-        "total_by_source": by_source(selected), "train_loss": train_stats.loss,
-        "train_loss_first_epoch": train_stats.first_epoch_loss, "eval_loss": eval_loss,
-        "eval_tokens": eval_tokens, "eval_accuracy": accuracy[0], "eval_choice_rows": accuracy[1],
-        "train_steps": train_stats.steps, "global_step": global_step,
-        "tokens": {"train": train_stats.tokens,
-                   **{name: s.tokens for name, s in pass_stats.items()},
-                   **{f"{name}_padded": s.padded_tokens for name, s in pass_stats.items()}},
-        **{f"{name}_tokens_per_s": round(s.tokens_per_s, 1) for name, s in pass_stats.items()},
+        "round": r, "selector": choice.selector.name, "selection_info": choice.selection.info,
+        "score_skipped": skipped,
+        "new_examples": len(choice.new), "total_examples": len(progress.selected),
+        "new_by_source": by_source(choice.new), "total_by_source": by_source(progress.selected),
+        "train_loss": t.loss, "train_loss_first_epoch": t.first_epoch_loss,
+        "eval_loss": trained.eval_loss, "eval_tokens": trained.eval_tokens,
+        "eval_accuracy": trained.eval_accuracy,
+        "eval_choice_rows": len(ev.choices) if ev else 0,
+        "train_steps": t.steps, "global_step": trained.global_step,
+        "tokens": {"train": t.tokens, **{name: s.tokens for name, s in stats.items()},
+                   **{f"{name}_padded": s.padded_tokens for name, s in stats.items()}},
+        **{f"{name}_tokens_per_s": round(s.tokens_per_s, 1) for name, s in stats.items()},
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
-        "retrain_from_base": cfg.train.retrain_from_base, "world_size": strategy.world_size,
+        "retrain_from_base": cfg.train.retrain_from_base, "world_size": world_size,
     }
-
-
-def _checkpoint_weights(out: Path, r: int, cfg: Config) -> tuple[float, list[Path]]:
-    """This round's checkpoint weight for influence (the mean learning rate of round r-1's
-    training, from its summary) and, with ``influence.checkpoints: all``, the stored terms of
-    the earlier influence rounds."""
-    from evotune.trainer.fit import lr_at
-    summary_file = round_dir(out, r - 1) / "summary.json"
-    weight = 1.0
-    if r > 0 and summary_file.is_file():
-        steps = json.loads(summary_file.read_text())["train_steps"]
-        weight = sum(lr_at(s, steps, cfg.train) for s in range(steps)) / max(steps, 1)
-    history = []
-    if cfg.influence.checkpoints == "all":
-        history = [round_dir(out, c) / "influence_terms.npz" for c in range(r)
-                   if (round_dir(out, c) / "influence_terms.npz").is_file()]
-    return weight, history
-
-
-def _partial_dir(out: Path, r: int) -> Path:
-    """Where round ``r``'s gradient pass keeps its finished batches until the round completes
-    (outside ``rounds/``, which a resume clears for the rounds it redoes)."""
-    return out / "partial" / f"round_{r:03d}"
 
 
 def _rebuild_rounds_jsonl(out: Path, last: int) -> None:
@@ -384,12 +501,12 @@ def _prune_checkpoints(out: Path, last: int, keep: int) -> None:
         shutil.rmtree(round_dir(out, r) / "checkpoint", ignore_errors=True)
 
 
-def _finish(out: Path, cfg: Config, strategy: Strategy, model_path, tokenizer) -> list[dict]:
-    """Copy the last round's export to ``OUT/final`` (and merge if asked); idempotent."""
+def finish(out: Path, cfg: Config, strategy: Strategy, data: RunData) -> list[dict]:
+    """Copy the last round's export to ``OUT/final`` (and merge if asked); idempotent.
+    Returns the summaries of the complete rounds (rank 0)."""
     last = cfg.selection.rounds - 1
     state = read_state(out, last) if strategy.is_rank0 else None
     if strategy.is_rank0 and state is not None:
-        from evotune.trainer.model import merge_adapter
         _rebuild_rounds_jsonl(out, last)   # in case the run died right after state.json
         final = out / "final"
         src = round_dir(out, last)
@@ -398,10 +515,10 @@ def _finish(out: Path, cfg: Config, strategy: Strategy, model_path, tokenizer) -
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(src / name, tmp / name)
         if cfg.lora.enabled and cfg.output.save_merged:
-            merge_adapter(model_path, tmp / "adapter", tmp / "merged", tokenizer)
+            merge_adapter(data.model_path, tmp / "adapter", tmp / "merged", data.tokenizer)
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
-        log.info(f"final {'adapter' if cfg.lora.enabled else 'model'}: {final / name}")
+        log.info(f"final {name}: {final / name}")
     strategy.barrier()
     if not strategy.is_rank0:
         return []

@@ -20,14 +20,8 @@ from pathlib import Path
 
 import torch
 from peft import PeftModel
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    LlamaConfig,
-    LlamaForCausalLM,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-)
+from transformers import (AutoModelForCausalLM, AutoTokenizer, PreTrainedModel,
+                          PreTrainedTokenizerBase)
 
 from evotune.trainer.state import file_hash
 
@@ -201,38 +195,6 @@ def merge_adapter(base_path: str | os.PathLike, adapter_dir: Path, out_dir: Path
     merged.save_pretrained(str(out_dir))
     tokenizer.save_pretrained(str(out_dir))
     return Path(out_dir)
-
-
-def build_tiny_model(out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike) -> Path:
-    """Save a tiny randomly initialised Llama (hidden 32, 2 layers) and a real tokenizer, for tests.
-
-    The weights are the same on every call (seed 0; the global RNG state is left untouched).
-    The vocabulary is the tokenizer's, so real chat-templated text can be fed to the model.
-
-    Returns:
-        ``out_dir`` as a ``Path``, loadable with ``load_model`` and ``load_tokenizer``.
-    """
-    out_dir = Path(out_dir)
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),  # len() counts added special tokens, vocab_size does not
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=2048,
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = LlamaForCausalLM(config)
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-    return out_dir
 
 
 def backbone(model: PreTrainedModel | PeftModel) -> torch.nn.Module:

@@ -1,18 +1,24 @@
 """What a completed round leaves on disk, and how a run finds where to resume.
 
-Layout of an output dir::
+Layout of an output dir (this module owns it; the README's "Outputs and logs" says the same)::
 
     OUT/config.yaml, config.json      resolved config of the run
-    OUT/metrics.jsonl                 step metrics (train/loss, train/lr, ...)
+    OUT/data_report.json              template, rows used, truncated, skipped, budget
+    OUT/metrics.jsonl                 step metrics (train/loss, train/lr, ...; eval/* per round)
     OUT/rounds.jsonl                  one line per completed round (rebuilt from summaries)
     OUT/rounds/round_XXX/
         selection.jsonl               the round's new picks, in pick order
-        features.npz                  what the selector read (embeddings, scores) [rounds >= 1]
+        features.npz                  what the selector read (embeddings, scores, gradient
+                                      features) [rounds with a feature pass]
+        influence_terms.npz           influence: per-subtask scores and the checkpoint's weight
         selector_state.json           the selector's settings
         checkpoint/                   DeepSpeed checkpoint; client_state = this round's state
         adapter/ (or model/)          HF/PEFT export of the round's weights
         summary.json                  counts, losses, tokens, seconds per phase
         state.json                    written LAST, atomically: the round is complete
+    OUT/partial/round_XXX/            the gradient pass's finished batches while the round runs
+                                      (removed once it is complete; reused when it is redone)
+    OUT/final/adapter (or model/)     the last round's weights (final/merged on request)
 
 A round is complete only when ``state.json`` exists; a round folder without it is the remains
 of a crash and is redone from the previous complete round, never partly reused.
@@ -66,6 +72,12 @@ class RoundState:
 
 def round_dir(out: Path, round_idx: int) -> Path:
     return Path(out) / "rounds" / f"round_{round_idx:03d}"
+
+
+def partial_dir(out: Path, round_idx: int) -> Path:
+    """Where a round's gradient pass keeps its finished batches until the round is complete
+    (outside ``rounds/``, which a resume clears for the rounds it redoes)."""
+    return Path(out) / "partial" / f"round_{round_idx:03d}"
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -261,14 +273,17 @@ def check_compatible(out: Path, cfg, state: RoundState, budget: list[int], pool_
                      world_size: int) -> list[str]:
     """Refuse (ValueError naming the keys) a resume whose settings would change results;
     return warnings for the safe changes."""
-    from evotune.trainer.config import RESULT_KEYS, _flatten
-    saved = dict(_flatten(json.loads((Path(out) / "config.json").read_text())))
+    from evotune.trainer.config import Config, flatten, migrate, result_keys
+    # A key the saved config lacks (added since the run started) had its default's behaviour.
+    saved = {**Config().flat(),
+             **migrate(dict(flatten(json.loads((Path(out) / "config.json").read_text()))))}
     current = cfg.flat()
+    result = result_keys()
     changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
     # The budget keys are compared through the counts of the completed rounds below, so that a
     # longer per_round schedule (more rounds) is accepted.
     budget_keys = {"selection.init_size", "selection.per_round"}
-    unsafe = [k for k in changed if k in RESULT_KEYS and k not in budget_keys]
+    unsafe = [k for k in changed if k in result and k not in budget_keys]
     if unsafe:
         diffs = ", ".join(f"{k} ({saved.get(k)!r} -> {current.get(k)!r})" for k in unsafe)
         raise ValueError(f"resume refused: settings that change results differ from the run in "
@@ -289,7 +304,7 @@ def check_compatible(out: Path, cfg, state: RoundState, budget: list[int], pool_
                              f"rank; resume with {state.world_size} rank(s)")
         warnings.append(f"world size changed ({state.world_size} -> {world_size}); results can "
                         f"differ in floating-point summation order")
-    safe = [k for k in changed if k not in RESULT_KEYS or k in budget_keys]
+    safe = [k for k in changed if k not in result or k in budget_keys]
     if safe:
         warnings.append("resuming with changed settings that do not affect completed rounds: "
                         + ", ".join(f"{k} ({saved.get(k)!r} -> {current.get(k)!r})"

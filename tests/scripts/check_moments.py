@@ -10,7 +10,7 @@ import sys
 
 import torch
 
-from evotune.selectors.gradients import trainable_params
+from evotune.trainer.passes.gradients import trainable_params
 from evotune.trainer.config import config_from_dict
 from evotune.trainer.engine import Strategy
 from evotune.trainer.model import build_trainable_model

@@ -8,6 +8,12 @@ from evotune.selectors.base import Features
 from evotune.selectors.cluster_quota import (ClusterQuotaSelector, cluster_quota,
                                              largest_remainder)
 
+
+def make(*args, **options):
+    """A ClusterQuotaSelector with these options."""
+    return ClusterQuotaSelector(ClusterQuotaSelector.Options(*args, **options))
+
+
 NAN = float("nan")
 
 
@@ -145,7 +151,7 @@ def test_errors(kwargs, match):
 
 def test_selector_seeds_kmeans_from_rng():
     feats = Features(embeddings=blobs([6, 3, 3]), scores={"ifd": SCORES})
-    sel = ClusterQuotaSelector("ifd", n_clusters=3)
+    sel = make("ifd", n_clusters=3)
     assert sel.name == "cluster_quota" and sel.needs_embeddings and sel.scores == ("ifd",)
     assert sel.state_dict() == {"name": "cluster_quota", "score": "ifd", "n_clusters": 3,
                                 "quota": "proportional", "n_init": 10, "pick": "score"}
@@ -154,9 +160,9 @@ def test_selector_seeds_kmeans_from_rng():
     assert a.positions.tolist() == b.positions.tolist() == [1, 6, 10, 3]
     assert a.positions.dtype == np.int64
     with pytest.raises(ValueError, match="quota must be one of"):
-        ClusterQuotaSelector("ifd", quota="Equal")
+        make("ifd", quota="Equal")
     with pytest.raises(ValueError, match="needs score 'loss'"):
-        ClusterQuotaSelector("loss").select(feats, np.array([0]), np.arange(1, 12), 1,
+        make("loss").select(feats, np.array([0]), np.arange(1, 12), 1,
                                             np.random.default_rng(0))
 
 
@@ -164,21 +170,22 @@ def test_random_data_is_deterministic_for_a_seed():
     rng = np.random.default_rng(0)
     feats = Features(embeddings=rng.normal(size=(50, 4)).astype(np.float32),
                      scores={"s": rng.normal(size=50)})
-    sel = ClusterQuotaSelector("s", n_clusters=5)
+    sel = make("s", n_clusters=5)
     runs = [sel.select(feats, np.array([], np.int64), np.arange(50), 10,
                        np.random.default_rng(3)).positions.tolist() for _ in range(2)]
     assert runs[0] == runs[1]
 
 
 def test_centroid_pick_takes_the_most_central_members_without_a_score():
-    from evotune.selectors.cluster_quota import ClusterQuotaSelector
     # two directions; within each, the member closest in angle to the cluster mean goes first
     emb = np.array([[1.0, 0.1], [1.0, 0.0], [1.0, -0.3], [0.0, 1.0], [0.1, 1.0], [-0.4, 1.0]],
                    dtype=np.float32)
+
+
     emb = np.concatenate([emb, np.full((1, 2), np.nan, dtype=np.float32)])   # unscored row
-    sel = ClusterQuotaSelector("loss", n_clusters=2, quota="equal", pick="centroid").select(
+    sel = make("loss", n_clusters=2, quota="equal", pick="centroid").select(
         Features(embeddings=emb), np.array([], dtype=np.int64), np.arange(7), 2,
         np.random.default_rng(0))
     assert sorted(sel.positions.tolist()) == [1, 3]   # means (1, -0.07) and (-0.1, 1)
     assert "centroid_cosine" in sel.numbers and sel.info["nan_scores"] == 1
-    assert ClusterQuotaSelector("loss", pick="centroid").scores == ()
+    assert make("loss", pick="centroid").scores == ()

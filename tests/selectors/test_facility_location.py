@@ -7,6 +7,12 @@ from evotune.selectors.base import Features
 from evotune.selectors.facility_location import (FacilityLocationSelector,
                                                  facility_location_greedy, minmax_weights)
 
+
+def make(*args, **options):
+    """A FacilityLocationSelector with these options."""
+    return FacilityLocationSelector(FacilityLocationSelector.Options(*args, **options))
+
+
 NAN = float("nan")
 
 # Cluster A (pool 0..4) around 0, cluster B (pool 5..7) around 10; pool 8 sits at A's centre.
@@ -91,9 +97,9 @@ def test_weighted_prefers_covering_high_scores():
     scores = np.array([0, 0, 0, 0, 0, 1, 1, 1, NAN], dtype=np.float64)
     feats = Features(embeddings=LINE, scores={"s": scores})
     none = np.array([], dtype=np.int64)
-    plain = FacilityLocationSelector("s").select(feats, none, np.arange(9), 1,
+    plain = make("s").select(feats, none, np.arange(9), 1,
                                                  np.random.default_rng(0))
-    weighted = FacilityLocationSelector("s", weighted=True).select(feats, none, np.arange(9), 1,
+    weighted = make("s", weighted=True).select(feats, none, np.arange(9), 1,
                                                                    np.random.default_rng(0))
     assert plain.positions.tolist() == [2] and weighted.positions.tolist() == [6]
     assert minmax_weights(np.array([3.0, 3.0])).tolist() == [1.0, 1.0]
@@ -104,14 +110,14 @@ def test_nan_scores_are_never_picked_and_are_counted():
     # Pool 8 sits at A's centre and would be a fine pick, but it has no score.
     scores = np.ones(9)
     scores[[2, 8]] = NAN
-    sel = FacilityLocationSelector("s").select(Features(embeddings=LINE, scores={"s": scores}),
+    sel = make("s").select(Features(embeddings=LINE, scores={"s": scores}),
                                                np.array([], np.int64), np.arange(9), 3,
                                                np.random.default_rng(0))
     assert sel.info == {"nan_scores": 2}
     assert not {2, 8} & set(sel.positions.tolist())
     assert sel.numbers["score"].tolist() == [1, 1, 1] and len(sel.numbers["gain"]) == 3
     with pytest.raises(ValueError, match="only 7 of 9 candidates have a score"):
-        FacilityLocationSelector("s").select(Features(embeddings=LINE, scores={"s": scores}),
+        make("s").select(Features(embeddings=LINE, scores={"s": scores}),
                                              np.array([], np.int64), np.arange(9), 8,
                                              np.random.default_rng(0))
 
@@ -135,7 +141,7 @@ def test_errors(kwargs, match):
 def test_selector():
     scores = np.linspace(0, 1, 9)
     feats = Features(embeddings=LINE, scores={"ifd": scores})
-    sel = FacilityLocationSelector("ifd", weighted=False, max_candidates=100)
+    sel = make("ifd", weighted=False, max_candidates=100)
     assert sel.name == "facility_location" and sel.needs_embeddings and sel.scores == ("ifd",)
     assert sel.state_dict() == {"name": "facility_location", "score": "ifd", "weighted": False,
                                 "max_candidates": 100}
@@ -147,9 +153,9 @@ def test_selector():
     assert runs[0].positions.dtype == np.int64
     assert runs[0].numbers["score"].tolist() == [scores[6], scores[0]]
     with pytest.raises(ValueError, match="max_candidates is 3"):
-        FacilityLocationSelector("ifd", max_candidates=3).select(
+        make("ifd", max_candidates=3).select(
             feats, np.array([8]), np.arange(8), 2, np.random.default_rng(0))
     with pytest.raises(ValueError, match="finite scores"):
-        FacilityLocationSelector("ifd", weighted=True).select(
+        make("ifd", weighted=True).select(
             Features(embeddings=LINE, scores={"ifd": np.r_[np.inf, scores[1:]]}),
             np.array([8]), np.arange(8), 2, np.random.default_rng(0))

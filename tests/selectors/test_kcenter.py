@@ -1,10 +1,16 @@
-"""k-center greedy: DiverseEvol's fixtures (REFERENCE §1), properties, and the departures."""
+"""k-center greedy: DiverseEvol's fixtures (from OFA-Sys/DiverseEvol's rule), properties, and the
+departures."""
 
 import numpy as np
 import pytest
 
 from evotune.selectors.base import Features
 from evotune.selectors.kcenter import KCenterSelector, kcenter_greedy
+
+
+def make(*args, **options):
+    """A KCenterSelector with these options."""
+    return KCenterSelector(KCenterSelector.Options(*args, **options))
 
 
 def pool_minus(n, labeled):
@@ -117,58 +123,10 @@ def test_errors(bad, match):
 
 def test_selector_wraps_greedy_and_reports_distances():
     emb = np.array([0, 1, 2, 3, 10, 11, 20], dtype=np.float32)[:, None]
-    sel = KCenterSelector(chunk_size=2).select(Features(embeddings=emb), np.array([0]),
+    sel = make(chunk_size=2).select(Features(embeddings=emb), np.array([0]),
                                                pool_minus(7, [0]), 3, np.random.default_rng(0))
     assert sel.positions.tolist() == [6, 4, 3]
     assert sel.numbers["kcenter_distance"].tolist() == [20.0, 10.0, 3.0]
     with pytest.raises(ValueError, match="needs embeddings"):
         KCenterSelector().select(Features(), np.array([0]), np.array([1]), 1,
                                  np.random.default_rng(0))
-
-
-def test_filter_then_diversify():
-    from evotune.selectors.filters import score_filter
-    scores = np.array([0.0, 0.9, 0.5, 1.2, 0.8, np.nan, 0.7])
-    passed, info = score_filter(scores, [1, 2, 3, 4, 5, 6], max_value=1.0, top_fraction=0.5)
-    # finite and <= 1: 1, 2, 4, 6 (scores .9 .5 .8 .7); top half by score: 1 and 4.
-    assert passed.tolist() == [1, 4]
-    assert info == {"nan_scores": 1, "above_max": 1, "below_top_fraction": 2, "passed": 2}
-
-
-def test_any_selector_over_filtered_candidates_fills_when_too_few_pass():
-    from evotune.selectors.filters import ScoreFiltered
-    emb = np.array([0, 1, 2, 3, 10, 11, 20], dtype=np.float32)[:, None]
-    scores = np.array([0.0, 5.0, 5.0, 5.0, 1.0, 1.0, 1.0])
-    sel = ScoreFiltered(KCenterSelector(), "loss", max_value=None, top_fraction=0.5)
-    out = sel.select(Features(embeddings=emb, scores={"loss": scores}), np.array([0]),
-                     pool_minus(7, [0]), 4, np.random.default_rng(0))
-    # The top half of the 6 candidates by score: 1, 2, 3. k-center among them from centre 0:
-    # 3 (3 away), then 1 and 2 are both 1 from a centre → lowest index 1, then 2. Only 3 pass
-    # for 4 picks: one fill-in by k-center over the others, 6 (17 from centre 3).
-    assert out.positions.tolist() == [3, 1, 2, 6]
-    assert out.numbers["passed_filter"].tolist() == [1, 1, 1, 0]
-    assert out.numbers["kcenter_distance"].tolist() == [3.0, 1.0, 1.0, 17.0]
-    assert out.info["filled"] == 1 and out.info["passed"] == 3
-    assert sel.scores == ("loss",) and sel.name == "kcenter"
-    assert sel.state_dict()["filter_top_fraction"] == 0.5
-
-
-def test_scored_first_fills_a_shortfall_by_kcenter_over_the_unscored():
-    from evotune.selectors.base import Features
-    from evotune.selectors.filters import ScoredFirst
-    from evotune.selectors.weighted import WeightedSelector
-    emb = np.array([[0.0], [1.0], [2.0], [10.0], [11.0], [20.0]], dtype=np.float32)
-    scores = np.array([np.nan, 0.9, 0.1, np.nan, np.nan, np.nan])
-    f = Features(embeddings=emb, scores={"loss": scores})
-    sel = ScoredFirst(WeightedSelector("loss", alpha=1.0), "loss").select(
-        f, np.array([0]), np.arange(1, 6), 4, np.random.default_rng(0))
-    # both scored ones by score, then k-center over 3, 4, 5 from centres {0, 1, 2}: 5 (18 away),
-    # then 4 (9 from both 2 and 5; 3 is 8 from 2)
-    assert sel.positions.tolist() == [1, 2, 5, 4]
-    assert sel.numbers["scored"].tolist() == [1, 1, 0, 0]
-    assert sel.info["unscored_fill"] == 2 and sel.info["nan_scores"] == 0
-    assert sel.numbers["kcenter_distance"][2:].tolist() == [18.0, 9.0]
-    # enough scored candidates: the rule alone, unchanged
-    plain = ScoredFirst(WeightedSelector("loss", alpha=1.0), "loss").select(
-        f, np.array([0]), np.arange(1, 6), 2, np.random.default_rng(0))
-    assert plain.positions.tolist() == [1, 2] and "scored" not in plain.numbers

@@ -10,6 +10,12 @@ from evotune.selectors.base import Features
 from evotune.selectors.pre_experienced import PreExperiencedSelector, middle_band_sample
 from helpers import FIXTURES
 
+
+def make(*args, **options):
+    """A PreExperiencedSelector with these options."""
+    return PreExperiencedSelector(PreExperiencedSelector.Options(*args, **options))
+
+
 REFERENCE = json.loads((FIXTURES / "cherry_pre_experienced_reference.json").read_text())
 
 
@@ -38,7 +44,7 @@ def blobs():
 
 def test_selector_takes_mid_perplexity_members_from_every_cluster():
     f = blobs()
-    sel = PreExperiencedSelector(n_clusters=3).select(
+    sel = make(n_clusters=3).select(
         f, np.array([], dtype=np.int64), np.arange(30), 6, np.random.default_rng(0))
     assert len(sel.positions) == 6 and len(set(sel.positions.tolist())) == 6
     assert sorted(p // 10 for p in sel.positions) == [0, 0, 1, 1, 2, 2]     # 2 per blob
@@ -51,7 +57,7 @@ def test_selector_takes_mid_perplexity_members_from_every_cluster():
 def test_selector_fills_a_shortfall_with_flagged_random_picks():
     f = blobs()
     f.scores["instruction_perplexity"][10:] = np.nan          # only blob 0 is scored
-    sel = PreExperiencedSelector(n_clusters=3).select(
+    sel = make(n_clusters=3).select(
         f, np.array([], dtype=np.int64), np.arange(30), 8, np.random.default_rng(0))
     assert len(set(sel.positions.tolist())) == 8
     assert sel.info["unscored"] == 20 and sel.info["filled"] == sum(sel.numbers["in_band"] == 0)
@@ -61,5 +67,5 @@ def test_selector_fills_a_shortfall_with_flagged_random_picks():
 def test_selector_needs_its_score():
     f = Features(embeddings=np.zeros((3, 2), dtype=np.float32))
     with pytest.raises(ValueError, match="instruction_perplexity"):
-        PreExperiencedSelector(2).select(f, np.array([], dtype=np.int64), np.arange(3), 2,
+        make(2).select(f, np.array([], dtype=np.int64), np.arange(3), 2,
                                          np.random.default_rng(0))

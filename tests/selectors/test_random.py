@@ -3,7 +3,6 @@ import pytest
 
 from evotune.selectors.base import Features
 from evotune.selectors.random import RandomSelector
-from evotune.selectors.registry import SELECTORS, build_selector
 
 
 def pick(seed, n=5):
@@ -22,16 +21,3 @@ def test_seeded_unique_and_within_candidates():
 def test_too_many_picks_is_an_error():
     with pytest.raises(ValueError, match="cannot pick"):
         pick(0, n=100)
-
-
-def test_registry_names_match_config_keys():
-    from evotune.selectors.derived import DERIVED
-    from evotune.selectors.ifd import VARIANTS
-    from evotune.selectors.scores import SCORES
-    from evotune.trainer.config import SCORE_NAMES, SELECTOR_NAMES
-    assert set(SELECTORS) == set(SELECTOR_NAMES)
-    from evotune.selectors.influence import SCORE as INFLUENCE
-    assert SCORES + VARIANTS + DERIVED + (INFLUENCE,) == SCORE_NAMES
-    assert build_selector("kcenter", chunk_size=8).chunk_size == 8
-    with pytest.raises(ValueError, match="known: cluster_quota, facility_location, influence, kcenter"):
-        build_selector("ifd")

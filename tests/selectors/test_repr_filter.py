@@ -6,6 +6,12 @@ import pytest
 from evotune.selectors.base import Features
 from evotune.selectors.repr_filter import RepresentationFilterSelector, repr_filter
 
+
+def make(*args, **options):
+    """A RepresentationFilterSelector with these options."""
+    return RepresentationFilterSelector(RepresentationFilterSelector.Options(*args, **options))
+
+
 NAN = float("nan")
 
 
@@ -149,7 +155,7 @@ def test_unscored_candidate_may_have_a_bad_embedding():
 def test_selector():
     emb = f32([[1, 0], [1, 0.01], [0, 1], [1, 1], [-1, 0]])
     feats = Features(embeddings=emb, scores={"ifd": np.array([5.0, 4, 3, 2, 1])})
-    sel_a = RepresentationFilterSelector("ifd", threshold=0.9)
+    sel_a = make("ifd", threshold=0.9)
     assert sel_a.name == "repr_filter" and sel_a.needs_embeddings and sel_a.scores == ("ifd",)
     assert sel_a.state_dict() == {"name": "repr_filter", "score": "ifd", "threshold": 0.9}
     a = sel_a.select(feats, np.array([], dtype=np.int64), np.arange(5), 3,
@@ -159,7 +165,7 @@ def test_selector():
     assert a.positions.tolist() == b.positions.tolist() == [0, 2, 3]
     assert a.positions.dtype == np.int64
     with pytest.raises(ValueError, match="needs score 'loss'; the feature pass computed: ifd"):
-        RepresentationFilterSelector("loss").select(feats, np.array([0]), np.array([1]), 1,
+        make("loss").select(feats, np.array([0]), np.array([1]), 1,
                                                     np.random.default_rng(0))
     with pytest.raises(ValueError, match="needs embeddings"):
         sel_a.select(Features(scores=feats.scores), np.array([0]), np.array([1]), 1,

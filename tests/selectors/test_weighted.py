@@ -7,6 +7,12 @@ from evotune.selectors.base import Features
 from evotune.selectors.kcenter import kcenter_greedy
 from evotune.selectors.weighted import WeightedSelector, weighted_greedy
 
+
+def make(*args, **options):
+    """A WeightedSelector with these options."""
+    return WeightedSelector(WeightedSelector.Options(*args, **options))
+
+
 # Points on a line; position 0 is labeled. Scores prefer the points near 0.
 EMB = np.array([0, 1, 2, 3, 10, 11, 20], dtype=np.float32)[:, None]
 SCORES = np.array([0.0, 9.0, 8.0, 7.0, 2.0, 1.0, 0.0])
@@ -55,7 +61,7 @@ def test_bad_alpha():
 
 
 def test_selector_logs_the_score_under_its_name():
-    sel = WeightedSelector("loss", alpha=1.0).select(
+    sel = make("loss", alpha=1.0).select(
         Features(embeddings=EMB, scores={"loss": SCORES}), np.array([0]), CAND, 2,
         np.random.default_rng(0))
     assert sel.positions.tolist() == [1, 2]

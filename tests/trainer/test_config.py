@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from evotune.trainer.config import (RESULT_KEYS, SAFE_TO_CHANGE, Config, ConfigError, describe,
-                                    load_config, parse_override, resolve_budget)
+from evotune.trainer.config import (MOVED, Config, ConfigError, config_from_dict, describe,
+                                    load_config, parse_override, resolve_budget, result_keys,
+                                    safe_keys)
 from evotune.trainer.data import load_examples
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -117,13 +118,23 @@ def test_wrong_type_names_the_key(pool, override, key):
     (["selection.selector=best"], "selection.selector"),
     (["lora.target_modules=[]"], "lora.target_modules"),
     (["data.pool="], "data.pool"),
-    (["selection.linear=0.5*reward"], "selection.linear"),
-    (["selection.linear=0.5*loss 2*length"], "selection.linear"),
-    (["selection.linear=1*linear"], "selection.linear"),
-    (["selection.score=linear"], "selection.linear"),
-    (["selection.knn_k=0"], "selection.knn_k"),
+    (["scoring.linear.rule=0.5*reward"], "scoring.linear.rule"),
+    (["scoring.linear.rule=0.5*loss 2*length"], "scoring.linear.rule"),
+    (["scoring.linear.rule=1*linear"], "scoring.linear.rule"),
+    (["selection.selector=weighted", "selection.weighted.score=linear"], "scoring.linear.rule"),
+    (["selection.filter_score=linear"], "scoring.linear.rule"),
+    (["scoring.knn_k.k=0"], "scoring.knn_k.k"),
     (["selection.first_round=kmeans"], "selection.first_round"),
-    (["selection.first_round_clusters=0"], "selection.first_round_clusters"),
+    (["selection.pre_experienced.n_clusters=0"], "selection.pre_experienced.n_clusters"),
+    (["selection.pre_experienced.low=80"], "selection.pre_experienced.up"),
+    (["selection.weighted.alpha=1.5"], "selection.weighted.alpha"),
+    (["selection.weighted.score=reward"], "selection.weighted.score"),
+    (["selection.repr_filter.threshold=2"], "selection.repr_filter.threshold"),
+    (["selection.cluster_quota.quota=most"], "selection.cluster_quota.quota"),
+    (["selection.cluster_quota.n_clusters=0"], "selection.cluster_quota.n_clusters"),
+    (["selection.kcenter.chunk_size=0"], "selection.kcenter.chunk_size"),
+    (["selection.facility_location.max_candidates=0"],
+     "selection.facility_location.max_candidates"),
     (["scoring.template=alpaca"], "scoring.template"),
     (["influence.checkpoints=all", "influence.candidates=0.5"], "influence.checkpoints"),
     (["influence.candidates=0"], "influence.candidates"),
@@ -316,9 +327,55 @@ def test_results_hash_changes_with_a_result_key_only(pool, tmp_path):
 
 def test_safe_keys_are_real_keys_and_disjoint_from_result_keys():
     keys = set(Config().flat())
-    assert SAFE_TO_CHANGE <= keys
-    assert RESULT_KEYS == keys - SAFE_TO_CHANGE
-    assert "train.lr" in RESULT_KEYS and "train.log_every" not in RESULT_KEYS
+    safe = safe_keys()
+    assert safe <= keys and result_keys() == keys - safe
+    assert "train.lr" in result_keys() and "train.log_every" not in result_keys()
+    # memory bounds of a selector's or a score's own options are declared safe where they live
+    assert {"selection.kcenter.chunk_size", "selection.weighted.chunk_size",
+            "scoring.knn_k.chunk_size", "selection.rounds", "output.dir"} <= safe
+    assert {"selection.weighted.alpha", "scoring.linear.rule"} <= result_keys()
+
+
+# ----------------------------------------------------------------------------- moved keys
+
+@pytest.mark.parametrize("old", sorted(MOVED))
+def test_a_moved_key_is_refused_naming_its_new_place(pool, old, tmp_path):
+    message = config_error(pool, f"{old}=1")
+    assert message.startswith(f"{old} has moved") and all(new in message for new in MOVED[old])
+    # in a YAML file too (nested, as a preset writes it)
+    section, key = old.split(".")
+    path = write_yaml(tmp_path / "old.yaml", f"data:\n  pool: {pool}\n{section}:\n  {key}: 1\n")
+    with pytest.raises(ConfigError, match=f"{old} has moved"):
+        load_config(path)
+
+
+def test_every_moved_key_lands_on_a_real_key():
+    keys = set(Config().flat())
+    assert all(new in keys for targets in MOVED.values() for new in targets)
+
+
+def test_a_run_config_saved_before_the_move_is_migrated(pool):
+    """A config.json written by an earlier version (flat selection keys) resumes with the same
+    settings in their new places."""
+    saved = load(pool).to_dict()
+    for section in ("kcenter", "weighted", "repr_filter", "cluster_quota", "facility_location",
+                    "pre_experienced"):
+        del saved["selection"][section]
+    del saved["scoring"]["knn_k"], saved["scoring"]["linear"]
+    saved["selection"].update({"selector": "weighted", "score": "ifd_cherry", "alpha": 0.3,
+                               "repr_threshold": 0.8, "n_clusters": 5, "quota": "equal",
+                               "cluster_pick": "centroid", "facility_weighted": True,
+                               "first_round_clusters": 7, "chunk_size": 512, "knn_k": 4,
+                               "linear": "1*loss"})
+    cfg = config_from_dict(saved)
+    s = cfg.selection
+    assert (s.weighted.score, s.weighted.alpha, s.weighted.chunk_size) == ("ifd_cherry", 0.3, 512)
+    assert (s.repr_filter.score, s.repr_filter.threshold) == ("ifd_cherry", 0.8)
+    assert (s.cluster_quota.n_clusters, s.cluster_quota.quota, s.cluster_quota.pick) == (
+        5, "equal", "centroid")
+    assert s.facility_location.weighted and s.pre_experienced.n_clusters == 7
+    assert s.kcenter.chunk_size == 512 and cfg.scoring.knn_k.chunk_size == 512
+    assert (cfg.scoring.knn_k.k, cfg.scoring.linear.rule) == (4, "1*loss")
 
 
 def test_describe_mentions_every_key():

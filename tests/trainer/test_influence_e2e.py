@@ -143,7 +143,7 @@ def test_rose_preference_validation_with_a_candidate_sample(tmp_path, tiny_model
 
 
 @pytest.mark.parametrize("selector, extra", [
-    ("cluster_quota", {"cluster_pick": "centroid", "n_clusters": 3}),   # TAGCOS
+    ("cluster_quota", {"cluster_quota": {"pick": "centroid", "n_clusters": 3}}),   # TAGCOS
     ("kcenter", {}),                                                     # diversity on gradients
 ])
 def test_gradient_embeddings_feed_the_diversity_rules(tmp_path, tiny_model_dir, selector, extra):

@@ -341,8 +341,8 @@ def test_two_ranks_under_zero3_with_partitioned_adapters(tmp_path, tiny_model_di
     # padding call (decoder and LM head) to keep ZeRO-3's gathers in step.
     cfg = write_config(tmp_path / "cfg.yaml", tiny_model_dir, tmp_path / "out",
                        deepspeed={"zero_stage": 3, "stage3_param_persistence_threshold": 0},
-                       selection={"rounds": 2, "selector": "weighted", "score": "entropy",
-                                  "batch_size": 3},
+                       selection={"rounds": 2, "selector": "weighted",
+                                  "weighted": {"score": "entropy"}, "batch_size": 3},
                        train={"retrain_from_base": False})
     run_train(["--config", str(cfg)], ranks=2)
     tensors = adapter(tmp_path / "out")
@@ -385,7 +385,7 @@ def test_weighted_selector_reads_scores_computed_in_the_pass(baseline, tmp_path,
     ref_out, cfg, _ = baseline
     out = tmp_path / "out"
     run_train(["--config", str(cfg), f"output.dir={out}", "selection.selector=weighted",
-               "selection.score=perplexity", "selection.alpha=1.0"])
+               "selection.weighted.score=perplexity", "selection.weighted.alpha=1.0"])
     import numpy as np
     rdir = out / "rounds" / "round_001"
     rows = [json.loads(line) for line in (rdir / "selection.jsonl").read_text().splitlines()]
@@ -416,7 +416,8 @@ def test_every_preset_runs(preset, tmp_path, tiny_model_dir):
                  "selection.rounds=2", "selection.init_size=6", "selection.per_round=5",
                  "train.epochs=1", "train.batch_size=4", "train.micro_batch_size=2",
                  "lora.target_modules=[q_proj, v_proj]", f"output.dir={tmp_path / 'out'}",
-                 "selection.n_clusters=3", "scoring.max_length=160"]
+                 "selection.cluster_quota.n_clusters=3",
+                 "selection.pre_experienced.n_clusters=3", "scoring.max_length=160"]
     import yaml
     spec = yaml.safe_load((REPO / "configs" / preset).read_text())
     if spec.get("scoring", {}).get("model"):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from evotune.selectors.derived import knn_distance
+from evotune.trainer.scores import knn_distance
 from helpers import POOL_TINY, run_train, write_config
 
 pytestmark = pytest.mark.e2e
@@ -32,7 +32,7 @@ def picks(out: Path, r: int = 1) -> list[dict]:
 
 @torch.no_grad()
 def mean_answer_loss(model, enc) -> float:
-    from evotune.selectors.scores import response_scores
+    from evotune.trainer.scores import response_scores
     ids = torch.tensor([enc.input_ids])
     logits = model(input_ids=ids).logits
     return float(response_scores(logits, torch.tensor([enc.labels]))["loss"][0])
@@ -45,7 +45,7 @@ def test_train_template_ifd_is_one_extra_pass_and_matches_a_direct_computation(
     from the round-0 adapter, one example at a time, without the loop."""
     from peft import PeftModel
 
-    from evotune.selectors.ifd import direct_pass, response_header
+    from evotune.trainer.passes.ifd import direct_pass, response_header
     from evotune.trainer.data import encode_all, load_examples
     from evotune.trainer.model import load_model, load_tokenizer
 
@@ -83,8 +83,8 @@ def test_linear_rule_over_knn_and_ifd_in_the_loop(tmp_path, tiny_model_dir):
     out = tmp_path / "out"
     rule = "1.0*knn_k - 0.5*ifd_superfilter + 0.01*length"
     cfg = write_config(tmp_path / "cfg.yaml", tiny_model_dir, out, selection={
-        "selector": "weighted", "score": "linear", "linear": rule, "alpha": 1.0, "knn_k": 3,
-        "rounds": 2})
+        "selector": "weighted", "weighted": {"score": "linear", "alpha": 1.0}, "rounds": 2},
+        scoring={"linear": {"rule": rule}, "knn_k": {"k": 3}})
     run_train(["--config", str(cfg)])
     f = npz(out)
     expected = f["score_knn_k"] - 0.5 * f["score_ifd_superfilter"] + 0.01 * f["score_length"]
@@ -102,9 +102,10 @@ def test_linear_rule_over_knn_and_ifd_in_the_loop(tmp_path, tiny_model_dir):
 
 def test_bad_linear_rule_is_a_config_error(tmp_path, tiny_model_dir):
     cfg = write_config(tmp_path / "cfg.yaml", tiny_model_dir, tmp_path / "out", selection={
-        "selector": "weighted", "score": "linear", "linear": "0.5*reward"})
+        "selector": "weighted", "weighted": {"score": "linear"}},
+        scoring={"linear": {"rule": "0.5*reward"}})
     proc = run_train(["--config", str(cfg)], check=False)
-    assert proc.returncode == 2 and "selection.linear" in proc.stderr and "reward" in proc.stderr
+    assert proc.returncode == 2 and "scoring.linear.rule" in proc.stderr and "reward" in proc.stderr
     assert not (tmp_path / "out").exists()
 
 
@@ -114,7 +115,8 @@ def test_ifd_under_two_ranks_and_zero3_matches_one_rank(tmp_path, tiny_model_dir
     for ranks in (1, 2):
         out = tmp_path / f"out{ranks}"
         cfg = write_config(tmp_path / f"cfg{ranks}.yaml", tiny_model_dir, out, selection={
-            "selector": "weighted", "score": "ifd_superfilter", "alpha": 0.5, "rounds": 2},
+            "selector": "weighted", "weighted": {"score": "ifd_superfilter", "alpha": 0.5},
+            "rounds": 2},
             scoring={"template": template, "max_length": 160}, deepspeed={"zero_stage": 3})
         run_train(["--config", str(cfg)], ranks=ranks if ranks > 1 else None)
         runs[ranks] = out
@@ -136,7 +138,7 @@ def proxy_dir(tmp_path_factory):
     from transformers import PreTrainedTokenizerFast
 
     from evotune.trainer.data import load_examples
-    from evotune.trainer.model import build_tiny_model
+    from helpers import build_tiny_model
 
     d = tmp_path_factory.mktemp("proxy")
     texts = [m["content"] for ex in load_examples(POOL_TINY)[0] for m in ex.messages]
@@ -156,13 +158,15 @@ def proxy_dir(tmp_path_factory):
 @pytest.mark.parametrize("template", ["train", "reference"])
 def test_proxy_with_a_different_tokenizer_scores_once_with_its_own(tmp_path, tiny_model_dir,
                                                                     proxy_dir, template):
-    from evotune.selectors.ifd import direct_pass, ifd_scores, response_header
+    from helpers import ifd_scores
+
     from evotune.trainer.data import encode, load_examples
     from evotune.trainer.model import load_model, load_tokenizer
+    from evotune.trainer.passes.ifd import direct_pass, response_header
 
     out = tmp_path / "out"
     cfg = write_config(tmp_path / "cfg.yaml", tiny_model_dir, out, selection={
-        "selector": "weighted", "score": "ifd_cherry", "alpha": 0.5},
+        "selector": "weighted", "weighted": {"score": "ifd_cherry", "alpha": 0.5}},
         data={"max_length": 512},    # the proxy's 400-token BPE needs ~3x the tokens
         scoring={"model": str(proxy_dir), "template": template, "max_length": 512})
     run_train(["--config", str(cfg)])

@@ -1,4 +1,8 @@
-"""Validation sets for influence selection: SFT examples (LESS) or preference pairs (ROSE).
+"""Target sets: small sets of examples of the tasks a run selects for.
+
+Influence selection scores the pool against one (``influence.validation``: LESS calls it the
+validation set, ROSE the preference validation set); it is not the held-out eval set
+(``eval.path``), which only measures.
 
 A file is JSON or JSONL, all rows of one kind:
 - SFT: any pool row (Alpaca ``instruction``/``input``/``output`` or chat ``messages``), plus an
@@ -18,8 +22,8 @@ from evotune.trainer.data import DataError, Encoded, _rows, encode, parse_row
 
 
 @dataclass
-class ValItem:
-    """One validation item: an SFT example (``encoded``) or a preference pair (``chosen``,
+class TargetItem:
+    """One target item: an SFT example (``encoded``) or a preference pair (``chosen``,
     ``rejected``), with its subtask."""
     id: str
     subtask: str
@@ -45,9 +49,9 @@ def _pair(row: dict, where: str, path: Path) -> tuple[dict, dict, str]:
             str(row.get("subtask") or path.stem))
 
 
-def load_validation(path: str | Path, tokenizer, template: str, max_length: int,
-                    on_error: str = "error") -> tuple[list[ValItem], list[tuple[str, str]]]:
-    """Read and encode a validation file (see the module docstring).
+def load_targets(path: str | Path, tokenizer, template: str, max_length: int,
+                 on_error: str = "error") -> tuple[list[TargetItem], list[tuple[str, str]]]:
+    """Read and encode a target file (see the module docstring).
 
     Raises DataError on a malformed row or a mix of SFT and preference rows. A row whose answer
     has no token left after truncation to ``max_length`` raises too, or with
@@ -58,8 +62,8 @@ def load_validation(path: str | Path, tokenizer, template: str, max_length: int,
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"validation file not found: {path}")
-    items: list[ValItem] = []
+        raise FileNotFoundError(f"target file not found: {path}")
+    items: list[TargetItem] = []
     skipped: list[tuple[str, str]] = []
     kind = None
     for where, row in _rows(path):
@@ -71,19 +75,19 @@ def load_validation(path: str | Path, tokenizer, template: str, max_length: int,
         if kind is None:
             kind = row_kind
         elif row_kind != kind:
-            raise DataError(f"{where}: a {row_kind} row in a file of {kind} rows; a validation "
+            raise DataError(f"{where}: a {row_kind} row in a file of {kind} rows; a target "
                             f"file holds SFT examples or preference pairs, not both")
         try:
             if kind == "sft":
                 ex = parse_row(row, where, path.stem)
                 subtask = str(row.get("subtask") or ex.source)
-                items.append(ValItem(ex.id, subtask, "sft",
+                items.append(TargetItem(ex.id, subtask, "sft",
                                      encoded=encode(ex, tokenizer, template, max_length)))
             else:
                 chosen_row, rejected_row, subtask = _pair(row, where, path)
                 chosen = parse_row(chosen_row, where, path.stem)
                 rejected = parse_row(rejected_row, where, path.stem)
-                items.append(ValItem(str(row.get("id", chosen.id)), subtask, "preference",
+                items.append(TargetItem(str(row.get("id", chosen.id)), subtask, "preference",
                                      chosen=encode(chosen, tokenizer, template, max_length),
                                      rejected=encode(rejected, tokenizer, template, max_length)))
         except DataError as e:

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from evotune.selectors.gradients import (SparseProjector, adam_direction, aggregate,
+from evotune.trainer.passes.gradients import (SparseProjector, adam_direction, aggregate,
                                          answer_logprob, dpo_coefficient, example_grad,
                                          influence, normalize_rows, trainable_params)
 from evotune.trainer.data import IGNORE_INDEX

@@ -16,10 +16,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from evotune.selectors.ifd import VARIANTS, ifd_inputs, ifd_prompt, ifd_scores, ifd_value
+from helpers import FIXTURES, POOL_TINY, ifd_scores
+
 from evotune.trainer.data import IGNORE_INDEX, load_examples
 from evotune.trainer.model import load_model, load_tokenizer
-from helpers import FIXTURES, POOL_TINY
+from evotune.trainer.passes.ifd import VARIANTS, ifd_inputs, ifd_prompt, ifd_value
 
 REFERENCE = json.loads((FIXTURES / "ifd_reference.json").read_text())
 RESULTS = REFERENCE["results"]          # "<model>/<variant>/<max_length>" → per-row records
@@ -166,7 +167,7 @@ def test_ifd_value_formulas():
     assert ifd_value(3.0, 3.0, "ifd_superfilter") == 1.0
     with pytest.raises(ValueError, match="undefined"):
         ifd_value(1.0, 0.0, "ifd_cherry")
-    with pytest.raises(ValueError, match="unknown IFD variant"):
+    with pytest.raises(ValueError, match="unknown IFD score"):
         ifd_value(1.0, 1.0, "ifd")
 
 
@@ -188,7 +189,7 @@ def test_scores_skip_with_a_reason_and_keep_row_order(models):
 # ----------------------------------------------------------------------------- training template
 
 def test_response_header_under_chat_and_alpaca(tokenizer):
-    from evotune.selectors.ifd import response_header
+    from evotune.trainer.passes.ifd import response_header
     assert tokenizer.decode(response_header(tokenizer, "chat")) == "<|im_start|>assistant\n"
     assert tokenizer.decode(response_header(tokenizer, "alpaca")) == "### Response:"
 
@@ -196,7 +197,7 @@ def test_response_header_under_chat_and_alpaca(tokenizer):
 def test_response_header_needs_a_generation_prompt(tokenizer):
     import copy
 
-    from evotune.selectors.ifd import response_header
+    from evotune.trainer.passes.ifd import response_header
     tok = copy.deepcopy(tokenizer)
     tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
     with pytest.raises(ValueError, match="generation prompt"):
@@ -204,7 +205,7 @@ def test_response_header_needs_a_generation_prompt(tokenizer):
 
 
 def test_direct_pass_keeps_every_response_span_after_a_header():
-    from evotune.selectors.ifd import direct_pass
+    from evotune.trainer.passes.ifd import direct_pass
     from evotune.trainer.data import Encoded
     I = IGNORE_INDEX
     two_turns = Encoded([1, 2, 3, 10, 11, 4, 5, 12], [I, I, I, 10, 11, I, I, 12], True)

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from evotune.trainer.data import DataError, IGNORE_INDEX
-from evotune.trainer.validation import load_validation
+from evotune.trainer.targets import load_targets
 from helpers import EVAL_TINY, FIXTURES
 
 
@@ -16,14 +16,14 @@ def write(tmp_path, rows, name="val.jsonl"):
 
 
 def test_sft_rows_take_subtask_or_source(tokenizer):
-    items, skipped = load_validation(EVAL_TINY, tokenizer, "chat", 512)
+    items, skipped = load_targets(EVAL_TINY, tokenizer, "chat", 512)
     assert not skipped and all(it.kind == "sft" and it.encoded.n_response > 0 for it in items)
     assert {it.subtask for it in items} == {json.loads(line)["source"] for line in
                                             EVAL_TINY.read_text().splitlines()}
 
 
 def test_preference_pairs_encode_both_answers_after_the_same_prompt(tokenizer):
-    items, _ = load_validation(FIXTURES / "preference_tiny.jsonl", tokenizer, "chat", 1024)
+    items, _ = load_targets(FIXTURES / "preference_tiny.jsonl", tokenizer, "chat", 1024)
     assert len(items) == 36 and {it.kind for it in items} == {"preference"}
     it = items[0]
     first = lambda e: next(i for i, t in enumerate(e.labels) if t != IGNORE_INDEX)
@@ -40,7 +40,7 @@ def test_preference_pairs_encode_both_answers_after_the_same_prompt(tokenizer):
 def test_malformed_pairs_name_the_line_and_field(tmp_path, tokenizer, row, match):
     path = write(tmp_path, [{"prompt": "q", "chosen": "a", "rejected": "b"}, row])
     with pytest.raises(DataError, match=match) as e:
-        load_validation(path, tokenizer, "chat", 512)
+        load_targets(path, tokenizer, "chat", 512)
     assert f"{path}:2" in str(e.value)
 
 
@@ -48,19 +48,19 @@ def test_mixed_kinds_and_duplicates_are_refused(tmp_path, tokenizer):
     mixed = write(tmp_path, [{"instruction": "i", "output": "o"},
                              {"prompt": "q", "chosen": "a", "rejected": "b"}])
     with pytest.raises(DataError, match="not both"):
-        load_validation(mixed, tokenizer, "chat", 512)
+        load_targets(mixed, tokenizer, "chat", 512)
     dup = write(tmp_path, [{"id": "x", "prompt": "q", "chosen": "a", "rejected": "b"},
                            {"id": "x", "prompt": "r", "chosen": "a", "rejected": "b"}], "d.jsonl")
     with pytest.raises(DataError, match="duplicate validation id 'x'"):
-        load_validation(dup, tokenizer, "chat", 512)
+        load_targets(dup, tokenizer, "chat", 512)
 
 
 def test_too_long_rows_raise_or_are_skipped(tmp_path, tokenizer):
     path = write(tmp_path, [{"instruction": "word " * 400, "output": "o"},
                             {"instruction": "short", "output": "fine"}])
     with pytest.raises(DataError, match="no response token fits"):
-        load_validation(path, tokenizer, "chat", 64)
-    items, skipped = load_validation(path, tokenizer, "chat", 64, on_error="skip")
+        load_targets(path, tokenizer, "chat", 64)
+    items, skipped = load_targets(path, tokenizer, "chat", 64, on_error="skip")
     assert len(items) == 1 and len(skipped) == 1 and f"{path}:1" in skipped[0][0]
 
 
@@ -71,6 +71,6 @@ def test_preset_validation_sets_fit_their_max_length(preset, tokenizer):
     from evotune.trainer.config import load_config
     from helpers import REPO
     cfg = load_config(REPO / "configs" / preset)
-    items, skipped = load_validation(cfg.influence.validation, tokenizer, "chat",
+    items, skipped = load_targets(cfg.influence.validation, tokenizer, "chat",
                                      cfg.data.max_length)
     assert len(items) >= 16 and not skipped

@@ -44,8 +44,8 @@ Skips, where the reference drops the row or produces no number:
 
 The training template (``scoring.template: train``, evotune's own, not a reference method): the
 conditioned pass is the run's training encoding and the direct pass is built from it by
-:func:`direct_pass` (response header + the same response tokens), see
-:class:`~evotune.selectors.features.FeaturePass`. The rules above are for ``reference``.
+:func:`direct_pass` (response header + the same response tokens), see :class:`IfdPass`. The
+rules above are for ``reference``.
 
 Departures from the references:
   - A row that cannot be scored is returned as ``{"skipped": reason}``. The references skip
@@ -53,29 +53,23 @@ Departures from the references:
     a perplexity of 0 and a zero division into IFD 0); evotune never returns a stand-in number and
     lets real errors (out of memory, a bad model) raise.
   - Cherry's script also drops IFD > 1 and Superfiltering's keeps IFD < 1: those are selection
-    rules, not scoring; ``ifd_scores`` returns every IFD and the selector applies the threshold.
+    rules, not scoring; every IFD is kept and the score filter applies the threshold.
   - Batched with right padding (one forward per batch, means over the answer tokens only) where
     the references run one example at a time; in fp32 the losses agree to ~2e-6 relative.
 """
 
 from __future__ import annotations
 
-import math
+import numpy as np
 
-import torch
+from evotune.trainer.data import (ALPACA_NO_INPUT, ALPACA_WITH_INPUT, IGNORE_INDEX, Encoded,
+                                  encode, resolve_template)
+from evotune.trainer.model import load_model, load_tokenizer, resolve_model_path
+from evotune.trainer.passes.forward import PassStats, compute_features, merge_stats
+from evotune.trainer.scores import SCORES, names
 
-from evotune.selectors.scores import response_scores
-from evotune.trainer.data import (
-    ALPACA_NO_INPUT,
-    ALPACA_WITH_INPUT,
-    IGNORE_INDEX,
-    Encoded,
-    collate,
-    plan_batches,
-)
-from evotune.trainer.fit import logits_window
-from evotune.trainer.model import backbone, lm_head
-
+# The IFD scores with published templates and token rules (``scoring.template: reference``);
+# under the training template every registered ``ifd`` score is computed from the same passes.
 VARIANTS = ("ifd_cherry", "ifd_superfilter")
 
 # Cherry's direct pass: the answer after the bare response header.
@@ -86,7 +80,8 @@ DIRECT_SLACK = {"ifd_cherry": 4, "ifd_superfilter": 1}
 
 def _check_variant(variant: str) -> None:
     if variant not in VARIANTS:
-        raise ValueError(f"unknown IFD variant {variant!r}; expected one of {', '.join(VARIANTS)}")
+        raise ValueError(f"IFD variant {variant!r} has no reference template; expected one of "
+                         f"{', '.join(VARIANTS)} (scoring.template=train scores any IFD score)")
 
 
 def ifd_prompt(alpaca: dict, variant: str) -> str:
@@ -157,18 +152,16 @@ def ifd_inputs(alpaca: dict | None, tokenizer, variant: str, max_length: int
 
 
 def ifd_value(loss_cond: float, loss_direct: float, variant: str) -> float:
-    """IFD from the two mean answer losses (nats/token).
+    """IFD from the two mean answer losses (nats/token), by the registered score's formula.
 
     Cherry: ``loss_cond / loss_direct``. Superfiltering: ``exp(loss_cond - loss_direct)``, the
-    perplexity ratio. Raises ValueError for an unknown variant, or for Cherry when
-    ``loss_direct`` is 0 (the ratio is undefined; the reference would divide by zero).
+    perplexity ratio. Raises ValueError for a name that is not an ``ifd`` score, or for Cherry
+    when ``loss_direct`` is 0 (the ratio is undefined; the reference would divide by zero).
     """
-    _check_variant(variant)
-    if variant == "ifd_cherry":
-        if loss_direct == 0:
-            raise ValueError("direct loss is 0: the Cherry IFD ratio is undefined")
-        return loss_cond / loss_direct
-    return math.exp(loss_cond - loss_direct)
+    if variant not in names("ifd"):
+        raise ValueError(f"unknown IFD score {variant!r}; expected one of "
+                         f"{', '.join(names('ifd'))}")
+    return SCORES[variant].compute(loss_cond, loss_direct)
 
 
 def response_header(tokenizer, template: str) -> list[int]:
@@ -217,54 +210,116 @@ def direct_pass(enc: Encoded, header: list[int], bos: int | None) -> Encoded:
     return Encoded(ids, labels, enc.truncated)
 
 
-@torch.no_grad()
-def ifd_scores(model, tokenizer, rows: list[dict | None], variant: str, max_length: int,
-               batch_size: int = 8, device: str | torch.device = "cpu") -> list[dict]:
-    """IFD of each Alpaca row with one model in one process (tests, benchmarks, small pools).
+def _round(r: int | None) -> str:
+    return "" if r is None else f"round {r}: "
 
-    The conditioned and direct passes of all rows are batched together by length (right
-    padding); each mean loss covers the row's scored answer tokens only. The model is put in
-    eval mode for the pass and restored after.
 
-    Returns:
-        One dict per row, in order: ``{"loss_cond", "loss_direct", "ifd"}`` (floats; losses in
-        nats/token), or ``{"skipped": reason}``.
+class IfdPass:
+    """The passes behind a run's ``ifd`` scores, and the scores from their losses.
+
+    ``scoring.template: train`` (default): the conditioned loss is the ``loss`` of the forward
+    pass itself (the run's own training encoding), so the direct pass (response header +
+    response tokens, :func:`direct_pass`) is the only extra one; every IFD score shares it and
+    differs by formula only. ``reference``: the published templates and token rules, two extra
+    passes per variant, Alpaca rows only; for parity with Cherry_LLM and Superfiltering.
+
+    A proxy model (``scoring.model``) scores with its own tokenizer, once (it never changes):
+    its losses are kept for later rounds; in ``train`` mode its conditioned pass is then an
+    extra pass over the pool encoded with the proxy's tokenizer and template.
     """
-    _check_variant(variant)
-    out: list[dict] = [{} for _ in rows]
-    seqs: list[Encoded] = []
-    owners: list[tuple[int, str]] = []          # (row index, "loss_cond" | "loss_direct")
-    for i, row in enumerate(rows):
-        made = ifd_inputs(row, tokenizer, variant, max_length)
-        if isinstance(made, str):
-            out[i] = {"skipped": made}
-            continue
-        seqs += made
-        owners += [(i, "loss_cond"), (i, "loss_direct")]
 
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    was_training = model.training
-    model.eval()
-    decoder, head = backbone(model), lm_head(model)
-    try:
-        for positions in plan_batches([len(s.input_ids) for s in seqs], batch_size):
-            batch = collate([seqs[p] for p in positions], pad_id)
-            hidden = decoder(input_ids=batch["input_ids"].to(device),
-                             attention_mask=batch["attention_mask"].to(device)).last_hidden_state
-            logits = head(hidden[:, -logits_window(batch["labels"]):])
-            losses = response_scores(logits, batch["labels"].to(logits.device))["loss"]
-            for p, loss in zip(positions, losses.tolist()):
-                i, key = owners[p]
-                out[i][key] = loss
-    finally:
-        model.train(was_training)
+    def __init__(self, cfg, variants: list[str], pool, pool_enc, tokenizer, template: str,
+                 strategy):
+        self.cfg, self.variants, self.strategy = cfg, list(variants), strategy
+        self.mode = cfg.scoring.template
+        tok, enc = tokenizer, pool_enc
+        self.proxy = None
+        if cfg.scoring.model:
+            path = resolve_model_path(cfg.scoring.model)
+            tok = load_tokenizer(path)     # a proxy keeps its own tokenizer
+            self.proxy = load_model(path, strategy.dtype).to(strategy.device).eval()
+            if self.mode == "train":
+                template = resolve_template(cfg.data.template, tok)
+                enc = []
+                for ex in pool:
+                    try:
+                        enc.append(encode(ex, tok, template, cfg.data.max_length))
+                    except ValueError as e:       # no response token fits with this tokenizer
+                        enc.append(f"proxy tokenizer: {e}")
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+        if self.mode == "reference":
+            for v in self.variants:
+                _check_variant(v)
+            self.inputs = {v: [ifd_inputs(ex.alpaca, tok, v, cfg.scoring.max_length)
+                               if ex.alpaca else "chat row: the reference IFD templates need "
+                               "instruction/input/output (scoring.template=train scores it)"
+                               for ex in pool] for v in self.variants}
+        else:
+            header, bos = response_header(tok, template), tok.bos_token_id
+            self.inputs = {"shared": [e if isinstance(e, str) else
+                                      (e, direct_pass(e, header, bos)) for e in enc]}
+        self.cache: dict[str, tuple] = {}         # a proxy's losses, computed in an earlier round
 
-    for r in out:
-        if "skipped" in r:
-            continue
+    @property
+    def needs_forward_loss(self) -> bool:
+        """True when the conditioned loss is the forward pass's ``loss`` (train template, no
+        proxy): the round's forward pass must compute it."""
+        return self.mode == "train" and self.proxy is None
+
+    def _key(self, variant: str) -> str:
+        return variant if self.mode == "reference" else "shared"
+
+    def run(self, model, features, logger, r: int | None) -> PassStats | None:
+        """Add every IFD score (values, skip reasons) to ``features`` on rank 0 (None on the
+        other ranks; every rank calls this). ``features`` must already hold the forward pass's
+        ``loss`` when :attr:`needs_forward_loss`. Returns the statistics of the passes that
+        ran (None when a proxy's cached losses were enough)."""
+        stats = None
+        losses = dict(self.cache)
+        for v in self.variants:
+            key = self._key(v)
+            if key not in losses:
+                losses[key], s = self._losses(key, model, features, logger, r)
+                stats = s if stats is None else merge_stats(stats, s)
+                if self.proxy is not None:
+                    self.cache[key] = losses[key]
+            if features is not None:
+                features.scores[v], features.skipped[v] = _values(v, self.inputs[key],
+                                                                  *losses[key])
+        return stats
+
+    def _losses(self, key, model, features, logger, r):
+        """Mean answer losses (conditioned, direct) of the scored rows of ``inputs[key]``, on
+        rank 0 (None elsewhere), and the statistics of the passes run for them."""
+        inputs = self.inputs[key]
+        scored = [i for i, x in enumerate(inputs) if not isinstance(x, str)]
+        model = self.proxy or model
+        need_cond = not self.needs_forward_loss
+        bs, pad = self.cfg.selection.batch_size, self.pad_id
+        label = key if key != "shared" else "IFD direct pass"
+        with logger.progress(f"{_round(r)}{label}", len(scored) * (1 + need_cond)) as advance:
+            cond = None
+            if need_cond:
+                cond, s1 = compute_features(model, [inputs[i][0] for i in scored], self.strategy,
+                                            pad, bs, False, ("loss",), advance)
+            direct, stats = compute_features(model, [inputs[i][1] for i in scored],
+                                             self.strategy, pad, bs, False, ("loss",), advance)
+        if need_cond:
+            stats = merge_stats(s1, stats)
+        if not self.strategy.is_rank0:
+            return None, stats
+        cond_loss = cond.scores["loss"] if need_cond else features.scores["loss"][scored]
+        return (cond_loss, direct.scores["loss"]), stats
+
+
+def _values(variant, inputs, cond_loss, direct_loss):
+    """(N,) IFD values, NaN where skipped, and ``{position: reason}``."""
+    values = np.full(len(inputs), np.nan)
+    skipped = {i: x for i, x in enumerate(inputs) if isinstance(x, str)}
+    scored = [i for i, x in enumerate(inputs) if not isinstance(x, str)]
+    for k, i in enumerate(scored):
         try:
-            r["ifd"] = ifd_value(r["loss_cond"], r["loss_direct"], variant)
+            values[i] = ifd_value(float(cond_loss[k]), float(direct_loss[k]), variant)
         except ValueError as e:
-            r.clear()
-            r["skipped"] = str(e)
-    return out
+            skipped[i] = str(e)
+    return values, skipped

@@ -1,7 +1,7 @@
 """Gradient features for influence selection (LESS, ROSE): per-example LoRA gradients, LESS's
 Adam direction, ROSE's DPO-pair direction, a seeded sparse random projection, and the influence
-score. REFERENCE §4; Xia et al., "LESS", arXiv 2402.04333 (princeton-nlp/LESS); Wu et al.,
-"ROSE", arXiv 2412.00631.
+score. Xia et al., "LESS", arXiv 2402.04333 (princeton-nlp/LESS); Wu et al., "ROSE", arXiv
+2412.00631.
 
 Every function here is model-agnostic: gradients come in as lists of tensors, one per trainable
 parameter in :func:`trainable_params` order, and leave as projected (B, d) rows.
@@ -79,7 +79,7 @@ def dpo_coefficient(policy_margin: float, reference_margin: float, beta: float =
     Loss: ``−(1−ε)·log σ(β·z) − ε·log σ(−β·z)`` with ``z = policy_margin − reference_margin``
     (DPO with conservative label smoothing ε). Without smoothing this is ``−β·σ(−β·z) < 0`` for
     every z, so after row normalisation the feature does not depend on the reference model
-    (REFERENCE §4); with ε > 0 its sign can flip, and then the reference model matters.
+    (a positive rescaling only); with ε > 0 its sign can flip, and then the reference model matters.
     """
     z = beta * (policy_margin - reference_margin)
     sig = 1.0 / (1.0 + math.exp(-z))

@@ -1,0 +1,124 @@
+"""The selector registry and the rule that keeps ``selectors/`` pure."""
+
+import ast
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+from helpers import REPO
+
+from evotune.selectors import registry
+from evotune.selectors.base import Features, NoOptions, Selection, option
+from evotune.selectors.filters import ScoredFirst, ScoreFiltered
+from evotune.selectors.kcenter import KCenterSelector
+from evotune.selectors.weighted import WeightedSelector
+
+FORBIDDEN = ("evotune.trainer", "torch", "transformers", "peft", "deepspeed")
+
+
+def imports_of(path):
+    """Every module a file imports (absolute names; relative imports as '.name')."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            found.append("." * node.level + (node.module or ""))
+    return found
+
+
+def test_selectors_import_nothing_that_runs_a_model():
+    files = sorted((REPO / "selectors").glob("*.py"))
+    assert len(files) >= 10
+    bad = [(p.name, name) for p in files for name in imports_of(p)
+           if name.startswith(".") or any(name == f or name.startswith(f + ".")
+                                          for f in FORBIDDEN)]
+    assert bad == []
+
+
+def test_the_import_check_catches_a_forbidden_import(tmp_path):
+    # The check above must be able to fail: the same reading flags these lines.
+    f = tmp_path / "x.py"
+    f.write_text("import torch.nn\nfrom evotune.trainer.data import X\nfrom . import y\n"
+                 "def g():\n    import deepspeed\n")
+    assert imports_of(f) == ["torch.nn", "evotune.trainer.data", ".", "deepspeed"]
+
+
+class Section:
+    """A stand-in for the config's selection section (the registry reads attributes only)."""
+
+    def __init__(self, selector, filter_score=None, filter_max=None, filter_top_fraction=1.0,
+                 **options):
+        self.selector, self.first_round = selector, "selector"
+        self.filter_score, self.filter_max = filter_score, filter_max
+        self.filter_top_fraction = filter_top_fraction
+        self.__dict__.update(options)
+
+
+def test_build_reads_the_selectors_own_options_and_applies_the_wrapping_rule():
+    plain = registry.build(Section("kcenter", kcenter=KCenterSelector.Options(chunk_size=8)))
+    assert isinstance(plain, KCenterSelector) and plain.options.chunk_size == 8
+    # reads a score and measures embeddings: the unscored fill; the fill's block is k-center's
+    weighted = registry.build(Section(
+        "weighted", weighted=WeightedSelector.Options("perplexity", alpha=0.25),
+        kcenter=KCenterSelector.Options(chunk_size=16)))
+    assert isinstance(weighted, ScoredFirst) and weighted.score == "perplexity"
+    assert weighted.chunk_size == 16 and weighted.inner.options.alpha == 0.25
+    # no embeddings: no fill; a filter wraps whatever the selector is
+    influence = registry.build(Section("influence", filter_score="loss", filter_max=1.0))
+    assert isinstance(influence, ScoreFiltered) and influence.inner.name == "influence"
+    assert influence.scores == ("influence", "loss")
+    with pytest.raises(ValueError, match="known: cluster_quota, facility_location, influence"):
+        registry.build(Section("ifd"))
+
+
+def test_every_registered_rule_declares_what_the_config_and_readme_read():
+    for name, cls in {**registry.SELECTORS, "pre_experienced":
+                      registry.FIRST_ROUND["pre_experienced"]}.items():
+        assert cls.name == name and cls.doc and cls.logs
+        assert hasattr(cls.Options, "__dataclass_fields__")
+        selector = cls()                                  # defaults are a working selector
+        assert selector.state_dict()["name"] == name
+    assert set(registry.option_sections()) == {
+        "kcenter", "weighted", "repr_filter", "cluster_quota", "facility_location",
+        "pre_experienced"}
+
+
+@dataclass
+class _Every:
+    """A toy rule: every ``step``-th candidate."""
+    step: int = option(2, "take every step-th candidate")
+
+
+class EveryStep:
+    name, doc, logs = "every_step", "every step-th candidate", "–"
+    Options = _Every
+    needs_embeddings, scores = False, ()
+
+    def __init__(self, options=None):
+        self.options = options or _Every()
+
+    def select(self, features, labeled, candidates, n, rng):
+        return Selection(np.sort(candidates)[::self.options.step][:n])
+
+    def state_dict(self):
+        return {"name": self.name, "step": self.options.step}
+
+
+def test_register_adds_a_selector_and_refuses_a_clash_or_a_missing_member(monkeypatch):
+    monkeypatch.setattr(registry, "SELECTORS", dict(registry.SELECTORS))
+    registry.register(EveryStep)
+    assert registry.option_sections()["every_step"] is _Every
+    sel = registry.build(Section("every_step", every_step=_Every(step=3)))
+    assert sel.select(Features(), np.array([]), np.arange(10), 3, None).positions.tolist() \
+        == [0, 3, 6]
+
+    class Impostor(EveryStep):
+        name = "kcenter"
+    with pytest.raises(ValueError, match="already registered"):
+        registry.register(Impostor)
+
+    class Half:
+        name, Options = "half", NoOptions
+    with pytest.raises(ValueError, match="lacks doc, logs, needs_embeddings, select, state_dict"):
+        registry.register(Half)

@@ -1,0 +1,52 @@
+"""The feature pass's plan (which passes a selector's needs make a round run) and its clean-up
+of non-finite values."""
+
+import numpy as np
+from helpers import POOL_TINY
+
+from evotune.selectors.base import Features
+from evotune.selectors.registry import build
+from evotune.trainer.config import load_config
+from evotune.trainer.data import encode_all, load_examples
+from evotune.trainer.passes.features import FeaturePass, mark_non_finite
+
+
+def plan(tokenizer, *overrides):
+    cfg = load_config(None, [f"data.pool={POOL_TINY}", *overrides])
+    examples, _ = load_examples(POOL_TINY, "skip")
+    pool, enc, _ = encode_all(examples, tokenizer, "chat", 256, "skip")
+    return FeaturePass(cfg, build(cfg.selection), pool, enc, tokenizer, "chat", None)
+
+
+def test_a_linear_rule_brings_its_terms_and_their_passes(tokenizer):
+    fp = plan(tokenizer, "selection.selector=weighted", "selection.weighted.score=linear",
+              "scoring.linear.rule=1*knn_k - 1*ifd_cherry + 0.01*length")
+    # IFD (training template, no proxy) reads the forward pass's loss: it is computed too
+    assert fp.forward_scores == ("loss", "length")
+    assert fp.ifd is not None and fp.ifd.variants == ["ifd_cherry"] and fp.ifd.needs_forward_loss
+    assert fp.derived == ["knn_k", "linear"] and fp.needs_embeddings
+    assert fp.influence is None and fp.needed and not fp.needs_optimizer_state
+
+
+def test_kcenter_needs_only_embeddings_and_random_needs_no_pass(tokenizer):
+    fp = plan(tokenizer)
+    assert fp.needs_embeddings and fp.forward_scores == () and fp.ifd is None
+    assert fp.derived == [] and fp.needed
+    assert not plan(tokenizer, "selection.selector=random").needed
+
+
+def test_a_filter_score_is_computed_too(tokenizer):
+    fp = plan(tokenizer, "selection.filter_score=entropy")
+    assert fp.forward_scores == ("entropy",) and fp.needs_embeddings
+
+
+def test_mark_non_finite_turns_inf_into_nan_with_a_reason_once():
+    f = Features(scores={"loss": np.array([1.0, np.inf, np.nan, -np.inf]),
+                         "ifd_cherry": np.array([np.nan, 0.5, 0.7, 0.1])},
+                 skipped={"ifd_cherry": {0: "empty answer"}})
+    assert mark_non_finite(f) == {"loss": 3}
+    assert np.isnan(f.scores["loss"][1:]).all() and f.scores["loss"][0] == 1.0
+    assert f.skipped["loss"] == {1: "non-finite value (inf)", 2: "non-finite value (nan)",
+                                 3: "non-finite value (-inf)"}
+    assert f.skipped["ifd_cherry"] == {0: "empty answer"}
+    assert mark_non_finite(f) == {}

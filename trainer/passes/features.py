@@ -1,0 +1,189 @@
+"""The feature pass: everything a round's selector reads, from the current model, over the pool.
+
+:class:`FeaturePass` is built once per run from the config and the selector's needs
+(``needs_embeddings``, ``scores``). It looks every needed score up in ``trainer/scores.py``
+(with the scores they are computed from) and runs only the passes their sources need:
+
+- ``forward`` scores and the hidden-state embedding: one batched forward pass over the pool
+  (``trainer/passes/forward.py``);
+- ``ifd`` scores: IFD's extra passes (``trainer/passes/ifd.py``);
+- ``influence`` scores and gradient embeddings (``selection.embedding: gradient``): the gradient
+  pass (``trainer/passes/influence.py``);
+- ``derived`` scores: computed on rank 0 from the rest, inputs first.
+
+Infinite or NaN values from the model become skips with a reason (a selector never picks them).
+For Cherry's pre-experienced round 0, :meth:`FeaturePass.run_instructions` embeds the prompts
+alone instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from evotune.selectors.base import Features
+from evotune.selectors.pre_experienced import SCORE as INSTRUCTION_PERPLEXITY
+from evotune.trainer.data import IGNORE_INDEX, Encoded
+from evotune.trainer.logs import log
+from evotune.trainer.passes.forward import PassStats, compute_features
+from evotune.trainer.passes.ifd import IfdPass
+from evotune.trainer.passes.influence import InfluencePass
+from evotune.trainer.scores import SCORES, with_inputs
+
+
+@dataclass
+class PassResult:
+    """What a round's passes produced.
+
+    ``features``: on rank 0 (None on the other ranks). ``stats``: per pass that ran
+    (``features``: the forward pass; ``ifd``: IFD's extra passes; ``influence``: the gradient
+    pass). ``candidates``: the pool positions the selector may pick this round (the round's
+    candidates, or the gradient sample of them when the embeddings are gradients: only those
+    have one; rank 0).
+    """
+    features: Features | None
+    stats: dict[str, PassStats] = field(default_factory=dict)
+    candidates: np.ndarray | None = None
+
+
+def _round(r: int | None) -> str:
+    return "" if r is None else f"round {r}: "
+
+
+class FeaturePass:
+    """Plans and runs the passes a selector needs (see the module docstring).
+
+    Args:
+        cfg: the run's config (``selection``, ``scoring``, ``influence`` and ``data`` settings).
+        selector: what the features are for: anything with ``needs_embeddings`` and ``scores``.
+        pool, pool_enc: the pool's examples and their encodings (pool order).
+        tokenizer, template: the run's tokenizer and training template.
+        strategy: the run's :class:`~evotune.trainer.engine.Strategy`.
+
+    Raises ValueError on a score that cannot be computed with these settings.
+    """
+
+    def __init__(self, cfg, selector, pool, pool_enc, tokenizer, template: str, strategy):
+        self.cfg, self.strategy, self.pool_enc = cfg, strategy, pool_enc
+        self.pad_id = tokenizer.pad_token_id
+        wanted = with_inputs(selector.scores, lambda name: getattr(cfg.scoring, name, None))
+        of = {source: [n for n in wanted if SCORES[n].source == source]
+              for source in ("forward", "ifd", "derived", "influence")}
+        self.derived = of["derived"]                          # inputs before their readers
+        self.needs_embeddings = selector.needs_embeddings or any(
+            SCORES[n].needs_embeddings for n in wanted)
+        # Gradient embeddings come from the gradient pass, not from the hidden states.
+        self.gradient_embeddings = self.needs_embeddings and \
+            cfg.selection.embedding == "gradient"
+        self.ifd = IfdPass(cfg, of["ifd"], pool, pool_enc, tokenizer, template, strategy) \
+            if of["ifd"] else None
+        forward = set(of["forward"])
+        if self.ifd is not None and self.ifd.needs_forward_loss:
+            forward.add("loss")        # IFD's conditioned loss is the forward pass's loss
+        self.forward_scores = tuple(n for n in SCORES if n in forward)    # registry order
+        self.influence = InfluencePass(cfg, pool_enc, tokenizer, template, strategy) \
+            if of["influence"] or self.gradient_embeddings else None
+
+    @property
+    def needed(self) -> bool:
+        """False when the selector reads nothing a model computes (e.g. random)."""
+        return bool(self.needs_embeddings or self.forward_scores or self.ifd or self.derived
+                    or self.influence)
+
+    @property
+    def needs_optimizer_state(self) -> bool:
+        """True when the pass reads Adam's moments (a resume must restore the optimizer)."""
+        return self.influence is not None and self.cfg.influence.adam
+
+    def run(self, model, logger, r: int | None = None, engine=None,
+            candidates: np.ndarray | None = None, labeled=(), run_dir: Path | None = None
+            ) -> PassResult:
+        """Compute the features with ``model`` (the current model; every rank calls this).
+
+        ``r`` (the round, or None outside a run) labels the progress bars and seeds the
+        gradient sample. The gradient pass also needs the DeepSpeed ``engine`` (its optimizer's
+        moments), the round's ``candidates``, the ``labeled`` (selected) positions and the
+        ``run_dir`` (its partial results and earlier rounds' terms).
+        """
+        stats: dict[str, PassStats] = {}
+        features = Features() if self.strategy.is_rank0 else None
+        hidden = self.needs_embeddings and not self.gradient_embeddings
+        if hidden or self.forward_scores:
+            with logger.progress(f"{_round(r)}embed pool", len(self.pool_enc)) as advance:
+                features, stats["features"] = compute_features(
+                    model, self.pool_enc, self.strategy, self.pad_id,
+                    self.cfg.selection.batch_size, hidden, self.forward_scores, advance)
+        if self.ifd is not None:
+            ifd_stats = self.ifd.run(model, features, logger, r)
+            if ifd_stats is not None:
+                stats["ifd"] = ifd_stats
+        if self.influence is not None:
+            if engine is None or candidates is None:
+                raise ValueError("influence selection runs inside a training run only")
+            found, stats["influence"] = self.influence.run(
+                engine, candidates, r, logger, labeled, self.gradient_embeddings, run_dir)
+            if features is not None:
+                features.scores.update(found.scores)
+                features.skipped.update(found.skipped)
+                features.extra.update(found.extra)
+                if self.gradient_embeddings:
+                    features.embeddings = found.embeddings
+                    candidates = np.intersect1d(candidates, found.extra["grad_sample"])
+        if features is not None:
+            for name in self.derived:
+                features.scores[name], features.skipped[name] = SCORES[name].compute(
+                    features, getattr(self.cfg.scoring, name, None))
+            _warn_non_finite(features, r)
+        return PassResult(features, stats, candidates)
+
+    def run_instructions(self, model, logger) -> PassResult:
+        """Features of the prompts alone, for Cherry's pre-experienced round 0: the mean last
+        hidden state over the prompt tokens (everything before the first response token) and
+        the prompt's perplexity (every token after the first), as Cherry's
+        ``get_perplexity_and_embedding_whole_text``.
+
+        Returns the ``embeddings`` and the ``instruction_perplexity`` score (rank 0).
+        """
+        prompts = []
+        for e in self.pool_enc:
+            first = next(i for i, t in enumerate(e.labels) if t != IGNORE_INDEX)
+            ids = e.input_ids[:max(first, 2)]            # >= 2 tokens: one is predicted
+            prompts.append(Encoded(ids, list(ids), e.truncated))
+        with logger.progress("round 0: embed instructions", len(prompts)) as advance:
+            features, stats = compute_features(model, prompts, self.strategy, self.pad_id,
+                                               self.cfg.selection.batch_size, True,
+                                               ("perplexity",), advance)
+        if features is not None:
+            features.scores = {INSTRUCTION_PERPLEXITY: features.scores["perplexity"]}
+            _warn_non_finite(features, 0)
+        return PassResult(features, {"features": stats})
+
+
+def _warn_non_finite(features: Features, r: int | None) -> None:
+    for name, count in mark_non_finite(features).items():
+        log.warning(f"{_round(r)}{count} non-finite {name} values (inf/NaN from the model): "
+                    f"never selected, listed in score_skipped")
+
+
+def mark_non_finite(features: Features) -> dict[str, int]:
+    """Turn every infinite score into NaN and give each NaN without a reason one.
+
+    A selector never picks a NaN score, so after this every unpickable example is visible in
+    ``features.skipped`` (and the round summary's ``score_skipped``) with its reason.
+
+    Returns:
+        name → number of values newly marked (non-zero means the model produced inf/NaN).
+    """
+    marked = {}
+    for name, values in features.scores.items():
+        bad = np.flatnonzero(~np.isfinite(values))
+        reasons = features.skipped.setdefault(name, {})
+        new = [int(i) for i in bad if int(i) not in reasons]
+        for i in new:
+            reasons[i] = f"non-finite value ({values[i]})"
+        values[bad] = np.nan
+        if new:
+            marked[name] = len(new)
+    return marked

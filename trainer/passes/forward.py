@@ -1,0 +1,106 @@
+"""The forward pass over the pool: embeddings and ``forward`` scores in one batched pass.
+
+The embedding is DiverseEvol's: the masked mean of the last hidden state (after the final norm)
+over every real token of the example, prompt and response, in fp32. The ``forward`` scores of
+``trainer/scores.py`` come from the logits of the same pass, over the response tokens only.
+
+Batches are planned globally by length (``plan_batches``) and dealt round-robin to ranks, every
+rank making the same number of forward calls (ZeRO-3 gathers are collectives); rank 0 gathers
+the results into pool order.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from evotune.selectors.base import Features
+from evotune.trainer.data import Encoded, collate, plan_batches, shard_batches
+from evotune.trainer.fit import logits_window
+from evotune.trainer.model import backbone, lm_head
+from evotune.trainer.scores import response_scores
+
+
+@dataclass
+class PassStats:
+    seconds: float
+    tokens: int          # real (non-padding) tokens forwarded, all ranks
+    padded_tokens: int   # tokens forwarded including padding, all ranks
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+
+@torch.no_grad()
+def compute_features(model: torch.nn.Module, encoded: list[Encoded], strategy, pad_id: int,
+                     batch_size: int, need_embeddings: bool, score_names: tuple[str, ...] = (),
+                     advance=lambda n=1, **_: None) -> tuple[Features | None, PassStats]:
+    """Run the feature pass over ``encoded`` (the whole pool, in pool order).
+
+    Args:
+        model: the current model (the DeepSpeed engine's module; a PeftModel or a plain LM).
+        encoded: token ids per pool example.
+        strategy: the run's :class:`~evotune.trainer.engine.Strategy` (device, rank, gather).
+        pad_id: the tokenizer's pad token id.
+        batch_size: examples per forward call per rank.
+        need_embeddings: compute the (N, D) float32 embeddings.
+        score_names: ``forward`` scores to compute (names from ``trainer/scores.py``).
+        advance: progress callback, called with the number of examples done.
+
+    Returns:
+        Features on rank 0 (None on other ranks), and the pass statistics.
+    """
+    start = time.perf_counter()
+    was_training = model.training
+    model.eval()
+    decoder, head = backbone(model), lm_head(model)
+    batches = plan_batches([len(e.input_ids) for e in encoded], batch_size)
+    rows: list[tuple[list[int], np.ndarray | None, dict[str, np.ndarray]]] = []
+    real = padded = 0
+    for positions, is_padding in shard_batches(batches, strategy.rank, strategy.world_size):
+        batch = collate([encoded[i] for i in positions], pad_id)
+        ids = batch["input_ids"].to(strategy.device)
+        mask = batch["attention_mask"].to(strategy.device)
+        hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        # The head runs on padding calls too: under ZeRO-3 every module call is a collective.
+        logits = head(hidden[:, -logits_window(batch["labels"]):]) if score_names else None
+        if is_padding:
+            continue
+        real += int(mask.sum())
+        padded += mask.numel()
+        emb, scores = None, {}
+        if need_embeddings:
+            m = mask.unsqueeze(-1).to(torch.float32)
+            emb = ((hidden.to(torch.float32) * m).sum(dim=1) / m.sum(dim=1)).cpu().numpy()
+        if score_names:
+            computed = response_scores(logits, batch["labels"].to(hidden.device), score_names)
+            scores = {name: computed[name].numpy() for name in score_names}
+        rows.append((positions, emb, scores))
+        advance(len(positions) * strategy.world_size)
+    model.train(was_training)
+    real, padded = (int(v) for v in strategy.all_reduce_sum([real, padded]))
+    gathered = strategy.gather_to_rank0(rows)
+    stats = PassStats(time.perf_counter() - start, real, padded)
+    if not strategy.is_rank0:
+        return None, stats
+    parts = [row for rank_rows in gathered for row in rank_rows]
+    features = Features()
+    if need_embeddings and parts:
+        dim = next(emb for _, emb, _ in parts).shape[1]
+        features.embeddings = np.full((len(encoded), dim), np.nan, dtype=np.float32)
+        for positions, emb, _ in parts:
+            features.embeddings[positions] = emb
+    for name in score_names:
+        features.scores[name] = np.full(len(encoded), np.nan, dtype=np.float64)
+        for positions, _, scores in parts:
+            features.scores[name][positions] = scores[name]
+    return features, stats
+
+
+def merge_stats(a: PassStats, b: PassStats) -> PassStats:
+    """Two passes' statistics as one (seconds and tokens added)."""
+    return PassStats(a.seconds + b.seconds, a.tokens + b.tokens, a.padded_tokens + b.padded_tokens)

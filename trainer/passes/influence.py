@@ -1,0 +1,319 @@
+"""The gradient pass of influence selection (LESS, ROSE) and of gradient embeddings (TAGCOS).
+
+Each round, with the current adapter and the optimizer's live Adam moments:
+1. a seeded sample of the candidates (``influence.candidates``: a gradient pass costs about a
+   training epoch over what it covers, so the cost per round is bounded);
+2. per candidate: the gradient of its mean answer-token loss w.r.t. the trainable (LoRA)
+   parameters, turned into LESS's Adam direction (``influence.adam``), projected to
+   ``influence.dim`` dims (:class:`~evotune.selectors.gradients.SparseProjector`), L2-normalised;
+3. per validation item: the plain gradient (SFT, LESS) or the DPO-pair direction (preference,
+   ROSE), projected and normalised the same way;
+4. influence = mean cosine over each subtask's validation items, aggregated over subtasks
+   (LESS: max); the rule (``selectors/influence.py``) takes the top candidates. With
+   ``influence.checkpoints: all`` each subtask's score is first summed over every influence
+   round so far, each weighted by the mean learning rate of the training that made that
+   round's model (LESS's sum over checkpoints); each round's terms are kept in its
+   ``influence_terms.npz`` for the later rounds.
+
+Both passes are sharded over ranks (every rank runs the same number of forward/backward calls)
+and gathered on rank 0; the projected features go to the round's ``features.npz``
+(``grad_train``, ``grad_val``, fp16). Every finished batch is also written to
+``OUT/partial/round_XXX/`` until the round completes, so a resumed round reuses it.
+
+Departures from LESS: the checkpoints are the loop's rounds (LESS sums the four epoch
+checkpoints of one warm-up run and selects once; ``checkpoints: current`` scores with the
+latest round only); a sparse JL projection instead of trak's dense Rademacher one; gradients in
+eval mode (no dropout); the per-round candidate sample. Departures from ROSE: the validation
+direction is reference-free unless ``influence.reference_model`` is set (equal after
+normalisation without label smoothing, see
+:func:`~evotune.trainer.passes.gradients.dpo_coefficient`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from evotune.selectors.base import Features
+from evotune.selectors.influence import SCORE
+from evotune.trainer.fit import lr_at
+from evotune.trainer.logs import log
+from evotune.trainer.model import load_model, resolve_model_path
+from evotune.trainer.passes.forward import PassStats
+from evotune.trainer.passes.gradients import (SparseProjector, adam_direction, aggregate,
+                                              answer_logprob, answer_loss, dpo_coefficient,
+                                              example_grad, influence, normalize_rows,
+                                              trainable_params)
+from evotune.trainer.state import crash_point, derive_seed, partial_dir, round_dir
+from evotune.trainer.targets import load_targets
+
+TERMS_FILE = "influence_terms.npz"
+
+
+class InfluencePass:
+    """Computes the ``influence`` score (and one ``influence:<subtask>`` score per subtask), and
+    the projected gradients as embeddings (``selection.embedding: gradient``).
+
+    Built once per run: reads the validation set (``influence.validation``; none for gradient
+    embeddings alone) and, with ``influence.reference_model``, that model's DPO margins.
+    """
+
+    def __init__(self, cfg, pool_enc, tokenizer, template: str, strategy):
+        self.cfg, self.icfg = cfg, cfg.influence
+        self.pool_enc, self.strategy = pool_enc, strategy
+        self.val, self.reference_margins = [], None
+        icfg = self.icfg
+        if not icfg.validation:          # gradient embeddings only (TAGCOS): no influence score
+            return
+        self.val, skipped = load_targets(icfg.validation, tokenizer, template,
+                                         cfg.data.max_length, cfg.data.on_error)
+        if skipped:
+            log.warning(f"influence.validation: {len(skipped)} rows skipped (first: "
+                        f"{skipped[0][1]})")
+        if icfg.reference_model:
+            if any(it.kind != "preference" for it in self.val):
+                raise ValueError("influence.reference_model applies to preference validation "
+                                 "sets only")
+            reference = load_model(resolve_model_path(icfg.reference_model), strategy.dtype)
+            self.reference_margins = self._margins(reference)
+        elif icfg.label_smoothing > 0:
+            raise ValueError("influence.label_smoothing > 0 needs influence.reference_model: "
+                             "with smoothing the reference model decides the direction's sign")
+
+    @torch.no_grad()
+    def _margins(self, model) -> list[float]:
+        """log π(y_w) − log π(y_l) of every preference item under ``model`` (every rank)."""
+        dev = self.strategy.device
+        model.to(dev).eval()
+        out = []
+        for it in self.val:
+            w = answer_logprob(model, it.chosen.input_ids, it.chosen.labels, dev)
+            lo = answer_logprob(model, it.rejected.input_ids, it.rejected.labels, dev)
+            out.append(float(w - lo))
+        return out
+
+    def run(self, engine, candidates: np.ndarray, r: int, logger, labeled=(),
+            embeddings: bool = False, run_dir: Path | None = None):
+        """Every rank calls this. Returns Features on rank 0 (None elsewhere) with the scores
+        (when there is a validation set), skip reasons, the projected features (``extra``) and,
+        with ``embeddings``, the projected features of the sample and of the ``labeled``
+        positions as (N, dim) ``embeddings`` (NaN rows elsewhere); and the pass statistics
+        (tokens forwarded and backpropagated, all ranks).
+
+        ``run_dir``: the run's output dir, where the pass keeps its finished batches until the
+        round is complete (``partial/``, see :meth:`_features`), reads the earlier rounds'
+        terms (``influence.checkpoints: all``) and writes this round's (``influence_terms.npz``,
+        rank 0). Without it (outside a run) the pass keeps nothing and scores with this model
+        only."""
+        self._round = r
+        shard_dir = partial_dir(run_dir, r) if run_dir is not None else None
+        st, icfg = self.strategy, self.icfg
+        module = engine.module
+        t0 = time.perf_counter()
+        rng = np.random.default_rng(derive_seed(self.cfg.seed, "influence-sample", r))
+        k = icfg.candidates if isinstance(icfg.candidates, int) else \
+            max(1, math.floor(icfg.candidates * len(candidates)))
+        sample = np.sort(rng.choice(candidates, size=min(k, len(candidates)), replace=False))
+        named = trainable_params(module)
+        params = [p for _, p in named]
+        if not params:
+            raise ValueError("influence selection needs trainable parameters (LoRA or full)")
+        moments = st.optimizer_moments(engine, params) if icfg.adam else None
+        sizes = [int(np.prod(st.full_shape(p))) for p in params]
+        projector = SparseProjector(sizes, icfg.dim, derive_seed(self.cfg.seed, "projection", 0),
+                                    icfg.projection_nnz)
+        rows_for = np.union1d(sample, np.asarray(labeled, dtype=np.int64)) if embeddings \
+            else sample
+        was_training = module.training
+        module.eval()
+        try:
+            with logger.progress(f"round {r}: gradients (train)", len(rows_for)) as advance:
+                train_rows = self._features(module, params, projector, list(rows_for), moments,
+                                            "train", advance, shard_dir)
+            with logger.progress(f"round {r}: gradients (validation)", len(self.val)) as advance:
+                val_rows = self._features(module, params, projector, list(range(len(self.val))),
+                                          None, "val", advance, shard_dir)
+        finally:
+            module.train(was_training)
+        tokens = sum(len(self.pool_enc[i].input_ids) for i in rows_for) + sum(
+            len(it.encoded.input_ids) if it.kind == "sft" else
+            len(it.chosen.input_ids) + len(it.rejected.input_ids) for it in self.val)
+        stats = PassStats(time.perf_counter() - t0, tokens, tokens)
+        train_all = st.gather_to_rank0(train_rows)
+        val_all = st.gather_to_rank0(val_rows)
+        if not st.is_rank0:
+            return None, stats
+        n = len(self.pool_enc)
+        computed = _assemble(train_all, rows_for)
+        train = computed[np.searchsorted(rows_for, sample)]
+        features = Features()
+        features.extra = {"grad_sample": sample, "grad_positions": rows_for,
+                          "grad_train": computed.astype(np.float16)}
+        if embeddings:
+            features.embeddings = np.full((n, computed.shape[1]), np.nan, dtype=np.float32)
+            features.embeddings[rows_for] = computed
+        if not self.val:
+            return features, stats
+        val = _assemble(val_all, np.arange(len(self.val)))
+        per_subtask, names = influence(torch.from_numpy(train), torch.from_numpy(val),
+                                       [it.subtask for it in self.val])
+        terms = np.full((n, len(names)), np.nan)
+        terms[sample] = per_subtask.numpy()
+        weight, history = self._checkpoints(run_dir, r)
+        if run_dir is not None:       # read back by later rounds (influence.checkpoints: all)
+            np.savez(round_dir(run_dir, r) / TERMS_FILE, influence_terms=terms,
+                     influence_weight=np.array(weight), influence_subtasks=np.array(names))
+        # One checkpoint: the mean cosines as they are; a sum over checkpoints: LR-weighted.
+        summed = weight * terms if icfg.checkpoints == "all" else terms
+        for path in history:                 # earlier checkpoints (influence.checkpoints: all)
+            with np.load(path) as old:
+                if list(old["influence_subtasks"]) != names:
+                    raise ValueError(f"{path}: its validation subtasks differ from this round's")
+                summed = summed + float(old["influence_weight"]) * old["influence_terms"]
+        per_subtask = torch.from_numpy(summed[sample])
+        if not np.isfinite(summed[sample]).all():
+            raise ValueError("influence.checkpoints=all: a candidate lacks a score at an earlier "
+                             "checkpoint (influence.candidates must be all of them)")
+        total = aggregate(per_subtask, icfg.aggregation).numpy()
+        unsampled = {int(i): "not in this round's gradient sample (influence.candidates)"
+                     for i in np.setdiff1d(candidates, sample)}
+        unsampled.update({int(i): "already selected" for i in
+                          np.setdiff1d(np.arange(n), candidates)})
+        for name, values in [(SCORE, total)] + [(f"{SCORE}:{t}", per_subtask[:, j].numpy())
+                                                for j, t in enumerate(names)]:
+            features.scores[name] = np.full(n, np.nan)
+            features.scores[name][sample] = values
+            features.skipped[name] = dict(unsampled)
+        features.extra.update({"grad_val": val.astype(np.float16),
+                               "grad_val_subtasks": np.array([it.subtask for it in self.val])})
+        return features, stats
+
+    def _checkpoints(self, run_dir: Path | None, r: int) -> tuple[float, list[Path]]:
+        """This round's checkpoint weight (the mean learning rate of round r-1's training, from
+        its summary; 1 without one) and, with ``influence.checkpoints: all``, the stored terms
+        of the earlier influence rounds."""
+        if run_dir is None:
+            return 1.0, []
+        weight = 1.0
+        summary = round_dir(run_dir, r - 1) / "summary.json"
+        if r > 0 and summary.is_file():
+            steps = json.loads(summary.read_text())["train_steps"]
+            weight = sum(lr_at(s, steps, self.cfg.train) for s in range(steps)) / max(steps, 1)
+        history = []
+        if self.icfg.checkpoints == "all":
+            history = [round_dir(run_dir, c) / TERMS_FILE for c in range(r)
+                       if (round_dir(run_dir, c) / TERMS_FILE).is_file()]
+        return weight, history
+
+    def _features(self, module, params, projector, items: list[int], moments, which: str,
+                  advance, shard_dir: Path | None = None) -> list[tuple[int, np.ndarray]]:
+        """This rank's share of ``items``: (item, normalised projected feature) pairs.
+
+        With ``shard_dir``, every projected batch is written there as a shard (atomically,
+        fp32) as soon as it is done, and a rerun of the same pass (a resumed round) reloads the
+        shards every rank has finished and computes only the rest: a crash mid-pass loses at
+        most one batch per rank, and the resumed values are the uninterrupted ones.
+        """
+        st, icfg = self.strategy, self.icfg
+        mine = items[st.rank::st.world_size]
+        # Equal call counts on every rank (ZeRO-3 gathers are collectives): pad by repeating.
+        per_rank = math.ceil(len(items) / st.world_size)
+        padded = mine + [items[0]] * (per_rank - len(mine)) if items else []
+        batches = [padded[i:i + icfg.batch_size] for i in range(0, len(padded), icfg.batch_size)]
+        key = _fingerprint(self.cfg, which, st.world_size, st.rank, padded)
+        done = _load_shards(shard_dir, which, st.rank, key, batches) if shard_dir else []
+        # Every rank resumes at the same batch (the fewest any rank has finished).
+        counts = st.gather_to_rank0(len(done))
+        start = st.broadcast_from_rank0(min(counts) if st.is_rank0 else None)
+        if start and st.is_rank0:
+            log.info(f"gradient pass ({which}): reusing {start} of {len(batches)} finished "
+                     f"batches per rank from {shard_dir}")
+        def owners(k):      # the real items of batch k (None for the padding repeats)
+            first = k * icfg.batch_size
+            return [item if first + j < len(mine) else None for j, item in enumerate(batches[k])]
+
+        out = []
+        for k in range(start):
+            out += [(o, row) for o, row in zip(owners(k), done[k]) if o is not None]
+            advance(sum(o is not None for o in owners(k)) * st.world_size)
+        for k in range(start, len(batches)):
+            batch = [self._grad(module, params, item, moments, which) for item in batches[k]]
+            blocks = [torch.stack([g[i] for g in batch]) for i in range(len(params))]
+            rows = normalize_rows(projector.project(blocks)).cpu().numpy()
+            if shard_dir is not None:
+                _save_shard(shard_dir, which, st.rank, k, key, rows)
+                crash_point(f"grad_{which}", self._round)
+            out += [(o, row) for o, row in zip(owners(k), rows) if o is not None]
+            advance(sum(o is not None for o in owners(k)) * st.world_size)
+        return out
+
+    def _grad(self, module, params, item: int, moments, which: str) -> list[torch.Tensor]:
+        dev, icfg = self.strategy.device, self.icfg
+        if which == "train":
+            enc = self.pool_enc[item]
+            g = example_grad(answer_loss(module, enc.input_ids, enc.labels, dev), params)
+            if moments is not None:
+                g = adam_direction(g, *moments, eps_inside_sqrt=icfg.eps_inside_sqrt)
+            return [t.reshape(-1).cpu() for t in g]
+        it = self.val[item]
+        if it.kind == "sft":
+            g = example_grad(answer_loss(module, it.encoded.input_ids, it.encoded.labels, dev),
+                             params)
+            return [t.reshape(-1).cpu() for t in g]
+        margin = answer_logprob(module, it.chosen.input_ids, it.chosen.labels, dev) \
+            - answer_logprob(module, it.rejected.input_ids, it.rejected.labels, dev)
+        if self.reference_margins is None:
+            coef = -1.0          # reference-free: every DPO gradient is a negative multiple
+        else:
+            coef = dpo_coefficient(float(margin.detach()), self.reference_margins[item],
+                                   icfg.beta, icfg.label_smoothing)
+        g = example_grad(margin, params)
+        return [(coef * t).reshape(-1).cpu() for t in g]
+
+
+def _fingerprint(cfg, which: str, world_size: int, rank: int, items: list[int]) -> str:
+    """What a shard's values depend on besides the model (the round's model is fixed by the
+    run's settings and seeds, which ``results_hash`` covers)."""
+    text = json.dumps([cfg.results_hash(), which, world_size, rank, [int(i) for i in items],
+                       cfg.influence.batch_size])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _shard_path(shard_dir: Path, which: str, rank: int, k: int) -> Path:
+    return shard_dir / f"{which}_rank{rank:03d}_{k:05d}.npz"
+
+
+def _save_shard(shard_dir: Path, which: str, rank: int, k: int, key: str, rows) -> None:
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    path = _shard_path(shard_dir, which, rank, k)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, key=np.array(key), rows=rows)
+    tmp.replace(path)
+
+
+def _load_shards(shard_dir: Path, which: str, rank: int, key: str, batches) -> list[np.ndarray]:
+    """The finished shards of this rank, in order, up to the first missing or foreign one."""
+    done = []
+    for k, batch in enumerate(batches):
+        path = _shard_path(shard_dir, which, rank, k)
+        if not path.is_file():
+            break
+        try:
+            with np.load(path) as f:
+                if str(f["key"]) != key or f["rows"].shape[0] != len(batch):
+                    break
+                done.append(f["rows"])
+        except (OSError, ValueError, KeyError):     # a torn file: recompute from here
+            break
+    return done
+
+
+def _assemble(gathered, order) -> np.ndarray:
+    rows = {item: row for rank_rows in gathered for item, row in rank_rows}
+    return np.stack([rows[int(i)] for i in order]).astype(np.float32)

@@ -1,0 +1,324 @@
+"""Every per-example score by name: what it means, which pass computes it, and its function.
+
+This registry is the one list of score names: config validation, ``--help-config``,
+``launch/score_pool.py`` and the README's score table read it, and the feature pass
+(``trainer/passes/features.py``) decides from it which passes a round runs.
+
+Every score follows one convention: HIGHER = PREFERRED by a selector that ranks by it (so the
+uncertainty baselines are signed to make "less certain" larger). A score is one function plus
+one :class:`Score` entry in :data:`SCORES`; its ``source`` says which pass calls the function:
+
+- ``forward``: the conditioned forward pass over the pool (the embedding pass, in the training
+  template), one row at a time: ``compute(tokens: ResponseTokens) -> float`` over the row's
+  response tokens;
+- ``ifd``: IFD's passes (``trainer/passes/ifd.py``): ``compute(loss_cond, loss_direct) ->
+  float`` from the answer's two mean losses (nats/token); ValueError = no value, with its reason;
+- ``derived``: after the passes, on rank 0: ``compute(features, options) -> (values,
+  skipped)`` from the embeddings and the other scores (``inputs`` names the scores it reads);
+- ``influence``: the gradient pass (``trainer/passes/influence.py``), which writes it.
+
+A score of a new kind (another model, another forward pass) needs a new pass under
+``trainer/passes/``. A score's settings are an ``options`` dataclass, read by the config under
+``scoring.<name>.<field>``; ``check(cfg)`` refuses a config that cannot compute the score.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from evotune.selectors.base import Features, option, require_positive
+from evotune.trainer.data import IGNORE_INDEX
+
+SOURCES = ("forward", "ifd", "derived", "influence")
+
+
+@dataclass(frozen=True)
+class Score:
+    """One registered score (see the module docstring)."""
+    name: str
+    source: str
+    doc: str
+    compute: Callable | None = None
+    options: type | None = None                       # dataclass: scoring.<name>.<field>
+    needs_embeddings: bool = False
+    inputs: Callable[[Any], tuple[str, ...]] = lambda options: ()   # scores it is made from
+    check: Callable[[Any], None] = lambda cfg: None    # raise ValueError: cannot be computed
+
+
+# ----------------------------------------------------------------------------- forward
+
+class ResponseTokens:
+    """One example's response positions in the conditioned pass: the logits that predict the
+    response tokens, (n, V) fp32, and those tokens, (n,). The quantities several scores share
+    are computed once, on first use."""
+
+    def __init__(self, logits: torch.Tensor, targets: torch.Tensor):
+        self.logits, self.targets = logits, targets
+
+    @cached_property
+    def logp(self) -> torch.Tensor:
+        return F.log_softmax(self.logits, dim=-1)
+
+    @cached_property
+    def nll(self) -> torch.Tensor:
+        return -self.logp.gather(1, self.targets.unsqueeze(1)).squeeze(1)
+
+    @cached_property
+    def top2(self) -> torch.Tensor:
+        return self.logits.topk(2, dim=-1).values
+
+
+def _loss(t: ResponseTokens) -> float:
+    return float(t.nll.mean())
+
+
+def _perplexity(t: ResponseTokens) -> float:
+    return float(torch.exp(t.nll.mean().double()))
+
+
+def _length(t: ResponseTokens) -> float:
+    return len(t.targets)
+
+
+def _least_confidence(t: ResponseTokens) -> float:
+    return -float(t.top2[:, 0].mean())
+
+
+def _margin(t: ResponseTokens) -> float:
+    return -float((t.top2[:, 0] - t.top2[:, 1]).mean())
+
+
+def _entropy(t: ResponseTokens) -> float:
+    return float(-(t.logp.exp() * t.logp).sum(-1).mean())
+
+
+# ----------------------------------------------------------------------------- ifd
+
+def _ifd_cherry(loss_cond: float, loss_direct: float) -> float:
+    if loss_direct == 0:
+        raise ValueError("direct loss is 0: the Cherry IFD ratio is undefined")
+    return loss_cond / loss_direct
+
+
+def _ifd_superfilter(loss_cond: float, loss_direct: float) -> float:
+    return math.exp(loss_cond - loss_direct)
+
+
+# ----------------------------------------------------------------------------- derived
+
+@dataclass
+class KnnOptions:
+    k: int = option(6, "the neighbour whose distance is the score (Instruction Mining: 6)")
+    chunk_size: int = option(4096, "rows per distance block (a memory bound)", safe=True)
+
+    def check(self) -> None:
+        require_positive(self, "k", "chunk_size")
+
+
+def knn_distance(embeddings: np.ndarray, k: int, chunk_size: int = 4096) -> np.ndarray:
+    """(N,) distance of each row to its k-th nearest other row (Euclidean, float64 result).
+
+    Exact, in blocks of ``chunk_size`` rows against all rows: O(N² D) time, O(N · chunk)
+    memory. Rows with a non-finite value get NaN and are nobody's neighbour. Raises ValueError
+    when fewer than k other finite rows exist or k < 1.
+    """
+    if k < 1:
+        raise ValueError(f"knn_k must be >= 1, got {k}")
+    emb = np.asarray(embeddings, dtype=np.float32)
+    ok = np.isfinite(emb).all(axis=1)
+    idx = np.flatnonzero(ok)
+    out = np.full(len(emb), np.nan)
+    if len(idx) <= k:
+        raise ValueError(f"knn_k={k} needs more than {k} embedded examples, got {len(idx)}")
+    x = emb[idx]
+    norms = np.einsum("ij,ij->i", x, x)
+    for s in range(0, len(x), chunk_size):
+        block = slice(s, s + chunk_size)
+        d = norms[block, None] + norms[None, :] - 2.0 * (x[block] @ x.T)
+        np.maximum(d, 0.0, out=d)
+        rows = np.arange(d.shape[0])
+        d[rows, rows + s] = np.inf                       # not its own neighbour
+        kth = np.partition(d, k - 1, axis=1)[:, k - 1]
+        out[idx[block]] = np.sqrt(kth.astype(np.float64))
+    return out
+
+
+def _knn_k(features: Features, options: KnnOptions):
+    if features.embeddings is None:
+        raise ValueError("knn_k needs embeddings; the feature pass computed none")
+    values = knn_distance(features.embeddings, options.k, options.chunk_size)
+    return values, {int(i): "no embedding" for i in np.flatnonzero(np.isnan(values))}
+
+
+@dataclass
+class LinearOptions:
+    rule: str = option("", "the 'linear' score: a rule over other scores, e.g. "
+                           "'0.9*knn_k - 1.0*ifd_cherry + 8e-5*length' (Instruction Mining; "
+                           "higher = preferred)")
+
+    def check(self) -> None:
+        if self.rule:
+            try:
+                parse_linear(self.rule)
+            except ValueError as e:
+                raise ValueError(f"rule: {e}") from None
+
+
+_TERM = re.compile(r"\s*([+-]?)\s*((?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*\*\s*([A-Za-z_]\w*)\s*")
+
+
+def parse_linear(text: str, known: tuple[str, ...] | None = None) -> dict[str, float]:
+    """``"0.5*knn_k - 1.0*ifd_cherry"`` → ``{"knn_k": 0.5, "ifd_cherry": -1.0}``.
+
+    ``known``: the score names a term may use (default: every registered score but
+    ``linear``). Raises ValueError naming the unreadable part, an unknown score or a repeated one.
+    """
+    if known is None:
+        known = tuple(n for n in SCORES if n != "linear")
+    terms: dict[str, float] = {}
+    pos, text = 0, text.strip()
+    if not text:
+        raise ValueError("the linear rule is empty; write e.g. '0.5*knn_k - 1.0*ifd_cherry'")
+    while pos < len(text):
+        m = _TERM.match(text, pos)
+        if not m or (pos > 0 and not m.group(1)):
+            raise ValueError(f"cannot read the linear rule {text!r} at {text[pos:]!r}; write "
+                             f"terms as COEF*SCORE joined by + or -, e.g. '0.5*knn_k - 1*loss'")
+        sign, coef, name = m.groups()
+        if name not in known:
+            raise ValueError(f"linear rule: unknown score {name!r}; known: {', '.join(known)}")
+        if name in terms:
+            raise ValueError(f"linear rule: {name!r} appears twice")
+        terms[name] = -float(coef) if sign == "-" else float(coef)
+        pos = m.end()
+    return terms
+
+
+def _linear(features: Features, options: LinearOptions):
+    total = 0.0
+    skipped: dict[int, str] = {}
+    for name, coef in parse_linear(options.rule).items():
+        if name not in features.scores:
+            raise ValueError(f"linear rule term {name!r} was not computed")
+        total = total + coef * features.scores[name]
+        for i, why in features.skipped.get(name, {}).items():
+            skipped.setdefault(int(i), f"{name}: {why}")
+    return np.asarray(total, dtype=np.float64), skipped
+
+
+def _check_linear(cfg) -> None:
+    if not cfg.scoring.linear.rule:
+        raise ValueError("scoring.linear.rule: the 'linear' score is used but no rule is set; "
+                         "e.g. scoring.linear.rule='0.9*knn_k - 1.0*ifd_cherry'")
+
+
+def _check_influence(cfg) -> None:
+    if not cfg.influence.validation:
+        raise ValueError("influence.validation: the influence score needs a validation set "
+                         "(SFT rows or prompt/chosen/rejected pairs)")
+
+
+# ----------------------------------------------------------------------------- the registry
+
+SCORES: dict[str, Score] = {s.name: s for s in (
+    Score("loss", "forward", "mean next-token NLL of the response given the prompt "
+          "(nats/token)", _loss),
+    Score("perplexity", "forward", "`exp(loss)`", _perplexity),
+    Score("length", "forward", "response tokens (the longest-response baseline)", _length),
+    Score("least_confidence", "forward", "minus the mean top logit over the response "
+          "(DiverseEvol's least-confidence baseline)", _least_confidence),
+    Score("margin", "forward", "minus the mean top-1 − top-2 logit gap (DiverseEvol's margin "
+          "baseline)", _margin),
+    Score("entropy", "forward", "mean softmax entropy over the response (nats)", _entropy),
+    Score("ifd_cherry", "ifd", "Cherry LLM's IFD: mean answer loss with the prompt over "
+          "without it (arXiv 2308.12032)", _ifd_cherry),
+    Score("ifd_superfilter", "ifd", "Superfiltering's IFD: `exp(loss_cond − loss_direct)`, "
+          "the perplexity ratio (arXiv 2402.00530)", _ifd_superfilter),
+    Score("knn_k", "derived", "distance to the k-th nearest pool neighbour in the current "
+          "embedding space (Instruction Mining's knn6)", _knn_k, KnnOptions,
+          needs_embeddings=True),
+    Score("linear", "derived", "a linear rule over other scores (Instruction Mining, arXiv "
+          "2307.06290)", _linear, LinearOptions,
+          inputs=lambda o: tuple(parse_linear(o.rule)) if o.rule else (), check=_check_linear),
+    Score("influence", "influence", "LESS / ROSE gradient influence on the validation set "
+          "(max over subtasks of the mean cosine)", check=_check_influence),
+)}
+
+
+def register(score: Score) -> Score:
+    """Add a score to :data:`SCORES` (e.g. from your own launch script, before the config is
+    loaded). Raises ValueError on a taken name or an unknown source."""
+    if score.source not in SOURCES:
+        raise ValueError(f"score {score.name!r}: source must be one of {', '.join(SOURCES)}")
+    if score.name in SCORES and SCORES[score.name] is not score:
+        raise ValueError(f"a score named {score.name!r} is already registered")
+    SCORES[score.name] = score
+    return score
+
+
+def names(source: str | None = None) -> tuple[str, ...]:
+    """Registered score names (of one ``source``), in registry order."""
+    return tuple(n for n, s in SCORES.items() if source is None or s.source == source)
+
+
+def option_sections() -> dict[str, type]:
+    """Name → options dataclass of every score with settings (``scoring.<name>``)."""
+    return {n: s.options for n, s in SCORES.items() if s.options is not None}
+
+
+def with_inputs(wanted, options_of: Callable[[str], Any]) -> list[str]:
+    """``wanted`` and every score they are computed from, inputs before the scores that read
+    them (``options_of(name)``: that score's options). Raises ValueError on an unknown name."""
+    order: list[str] = []
+
+    def visit(name: str, path: tuple[str, ...]):
+        if name not in SCORES:
+            raise ValueError(f"unknown score {name!r}; known: {', '.join(SCORES)}")
+        if name in order:
+            return
+        if name in path:
+            raise ValueError(f"score {name!r} is computed from itself ({' → '.join(path)})")
+        for dep in SCORES[name].inputs(options_of(name)):
+            visit(dep, path + (name,))
+        order.append(name)
+
+    for name in wanted:
+        visit(name, ())
+    return order
+
+
+@torch.no_grad()
+def response_scores(logits: torch.Tensor, labels: torch.Tensor,
+                    score_names: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
+    """The ``forward`` scores of each row of a batch (default: all of them).
+
+    Args:
+        logits: (B, K, V) logits of the last K positions (see ``trainer.fit.logits_window``).
+        labels: (B, T) token labels, IGNORE_INDEX outside the response.
+
+    Returns:
+        name → (B,) float64 tensor on the CPU, NaN for a row without response tokens.
+    """
+    if score_names is None:
+        score_names = names("forward")
+    k, t = logits.size(1), labels.size(1)
+    targets = labels[:, t - k + 1:]
+    out = {name: torch.full((logits.size(0),), float("nan"), dtype=torch.float64)
+           for name in score_names}
+    # One row at a time: a (K, V) fp32 softmax per row instead of (B, K, V) at once.
+    for i in range(logits.size(0)):
+        mask = targets[i] != IGNORE_INDEX
+        if not mask.any():
+            continue
+        row = ResponseTokens(logits[i, :-1][mask].float(), targets[i][mask])
+        for name in score_names:
+            out[name][i] = SCORES[name].compute(row)
+    return out
