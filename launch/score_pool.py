@@ -46,9 +46,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--scores", default="all",
-                   help=f"comma-separated, or all (= every score but influence, which needs a "
-                        f"training run; linear is added when scoring.linear.rule is set). "
-                        f"Known: {', '.join(SCORES)}")
+                   help=f"comma-separated, or all (= every score the config can compute: "
+                        f"linear with scoring.linear.rule, rds with scoring.rds.targets, reward "
+                        f"with scoring.reward.model; never influence, which needs a training "
+                        f"run). Known: {', '.join(SCORES)}")
     p.add_argument("--label", help="row field naming a bad row's group (null/empty = clean): "
                                    "report each score's AUROC, clean vs each group")
     p.add_argument("--pair", help="with --label: row field holding the id of the clean row a "
@@ -64,7 +65,7 @@ def main(argv=None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         names = tuple(n for n, s in SCORES.items() if s.source != "influence"
-                      and (n != "linear" or cfg.scoring.linear.rule)) \
+                      and _computable(s, cfg)) \
             if args.scores == "all" else tuple(s.strip() for s in args.scores.split(",") if s)
         unknown = [s for s in names if s not in SCORES]
         if unknown or not names:
@@ -86,6 +87,15 @@ def main(argv=None) -> int:
         return score(cfg, names, Path(args.out), args.label, args.pair)
     except (ValueError, OSError) as e:
         return _fail(e)
+
+
+def _computable(score, cfg) -> bool:
+    """Whether the config has what ``score`` needs (a rule, target examples, a reward model)."""
+    try:
+        score.check(cfg)
+    except ValueError:
+        return False
+    return True
 
 
 def score(cfg, names: tuple[str, ...], out: Path, label: str | None, pair: str | None) -> int:

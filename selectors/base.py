@@ -30,14 +30,17 @@ import numpy as np
 
 
 def option(default: Any, doc: str, choices: tuple | None = None, score: bool = False,
-           safe: bool = False):
+           safe: bool = False, path: str | None = None):
     """A field of an ``Options`` dataclass: its default and a one-line doc.
 
     ``choices``: the allowed values. ``score=True``: the value names a score (the config checks
     it against the score registry, ``trainer/scores.py``). ``safe=True``: changing it leaves
-    results unchanged (a memory bound, say), so a resumed run may change it.
+    results unchanged (a memory bound, say), so a resumed run may change it. ``path="file"`` or
+    ``"model"``: an input file or a local model dir (or ``embedded:...``), relative to the YAML
+    file that names it (as ``data.pool``); the config checks that it exists.
     """
-    meta = {"doc": doc, "choices": choices, "score": score, "safe": safe}
+    meta = {"doc": doc, "choices": choices, "score": score, "safe": safe,
+            "path": "input" if path else None, "exists": path}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
     return field(default=default, metadata=meta)

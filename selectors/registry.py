@@ -16,8 +16,10 @@ from evotune.selectors.facility_location import FacilityLocationSelector
 from evotune.selectors.filters import ScoredFirst, ScoreFiltered
 from evotune.selectors.influence import InfluenceSelector
 from evotune.selectors.kcenter import KCenterSelector
+from evotune.selectors.lift import LiftSelector
 from evotune.selectors.pre_experienced import PreExperiencedSelector
 from evotune.selectors.random import RandomSelector
+from evotune.selectors.rds import RdsSelector
 from evotune.selectors.repr_filter import RepresentationFilterSelector
 from evotune.selectors.weighted import WeightedSelector
 
@@ -25,7 +27,8 @@ from evotune.selectors.weighted import WeightedSelector
 # selection.first_round: selector). Order = the README table's order.
 SELECTORS: dict[str, type] = {cls.name: cls for cls in (
     KCenterSelector, RandomSelector, WeightedSelector, RepresentationFilterSelector,
-    ClusterQuotaSelector, FacilityLocationSelector, InfluenceSelector)}
+    ClusterQuotaSelector, FacilityLocationSelector, InfluenceSelector, RdsSelector,
+    LiftSelector)}
 
 # selection.first_round: how round 0 is chosen. "selector" = the run's selector on the base
 # model; the others are rules of their own (pre_experienced reads features of the prompts

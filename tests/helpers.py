@@ -39,15 +39,16 @@ def write_config(path: Path, model_dir: Path, out_dir: Path, **sections) -> Path
 
 
 def run_train(args: list[str], ranks: int | None = None, timeout: int = 600,
-              env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    """Run launch/train.py: under the real ``deepspeed`` launcher when ``ranks`` is given,
-    else as a plain python process."""
+              env: dict | None = None, check: bool = True, script: str = "train.py"
+              ) -> subprocess.CompletedProcess:
+    """Run launch/train.py (or another launch ``script``): under the real ``deepspeed``
+    launcher when ``ranks`` is given, else as a plain python process."""
     if ranks is None:
-        cmd = [sys.executable, str(REPO / "launch" / "train.py"), *args]
+        cmd = [sys.executable, str(REPO / "launch" / script), *args]
     else:
         deepspeed = Path(sys.executable).with_name("deepspeed")
         cmd = [str(deepspeed), "--num_gpus", str(ranks), "--master_port",
-               str(_free_port()), str(REPO / "launch" / "train.py"), *args]
+               str(_free_port()), str(REPO / "launch" / script), *args]
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     shm_before = shm_buffers()
     proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True,

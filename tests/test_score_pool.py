@@ -46,8 +46,10 @@ def test_score_pool_writes_scores_and_auroc_table(tmp_path, tiny_model_dir):
 def test_score_pool_rejects_unknown_scores_and_labels(tmp_path, tiny_model_dir):
     base = [sys.executable, str(REPO / "launch" / "score_pool.py"), f"model.path={tiny_model_dir}",
             f"data.pool={NOISY}", "--out", str(tmp_path / "o")]
-    proc = subprocess.run(base + ["--scores", "loss,reward"], capture_output=True, text=True)
-    assert proc.returncode == 2 and "reward" in proc.stderr
+    proc = subprocess.run(base + ["--scores", "loss,bogus"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "unknown bogus" in proc.stderr
+    proc = subprocess.run(base + ["--scores", "reward"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "scoring.reward.model" in proc.stderr
     proc = subprocess.run(base + ["--scores", "influence"], capture_output=True, text=True)
     assert proc.returncode == 2 and "training run" in proc.stderr
     proc = subprocess.run(base + ["--scores", "loss", "--label", "quality",

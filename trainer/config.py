@@ -24,6 +24,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import os
 import re
 import types
@@ -117,6 +118,15 @@ def _score_names() -> tuple[str, ...]:
 
 
 @dataclass
+class StopConfig:
+    window: int = _f(0, "stop early when the held-out loss gained too little over this many "
+                        "rounds (0 = run every round); needs eval.path", safe=True)
+    min_gain: float = _f(0.0, "stop when the held-out loss fell by less than this per example "
+                              "added over the last `window` rounds (nats/token per example)",
+                         safe=True)
+
+
+@dataclass
 class SelectionConfig:
     """What is selected when. Each selector's own settings are a ``selection.<name>`` section
     (its ``Options``), added from ``selectors/registry.py``: see :func:`selection_config`."""
@@ -130,10 +140,14 @@ class SelectionConfig:
     filter_max: Optional[float] = _f(None, "filter: drop candidates whose score is above this")
     filter_top_fraction: float = _f(
         1.0, "filter: then keep this fraction of the candidates with the highest scores")
-    embedding: str = _f("hidden", "what embedding-based rules measure: hidden = the mean last "
-                                  "hidden state (DiverseEvol); gradient = the projected, "
+    embedding: str = _f("hidden", "what embedding-based rules measure: hidden = the pooled last "
+                                  "hidden state (selection.pooling); gradient = the projected, "
                                   "normalised LoRA gradient (influence.* settings; TAGCOS)",
                         choices=("hidden", "gradient"))
+    pooling: str = _f("mean", "how hidden states become an embedding: mean over the real tokens "
+                              "(DiverseEvol), weighted_mean (token i of n weighted i / Σj j: "
+                              "RDS+), last (the last token)",
+                      choices=("mean", "weighted_mean", "last"))
     rounds: int = _f(3, "training rounds in the run, round 0 included", safe=True)
     first_round: str = _f(
         "random", "how round 0 is chosen: random (seeded sample), selector (this section's "
@@ -148,6 +162,7 @@ class SelectionConfig:
             "with one entry per round after round 0")
     batch_size: int = _f(16, "examples per forward call per rank in the embedding pass",
                          safe=True)
+    stop_when: StopConfig = field(default_factory=StopConfig)
 
 
 @dataclass
@@ -562,6 +577,14 @@ def validate(cfg: Config) -> None:
     positive("lora.alpha", cfg.lora.alpha)
     if not 0 <= cfg.lora.dropout < 1:
         raise ConfigError(f"lora.dropout: must be in [0, 1), got {cfg.lora.dropout}")
+    stop = cfg.selection.stop_when
+    positive("selection.stop_when.window", stop.window, allow_zero=True)
+    if not (math.isfinite(stop.min_gain) and stop.min_gain >= 0):
+        raise ConfigError(f"selection.stop_when.min_gain: must be a finite number >= 0, got "
+                          f"{stop.min_gain}")
+    if stop.window and not cfg.eval.path:
+        raise ConfigError("selection.stop_when.window: the stop rule reads the held-out loss; "
+                          "set eval.path (or selection.stop_when.window=0)")
     if not 0 < cfg.selection.filter_top_fraction <= 1:
         raise ConfigError(f"selection.filter_top_fraction: must be in (0, 1], got "
                           f"{cfg.selection.filter_top_fraction}")
@@ -605,9 +628,20 @@ def _check_sections(cfg: Config) -> None:
     """Allowed values of every field, then each section's own ``check()`` (a selector's or a
     score's options); errors name the full key."""
     for key, f, value, tp in settings(cfg):
-        choices = _choices(f) if tp is not None else None
+        if tp is None:
+            continue
+        if f.metadata.get("score") and value is None:      # an optional score left unset
+            continue
+        choices = _choices(f)
         if choices and value not in choices:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}")
+        exists = f.metadata.get("exists")
+        if exists == "file" and value and not Path(value).is_file():
+            raise ConfigError(f"{key}: file not found: {value}")
+        if exists == "model" and value and not value.startswith("embedded:") \
+                and not (Path(value) / "config.json").is_file():
+            raise ConfigError(f"{key}: {value} is not a local model directory (no config.json); "
+                              f"hub ids cannot be downloaded here")
     for key, _, section, tp in settings(cfg):
         check = getattr(section, "check", None) if tp is None else None
         if callable(check):
@@ -719,7 +753,10 @@ def selectors_markdown() -> str:
 
 
 _SOURCE_NAMES = {"forward": "the embedding pass", "ifd": "IFD's passes",
-                 "derived": "derived after the passes", "influence": "the gradient pass"}
+                 "derived": "derived after the passes",
+                 "targets": "the embedding pass, with the target set",
+                 "reward": "the reward model, once per run",
+                 "influence": "the gradient pass"}
 
 
 def scores_markdown() -> str:

@@ -290,6 +290,24 @@ def encode(ex: Example, tokenizer, template: str, max_length: int) -> Encoded:
     return Encoded(ids, labels, truncated)
 
 
+def encode_prompt(text: str, tokenizer, template: str, max_length: int) -> Encoded:
+    """A prompt alone, as the model sees it just before answering: the user turn and the
+    response header under the chat template (its generation prompt), or the Alpaca prompt up to
+    ``### Response:``. No token is a label; truncated on the right to ``max_length``."""
+    if template == "chat":
+        text = tokenizer.apply_chat_template([{"role": "user", "content": text}],
+                                             tokenize=False, add_generation_prompt=True)
+        ids = tokenizer(text, add_special_tokens=False).input_ids
+    else:
+        bos = tokenizer.bos_token_id
+        add_bos = bos is not None and tokenizer("a").input_ids[:1] == [bos]
+        ids = ([bos] if add_bos else []) + tokenizer(
+            ALPACA_NO_INPUT.format(instruction=text), add_special_tokens=False).input_ids
+    truncated = len(ids) > max_length
+    ids = ids[:max_length]
+    return Encoded(ids, [IGNORE_INDEX] * len(ids), truncated)
+
+
 def encode_all(examples: list[Example], tokenizer, template: str, max_length: int,
                on_error: str) -> tuple[list[Example], list[Encoded], LoadReport]:
     """Encode every example; with ``on_error="skip"`` drop those that cannot be trained on."""

@@ -31,8 +31,9 @@ from evotune.trainer.model import (build_trainable_model, check_lora_targets, ex
 from evotune.trainer.passes.features import FeaturePass, PassResult
 from evotune.trainer.passes.forward import PassStats
 from evotune.trainer.state import (STATE_FILE, ResumePlan, RoundState, capture_rng, crash_point,
-                                   derive_seed, file_hash, partial_dir, plan_resume, read_state,
-                                   restore_rng, round_dir, write_json_atomic, write_text_atomic)
+                                   derive_seed, file_hash, last_completed_round, partial_dir,
+                                   plan_resume, read_state, restore_rng, round_dir,
+                                   write_json_atomic, write_text_atomic)
 
 
 class StartError(RuntimeError):
@@ -78,7 +79,8 @@ def run(cfg: Config, resume: str = "auto", overwrite: bool = False) -> list[dict
             write_selection(round_dir(out, r), r, choice, data, cfg.output.save_features)
         trained = train_and_evaluate(r, cfg, data, model, progress, choice.new, strategy, logger)
         progress.global_step = trained.global_step
-        commit(r, cfg, data, model, progress, choice, trained, out, strategy, t_round)
+        if commit(r, cfg, data, model, progress, choice, trained, out, strategy, t_round):
+            break                                     # selection.stop_when: gain too small
 
     summaries = finish(out, cfg, strategy, data)
     if strategy.is_rank0:
@@ -416,16 +418,20 @@ def train_and_evaluate(r: int, cfg: Config, data: RunData, model: RoundModel,
 
 def commit(r: int, cfg: Config, data: RunData, model: RoundModel, progress: Progress,
            choice: Choice, trained: Trained, out: Path, strategy: Strategy,
-           t_round: float) -> None:
+           t_round: float) -> str | None:
     """Save round ``r``: the checkpoint and the exports first, ``state.json`` last (the
-    round's commit point: a crash before it redoes the round, after it the round is kept)."""
+    round's commit point: a crash before it redoes the round, after it the round is kept).
+    Returns why the run stops after this round (``selection.stop_when``), or None; every rank
+    gets the same answer."""
     rdir = round_dir(out, r)
     t0 = time.perf_counter()
+    stopped = strategy.broadcast_from_rank0(
+        stop_reason(r, cfg, out, trained, progress) if strategy.is_rank0 else None)
     state = RoundState(round_idx=r, global_step=progress.global_step,
                        selected_ids=[data.pool[i].id for i in progress.selected],
                        budget=data.budget, seed=cfg.seed, config_hash=cfg.results_hash(),
                        pool_hash=data.pool_hash, world_size=strategy.world_size,
-                       zero_stage=cfg.deepspeed.zero_stage, rng=capture_rng())
+                       zero_stage=cfg.deepspeed.zero_stage, rng=capture_rng(), stopped=stopped)
     strategy.save_checkpoint(model.engine, rdir / "checkpoint", state.to_json())
     crash_point("checkpoint", r)
     export_weights(model.engine, strategy, cfg, data.tokenizer, rdir)
@@ -435,6 +441,7 @@ def commit(r: int, cfg: Config, data: RunData, model: RoundModel, progress: Prog
     if strategy.is_rank0:
         summary = round_summary(r, cfg, data, progress, choice, trained, seconds,
                                 strategy.world_size)
+        summary["stopped"] = stopped
         write_json_atomic(rdir / "summary.json", summary)
     strategy.barrier()
     if strategy.is_rank0:
@@ -450,7 +457,33 @@ def commit(r: int, cfg: Config, data: RunData, model: RoundModel, progress: Prog
                  + (f", eval accuracy {trained.eval_accuracy:.3f}"
                     if trained.eval_accuracy is not None else "")
                  + f", {seconds['total']:.1f}s")
+        if stopped:
+            log.info(f"stopping after round {r}: {stopped}")
     strategy.barrier()
+    return stopped
+
+
+def stop_reason(r: int, cfg: Config, out: Path, trained: Trained, progress: Progress
+                ) -> str | None:
+    """``selection.stop_when``: why the run should end after round ``r``, or None. It ends when
+    the held-out loss fell by less than ``min_gain`` per example added over the last ``window``
+    rounds (DiverseEvol's curves flatten after 5-6 rounds: the budget follows the evidence).
+    Never after the last round (the run ends there anyway). Reads the earlier round's
+    summary; rank 0."""
+    rule = cfg.selection.stop_when
+    if not rule.window or r < rule.window or r >= cfg.selection.rounds - 1 \
+            or trained.eval_loss is None:
+        return None
+    before = json.loads((round_dir(out, r - rule.window) / "summary.json").read_text())
+    if before.get("eval_loss") is None:
+        return None
+    added = len(progress.selected) - before["total_examples"]
+    gain = (before["eval_loss"] - trained.eval_loss) / max(added, 1)
+    if gain >= rule.min_gain:
+        return None
+    return (f"held-out loss {before['eval_loss']:.4f} -> {trained.eval_loss:.4f} over the last "
+            f"{rule.window} round(s) and {added} added examples: {gain:.3g} per example < "
+            f"selection.stop_when.min_gain {rule.min_gain:g}")
 
 
 def round_summary(r: int, cfg: Config, data: RunData, progress: Progress, choice: Choice,
@@ -468,9 +501,13 @@ def round_summary(r: int, cfg: Config, data: RunData, progress: Progress, choice
                                                for i, w in list(why.items())[:3]]}
         for name, why in features.skipped.items()}
     ev = data.eval
+    embeddings = None                   # how this round's embeddings were made, if it had any
+    if features is not None and features.embeddings is not None:
+        embeddings = "gradient" if data.feature_pass.gradient_embeddings \
+            else cfg.selection.pooling
     return {
         "round": r, "selector": choice.selector.name, "selection_info": choice.selection.info,
-        "score_skipped": skipped,
+        "score_skipped": skipped, "embeddings": embeddings,
         "new_examples": len(choice.new), "total_examples": len(progress.selected),
         "new_by_source": by_source(choice.new), "total_by_source": by_source(progress.selected),
         "train_loss": t.loss, "train_loss_first_epoch": t.first_epoch_loss,
@@ -502,10 +539,13 @@ def _prune_checkpoints(out: Path, last: int, keep: int) -> None:
 
 
 def finish(out: Path, cfg: Config, strategy: Strategy, data: RunData) -> list[dict]:
-    """Copy the last round's export to ``OUT/final`` (and merge if asked); idempotent.
-    Returns the summaries of the complete rounds (rank 0)."""
-    last = cfg.selection.rounds - 1
-    state = read_state(out, last) if strategy.is_rank0 else None
+    """Copy the last round's export to ``OUT/final`` (and merge if asked): the run's last
+    round, or the round the stop rule ended it after; idempotent. Returns the summaries of the
+    complete rounds (rank 0)."""
+    last = min(last_completed_round(out), cfg.selection.rounds - 1) if strategy.is_rank0 else -1
+    state = read_state(out, last) if strategy.is_rank0 and last >= 0 else None
+    if state is not None and last < cfg.selection.rounds - 1 and not state.stopped:
+        state = None                  # the run is not finished (a crash, or fewer rounds done)
     if strategy.is_rank0 and state is not None:
         _rebuild_rounds_jsonl(out, last)   # in case the run died right after state.json
         final = out / "final"

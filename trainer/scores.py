@@ -15,6 +15,11 @@ one :class:`Score` entry in :data:`SCORES`; its ``source`` says which pass calls
   float`` from the answer's two mean losses (nats/token); ValueError = no value, with its reason;
 - ``derived``: after the passes, on rank 0: ``compute(features, options) -> (values,
   skipped)`` from the embeddings and the other scores (``inputs`` names the scores it reads);
+- ``targets``: from the pool's embeddings and those of a target set, embedded by the same
+  model with the same pooling (``trainer/passes/features.py``): ``compute(pool_embeddings,
+  target_embeddings, subtasks, options) -> {name: values}``, the score and one
+  ``<name>:<subtask>`` per target subtask;
+- ``reward``: a reward model or quality classifier (``trainer/passes/reward.py``), once per run;
 - ``influence``: the gradient pass (``trainer/passes/influence.py``), which writes it.
 
 A score of a new kind (another model, another forward pass) needs a new pass under
@@ -37,7 +42,7 @@ import torch.nn.functional as F
 from evotune.selectors.base import Features, option, require_positive
 from evotune.trainer.data import IGNORE_INDEX
 
-SOURCES = ("forward", "ifd", "derived", "influence")
+SOURCES = ("forward", "ifd", "derived", "targets", "reward", "influence")
 
 
 @dataclass(frozen=True)
@@ -220,6 +225,65 @@ def _check_linear(cfg) -> None:
                          "e.g. scoring.linear.rule='0.9*knn_k - 1.0*ifd_cherry'")
 
 
+@dataclass
+class RdsOptions:
+    targets: str = option("", "target examples (JSON/JSONL): SFT rows or prompt-only rows "
+                              "({\"prompt\": ...}), optional 'subtask'", path="file")
+    reduce: str = option("max", "over a subtask's targets: the max cosine (RDS+) or the mean",
+                         choices=("max", "mean"))
+
+
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit L2 norm (float64); a zero or non-finite row becomes NaN."""
+    x = np.asarray(x, dtype=np.float64)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = x / norms
+    out[~np.isfinite(out).all(axis=1) | (norms[:, 0] == 0)] = np.nan
+    return out
+
+
+def rds_scores(pool_embeddings: np.ndarray, target_embeddings: np.ndarray,
+               subtasks: list[str], options: RdsOptions) -> dict[str, np.ndarray]:
+    """RDS+'s scores (Ivison et al. 2025, arXiv 2503.01807): each pool row's cosine to every
+    target row, reduced (max or mean) over each subtask's targets: ``rds:<subtask>``, (N,)
+    each; ``rds``, the max over the subtasks. NaN for a pool row without a finite embedding."""
+    sims = unit_rows(pool_embeddings) @ unit_rows(target_embeddings).T        # (N, T)
+    names = sorted(set(subtasks))
+    reduce = np.max if options.reduce == "max" else np.mean
+    out = {}
+    for name in names:
+        cols = [j for j, s in enumerate(subtasks) if s == name]
+        out[f"rds:{name}"] = reduce(sims[:, cols], axis=1)
+    out["rds"] = np.max(np.stack([out[f"rds:{n}"] for n in names], axis=1), axis=1)
+    return out
+
+
+def _check_rds(cfg) -> None:
+    if not cfg.scoring.rds.targets:
+        raise ValueError("scoring.rds.targets: the rds score needs target examples (SFT rows or "
+                         "prompt-only rows, optional 'subtask')")
+    if cfg.selection.embedding != "hidden":
+        raise ValueError("selection.embedding: rds compares hidden-state embeddings of the pool "
+                         "and the targets; set selection.embedding=hidden")
+
+
+@dataclass
+class RewardOptions:
+    model: str = option("", "a local Hugging Face sequence-classification model (a reward model "
+                            "or a quality classifier) that scores (prompt, response)",
+                        path="model")
+    label: int = option(-1, "with several labels: the one whose probability is the score "
+                            "(-1 = the last)")
+
+
+def _check_reward(cfg) -> None:
+    model = cfg.scoring.reward.model
+    if not model:
+        raise ValueError("scoring.reward.model: the reward score needs a local "
+                         "sequence-classification model dir")
+
+
 def _check_influence(cfg) -> None:
     if not cfg.influence.validation:
         raise ValueError("influence.validation: the influence score needs a validation set "
@@ -248,6 +312,12 @@ SCORES: dict[str, Score] = {s.name: s for s in (
     Score("linear", "derived", "a linear rule over other scores (Instruction Mining, arXiv "
           "2307.06290)", _linear, LinearOptions,
           inputs=lambda o: tuple(parse_linear(o.rule)) if o.rule else (), check=_check_linear),
+    Score("rds", "targets", "RDS+: cosine of the pooled embedding to the target examples, max "
+          "over each subtask's targets, then max over subtasks (arXiv 2503.01807)", rds_scores,
+          RdsOptions, needs_embeddings=True, check=_check_rds),
+    Score("reward", "reward", "a reward model's or quality classifier's score of (prompt, "
+          "response) (MoDS's quality step, DEITA's quality scorer)", options=RewardOptions,
+          check=_check_reward),
     Score("influence", "influence", "LESS / ROSE gradient influence on the validation set "
           "(max over subtasks of the mean cosine)", check=_check_influence),
 )}

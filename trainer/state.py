@@ -60,6 +60,7 @@ class RoundState:
     world_size: int
     zero_stage: int
     rng: dict = field(default_factory=dict)   # python/numpy/torch RNG states at round end
+    stopped: str | None = None       # why the run stopped after this round (stop rule), if it did
     version: int = STATE_VERSION
 
     def to_json(self) -> dict:
@@ -266,7 +267,12 @@ def plan_resume(out: Path, mode: str, overwrite: bool, cfg, budget: list[int], p
         raise ValueError(f"round {last} of {out} has no DeepSpeed checkpoint (removed by "
                          f"output.keep_checkpoints?); resume from a round that has one")
     warnings = check_compatible(out, cfg, state, budget, pool_hash, world_size)
-    return ResumePlan(out, last + 1, state, discard=discard, warnings=warnings)
+    start = last + 1
+    if state.stopped and cfg.selection.stop_when.window > 0 and start < cfg.selection.rounds:
+        warnings.append(f"the run stopped after round {last}: {state.stopped}; nothing to "
+                        f"train (resume with selection.stop_when.window=0 to go on)")
+        start = cfg.selection.rounds
+    return ResumePlan(out, start, state, discard=discard, warnings=warnings)
 
 
 def check_compatible(out: Path, cfg, state: RoundState, budget: list[int], pool_hash: str,

@@ -1,12 +1,14 @@
 """Target sets: small sets of examples of the tasks a run selects for.
 
 Influence selection scores the pool against one (``influence.validation``: LESS calls it the
-validation set, ROSE the preference validation set); it is not the held-out eval set
-(``eval.path``), which only measures.
+validation set, ROSE the preference validation set), and so does RDS (``scoring.rds.targets``:
+its query set). Neither is the held-out eval set (``eval.path``), which only measures.
 
-A file is JSON or JSONL, all rows of one kind:
+A file is JSON or JSONL. Its rows are examples, or preference pairs, not both:
 - SFT: any pool row (Alpaca ``instruction``/``input``/``output`` or chat ``messages``), plus an
   optional ``subtask`` (default: the row's ``source``, else the file name).
+- Prompt only: ``prompt`` (str) without an answer, optional ``subtask`` and ``id``: encoded as
+  the model sees a prompt just before answering (RDS can embed it; a gradient needs an answer).
 - Preference: ``prompt`` (str), ``chosen`` (str), ``rejected`` (str), optional ``subtask``
   and ``id``. The prompt is the user turn; each answer is encoded like a training example.
 
@@ -18,16 +20,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from evotune.trainer.data import DataError, Encoded, _rows, encode, parse_row
+from evotune.trainer.data import (DataError, Encoded, _content_id, _rows, encode, encode_prompt,
+                                  parse_row)
 
 
 @dataclass
 class TargetItem:
-    """One target item: an SFT example (``encoded``) or a preference pair (``chosen``,
-    ``rejected``), with its subtask."""
+    """One target item: an SFT example or a prompt (``encoded``), or a preference pair
+    (``chosen``, ``rejected``), with its subtask."""
     id: str
     subtask: str
-    kind: str                               # "sft" | "preference"
+    kind: str                               # "sft" | "prompt" | "preference"
     encoded: Encoded | None = None
     chosen: Encoded | None = None
     rejected: Encoded | None = None
@@ -49,11 +52,31 @@ def _pair(row: dict, where: str, path: Path) -> tuple[dict, dict, str]:
             str(row.get("subtask") or path.stem))
 
 
+def _optional_str(row: dict, key: str, where: str) -> str | None:
+    value = row.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (str, int)) or not str(value).strip():
+        raise DataError(f"{where}: field {key!r} must be a non-empty string (or an integer)")
+    return str(value)
+
+
+def _prompt(row: dict, where: str, path: Path, tokenizer, template: str,
+            max_length: int) -> TargetItem:
+    if not isinstance(row["prompt"], str) or not row["prompt"].strip():
+        raise DataError(f"{where}: field 'prompt' must be a non-empty string")
+    subtask = _optional_str(row, "subtask", where) or _optional_str(row, "source", where) \
+        or path.stem
+    item_id = _optional_str(row, "id", where) or _content_id({"instruction": row["prompt"]})
+    return TargetItem(item_id, subtask, "prompt",
+                      encoded=encode_prompt(row["prompt"], tokenizer, template, max_length))
+
+
 def load_targets(path: str | Path, tokenizer, template: str, max_length: int,
                  on_error: str = "error") -> tuple[list[TargetItem], list[tuple[str, str]]]:
     """Read and encode a target file (see the module docstring).
 
-    Raises DataError on a malformed row or a mix of SFT and preference rows. A row whose answer
+    Raises DataError on a malformed row or a mix of preference pairs and examples. A row whose answer
     has no token left after truncation to ``max_length`` raises too, or with
     ``on_error="skip"`` is dropped and listed.
 
@@ -71,14 +94,18 @@ def load_targets(path: str | Path, tokenizer, template: str, max_length: int,
             raise row
         if not isinstance(row, dict):
             raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
-        row_kind = "preference" if ("chosen" in row or "rejected" in row) else "sft"
+        row_kind = "preference" if ("chosen" in row or "rejected" in row) else \
+            "prompt" if "prompt" in row else "sft"
+        family = "pairs" if row_kind == "preference" else "examples"
         if kind is None:
-            kind = row_kind
-        elif row_kind != kind:
-            raise DataError(f"{where}: a {row_kind} row in a file of {kind} rows; a target "
-                            f"file holds SFT examples or preference pairs, not both")
+            kind = family
+        elif family != kind:
+            raise DataError(f"{where}: a {row_kind} row in a file of {kind}; a target file holds "
+                            f"examples (SFT or prompt-only rows) or preference pairs, not both")
         try:
-            if kind == "sft":
+            if row_kind == "prompt":
+                items.append(_prompt(row, where, path, tokenizer, template, max_length))
+            elif row_kind == "sft":
                 ex = parse_row(row, where, path.stem)
                 subtask = str(row.get("subtask") or ex.source)
                 items.append(TargetItem(ex.id, subtask, "sft",

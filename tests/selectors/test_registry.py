@@ -80,7 +80,7 @@ def test_every_registered_rule_declares_what_the_config_and_readme_read():
         selector = cls()                                  # defaults are a working selector
         assert selector.state_dict()["name"] == name
     assert set(registry.option_sections()) == {
-        "kcenter", "weighted", "repr_filter", "cluster_quota", "facility_location",
+        "kcenter", "weighted", "repr_filter", "cluster_quota", "facility_location", "lift",
         "pre_experienced"}
 
 

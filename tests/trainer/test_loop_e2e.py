@@ -119,6 +119,36 @@ def test_resume_after_completion_does_no_more_work_and_more_rounds_extend(baseli
     assert len(selected_ids(copy)) == 21
 
 
+def test_stop_rule_ends_the_run_early_and_a_resume_respects_it(baseline, tmp_path):
+    """selection.stop_when: redo rounds 1-2 of the baseline with a rule no run can pass (gain
+    below 1 nat per example): the run ends after round 1, exported; a resume trains nothing
+    until the rule is switched off."""
+    import shutil
+    out, cfg, _ = baseline
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    stop = ["selection.stop_when.window=1", "selection.stop_when.min_gain=1.0"]
+    run_train(["--config", str(cfg), f"output.dir={copy}", "--resume",
+               str(copy / "rounds" / "round_000"), "--overwrite", *stop])
+    rounds = copy / "rounds"
+    before, after = (json.loads((rounds / f"round_00{r}" / "summary.json").read_text())
+                     for r in (0, 1))
+    gain = (before["eval_loss"] - after["eval_loss"]) / (after["total_examples"]
+                                                         - before["total_examples"])
+    assert gain < 1.0 and f"{gain:.3g} per example" in after["stopped"]
+    assert before["stopped"] is None and not (rounds / "round_002").exists()
+    assert json.loads((rounds / "round_001" / "state.json").read_text())["stopped"]
+    assert len((copy / "rounds.jsonl").read_text().splitlines()) == 2
+    adapter = "adapter/adapter_model.safetensors"
+    assert (copy / "final" / adapter).read_bytes() == (rounds / "round_001" / adapter).read_bytes()
+    proc = run_train(["--config", str(cfg), f"output.dir={copy}", *stop])
+    assert "stopped after round 1" in proc.stderr and "nothing to train" in proc.stderr
+    assert not (rounds / "round_002").exists()
+    run_train(["--config", str(cfg), f"output.dir={copy}", "selection.stop_when.window=0"])
+    assert (rounds / "round_002" / "state.json").is_file()
+    assert (copy / "final" / adapter).read_bytes() == (rounds / "round_002" / adapter).read_bytes()
+
+
 def test_resume_with_changed_result_setting_is_refused(baseline):
     out, cfg, _ = baseline
     proc = run_train(["--config", str(cfg), "train.lr=0.5"], check=False)

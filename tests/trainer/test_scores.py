@@ -11,8 +11,9 @@ import torch
 from evotune.selectors.base import Features
 from evotune.trainer import scores as registry
 from evotune.trainer.data import IGNORE_INDEX as X
-from evotune.trainer.scores import (SCORES, KnnOptions, LinearOptions, Score, knn_distance,
-                                    names, parse_linear, response_scores, with_inputs)
+from evotune.trainer.scores import (SCORES, KnnOptions, LinearOptions, RdsOptions, Score,
+                                    knn_distance, names, parse_linear, rds_scores,
+                                    response_scores, with_inputs)
 
 FORWARD = names("forward")
 
@@ -133,8 +134,8 @@ def test_inputs_come_before_the_scores_that_read_them():
     assert with_inputs(["length", "linear"], options.get) == ["length", "knn_k", "ifd_cherry",
                                                               "linear"]
     assert with_inputs(["linear", "knn_k"], options.get) == ["knn_k", "ifd_cherry", "linear"]
-    with pytest.raises(ValueError, match="unknown score 'reward'"):
-        with_inputs(["reward"], options.get)
+    with pytest.raises(ValueError, match="unknown score 'bogus'"):
+        with_inputs(["bogus"], options.get)
 
 
 def test_a_registered_score_is_computed_like_the_built_in_ones(monkeypatch):
@@ -150,3 +151,18 @@ def test_a_registered_score_is_computed_like_the_built_in_ones(monkeypatch):
         registry.register(Score("loss", "forward", "another loss", lambda t: 0.0))
     with pytest.raises(ValueError, match="source must be one of"):
         registry.register(Score("odd", "elsewhere", "?"))
+
+
+def test_rds_is_the_max_or_mean_cosine_to_each_subtasks_targets():
+    pool = np.array([[3.0, 4.0], [1.0, 0.0], [0.0, 0.0], [np.nan, 1.0]])
+    targets = np.array([[1.0, 0.0], [0.0, 2.0], [-1.0, 0.0]])
+    subtasks = ["x", "y", "x"]
+    got = rds_scores(pool, targets, subtasks, RdsOptions(reduce="max"))
+    # cosines of row 0 ([.6, .8]) with the targets: .6, .8, -.6; row 1: 1, 0, -1
+    assert got["rds:x"][:2].tolist() == pytest.approx([0.6, 1.0])
+    assert got["rds:y"][:2].tolist() == pytest.approx([0.8, 0.0])
+    assert got["rds"][:2].tolist() == pytest.approx([0.8, 1.0])
+    assert np.isnan(got["rds"][2:]).all()          # a zero or non-finite embedding: no score
+    mean = rds_scores(pool, targets, subtasks, RdsOptions(reduce="mean"))
+    assert mean["rds:x"][:2].tolist() == pytest.approx([0.0, 0.0])
+    assert mean["rds"][:2].tolist() == pytest.approx([0.8, 0.0])

@@ -103,9 +103,9 @@ def test_linear_rule_over_knn_and_ifd_in_the_loop(tmp_path, tiny_model_dir):
 def test_bad_linear_rule_is_a_config_error(tmp_path, tiny_model_dir):
     cfg = write_config(tmp_path / "cfg.yaml", tiny_model_dir, tmp_path / "out", selection={
         "selector": "weighted", "weighted": {"score": "linear"}},
-        scoring={"linear": {"rule": "0.5*reward"}})
+        scoring={"linear": {"rule": "0.5*bogus"}})
     proc = run_train(["--config", str(cfg)], check=False)
-    assert proc.returncode == 2 and "scoring.linear.rule" in proc.stderr and "reward" in proc.stderr
+    assert proc.returncode == 2 and "scoring.linear.rule" in proc.stderr and "bogus" in proc.stderr
     assert not (tmp_path / "out").exists()
 
 
@@ -197,3 +197,149 @@ def test_proxy_with_a_different_tokenizer_scores_once_with_its_own(tmp_path, tin
     assert ok.sum() >= len(kept) // 2
     assert f1["score_ifd_cherry"][ok] == pytest.approx(np.asarray(want)[ok], rel=1e-5)
     assert np.isnan(f1["score_ifd_cherry"][~ok]).all()
+
+
+def test_rds_in_the_loop_matches_a_one_at_a_time_computation(tmp_path, tiny_model_dir):
+    """RDS+ in the loop: the pool and the targets (SFT and prompt-only rows, two subtasks) are
+    embedded by the round's model with position-weighted mean pooling. Recomputed here from the
+    round-0 adapter one example at a time (no padding, as the reference), with the weights
+    written out: token i of n weighs i / (n (n + 1) / 2)."""
+    from peft import PeftModel
+
+    from evotune.selectors.rds import round_robin
+    from evotune.trainer.data import encode_all, encode_prompt, load_examples
+    from evotune.trainer.model import load_model, load_tokenizer
+
+    tok = load_tokenizer(tiny_model_dir)
+    rows = [json.loads(line) for line in (POOL_TINY.parent / "eval_tiny.jsonl").read_text()
+            .splitlines()]
+    rows = [r for r in rows if len(tok(r["instruction"] + r["output"]).input_ids) < 100][:3]
+    assert len(rows) == 3
+    targets = tmp_path / "targets.jsonl"
+    targets.write_text("".join(json.dumps({**r, "subtask": "qa"}) + "\n" for r in rows)
+                       + json.dumps({"prompt": "Add 17 and 25.", "subtask": "math"}) + "\n")
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path / "cfg.yaml", tiny_model_dir, out,
+                       selection={"selector": "rds", "pooling": "weighted_mean", "rounds": 2},
+                       scoring={"rds": {"targets": str(targets)}})
+    run_train(["--config", str(cfg)])
+    f, s = npz(out), summary(out)
+    assert s["embeddings"] == "weighted_mean" and summary(out, 0)["embeddings"] is None
+
+    examples, _ = load_examples(POOL_TINY)
+    _, encoded, _ = encode_all(examples, tok, "chat", 160, "skip")
+    _, target_enc, _ = encode_all(load_examples(_sft_only(targets))[0], tok, "chat", 160,
+                                  "error")
+    target_enc.append(encode_prompt("Add 17 and 25.", tok, "chat", 160))
+    model = PeftModel.from_pretrained(load_model(tiny_model_dir, torch.float32),
+                                      out / "rounds" / "round_000" / "adapter").eval()
+
+    @torch.no_grad()
+    def embed(enc):
+        hidden = model(input_ids=torch.tensor([enc.input_ids]),
+                       output_hidden_states=True).hidden_states[-1][0]
+        n = hidden.shape[0]
+        weights = torch.arange(1, n + 1, dtype=torch.float32) / (n * (n + 1) / 2)
+        v = (hidden * weights[:, None]).sum(0)
+        return (v / v.norm()).numpy()
+
+    pool = np.stack([embed(e) for e in encoded])
+    tgt = np.stack([embed(e) for e in target_enc])
+    sims = pool @ tgt.T
+    qa, math = sims[:, :3].max(axis=1), sims[:, 3]
+    assert f["score_rds:qa"] == pytest.approx(qa, abs=1e-4)
+    assert f["score_rds:math"] == pytest.approx(math, abs=1e-4)
+    assert f["score_rds"] == pytest.approx(np.maximum(qa, math), abs=1e-4)
+    # the picks: round-robin over math, qa on those scores, among the round's candidates
+    first = {r["pool_index"] for r in picks(out, 0)}
+    cand = np.array([i for i in range(len(encoded)) if i not in first])
+    expected, _ = round_robin(np.stack([math, qa], axis=1), cand, 5)
+    assert [r["pool_index"] for r in picks(out)] == expected.tolist()
+    assert {r["rds_subtask"] for r in picks(out)} <= {"qa", "math"}
+
+
+def _sft_only(path: Path) -> Path:
+    """The SFT rows of a target file, as a pool file of their own."""
+    sft = path.with_name("sft_only.jsonl")
+    sft.write_text("".join(line + "\n" for line in path.read_text().splitlines()
+                           if '"prompt"' not in line))
+    return sft
+
+
+def _tiny_classifier(out_dir: Path, tokenizer_dir: Path, num_labels: int) -> Path:
+    """A randomly initialised 2-layer Llama sequence classifier with the real SmolLM2
+    tokenizer (chat template included), seeded: a stand-in reward model, nothing downloaded."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+                         num_labels=num_labels, pad_token_id=tok.pad_token_id)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        LlamaForSequenceClassification(config).save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    return out_dir
+
+
+@pytest.mark.parametrize("num_labels", [1, 2])
+def test_reward_model_scores_once_and_matches_one_example_at_a_time(tmp_path, tiny_model_dir,
+                                                                     num_labels):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from evotune.trainer.data import load_examples
+
+    rm = _tiny_classifier(tmp_path / "rm", tiny_model_dir, num_labels)
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path / "cfg.yaml", tiny_model_dir, out, selection={
+        "selector": "weighted", "weighted": {"score": "reward", "alpha": 1.0}},
+        scoring={"reward": {"model": str(rm), "label": 0}})
+    run_train(["--config", str(cfg)])
+    f = npz(out)
+    # one at a time, no padding: the conversation under the classifier's chat template
+    tok = AutoTokenizer.from_pretrained(rm)
+    model = AutoModelForSequenceClassification.from_pretrained(rm).eval()
+    examples, _ = load_examples(POOL_TINY)
+    kept = [ex for ex in examples if ex.id in set(f["ids"].tolist())]
+    expected = []
+    with torch.no_grad():
+        for ex in kept:
+            ids = tok(tok.apply_chat_template(ex.messages, tokenize=False),
+                      add_special_tokens=False).input_ids[:160]
+            logits = model(input_ids=torch.tensor([ids])).logits[0]
+            expected.append(float(logits[0] if num_labels == 1 else logits.softmax(-1)[0]))
+    assert f["score_reward"] == pytest.approx(np.array(expected), rel=1e-4, abs=1e-6)
+    # alpha = 1: the top rewards among the round's candidates
+    first = {r["pool_index"] for r in picks(out, 0)}
+    cand = [i for i in range(len(kept)) if i not in first]
+    best = sorted(cand, key=lambda i: (-expected[i], i))[:5]
+    assert [r["pool_index"] for r in picks(out)] == best
+    # scored once: the reward pass ran in round 1 only, round 2 reused its values
+    assert summary(out, 1)["tokens"]["reward"] > 0 and "reward" not in summary(out, 2)["tokens"]
+    assert npz(out, 2)["score_reward"] == pytest.approx(f["score_reward"])
+    if num_labels == 1:     # sharded over two ranks: the same values
+        run_train(["--config", str(cfg), "--scores", "reward", "--out", str(tmp_path / "two")],
+                  ranks=2, script="score_pool.py")
+        two = [json.loads(line)["reward"] for line in
+               (tmp_path / "two" / "scores.jsonl").read_text().splitlines()]
+        assert two == pytest.approx(expected, rel=1e-4, abs=1e-6)
+
+
+def test_mods_preset_with_a_reward_model_filters_by_it(tmp_path, tiny_model_dir):
+    """configs/mods_like.yaml with a reward model given, as its header says: the quality step
+    keeps the top half of the candidates by reward before k-center."""
+    from helpers import EVAL_TINY, REPO
+    rm = _tiny_classifier(tmp_path / "rm", tiny_model_dir, 1)
+    out = tmp_path / "out"
+    run_train(["--config", str(REPO / "configs" / "mods_like.yaml"), f"model.path={tiny_model_dir}",
+               f"data.pool={POOL_TINY}", f"eval.path={EVAL_TINY}", "data.on_error=skip",
+               "data.max_length=160", "selection.init_size=6", "selection.per_round=5",
+               "train.epochs=1", "train.batch_size=4", "train.micro_batch_size=2",
+               "lora.target_modules=[q_proj, v_proj]", f"output.dir={out}",
+               f"scoring.reward.model={rm}", "selection.filter_score=reward"])
+    for r in (0, 1):
+        f, rows = npz(out, r), picks(out, r)
+        first = {x["pool_index"] for x in picks(out, 0)} if r else set()
+        cand = [i for i in range(len(f["ids"])) if i not in first]
+        top_half = sorted(cand, key=lambda i: (-f["score_reward"][i], i))[:len(cand) // 2]
+        assert {x["pool_index"] for x in rows} <= set(top_half)
+        assert all(x["passed_filter"] == 1 for x in rows)

@@ -1,12 +1,14 @@
-"""Validation sets for influence selection: SFT rows and preference pairs, and their errors."""
+"""Target sets (influence's validation sets, RDS's query sets): SFT rows, prompt-only rows and
+preference pairs, and their errors."""
 
 import json
 
 import pytest
 
-from evotune.trainer.data import DataError, IGNORE_INDEX
-from evotune.trainer.targets import load_targets
 from helpers import EVAL_TINY, FIXTURES
+
+from evotune.trainer.data import IGNORE_INDEX, DataError, encode_prompt
+from evotune.trainer.targets import load_targets
 
 
 def write(tmp_path, rows, name="val.jsonl"):
@@ -74,3 +76,34 @@ def test_preset_validation_sets_fit_their_max_length(preset, tokenizer):
     items, skipped = load_targets(cfg.influence.validation, tokenizer, "chat",
                                      cfg.data.max_length)
     assert len(items) >= 16 and not skipped
+
+
+def test_prompt_rows_are_the_prompt_as_the_model_sees_it_before_answering(tmp_path, tokenizer):
+    path = write(tmp_path, [{"prompt": "Add 2 and 3.", "subtask": "math", "id": 7},
+                            {"instruction": "Say hi.", "output": "Hi."}])
+    items, _ = load_targets(path, tokenizer, "chat", 512)
+    assert [(it.kind, it.subtask, it.id) for it in items][0] == ("prompt", "math", "7")
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "Add 2 and 3."}],
+                                         tokenize=False, add_generation_prompt=True)
+    assert text.endswith("<|im_start|>assistant\n")
+    assert items[0].encoded.input_ids == tokenizer(text, add_special_tokens=False).input_ids
+    assert set(items[0].encoded.labels) == {IGNORE_INDEX} and items[1].kind == "sft"
+    alpaca = encode_prompt("Add 2 and 3.", tokenizer, "alpaca", 512)
+    assert tokenizer.decode(alpaca.input_ids).endswith("### Instruction:\nAdd 2 and 3.\n\n"
+                                                       "### Response:")
+
+
+@pytest.mark.parametrize("row, match", [
+    ({"prompt": ""}, "'prompt' must be a non-empty string"),
+    ({"prompt": "p", "subtask": ["a"]}, "'subtask' must be a non-empty string"),
+    ({"prompt": "p", "id": True}, "'id' must be a non-empty string"),
+])
+def test_malformed_prompt_rows_name_the_field(tmp_path, tokenizer, row, match):
+    with pytest.raises(DataError, match=match):
+        load_targets(write(tmp_path, [row]), tokenizer, "chat", 512)
+
+
+def test_prompt_rows_and_pairs_do_not_mix(tmp_path, tokenizer):
+    path = write(tmp_path, [{"prompt": "p"}, {"prompt": "p", "chosen": "a", "rejected": "b"}])
+    with pytest.raises(DataError, match="not both"):
+        load_targets(path, tokenizer, "chat", 512)

@@ -7,6 +7,9 @@
 - ``forward`` scores and the hidden-state embedding: one batched forward pass over the pool
   (``trainer/passes/forward.py``);
 - ``ifd`` scores: IFD's extra passes (``trainer/passes/ifd.py``);
+- ``targets`` scores (RDS+): the target set's rows through the same model and pooling right
+  after the pool (a few rows: their own small pass), then the score from both embeddings;
+- ``reward``: a reward model over the pool, once per run (``trainer/passes/reward.py``);
 - ``influence`` scores and gradient embeddings (``selection.embedding: gradient``): the gradient
   pass (``trainer/passes/influence.py``);
 - ``derived`` scores: computed on rank 0 from the rest, inputs first.
@@ -27,10 +30,12 @@ from evotune.selectors.base import Features
 from evotune.selectors.pre_experienced import SCORE as INSTRUCTION_PERPLEXITY
 from evotune.trainer.data import IGNORE_INDEX, Encoded
 from evotune.trainer.logs import log
-from evotune.trainer.passes.forward import PassStats, compute_features
+from evotune.trainer.passes.forward import PassStats, compute_features, merge_stats
 from evotune.trainer.passes.ifd import IfdPass
 from evotune.trainer.passes.influence import InfluencePass
+from evotune.trainer.passes.reward import RewardPass
 from evotune.trainer.scores import SCORES, with_inputs
+from evotune.trainer.targets import load_targets
 
 
 @dataclass
@@ -70,7 +75,14 @@ class FeaturePass:
         self.pad_id = tokenizer.pad_token_id
         wanted = with_inputs(selector.scores, lambda name: getattr(cfg.scoring, name, None))
         of = {source: [n for n in wanted if SCORES[n].source == source]
-              for source in ("forward", "ifd", "derived", "influence")}
+              for source in ("forward", "ifd", "derived", "targets", "reward", "influence")}
+        self.reward = RewardPass(cfg.scoring.reward, pool, strategy, cfg.data.max_length) \
+            if of["reward"] else None
+        if self.reward is not None and self.reward.truncated:
+            log.warning(f"scoring.reward.model: {self.reward.truncated} pool rows cut to "
+                        f"data.max_length={cfg.data.max_length} tokens for the reward model")
+        self.targets = {name: self._load_targets(name, tokenizer, template)
+                        for name in of["targets"]}
         self.derived = of["derived"]                          # inputs before their readers
         self.needs_embeddings = selector.needs_embeddings or any(
             SCORES[n].needs_embeddings for n in wanted)
@@ -86,11 +98,24 @@ class FeaturePass:
         self.influence = InfluencePass(cfg, pool_enc, tokenizer, template, strategy) \
             if of["influence"] or self.gradient_embeddings else None
 
+    def _load_targets(self, name: str, tokenizer, template: str):
+        """The target rows of score ``name`` (its ``targets`` file), encoded like the pool."""
+        path = getattr(self.cfg.scoring, name).targets
+        items, skipped = load_targets(path, tokenizer, template, self.cfg.data.max_length,
+                                      self.cfg.data.on_error)
+        if any(it.kind == "preference" for it in items):
+            raise ValueError(f"scoring.{name}.targets: {path} holds preference pairs; give SFT "
+                             f"rows or prompt-only rows")
+        if skipped:
+            log.warning(f"scoring.{name}.targets: {len(skipped)} rows skipped (first: "
+                        f"{skipped[0][1]})")
+        return items
+
     @property
     def needed(self) -> bool:
         """False when the selector reads nothing a model computes (e.g. random)."""
         return bool(self.needs_embeddings or self.forward_scores or self.ifd or self.derived
-                    or self.influence)
+                    or self.targets or self.reward or self.influence)
 
     @property
     def needs_optimizer_state(self) -> bool:
@@ -114,7 +139,29 @@ class FeaturePass:
             with logger.progress(f"{_round(r)}embed pool", len(self.pool_enc)) as advance:
                 features, stats["features"] = compute_features(
                     model, self.pool_enc, self.strategy, self.pad_id,
-                    self.cfg.selection.batch_size, hidden, self.forward_scores, advance)
+                    self.cfg.selection.batch_size, hidden, self.forward_scores, advance,
+                    self.cfg.selection.pooling)
+        for name, items in self.targets.items():
+            with logger.progress(f"{_round(r)}embed {name} targets", len(items)) as advance:
+                found, s = compute_features(model, [it.encoded for it in items], self.strategy,
+                                            self.pad_id, self.cfg.selection.batch_size, True, (),
+                                            advance, self.cfg.selection.pooling)
+            stats["features"] = merge_stats(stats["features"], s)
+            if features is not None:
+                scores = SCORES[name].compute(features.embeddings, found.embeddings,
+                                              [it.subtask for it in items],
+                                              getattr(self.cfg.scoring, name))
+                features.scores.update(scores)
+                no_embedding = {int(i): "no embedding"
+                                for i in np.flatnonzero(np.isnan(scores[name]))}
+                features.skipped.update({k: dict(no_embedding) for k in scores})
+        if self.reward is not None:
+            reward_stats = self.reward.run(self.cfg.selection.batch_size, logger, r)
+            if reward_stats is not None:
+                stats["reward"] = reward_stats
+            if features is not None:
+                features.scores["reward"] = self.reward.values.copy()
+                features.skipped["reward"] = {}
         if self.ifd is not None:
             ifd_stats = self.ifd.run(model, features, logger, r)
             if ifd_stats is not None:
@@ -154,7 +201,8 @@ class FeaturePass:
         with logger.progress("round 0: embed instructions", len(prompts)) as advance:
             features, stats = compute_features(model, prompts, self.strategy, self.pad_id,
                                                self.cfg.selection.batch_size, True,
-                                               ("perplexity",), advance)
+                                               ("perplexity",), advance,
+                                               self.cfg.selection.pooling)
         if features is not None:
             features.scores = {INSTRUCTION_PERPLEXITY: features.scores["perplexity"]}
             _warn_non_finite(features, 0)

@@ -1,8 +1,11 @@
 """The forward pass over the pool: embeddings and ``forward`` scores in one batched pass.
 
-The embedding is DiverseEvol's: the masked mean of the last hidden state (after the final norm)
-over every real token of the example, prompt and response, in fp32. The ``forward`` scores of
-``trainer/scores.py`` come from the logits of the same pass, over the response tokens only.
+The embedding pools the last hidden state (after the final norm) over every real token of the
+example, prompt and response, in fp32 (``selection.pooling``, :func:`pool`): ``mean``, the
+masked mean (DiverseEvol's, the default); ``weighted_mean``, token i of n weighted i / Σj j
+(RDS+, after SGPT: later tokens, which have seen more of the text, count more); ``last``, the
+last real token. The ``forward`` scores of ``trainer/scores.py`` come from the logits of the
+same pass, over the response tokens only.
 
 Batches are planned globally by length (``plan_batches``) and dealt round-robin to ranks, every
 rank making the same number of forward calls (ZeRO-3 gathers are collectives); rank 0 gathers
@@ -24,8 +27,33 @@ from evotune.trainer.model import backbone, lm_head
 from evotune.trainer.scores import response_scores
 
 
+POOLINGS = ("mean", "weighted_mean", "last")
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str = "mean") -> torch.Tensor:
+    """(B, D) fp32 embeddings from (B, T, D) hidden states and a (B, T) right-padded mask.
+
+    Only real tokens count: ``mean`` averages them; ``weighted_mean`` weights token i (1-based)
+    of a row's n by i / (n (n + 1) / 2); ``last`` takes the row's last real token. Raises
+    ValueError on an unknown ``how``.
+    """
+    h = hidden.to(torch.float32)
+    m = mask.to(torch.float32)
+    if how == "mean":
+        w = m
+    elif how == "weighted_mean":
+        w = torch.cumsum(m, dim=1) * m              # 1, 2, ..., n on real tokens, 0 on padding
+    elif how == "last":
+        w = torch.zeros_like(m)
+        w[torch.arange(len(m)), m.sum(dim=1).long() - 1] = 1.0
+    else:
+        raise ValueError(f"unknown pooling {how!r}; expected one of {', '.join(POOLINGS)}")
+    return (h * w.unsqueeze(-1)).sum(dim=1) / w.sum(dim=1, keepdim=True)
+
+
 @dataclass
 class PassStats:
+    """What one pass cost: its wall seconds and the tokens it forwarded (or backpropagated)."""
     seconds: float
     tokens: int          # real (non-padding) tokens forwarded, all ranks
     padded_tokens: int   # tokens forwarded including padding, all ranks
@@ -38,7 +66,8 @@ class PassStats:
 @torch.no_grad()
 def compute_features(model: torch.nn.Module, encoded: list[Encoded], strategy, pad_id: int,
                      batch_size: int, need_embeddings: bool, score_names: tuple[str, ...] = (),
-                     advance=lambda n=1, **_: None) -> tuple[Features | None, PassStats]:
+                     advance=lambda n=1, **_: None, pooling: str = "mean"
+                     ) -> tuple[Features | None, PassStats]:
     """Run the feature pass over ``encoded`` (the whole pool, in pool order).
 
     Args:
@@ -47,7 +76,7 @@ def compute_features(model: torch.nn.Module, encoded: list[Encoded], strategy, p
         strategy: the run's :class:`~evotune.trainer.engine.Strategy` (device, rank, gather).
         pad_id: the tokenizer's pad token id.
         batch_size: examples per forward call per rank.
-        need_embeddings: compute the (N, D) float32 embeddings.
+        need_embeddings: compute the (N, D) float32 embeddings, pooled by ``pooling``.
         score_names: ``forward`` scores to compute (names from ``trainer/scores.py``).
         advance: progress callback, called with the number of examples done.
 
@@ -74,8 +103,7 @@ def compute_features(model: torch.nn.Module, encoded: list[Encoded], strategy, p
         padded += mask.numel()
         emb, scores = None, {}
         if need_embeddings:
-            m = mask.unsqueeze(-1).to(torch.float32)
-            emb = ((hidden.to(torch.float32) * m).sum(dim=1) / m.sum(dim=1)).cpu().numpy()
+            emb = pool(hidden, mask, pooling).cpu().numpy()
         if score_names:
             computed = response_scores(logits, batch["labels"].to(hidden.device), score_names)
             scores = {name: computed[name].numpy() for name in score_names}

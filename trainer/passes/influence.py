@@ -73,6 +73,9 @@ class InfluencePass:
             return
         self.val, skipped = load_targets(icfg.validation, tokenizer, template,
                                          cfg.data.max_length, cfg.data.on_error)
+        if any(it.kind == "prompt" for it in self.val):
+            raise ValueError(f"influence.validation: {icfg.validation} has prompt-only rows; a "
+                             f"gradient needs an answer: give SFT rows or preference pairs")
         if skipped:
             log.warning(f"influence.validation: {len(skipped)} rows skipped (first: "
                         f"{skipped[0][1]})")
