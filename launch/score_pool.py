@@ -105,7 +105,7 @@ def score(cfg, names: tuple[str, ...], out: Path, label: str | None, pair: str |
     from evotune.trainer.model import load_model, load_tokenizer, resolve_model_path
     from evotune.trainer.passes.features import FeaturePass
     from evotune.trainer.separation import separation
-    from evotune.trainer.state import write_json_atomic, write_text_atomic
+    from evotune.trainer.state import file_hash, write_json_atomic, write_text_atomic
 
     strategy = Strategy(cfg)
     strategy.setup()
@@ -128,7 +128,9 @@ def score(cfg, names: tuple[str, ...], out: Path, label: str | None, pair: str |
     model.to(strategy.device).eval()
     logger = ProgressBars(strategy.is_rank0, console)
     t0 = time.perf_counter()
-    result = feature_pass.run(model, logger)
+    key = feature_pass.base_cache_key(model_path, file_hash(Path(cfg.data.pool)), template,
+                                      strategy.dtype) if cfg.scoring.base_cache else None
+    result = feature_pass.run(model, logger, cache_key=key)
     features, stats = result.features, result.stats
     seconds = time.perf_counter() - t0
     strategy.barrier()
@@ -153,7 +155,8 @@ def score(cfg, names: tuple[str, ...], out: Path, label: str | None, pair: str |
                "seconds": round(seconds, 2),
                "passes": {k: {"tokens": s.tokens, "padded_tokens": s.padded_tokens,
                               "seconds": round(s.seconds, 2),
-                              "tokens_per_s": round(s.tokens_per_s, 1)} for k, s in stats.items()},
+                              "tokens_per_s": round(s.tokens_per_s, 1), "cached": s.cached}
+                          for k, s in stats.items()},
                "no_value": {n: len(features.skipped.get(n, {})) for n in names}}
     write_json_atomic(out / "summary.json", summary)
     if label:

@@ -62,3 +62,77 @@ def test_tables_and_plots_from_synthetic_results(tmp_path):
     files = bench.plot(results, budgets, ["random", "kcenter", "full"], tmp_path)
     assert [f.name for f in files] == ["quality_vs_budget.png", "quality_vs_round.png"]
     assert all(f.read_bytes()[:4] == b"\x89PNG" for f in files)
+
+
+def _files(tmp_path):
+    """Stand-ins for the targeted benchmark's data files (the configs only check they exist)."""
+    files = {}
+    for name in ("pool", "targets", "eval", "noisy"):
+        files[name] = tmp_path / f"{name}.jsonl"
+        files[name].write_text('{"instruction": "a", "output": "b"}\n')
+    return files
+
+
+@pytest.mark.parametrize("suite", ["targeted", "quality"])
+def test_every_targeted_arm_is_a_valid_config_that_can_share_the_warmup(tmp_path, suite):
+    from evotune.trainer.config import load_config, resolve_budget, safe_keys
+    from evotune.trainer.state import is_rule_key
+    bench = load("targeted")
+    files = _files(tmp_path)
+    rows = 1200 if suite == "targeted" else 600
+    for arm in bench.SUITES[suite]:
+        for budget in bench.BUDGETS[suite]:
+            spec = bench.arm_config(arm, suite, budget, 2, files, tmp_path / "o", rows)
+            (tmp_path / "c.yaml").write_text(yaml.safe_dump(spec))
+            cfg = load_config(tmp_path / "c.yaml")
+            plan = resolve_budget(cfg, rows)
+            assert sum(plan) == round(budget * rows) and cfg.seed == 2
+            in_loop = bench.ARMS[arm][0]
+            assert len(plan) == (2 if in_loop else 1)
+            assert cfg.selection.first_round == ("random" if in_loop or arm == "random"
+                                                 else "selector")
+            assert cfg.model.precision == "bf16" and cfg.train.retrain_from_base
+            if not in_loop:
+                continue
+            # an in-loop arm differs from the shared warm-up in selection settings only, which
+            # a resume after a random round 0 accepts (trainer/state.py), and in settings a
+            # resume may always change
+            warm = bench.warmup_config(suite, budget, 2, files, tmp_path / "o", rows)
+            (tmp_path / "w.yaml").write_text(yaml.safe_dump(warm))
+            a, w = cfg.flat(), load_config(tmp_path / "w.yaml").flat()
+            diff = {k for k in a if a[k] != w[k]} - safe_keys()
+            assert all(is_rule_key(k) for k in diff), diff
+
+
+def test_the_evotune_arm_follows_the_default_preset(tmp_path):
+    bench = load("targeted")
+    spec = bench.arm_config("evotune", "targeted", 0.1, 1, _files(tmp_path), tmp_path / "o",
+                            1200)
+    preset = yaml.safe_load((REPO / "configs" / "evotune.yaml").read_text())["selection"]
+    assert spec["selection"]["selector"] == preset["selector"]
+    assert spec["selection"].get(preset["selector"]) == preset.get(preset["selector"])
+
+
+def test_targeted_tables_and_plot_from_synthetic_results(tmp_path):
+    bench = load("targeted")
+
+    def run(gsm, clean):
+        return {"loss": gsm, "accuracy": 0.3, "gsm8k_loss": gsm, "t0_loss": 1.0,
+                "t0_accuracy": 0.3, "t0_choice_rows": 184, "clean": clean,
+                "clean_chosen": clean, "examples": 60,
+                "by_source": {"gsm8k": 30, "t0/qa": 30}, "tokens": {"train": 900, "features": 500,
+                                                                  "influence": 100},
+                "seconds": {"features": 1.0, "select": 0.1, "train": 2.0, "eval": 1.0,
+                            "total": 5.0}, "cached": []}
+    results = {(arm, 0.05): [run(base + d, c) for d in (0.0, 0.01, -0.01)]
+               for arm, base, c in (("random", 1.5, 0.5), ("rds_loop", 1.2, 0.9))}
+    text = bench.tables("targeted", results, [0.05], ["random", "rds_loop"])
+    assert "| rds_loop | 1.2000 ± 0.0100 (Δ -0.3000*) |" in text
+    assert "| rds_loop | 5% | 60 | 600 | 100 | 900 | 1 | 2 | 1 | 5 |" in text
+    assert "| rds_loop | 5% | 50% | 50% | 0% | 0% |" in bench.composition(results, [0.05],
+                                                                          ["rds_loop"])
+    quality = bench.tables("quality", {(a, 0.1): v for (a, _), v in results.items()}, [0.1],
+                           ["random", "rds_loop"])
+    assert "| rds_loop | 0.900 ± 0.000 (Δ +0.400*) |" in quality
+    png = bench.plot(results, "targeted", [0.05], ["random", "rds_loop"], tmp_path)
+    assert png.read_bytes()[:4] == b"\x89PNG"

@@ -207,6 +207,10 @@ class ScoringConfig:
     max_length: int = _f(512, "IFD, reference template: max tokens of the conditioned pass (the "
                               "reference scripts' max_length); the train template uses "
                               "data.max_length")
+    base_cache: bool = _f(True, "keep the base model's features (round 0 chosen by the base "
+                                "model, score_pool.py) under $EVOTUNE_CACHE/features and reuse "
+                                "them in any run with the same model, pool and pass settings",
+                          safe=True)
 
 
 @dataclass

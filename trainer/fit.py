@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -151,13 +151,13 @@ def train_round(engine, strategy, t: TrainConfig, encoded: list[Encoded], positi
 
 
 @torch.no_grad()
-def evaluate(model, strategy, encoded: list[Encoded], pad_id: int, batch_size: int,
-             advance=lambda n=1, **_: None) -> tuple[float, int]:
-    """Per-token held-out loss on response tokens; returns (loss, response tokens)."""
+def row_losses(model, strategy, encoded: list[Encoded], pad_id: int, batch_size: int,
+               advance=lambda n=1, **_: None) -> list[float]:
+    """Summed response-token cross-entropy of every row (nats), on every rank."""
     was_training = model.training
     model.eval()
     batches = plan_batches([len(e.input_ids) for e in encoded], batch_size)
-    ce_sum = n = 0.0
+    ce = [0.0] * len(encoded)
     for positions, is_padding in shard_batches(batches, strategy.rank, strategy.world_size):
         b = collate([encoded[i] for i in positions], pad_id)
         logits = model(input_ids=b["input_ids"].to(strategy.device),
@@ -165,12 +165,27 @@ def evaluate(model, strategy, encoded: list[Encoded], pad_id: int, batch_size: i
                        logits_to_keep=logits_window(b["labels"])).logits
         if is_padding:
             continue
-        ce_sum += float(token_loss_sum(logits, b["labels"].to(strategy.device)))
-        n += sum(response_tokens(encoded[i]) for i in positions)
+        labels = b["labels"].to(strategy.device)
+        k, t = logits.size(1), labels.size(1)
+        per_token = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels[:, t - k + 1:],
+                                    ignore_index=IGNORE_INDEX, reduction="none")
+        for i, value in zip(positions, per_token.sum(dim=1).tolist()):
+            ce[i] = value
         advance(len(positions) * strategy.world_size)
     model.train(was_training)
-    ce_sum, n = strategy.all_reduce_sum([ce_sum, n])
-    return ce_sum / max(n, 1), int(n)
+    return strategy.all_reduce_sum(ce)
+
+
+@dataclass
+class EvalResult:
+    """Held-out loss (nats per response token) and response tokens over every eval row;
+    multiple-choice accuracy over the choice rows (None without any); and the same per group
+    of rows (e.g. the source family: ``gsm8k``, ``t0``), group → ``{"loss", "tokens",
+    "accuracy", "choice_rows"}``."""
+    loss: float
+    tokens: int
+    accuracy: float | None
+    groups: dict[str, dict] = field(default_factory=dict)
 
 
 def _prompt_length(encoded: list[Encoded]) -> int:
@@ -236,26 +251,45 @@ def choice_nll(model, strategy, choices: ChoiceSet, advance=lambda n=1, **_: Non
 
 
 def evaluate_with_choices(model, strategy, encoded: list[Encoded], choices: ChoiceSet | None,
-                     pad_id: int, batch_size: int, advance=lambda n=1, **_: None
-                     ) -> tuple[float, int, float | None]:
+                          pad_id: int, batch_size: int, advance=lambda n=1, **_: None,
+                          groups: list[str] | None = None) -> EvalResult:
     """Held-out loss over every eval row, and multiple-choice accuracy over ``choices``.
 
-    Returns ``(loss, response tokens, accuracy or None)``. A row counts as right when its gold
-    choice has the highest summed log-likelihood of the response tokens (ties: the first choice
-    listed). The gold choice is encoded exactly as its row, so a choice row's loss comes from
-    its gold choice and only the rows without choices get a forward of their own."""
-    if not choices:
-        return (*evaluate(model, strategy, encoded, pad_id, batch_size, advance), None)
-    in_choices = set(choices.rows)
-    rest = [e for i, e in enumerate(encoded) if i not in in_choices]
-    loss, n = evaluate(model, strategy, rest, pad_id, batch_size, advance)
-    was_training = model.training
-    model.eval()
-    nll = choice_nll(model, strategy, choices, advance)
-    model.train(was_training)
-    golds = [s + g for s, g in zip(choices.starts, choices.gold)]
-    ce = loss * n + sum(nll[i] for i in golds)
-    n += sum(response_tokens(choices.encoded[i]) for i in golds)
-    right = sum(int(np.argmin(nll[s: s + c])) == g
-                for s, c, g in zip(choices.starts, choices.counts, choices.gold))
-    return ce / max(n, 1), int(n), right / len(choices)
+    A row counts as right when its gold choice has the highest summed log-likelihood of the
+    response tokens (ties: the first choice listed). The gold choice is encoded exactly as its
+    row, so a choice row's loss comes from its gold choice and only the rows without choices
+    get a forward of their own. ``groups`` (one label per row): the same figures per label when
+    there are two or more labels."""
+    choices = choices if choices else None
+    in_choices = set(choices.rows) if choices else set()
+    rest = [i for i in range(len(encoded)) if i not in in_choices]
+    ce = [0.0] * len(encoded)
+    for i, value in zip(rest, row_losses(model, strategy, [encoded[i] for i in rest], pad_id,
+                                         batch_size, advance)):
+        ce[i] = value
+    right: dict[int, bool] = {}
+    if choices:
+        was_training = model.training
+        model.eval()
+        nll = choice_nll(model, strategy, choices, advance)
+        model.train(was_training)
+        for row, s, c, g in zip(choices.rows, choices.starts, choices.counts, choices.gold):
+            ce[row] = nll[s + g]
+            right[row] = int(np.argmin(nll[s: s + c])) == g
+    tokens = [response_tokens(e) for e in encoded]
+
+    def figures(rows: list[int]) -> tuple[float, int, float | None, int]:
+        n = sum(tokens[i] for i in rows)
+        hits = [right[i] for i in rows if i in right]
+        return (sum(ce[i] for i in rows) / max(n, 1), int(n),
+                sum(hits) / len(hits) if hits else None, len(hits))
+
+    loss, n, accuracy, _ = figures(list(range(len(encoded))))
+    by_group = {}
+    if groups is not None and len(set(groups)) > 1:
+        for label in sorted(set(groups)):
+            g_loss, g_n, g_acc, g_choices = figures([i for i, x in enumerate(groups)
+                                                     if x == label])
+            by_group[label] = {"loss": g_loss, "tokens": g_n, "accuracy": g_acc,
+                               "choice_rows": g_choices}
+    return EvalResult(loss, n, accuracy, by_group)

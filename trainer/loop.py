@@ -23,7 +23,7 @@ from evotune.trainer.config import Config, resolve_budget
 from evotune.trainer.data import (ChoiceSet, Encoded, Example, LoadReport, choice_set,
                                   encode_all, load_examples, resolve_template)
 from evotune.trainer.engine import Strategy
-from evotune.trainer.fit import TrainStats, evaluate_with_choices, train_round
+from evotune.trainer.fit import EvalResult, TrainStats, evaluate_with_choices, train_round
 from evotune.trainer.logs import (RunLogger, drop_metrics_after, log, rounds_table,
                                   setup_console_logging)
 from evotune.trainer.model import (build_trainable_model, check_lora_targets, export_weights,
@@ -337,7 +337,13 @@ def choose(r: int, cfg: Config, data: RunData, model: RoundModel, progress: Prog
         result.candidates = candidates
     elif data.feature_pass.needed:
         engine = model.current(r)
-        result = data.feature_pass.run(engine.module, logger, r, engine, candidates, labeled, out)
+        # Round 0 by the selector: a fresh adapter is a no-op, so these are the base model's
+        # features, the same for every run on this pool (seed and budget aside): cacheable.
+        key = data.feature_pass.base_cache_key(data.model_path, data.pool_hash, data.template,
+                                               strategy.dtype) \
+            if r == 0 and cfg.scoring.base_cache else None
+        result = data.feature_pass.run(engine.module, logger, r, engine, candidates, labeled, out,
+                                       key)
     seconds = {"features": time.perf_counter() - t0}
     crash_point("embed", r)
     t0 = time.perf_counter()
@@ -380,13 +386,15 @@ def write_selection(rdir: Path, r: int, choice: Choice, data: RunData,
 
 @dataclass
 class Trained:
-    """A round's training and held-out evaluation."""
+    """A round's training and held-out evaluation (None without an eval set)."""
     stats: TrainStats
     global_step: int
-    eval_loss: float | None = None
-    eval_tokens: int | None = None
-    eval_accuracy: float | None = None
+    eval: EvalResult | None = None
     eval_seconds: float | None = None
+
+    @property
+    def eval_loss(self) -> float | None:
+        return self.eval.loss if self.eval is not None else None
 
 
 def train_and_evaluate(r: int, cfg: Config, data: RunData, model: RoundModel,
@@ -404,13 +412,18 @@ def train_and_evaluate(r: int, cfg: Config, data: RunData, model: RoundModel,
     if ev is not None:
         t0 = time.perf_counter()
         with logger.progress(f"round {r}: eval", len(ev.encoded)) as advance:
-            trained.eval_loss, trained.eval_tokens, trained.eval_accuracy = \
-                evaluate_with_choices(engine.module, strategy, ev.encoded, ev.choices,
-                                      data.pad_id, cfg.eval.batch_size, advance)
-        trained.eval_seconds = time.perf_counter() - t0
-        logger.metrics(global_step, {"round": r, "eval/loss": trained.eval_loss,
-                                     **({"eval/accuracy": trained.eval_accuracy}
-                                        if ev.choices else {})})
+            result = evaluate_with_choices(engine.module, strategy, ev.encoded, ev.choices,
+                                           data.pad_id, cfg.eval.batch_size, advance,
+                                           [ex.source.split("/")[0] for ex in ev.examples])
+        trained.eval, trained.eval_seconds = result, time.perf_counter() - t0
+        metrics = {"round": r, "eval/loss": result.loss}
+        if result.accuracy is not None:
+            metrics["eval/accuracy"] = result.accuracy
+        for group, g in result.groups.items():
+            metrics[f"eval/{group}/loss"] = g["loss"]
+            if g["accuracy"] is not None:
+                metrics[f"eval/{group}/accuracy"] = g["accuracy"]
+        logger.metrics(global_step, metrics)
     return trained
 
 
@@ -454,8 +467,8 @@ def commit(r: int, cfg: Config, data: RunData, model: RoundModel, progress: Prog
                  f"train loss {trained.stats.loss:.4f}"
                  + (f", eval loss {trained.eval_loss:.4f}" if trained.eval_loss is not None
                     else "")
-                 + (f", eval accuracy {trained.eval_accuracy:.3f}"
-                    if trained.eval_accuracy is not None else "")
+                 + (f", eval accuracy {trained.eval.accuracy:.3f}"
+                    if trained.eval is not None and trained.eval.accuracy is not None else "")
                  + f", {seconds['total']:.1f}s")
         if stopped:
             log.info(f"stopping after round {r}: {stopped}")
@@ -511,13 +524,16 @@ def round_summary(r: int, cfg: Config, data: RunData, progress: Progress, choice
         "new_examples": len(choice.new), "total_examples": len(progress.selected),
         "new_by_source": by_source(choice.new), "total_by_source": by_source(progress.selected),
         "train_loss": t.loss, "train_loss_first_epoch": t.first_epoch_loss,
-        "eval_loss": trained.eval_loss, "eval_tokens": trained.eval_tokens,
-        "eval_accuracy": trained.eval_accuracy,
+        "eval_loss": trained.eval_loss,
+        "eval_tokens": trained.eval.tokens if trained.eval else None,
+        "eval_accuracy": trained.eval.accuracy if trained.eval else None,
         "eval_choice_rows": len(ev.choices) if ev else 0,
+        "eval_by_source": trained.eval.groups if trained.eval else {},
         "train_steps": t.steps, "global_step": trained.global_step,
         "tokens": {"train": t.tokens, **{name: s.tokens for name, s in stats.items()},
                    **{f"{name}_padded": s.padded_tokens for name, s in stats.items()}},
         **{f"{name}_tokens_per_s": round(s.tokens_per_s, 1) for name, s in stats.items()},
+        "cached_passes": [name for name, s in stats.items() if s.cached],
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
         "retrain_from_base": cfg.train.retrain_from_base, "world_size": world_size,
     }

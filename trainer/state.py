@@ -275,6 +275,20 @@ def plan_resume(out: Path, mode: str, overwrite: bool, cfg, budget: list[int], p
     return ResumePlan(out, start, state, discard=discard, warnings=warnings)
 
 
+# Selection settings that a random round 0 does not read (the budget keys and the round-0 rule
+# itself excepted): the selector and its options, filters, embeddings, scoring, influence.
+_NOT_RULE_KEYS = {"selection.init_size", "selection.per_round", "selection.rounds",
+                  "selection.first_round", "selection.batch_size"}
+
+
+def is_rule_key(key: str) -> bool:
+    """Whether ``key`` only changes how rounds after a random round 0 select."""
+    if key.startswith(("scoring.", "influence.")):
+        return True
+    return key.startswith("selection.") and key not in _NOT_RULE_KEYS \
+        and not key.startswith("selection.stop_when.")
+
+
 def check_compatible(out: Path, cfg, state: RoundState, budget: list[int], pool_hash: str,
                      world_size: int) -> list[str]:
     """Refuse (ValueError naming the keys) a resume whose settings would change results;
@@ -289,7 +303,13 @@ def check_compatible(out: Path, cfg, state: RoundState, budget: list[int], pool_
     # The budget keys are compared through the counts of the completed rounds below, so that a
     # longer per_round schedule (more rounds) is accepted.
     budget_keys = {"selection.init_size", "selection.per_round"}
-    unsafe = [k for k in changed if k in result and k not in budget_keys]
+    # A random round 0 does not depend on how later rounds select: a run whose only complete
+    # round is that warm-up may branch into another selector (LESS's workflow: one warm-up,
+    # then selection), the new rule settings taking effect from round 1.
+    branch = state.round_idx == 0 and saved.get("selection.first_round") == "random" \
+        and current.get("selection.first_round") == "random"
+    rule = [k for k in changed if branch and k in result and is_rule_key(k)]
+    unsafe = [k for k in changed if k in result and k not in budget_keys and k not in rule]
     if unsafe:
         diffs = ", ".join(f"{k} ({saved.get(k)!r} -> {current.get(k)!r})" for k in unsafe)
         raise ValueError(f"resume refused: settings that change results differ from the run in "
@@ -310,6 +330,11 @@ def check_compatible(out: Path, cfg, state: RoundState, budget: list[int], pool_
                              f"rank; resume with {state.world_size} rank(s)")
         warnings.append(f"world size changed ({state.world_size} -> {world_size}); results can "
                         f"differ in floating-point summation order")
+    if rule:
+        warnings.append("round 0 was a random sample, which no selection setting changes; "
+                        "rounds from 1 on select with the new settings: "
+                        + ", ".join(f"{k} ({saved.get(k)!r} -> {current.get(k)!r})"
+                                    for k in rule))
     safe = [k for k in changed if k not in result or k in budget_keys]
     if safe:
         warnings.append("resuming with changed settings that do not affect completed rounds: "

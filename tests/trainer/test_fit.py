@@ -110,13 +110,27 @@ def test_choice_nll_with_a_shared_prompt_cache_equals_whole_sequences(tiny_model
     # loss over every row: choice rows from their gold choice, the others forwarded as usual
     rows = [encode(ex, tokenizer, "chat", 1024) for ex in examples]
     extra = Encoded([5, 6, 7, 8, 9], [IGNORE_INDEX] * 3 + [8, 9], False)
-    loss, n, acc = evaluate_with_choices(model, _OneRank(), rows + [extra], cs,
-                                    tokenizer.pad_token_id, 3)
-    assert acc == right / 10
+    groups = [ex.source.split("_")[0] for ex in examples] + ["extra"]
+    result = evaluate_with_choices(model, _OneRank(), rows + [extra], cs,
+                                   tokenizer.pad_token_id, 3, groups=groups)
+    assert result.accuracy == right / 10
     everything = _reference_nll(model, rows + [extra])
-    tokens = sum(response_tokens(e) for e in rows + [extra])
-    assert (n, loss) == (tokens, pytest.approx(sum(everything) / tokens, rel=1e-5))
-    assert evaluate_with_choices(model, _OneRank(), rows, None, 0, 3)[2] is None
+    tokens = [response_tokens(e) for e in rows + [extra]]
+    assert (result.tokens, result.loss) == (sum(tokens),
+                                           pytest.approx(sum(everything) / sum(tokens), rel=1e-5))
+    # per group: the same sums over the group's rows only
+    for label in set(groups):
+        rows_of = [i for i, g in enumerate(groups) if g == label]
+        g = result.groups[label]
+        assert g["loss"] == pytest.approx(sum(everything[i] for i in rows_of)
+                                          / sum(tokens[i] for i in rows_of), rel=1e-5)
+        assert g["choice_rows"] == sum(i < len(rows) for i in rows_of)
+        if label != "extra":
+            hits = [min(range(n), key=lambda j: ref[s + j]) == gold for s, n, gold, row in
+                    zip(cs.starts, cs.counts, cs.gold, cs.rows) if row in rows_of]
+            assert g["accuracy"] == sum(hits) / len(hits)
+    assert result.groups["extra"]["accuracy"] is None
+    assert evaluate_with_choices(model, _OneRank(), rows, None, 0, 3).accuracy is None
 
 
 def test_choice_nll_without_a_shared_prompt_forwards_whole_sequences(tiny_model_dir):

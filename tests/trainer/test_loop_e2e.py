@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -463,3 +464,33 @@ def test_every_preset_runs(preset, tmp_path, tiny_model_dir):
                 "selector": spec["selection"]["selector"]}[
         spec["selection"].get("first_round", "random")]
     assert len(first) == 6 and {r["selector"] for r in first} == {expected}
+
+
+def test_base_model_features_are_reused_across_runs_and_keyed_by_their_settings(
+        tmp_path, tiny_model_dir):
+    """Round 0 chosen by the base model: a second run (another seed) on the same pool reads the
+    first run's features from the cache; a changed pass setting computes them again."""
+    env = {"EVOTUNE_CACHE": str(tmp_path / "cache")}
+    selection = {"selector": "weighted", "weighted": {"score": "length", "alpha": 1.0},
+                 "first_round": "selector", "rounds": 1, "init_size": 6}
+
+    def run(name, seed, **extra):
+        cfg = write_config(tmp_path / f"{name}.yaml", tiny_model_dir, tmp_path / name,
+                           seed=seed, selection={**selection, **extra})
+        proc = run_train(["--config", str(cfg)], env=env)
+        rdir = tmp_path / name / "rounds" / "round_000"
+        with np.load(rdir / "features.npz") as f:
+            arrays = {k: f[k] for k in f.files}
+        return proc, json.loads((rdir / "summary.json").read_text()), arrays
+
+    _, first, a = run("a", 1)
+    proc, second, b = run("b", 2)
+    assert first["cached_passes"] == [] and second["cached_passes"] == ["features"]
+    assert "reused from the cache" in proc.stderr
+    assert second["tokens"]["features"] == first["tokens"]["features"] > 0
+    for key in ("embeddings", "score_length"):
+        assert np.array_equal(a[key], b[key])
+    assert len(list((tmp_path / "cache" / "features").glob("*.npz"))) == 1
+    _, third, c = run("c", 1, pooling="last")
+    assert third["cached_passes"] == [] and not np.array_equal(a["embeddings"], c["embeddings"])
+    assert len(list((tmp_path / "cache" / "features").glob("*.npz"))) == 2

@@ -264,6 +264,33 @@ def test_a_run_saved_before_the_options_moved_resumes_and_still_refuses_a_real_c
         plan(out, cfg)
 
 
+def test_after_a_random_round_0_the_selection_rule_may_change(tmp_path):
+    """Branching from a shared warm-up: only round 0 (random) is complete, so the selector and
+    its settings may change; the budget, training and data settings may not; after round 1
+    (chosen by the old rule) nothing of the rule may change either."""
+    out = make_run(tmp_path / "run", make_cfg(), complete=(0,))
+    cfg = make_cfg()
+    cfg.selection.selector = "weighted"
+    cfg.selection.weighted.alpha = 0.2
+    cfg.scoring.knn_k.k = 3
+    p = plan(out, cfg)
+    assert p.start_round == 1
+    assert any("round 0 was a random sample" in w and "selection.weighted.alpha" in w
+               and "scoring.knn_k.k" in w for w in p.warnings)
+    cfg.train.lr = 1e-3
+    with pytest.raises(ValueError, match=r"train\.lr"):
+        plan(out, cfg)
+    cfg = make_cfg()
+    cfg.selection.first_round = "selector"
+    with pytest.raises(ValueError, match=r"selection\.first_round"):
+        plan(out, cfg)
+    later = make_run(tmp_path / "later", make_cfg(), complete=(0, 1))
+    cfg = make_cfg()
+    cfg.selection.selector = "weighted"
+    with pytest.raises(ValueError, match=r"selection\.selector"):
+        plan(later, cfg)
+
+
 def test_changed_pool_is_refused(tmp_path):
     out = make_run(tmp_path / "run", make_cfg())
     with pytest.raises(ValueError, match="pool"):

@@ -21,6 +21,7 @@ alone instead.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,11 +31,14 @@ from evotune.selectors.base import Features
 from evotune.selectors.pre_experienced import SCORE as INSTRUCTION_PERPLEXITY
 from evotune.trainer.data import IGNORE_INDEX, Encoded
 from evotune.trainer.logs import log
+from evotune.trainer.model import resolve_model_path
+from evotune.trainer.passes import cache
 from evotune.trainer.passes.forward import PassStats, compute_features, merge_stats
 from evotune.trainer.passes.ifd import IfdPass
 from evotune.trainer.passes.influence import InfluencePass
 from evotune.trainer.passes.reward import RewardPass
 from evotune.trainer.scores import SCORES, with_inputs
+from evotune.trainer.state import file_hash
 from evotune.trainer.targets import load_targets
 
 
@@ -122,16 +126,56 @@ class FeaturePass:
         """True when the pass reads Adam's moments (a resume must restore the optimizer)."""
         return self.influence is not None and self.cfg.influence.adam
 
+    def base_cache_key(self, model_path, pool_hash: str, template: str, dtype) -> str | None:
+        """The key of these features for the base model at ``model_path`` in the base-model
+        cache (``trainer/passes/cache.py``), or None when they cannot be cached (gradients)."""
+        if self.influence is not None:
+            return None
+        cfg, sc = self.cfg, self.cfg.scoring
+        spec = {
+            "model": cache.model_fingerprint(model_path), "dtype": str(dtype),
+            "attn": cfg.model.attn_implementation, "pool": pool_hash,
+            "data": [cfg.data.max_examples, cfg.data.on_error, template, cfg.data.max_length],
+            "pass": [cfg.selection.batch_size, cfg.selection.pooling, self.needs_embeddings,
+                     list(self.forward_scores)],
+            "ifd": None if self.ifd is None else [
+                self.ifd.variants, sc.template, sc.max_length,
+                cache.model_fingerprint(resolve_model_path(sc.model)) if sc.model else None],
+            "derived": {n: dataclasses.asdict(getattr(sc, n)) if hasattr(sc, n) else None
+                        for n in self.derived},
+            "targets": {n: [file_hash(Path(getattr(sc, n).targets)),
+                            dataclasses.asdict(getattr(sc, n))] for n in self.targets},
+            "reward": None if self.reward is None else [
+                cache.model_fingerprint(resolve_model_path(sc.reward.model)), sc.reward.label]}
+        return cache.features_key(spec)
+
     def run(self, model, logger, r: int | None = None, engine=None,
-            candidates: np.ndarray | None = None, labeled=(), run_dir: Path | None = None
-            ) -> PassResult:
+            candidates: np.ndarray | None = None, labeled=(), run_dir: Path | None = None,
+            cache_key: str | None = None) -> PassResult:
         """Compute the features with ``model`` (the current model; every rank calls this).
 
         ``r`` (the round, or None outside a run) labels the progress bars and seeds the
         gradient sample. The gradient pass also needs the DeepSpeed ``engine`` (its optimizer's
         moments), the round's ``candidates``, the ``labeled`` (selected) positions and the
-        ``run_dir`` (its partial results and earlier rounds' terms).
+        ``run_dir`` (its partial results and earlier rounds' terms). ``cache_key``: ``model``
+        is the base model and these features may come from, and go to, the base-model cache
+        under this key (:meth:`base_cache_key`).
         """
+        if cache_key is not None:
+            found = cache.load(cache_key) if self.strategy.is_rank0 else None
+            if self.strategy.broadcast_from_rank0(found is not None if self.strategy.is_rank0
+                                                  else None):
+                if found is not None:
+                    log.info(f"{_round(r)}features of the base model reused from the cache "
+                             f"({cache.cache_dir() / cache_key}.npz)")
+                features, stats = found if found is not None else (None, {})
+                return PassResult(features, stats, candidates)
+        result = self._run(model, logger, r, engine, candidates, labeled, run_dir)
+        if cache_key is not None and result.features is not None:
+            cache.save(cache_key, result.features, result.stats)
+        return result
+
+    def _run(self, model, logger, r, engine, candidates, labeled, run_dir) -> PassResult:
         stats: dict[str, PassStats] = {}
         features = Features() if self.strategy.is_rank0 else None
         hidden = self.needs_embeddings and not self.gradient_embeddings

@@ -53,10 +53,12 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str = "mean") -> torch.T
 
 @dataclass
 class PassStats:
-    """What one pass cost: its wall seconds and the tokens it forwarded (or backpropagated)."""
+    """What one pass cost: its wall seconds and the tokens it forwarded (or backpropagated);
+    ``cached``: the figures of an earlier run whose results were reused (nothing ran now)."""
     seconds: float
     tokens: int          # real (non-padding) tokens forwarded, all ranks
     padded_tokens: int   # tokens forwarded including padding, all ranks
+    cached: bool = False
 
     @property
     def tokens_per_s(self) -> float:
