@@ -397,7 +397,11 @@ def main() -> int:
                 t0 = time.time()
                 print(f"[{suite} {k + 1}/{len(jobs)}] {arm} budget={b} seed={seed} ...",
                       end=" ", flush=True)
-                run_arm(arm, suite, b, seed, files, root, len(pool), log_file)
+                try:
+                    run_arm(arm, suite, b, seed, files, root, len(pool), log_file)
+                except subprocess.CalledProcessError as e:      # one arm's failure: go on
+                    print(f"FAILED (exit {e.returncode}; see {log_file})", flush=True)
+                    continue
                 print(f"{time.time() - t0:.0f} s", flush=True)
             results.setdefault((arm, b), []).append(read_run(out, pool))
         report.append(f"\n### {suite} ({len(pool)}-row pool)\n")

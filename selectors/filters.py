@@ -67,10 +67,19 @@ class ScoreFiltered:
                                      rest, n - len(first.positions), rng)
             parts.append(more)
             met.append(np.zeros(len(more.positions)))
-        numbers = {k: np.concatenate([p.numbers[k] for p in parts if k in p.numbers])
-                   for k in first.numbers if all(k in p.numbers for p in parts)}
+        # Every number of either part, for every pick: a part without it gets NaN, except the
+        # unscored-fill flag (``scored``), which a part without it had no reason to set: 1.
+        keys = dict.fromkeys(k for p in parts for k in p.numbers)
+        numbers = {k: np.concatenate([p.numbers[k] if k in p.numbers else
+                                      np.full(len(p.positions), 1.0 if k == "scored" else np.nan)
+                                      for p in parts]) for k in keys}
         numbers["passed_filter"] = np.concatenate(met)
-        info = {**info, **first.info, "filled": n - len(first.positions)}
+        counts = {**first.info}
+        for p in parts[1:]:                 # the fill's counts add up with the first part's
+            for k, v in p.info.items():
+                is_count = isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+                counts[k] = counts.get(k, 0) + v if is_count else counts.get(k, v)
+        info = {**info, **counts, "filled": n - len(first.positions)}
         return Selection(np.concatenate([p.positions for p in parts]), numbers, info)
 
     def state_dict(self) -> dict:

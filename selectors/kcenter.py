@@ -8,7 +8,8 @@ its nearest centre; it then becomes a centre. Ties go to the lowest pool index.
 
 Departures from the reference implementation (OFA-Sys/DiverseEvol), on purpose:
 - The reference builds an N×N distance matrix. Here one vector holds each candidate's squared
-  distance to its nearest centre (O(N) memory) and is updated after each pick; the initial
+  distance to its nearest centre (O(N) memory, beside one float32 copy of the candidates'
+  embeddings) and is updated after each pick; the initial
   distances to the labeled set are computed in blocks of ``chunk_size`` candidates. Same picks.
 - The reference computes ``sqrt(|a|²+|b|²−2ab)`` without a clamp, so in fp32 a near-duplicate
   can get a negative squared distance → NaN → that point is picked first. Squared distances are

@@ -35,9 +35,20 @@ def test_score_pool_writes_scores_and_auroc_table(tmp_path, tiny_model_dir):
     assert summary["passes"]["ifd"]["tokens_per_s"] > 0
     table = json.loads((out / "separation.json").read_text())
     assert set(table) == {"truncated_output", "empty_like", "shuffled_output"}
-    for group in table.values():
-        assert group["n_clean"] >= 10 and group["n_bad"] >= 10
-        assert all(0 <= v["auroc"] <= 1 for v in group["scores"].values())
+    # Every group's AUROC of every score, against a count over all (clean, bad) pairs of the
+    # written scores: bad rows vs the clean rows they were made from (--pair orig_id).
+    by_id = {r["id"]: r for r in rows}
+    source = [json.loads(line) for line in NOISY.read_text().splitlines()]
+    for name, group in table.items():
+        bad = [r for r in source if r.get("corruption") == name and r["id"] in by_id]
+        clean = sorted({r["orig_id"] for r in bad} & set(by_id))
+        assert (group["n_clean"], group["n_bad"]) == (len(clean), len(bad))
+        assert len(clean) >= 10 and len(bad) >= 10
+        for score in ("length", "loss", "ifd_cherry"):
+            c = [by_id[i][score] for i in clean if by_id[i][score] is not None]
+            b = [by_id[r["id"]][score] for r in bad if by_id[r["id"]][score] is not None]
+            wins = sum((x > y) + 0.5 * (x == y) for x in c for y in b)
+            assert group["scores"][score]["auroc"] == pytest.approx(wins / (len(c) * len(b)))
     # Any model: truncated and one-word answers are shorter than their originals.
     assert table["truncated_output"]["scores"]["length"]["auroc"] >= 0.9
     assert table["empty_like"]["scores"]["length"]["auroc"] >= 0.9

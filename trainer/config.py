@@ -436,6 +436,9 @@ def _check_value(key: str, value: Any, tp) -> Any:
     elif tp is str:
         if isinstance(value, str):
             return value
+        if value is None:
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, got null (YAML reads ~, null "
+                              f"and an empty value as null: quote the text)")
     raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
 
 
@@ -559,7 +562,7 @@ def validate(cfg: Config) -> None:
     _check_selection(cfg)
     for key, value in (("influence.validation", cfg.influence.validation),):
         if value and not Path(value).is_file():
-            raise ConfigError(f"{key}: file not found: {value}")
+            raise ConfigError(_no_file(key, value))
     if cfg.influence.reference_model and not (Path(cfg.influence.reference_model) /
                                               "config.json").is_file() \
             and not cfg.influence.reference_model.startswith("embedded:"):
@@ -612,13 +615,19 @@ def validate(cfg: Config) -> None:
         _check_budget_entry("selection.per_round", per_round)
     if not cfg.data.pool:
         raise ConfigError("data.pool: missing; set it in the YAML or pass data.pool=PATH")
+    _check_output_dir(cfg)
     if cfg.scoring.model and not cfg.scoring.model.startswith("embedded:") \
             and not (Path(cfg.scoring.model) / "config.json").is_file():
         raise ConfigError(f"scoring.model: {cfg.scoring.model} is not a local model directory "
                           f"(no config.json); give a local dir, embedded:..., or leave it empty")
     for key, value in (("data.pool", cfg.data.pool), ("eval.path", cfg.eval.path)):
         if value and not Path(value).is_file():
-            raise ConfigError(f"{key}: file not found: {value}")
+            raise ConfigError(_no_file(key, value))
+
+
+def _no_file(key: str, value: str) -> str:
+    what = "is a directory; give a JSON or JSONL file" if Path(value).is_dir() else "not found"
+    return f"{key}: file {what}: {value}" if what == "not found" else f"{key}: {value} {what}"
 
 
 def _choices(f: dataclasses.Field) -> tuple | None:
@@ -634,6 +643,8 @@ def _check_sections(cfg: Config) -> None:
     for key, f, value, tp in settings(cfg):
         if tp is None:
             continue
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key}: must be a finite number, got {value}")
         if f.metadata.get("score") and value is None:      # an optional score left unset
             continue
         choices = _choices(f)
@@ -641,7 +652,7 @@ def _check_sections(cfg: Config) -> None:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}")
         exists = f.metadata.get("exists")
         if exists == "file" and value and not Path(value).is_file():
-            raise ConfigError(f"{key}: file not found: {value}")
+            raise ConfigError(_no_file(key, value))
         if exists == "model" and value and not value.startswith("embedded:") \
                 and not (Path(value) / "config.json").is_file():
             raise ConfigError(f"{key}: {value} is not a local model directory (no config.json); "
@@ -670,6 +681,25 @@ def _check_selection(cfg: Config) -> None:
             score_registry.SCORES[name].check(cfg)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+
+
+def _check_output_dir(cfg: Config) -> None:
+    """Refuse an output dir whose deletion (``--overwrite``) or clutter would hurt: empty, the
+    current or home directory, the filesystem root, or a folder that holds evotune's own code
+    or the pool."""
+    if not cfg.output.dir.strip():
+        raise ConfigError("output.dir: empty; give the folder the run should write to")
+    out = Path(cfg.output.dir).expanduser().resolve()
+    code = Path(__file__).resolve().parents[1]
+    forbidden = {Path.cwd().resolve(): "the current directory",
+                 Path.home().resolve(): "the home directory", Path(out.anchor): "the root"}
+    if out in forbidden:
+        raise ConfigError(f"output.dir: {cfg.output.dir} is {forbidden[out]}; give a folder of "
+                          f"its own (e.g. runs/NAME)")
+    for what, inside in (("evotune's code", code), ("the pool", Path(cfg.data.pool).resolve())):
+        if inside == out or out in inside.parents:
+            raise ConfigError(f"output.dir: {cfg.output.dir} holds {what} ({inside}); give a "
+                              f"folder of its own (e.g. runs/NAME)")
 
 
 def _check_budget_entry(key: str, value) -> None:

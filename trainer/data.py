@@ -74,9 +74,27 @@ class LoadReport:
 
 # ----------------------------------------------------------------------------- reading
 
+def read_text(path: Path) -> str:
+    """A data file's text: UTF-8, a leading byte-order mark dropped (files saved by Excel or
+    Notepad have one). Raises DataError naming the file and the line of a byte that is not
+    UTF-8, and one that says so when ``path`` is a directory."""
+    path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path} is a directory; give a JSON or JSONL file")
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        column = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column "
+                        f"{column}); save the file as UTF-8") from None
+
+
 def _rows(path: Path):
-    """Yield ``(where, parsed object or DataError)`` for each row of a JSON or JSONL file."""
-    text = path.read_text(encoding="utf-8")
+    """Yield ``(where, parsed object or DataError)`` for each row of a JSON or JSONL file
+    (UTF-8, with or without a byte-order mark; LF or CRLF line ends)."""
+    text = read_text(path)
     stripped = text.lstrip()
     if stripped.startswith("["):
         try:
@@ -145,6 +163,10 @@ def parse_row(row, where: str, default_source: str) -> Example:
             clean.append({"role": role, "content": content})
         if not any(m["role"] == "assistant" for m in clean):
             raise DataError(f"{where}: field 'messages' has no assistant turn to train on")
+        first = next((i for i, m in enumerate(clean) if m["role"] != "system"), None)
+        if clean[first]["role"] != "user":
+            raise DataError(f"{where}: messages[{first}] is an assistant turn; a conversation "
+                            f"starts with a user turn (after an optional system turn)")
         return Example(ex_id, source, clean, where, None, extra)
     instruction = _string(row, "instruction", where)
     inp = _string(row, "input", where, required=False)
@@ -169,6 +191,8 @@ def load_examples(path: str | Path, on_error: str = "error", limit: int = 0
     raises DataError.
     """
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path} is a directory; give a JSON or JSONL file")
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
     report = LoadReport()

@@ -203,7 +203,8 @@ def choice_nll(model, strategy, choices: ChoiceSet, advance=lambda n=1, **_: Non
     One row at a time: its prompt is forwarded once and its key/value cache repeated for the
     choices, which then forward only their own tokens (choices are short, prompts are not: on
     the bundled eval set this forwards about a third of the tokens of one sequence per choice).
-    Rows are dealt round-robin to ranks, padded to equal call counts (ZeRO-3)."""
+    Rows are dealt round-robin to ranks, padded to equal row counts, and every row makes two
+    forward calls (ZeRO-3's parameter gathers are collectives)."""
     from transformers import DynamicCache
     device = strategy.device
     nll = [0.0] * len(choices.encoded)
@@ -238,6 +239,9 @@ def choice_nll(model, strategy, choices: ChoiceSet, advance=lambda n=1, **_: Non
             logits = torch.cat([head.logits[:, -1:].expand(n, -1, -1), logits[:, :-1]], dim=1)
             targets = labels
         else:   # the choices do not share a tokenised prompt: whole sequences
+            # Two forward calls per row, as a row with a shared prompt makes: under ZeRO-3
+            # every call gathers parameters with the other ranks, whatever rows they hold.
+            model(input_ids=tails[:1, :1].to(device))
             logits = model(input_ids=tails.to(device), attention_mask=mask.to(device)).logits
             logits, targets = logits[:, :-1], labels[:, 1:]
         if is_padding:

@@ -102,13 +102,24 @@ class RunLogger(ProgressBars):
 
 
 def drop_metrics_after(out_dir: Path, round_idx: int) -> None:
-    """Remove metric lines of rounds after ``round_idx`` (left by a crashed, redone round)."""
+    """Remove metric lines of rounds after ``round_idx`` (left by a crashed, redone round), and
+    a line cut short by a crash or a power loss mid-write (with a warning)."""
     path = Path(out_dir) / "metrics.jsonl"
     if not path.is_file():
         return
     from evotune.trainer.state import write_text_atomic
-    kept = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("round", -1) <= round_idx]
+    kept = []
+    for n, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            log.warning(f"{path}:{n}: an unreadable metrics line (cut short by a crash?) is "
+                        f"dropped")
+            continue
+        if isinstance(row, dict) and row.get("round", -1) <= round_idx:
+            kept.append(line)
     write_text_atomic(path, "".join(line + "\n" for line in kept))
 
 

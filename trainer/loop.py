@@ -31,8 +31,9 @@ from evotune.trainer.model import (build_trainable_model, check_lora_targets, ex
 from evotune.trainer.passes.features import FeaturePass, PassResult
 from evotune.trainer.passes.forward import PassStats
 from evotune.trainer.state import (STATE_FILE, ResumePlan, RoundState, capture_rng, crash_point,
-                                   derive_seed, file_hash, last_completed_round, partial_dir,
-                                   plan_resume, read_state, restore_rng, round_dir,
+                                   derive_seed, file_hash, fsync_tree, last_completed_round,
+                                   partial_dir, plan_resume, read_state, restore_rng, round_dir,
+                                   write_bytes_atomic, write_checkpoint_manifest,
                                    write_json_atomic, write_text_atomic)
 
 
@@ -61,12 +62,12 @@ def run(cfg: Config, resume: str = "auto", overwrite: bool = False) -> list[dict
     out = plan.out_dir
     for w in plan.warnings:
         log.warning(w)
-    if strategy.is_rank0:
-        open_run_dir(out, plan, cfg, data)
-    strategy.barrier()
+    model = RoundModel(cfg, strategy, data.model_path)
+    if plan.wipe:          # the model must load before an old run is deleted for this one
+        model.fresh(0)
+    _agree(strategy, lambda: open_run_dir(out, plan, cfg, data))
     data.log_report(cfg)
     logger = RunLogger(out, strategy.is_rank0, cfg.output.tensorboard, console)
-    model = RoundModel(cfg, strategy, data.model_path)
     progress = resume_progress(plan, data, model, out, cfg)
 
     for r in range(plan.start_round, cfg.selection.rounds):
@@ -180,11 +181,40 @@ def prepare(cfg: Config, strategy: Strategy) -> RunData:
         strategy.grad_accum_steps()
         selector = build(cfg.selection)
         feature_pass = FeaturePass(cfg, selector, pool, pool_enc, tokenizer, template, strategy)
+        check_feasible(cfg, budget, len(pool), feature_pass)
         return RunData(model_path, tokenizer, template, pool, pool_enc, pool_report,
                        file_hash(Path(cfg.data.pool)), eval_set, budget, selector,
                        build_first_round(cfg.selection), feature_pass)
     except (ValueError, OSError, ImportError) as e:   # bad config, data, model dir or install
         raise StartError(str(e)) from e
+
+
+def check_feasible(cfg: Config, budget: list[int], pool_size: int,
+                   feature_pass: FeaturePass) -> None:
+    """Settings that pass the config checks but could only fail after a whole pass, checked
+    against the pool and the budget now. Raises StartError naming the key."""
+    s = cfg.selection
+    rounds = [r for r in range(s.rounds) if r > 0 or s.first_round == "selector"]
+    for r in rounds:
+        candidates = pool_size - sum(budget[:r])
+        if feature_pass.influence is not None:
+            c = cfg.influence.candidates
+            sampled = min(candidates, c if isinstance(c, int) else int(c * candidates))
+            if sampled < budget[r]:
+                raise StartError(f"influence.candidates: round {r} takes gradients of {sampled} "
+                                 f"of its {candidates} candidates but must pick {budget[r]}; "
+                                 f"raise influence.candidates")
+        if s.selector == "facility_location" and s.filter_max is None:
+            most = int(candidates * s.filter_top_fraction)
+            limit = s.facility_location.max_candidates
+            if most > limit:
+                raise StartError(f"selection.facility_location.max_candidates: round {r} has "
+                                 f"{most} candidates (a dense {most}x{most} kernel) over the "
+                                 f"limit {limit}; raise it, or filter first "
+                                 f"(selection.filter_score with filter_top_fraction)")
+    if "knn_k" in feature_pass.derived and cfg.scoring.knn_k.k >= pool_size:
+        raise StartError(f"scoring.knn_k.k: {cfg.scoring.knn_k.k} neighbours need more than "
+                         f"{cfg.scoring.knn_k.k} pool rows; the pool has {pool_size}")
 
 
 def _load(path, limit, tokenizer, template, cfg):
@@ -198,16 +228,25 @@ def _load(path, limit, tokenizer, template, cfg):
 
 
 def _agree(strategy: Strategy, fn):
-    """Run ``fn`` on rank 0 and give every rank its result, or raise its error on every rank."""
-    result = None
+    """Run ``fn`` on rank 0 and give every rank its result, or raise its error on every rank
+    (no rank is left waiting in a collective). Bad input (StartError, ValueError, OSError)
+    becomes a StartError everywhere; anything else is re-raised on rank 0 with its traceback
+    and reported on the other ranks."""
+    result, failure = None, None
     if strategy.is_rank0:
         try:
             result = ("ok", fn())
-        except (StartError, ValueError, FileNotFoundError) as e:
+        except (StartError, ValueError, OSError) as e:
             result = ("error", f"{type(e).__name__}: {e}")
+        except Exception as e:                         # a bug: stop everywhere, keep the trace
+            result, failure = ("crash", f"{type(e).__name__}: {e}"), e
     status, value = strategy.broadcast_from_rank0(result)
+    if failure is not None:
+        raise failure
     if status == "error":
         raise StartError(value)
+    if status == "crash":
+        raise RuntimeError(f"rank 0 failed: {value}")
     return value
 
 
@@ -271,6 +310,33 @@ class RoundModel:
         self.engine = None
 
 
+def verify_restored(model: RoundModel, strategy: Strategy, cfg: Config, out: Path,
+                    r: int) -> None:
+    """A LoRA checkpoint is loaded non-strictly (it leaves the frozen base weights out), so a
+    renamed parameter (a peft upgrade, another target list) would resume from a fresh adapter
+    without a word. The round's adapter export holds the same weights: they must match.
+    Collective; raises StartError on every rank when they do not."""
+    if not cfg.lora.enabled:
+        return                       # full fine-tuning checkpoints load strictly
+    state = strategy.trainable_state_dict(model.engine)
+
+    def check():
+        import torch
+        from peft import get_peft_model_state_dict
+        from safetensors.torch import load_file
+        export = round_dir(out, r) / "adapter" / "adapter_model.safetensors"
+        saved = load_file(str(export))
+        mine = get_peft_model_state_dict(model.engine.module, state_dict=state)
+        differ = sorted(k for k in set(saved) | set(mine) if k not in saved or k not in mine
+                        or not torch.equal(saved[k].float(), mine[k].float()))
+        if differ:
+            raise StartError(f"resume refused: the checkpoint of round {r} did not restore the "
+                             f"adapter ({len(differ)} tensors differ from {export}, e.g. "
+                             f"{differ[0]}; were parameters renamed, by a peft upgrade or "
+                             f"another lora.target_modules?)")
+    _agree(strategy, check)
+
+
 @dataclass
 class Progress:
     """What the run has done so far: the selected pool positions (in selection order) and the
@@ -295,6 +361,7 @@ def resume_progress(plan: ResumePlan, data: RunData, model: RoundModel, out: Pat
     # when continuing, as the starting point of training (optimizer state included).
     model.restore(out, state, optimizer=not cfg.train.retrain_from_base
                   or data.feature_pass.needs_optimizer_state)
+    verify_restored(model, model.strategy, cfg, out, state.round_idx)
     restore_rng(state.rng)
     progress = Progress([id_to_pos[i] for i in state.selected_ids], state.global_step)
     log.info(f"resumed after round {state.round_idx} (global step {progress.global_step}, "
@@ -348,10 +415,31 @@ def choose(r: int, cfg: Config, data: RunData, model: RoundModel, progress: Prog
     crash_point("embed", r)
     t0 = time.perf_counter()
     cands = result.candidates if result.candidates is not None else candidates
-    selection = _agree(strategy, lambda: selector.select(
-        result.features or Features(), labeled, cands, data.budget[r], rng))
+
+    def select() -> Selection:
+        features = result.features or Features()
+        require_values(features, selector.scores, cands, r)
+        return selector.select(features, labeled, cands, data.budget[r], rng)
+    selection = _agree(strategy, select)
     seconds["select"] = time.perf_counter() - t0
     return Choice(selector, selection, result.features, result.stats, seconds)
+
+
+def require_values(features: Features, scores: tuple[str, ...], candidates: np.ndarray,
+                   r: int) -> None:
+    """Refuse (ValueError) a round whose selector ranks or filters by a score that no candidate
+    has a value for: its picks would all be fill-ins, chosen by another rule than the one asked
+    for (e.g. the reference IFD templates on a pool of chat rows)."""
+    for name in scores:
+        values = features.scores.get(name)
+        if values is None or not len(candidates) or np.isfinite(values[candidates]).any():
+            continue
+        why = features.skipped.get(name, {})
+        example = next((why[int(i)] for i in candidates if int(i) in why), "no reason recorded")
+        raise ValueError(f"round {r}: score {name!r} has no value for any of the "
+                         f"{len(candidates)} candidates (e.g. {example}); the selector depends "
+                         f"on it, so the round would be all fill-ins: fix the data or the score "
+                         f"settings, or choose another score")
 
 
 def write_selection(rdir: Path, r: int, choice: Choice, data: RunData,
@@ -379,7 +467,8 @@ def write_selection(rdir: Path, r: int, choice: Choice, data: RunData,
         if features.embeddings is not None:
             arrays["embeddings"] = features.embeddings.astype(np.float16)
         arrays.update(features.extra)
-        np.savez(rdir / "features.npz", ids=np.array([ex.id for ex in data.pool]), **arrays)
+        ids = np.array([ex.id for ex in data.pool])
+        write_bytes_atomic(rdir / "features.npz", lambda tmp: np.savez(tmp, ids=ids, **arrays))
 
 
 # ----------------------------------------------------------------------------- train, evaluate
@@ -447,7 +536,11 @@ def commit(r: int, cfg: Config, data: RunData, model: RoundModel, progress: Prog
                        zero_stage=cfg.deepspeed.zero_stage, rng=capture_rng(), stopped=stopped)
     strategy.save_checkpoint(model.engine, rdir / "checkpoint", state.to_json())
     crash_point("checkpoint", r)
-    export_weights(model.engine, strategy, cfg, data.tokenizer, rdir)
+    export = export_weights(model.engine, strategy, cfg, data.tokenizer, rdir)
+    strategy.barrier()                         # every rank's shard is written
+    if strategy.is_rank0:
+        write_checkpoint_manifest(rdir / "checkpoint")
+        fsync_tree(export)
     seconds = {**choice.seconds, "train": trained.stats.seconds,
                **({"eval": trained.eval_seconds} if trained.eval_seconds is not None else {}),
                "save": time.perf_counter() - t0, "total": time.perf_counter() - t_round}

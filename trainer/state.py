@@ -2,6 +2,7 @@
 
 Layout of an output dir (this module owns it; the README's "Outputs and logs" says the same)::
 
+    OUT/.evotune-run                  written first: this dir is an evotune run
     OUT/config.yaml, config.json      resolved config of the run
     OUT/data_report.json              template, rows used, truncated, skipped, budget
     OUT/metrics.jsonl                 step metrics (train/loss, train/lr, ...; eval/* per round)
@@ -30,7 +31,6 @@ import base64
 import hashlib
 import json
 import os
-import pickle
 import random
 import signal
 import tempfile
@@ -42,6 +42,9 @@ import torch
 
 STATE_FILE = "state.json"
 STATE_VERSION = 1
+# Written first into every output dir: evotune deletes only dirs that carry it (or an older
+# run's config.json and rounds/), never a folder of the user's.
+RUN_MARKER = ".evotune-run"
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -81,9 +84,53 @@ def partial_dir(out: Path, round_idx: int) -> Path:
     return Path(out) / "partial" / f"round_{round_idx:03d}"
 
 
+def fsync_dir(path: Path) -> None:
+    """Flush a directory's entries (a rename or a new file in it) to disk, where the OS can."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:                       # not openable as a directory here (some platforms)
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(path: Path) -> None:
+    """fsync every file under ``path`` (or ``path`` itself) and every directory on the way, so
+    that what a commit point (``state.json``) vouches for survives a power loss."""
+    path = Path(path)
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    for f in files:
+        with open(f, "rb") as handle:
+            os.fsync(handle.fileno())
+    for d in {f.parent for f in files} | ({path} if path.is_dir() else set()):
+        fsync_dir(d)
+
+
+def write_bytes_atomic(path: Path, write) -> None:
+    """Atomic, durable write of a file whose content ``write(tmp_path)`` produces (e.g.
+    ``np.savez``): a temp file in the same folder, fsync, rename, fsync of the folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        write(tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write to a temp file in the same folder, fsync, then rename over ``path``: a reader
-    (or a resume after a crash) sees the old file or the new one, never a partial one."""
+    """Write to a temp file in the same folder, fsync, rename over ``path``, then fsync the
+    folder: a reader (or a resume after a crash or a power loss) sees the old file or the new
+    one, never a partial one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -97,6 +144,7 @@ def write_text_atomic(path: Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_dir(path.parent)
 
 
 def write_json_atomic(path: Path, obj) -> None:
@@ -161,25 +209,48 @@ def derive_seed(seed: int, *keys) -> int:
     return int.from_bytes(hashlib.sha256(blob).digest()[:8], "little") >> 1
 
 
+def _bytes(t: torch.Tensor) -> str:
+    return base64.b64encode(t.cpu().numpy().tobytes()).decode()
+
+
+def _tensor(text: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+
+
 def capture_rng() -> dict:
-    """Python, numpy and torch RNG states, base64-pickled so they fit in JSON."""
-    states = {"python": random.getstate(), "numpy": np.random.get_state(),
-              "torch": torch.get_rng_state()}
+    """Python, numpy and torch RNG states as plain JSON (numbers and base64 bytes: a state file
+    holds data only, nothing a reader would execute)."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    states = {"format": 2,
+              "python": {"version": version, "state": list(internal), "gauss": gauss},
+              "numpy": {"kind": kind, "keys": keys.tolist(), "pos": int(pos),
+                        "has_gauss": int(has_gauss), "cached": float(cached)},
+              "torch": _bytes(torch.get_rng_state())}
     if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return {k: base64.b64encode(pickle.dumps(v)).decode() for k, v in states.items()}
+        states["cuda"] = [_bytes(s) for s in torch.cuda.get_rng_state_all()]
+    return states
 
 
 def restore_rng(saved: dict) -> None:
-    states = {k: pickle.loads(base64.b64decode(v)) for k, v in saved.items()}
-    if "python" in states:
-        random.setstate(states["python"])
-    if "numpy" in states:
-        np.random.set_state(states["numpy"])
-    if "torch" in states:
-        torch.set_rng_state(states["torch"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+    """Restore what :func:`capture_rng` saved. A state file of an older evotune (pickled
+    states) is not read: unpickling a file could run code; evotune's own random choices are
+    seeded per round (:func:`derive_seed`) and do not need these states."""
+    if saved.get("format") != 2:
+        if saved:
+            import logging
+            logging.getLogger("evotune").warning(
+                "the run's RNG states were saved by an older evotune (pickled): not restored; "
+                "evotune's own random choices are seeded per round and unaffected")
+        return
+    p = saved["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
+    n = saved["numpy"]
+    np.random.set_state((n["kind"], np.array(n["keys"], dtype=np.uint32), n["pos"],
+                         n["has_gauss"], n["cached"]))
+    torch.set_rng_state(_tensor(saved["torch"]))
+    if "cuda" in saved and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([_tensor(s) for s in saved["cuda"]])
 
 
 def file_hash(path: Path) -> str:
@@ -204,13 +275,67 @@ class ResumePlan:
     warnings: list[str] = field(default_factory=list)
 
     def apply(self) -> None:
-        """Clear what the plan says (rank 0 only), then make sure the dir exists."""
+        """Clear what the plan says (rank 0 only), then make sure the dir exists and carries the
+        run marker. Refuses (ValueError) to wipe a dir that is not an evotune run."""
         import shutil
         if self.wipe and self.out_dir.exists():
+            if not is_run_dir(self.out_dir):
+                raise ValueError(f"refusing to delete {self.out_dir}: not an evotune run")
             shutil.rmtree(self.out_dir)
         for d in self.discard:
             shutil.rmtree(d, ignore_errors=True)
+        # Gradient batches of rounds that are complete (a kill between state.json and their
+        # removal) or about to be redone from scratch are of no use: only the next round's stay.
+        partial = self.out_dir / "partial"
+        if partial.is_dir():
+            for d in partial.iterdir():
+                if d.name != f"round_{self.start_round:03d}":
+                    shutil.rmtree(d, ignore_errors=True)
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self.out_dir / RUN_MARKER, {"evotune_run": True})
+
+
+CHECKPOINT_MANIFEST = "complete.json"
+
+
+def write_checkpoint_manifest(checkpoint: Path) -> None:
+    """After a checkpoint and its exports are written by every rank: fsync them all, then list
+    every file with its size (written atomically): what ``state.json`` will vouch for."""
+    checkpoint = Path(checkpoint)
+    fsync_tree(checkpoint)
+    files = {str(p.relative_to(checkpoint)): p.stat().st_size
+             for p in sorted(checkpoint.rglob("*")) if p.is_file()
+             and p.name != CHECKPOINT_MANIFEST}
+    write_json_atomic(checkpoint / CHECKPOINT_MANIFEST, {"files": files})
+
+
+def checkpoint_status(rdir: Path) -> str:
+    """``complete``, ``missing`` (no checkpoint: pruned by output.keep_checkpoints) or
+    ``torn`` (a listed file is absent or has another size: a power loss before it reached the
+    disk). A checkpoint from before manifests counts as complete when its folder exists."""
+    checkpoint = Path(rdir) / "checkpoint"
+    if not (checkpoint / "deepspeed").is_dir():
+        return "missing"
+    manifest = checkpoint / CHECKPOINT_MANIFEST
+    if not manifest.is_file():
+        return "complete"
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return "torn"
+    for name, size in files.items():
+        f = checkpoint / name
+        if not f.is_file() or f.stat().st_size != size:
+            return "torn"
+    return "complete"
+
+
+def is_run_dir(out: Path) -> bool:
+    """Whether ``out`` holds an evotune run (its marker, or an older run's config.json and
+    rounds/ folder): the only kind of non-empty dir evotune ever deletes."""
+    out = Path(out)
+    return (out / RUN_MARKER).is_file() or ((out / "config.json").is_file()
+                                            and (out / "rounds").is_dir())
 
 
 def run_dir_of(path: Path) -> tuple[Path, int | None]:
@@ -237,17 +362,22 @@ def plan_resume(out: Path, mode: str, overwrite: bool, cfg, budget: list[int], p
             raise ValueError(f"--resume {mode}: not an evotune run (no config.json in {out})")
     else:
         upto = None
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output dir {out} is a file; choose another output.dir")
     non_empty = out.is_dir() and any(out.iterdir())
+    if non_empty and not is_run_dir(out):
+        raise ValueError(f"output dir {out} is not empty and is not an evotune run (no "
+                         f"{RUN_MARKER}); evotune deletes only its own runs: choose another "
+                         f"output.dir, or empty or remove that folder yourself")
     if mode == "never" or not non_empty:
         if non_empty and not overwrite:
-            raise ValueError(f"output dir {out} is not empty; use --resume auto to continue the "
-                             f"run in it, or --overwrite to delete it and start over")
+            raise ValueError(f"output dir {out} holds an evotune run; use --resume auto to "
+                             f"continue it, or --overwrite to delete it and start over")
         return ResumePlan(out, 0, None, wipe=non_empty)
-    if not (out / "config.json").is_file():
-        if not overwrite:
-            raise ValueError(f"output dir {out} is not empty and holds no evotune run; choose "
-                             f"another output.dir or pass --overwrite to delete its contents")
-        return ResumePlan(out, 0, None, wipe=True)
+    if not (out / "config.json").is_file():      # a run that died before writing its config
+        return ResumePlan(out, 0, None, wipe=True,
+                          warnings=[f"{out}: a run that stopped before its first round; "
+                                    f"starting it over"])
 
     last = last_completed_round(out)
     if upto is not None:
@@ -257,16 +387,24 @@ def plan_resume(out: Path, mode: str, overwrite: bool, cfg, budget: list[int], p
             raise ValueError(f"--resume {mode}: rounds {upto + 1}..{last} are complete too; pass "
                              f"--overwrite to discard them and redo from round {upto + 1}")
         last = upto
+    torn = []
+    while last >= 0 and checkpoint_status(round_dir(out, last)) == "torn":
+        torn.append(last)                       # its state.json cannot be trusted: redo it
+        last -= 1
     discard = incomplete_round_dirs(out, last)
+    notes = [f"round {r} of {out} has an incomplete checkpoint (files missing or cut short, as "
+             f"after a power loss); it is redone" for r in torn]
     if last < 0:
         return ResumePlan(out, 0, None, discard=discard,
-                          warnings=[f"{out}: no complete round to resume; starting at round 0"]
-                          if discard else [])
+                          warnings=notes + ([f"{out}: no complete round to resume; starting at "
+                                             f"round 0"] if discard else []))
     state = read_state(out, last)
-    if not (round_dir(out, last) / "checkpoint" / "deepspeed").is_dir():
+    if checkpoint_status(round_dir(out, last)) == "missing":
         raise ValueError(f"round {last} of {out} has no DeepSpeed checkpoint (removed by "
-                         f"output.keep_checkpoints?); resume from a round that has one")
-    warnings = check_compatible(out, cfg, state, budget, pool_hash, world_size)
+                         f"output.keep_checkpoints?)"
+                         + (f", and round {torn[-1]}'s is incomplete" if torn else "")
+                         + "; resume from a round that has one, or start over")
+    warnings = notes + check_compatible(out, cfg, state, budget, pool_hash, world_size)
     start = last + 1
     if state.stopped and cfg.selection.stop_when.window > 0 and start < cfg.selection.rounds:
         warnings.append(f"the run stopped after round {last}: {state.stopped}; nothing to "
@@ -289,17 +427,49 @@ def is_rule_key(key: str) -> bool:
         and not key.startswith("selection.stop_when.")
 
 
+def _content(path: Path) -> str | list | None:
+    """What a file (sha256) or a model dir (config and the weight files' names and sizes) holds;
+    None when it does not exist."""
+    if path.is_file():
+        return file_hash(path)
+    if path.is_dir():
+        config = path / "config.json"
+        return [file_hash(config) if config.is_file() else None,
+                sorted([p.name, p.stat().st_size] for p in path.iterdir() if p.is_file()
+                       and p.suffix in (".safetensors", ".bin", ".gguf"))]
+    return None
+
+
+def same_input(a, b) -> bool:
+    """Whether two input paths (as configs hold them) name the same input: the same resolved
+    path, or the same content at two paths."""
+    if not isinstance(a, str) or not isinstance(b, str) or not a or not b \
+            or a.startswith("embedded:") or b.startswith("embedded:"):
+        return False
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    if pa.resolve() == pb.resolve():
+        return True
+    ca = _content(pa)
+    return ca is not None and ca == _content(pb)
+
+
 def check_compatible(out: Path, cfg, state: RoundState, budget: list[int], pool_hash: str,
                      world_size: int) -> list[str]:
     """Refuse (ValueError naming the keys) a resume whose settings would change results;
     return warnings for the safe changes."""
-    from evotune.trainer.config import Config, flatten, migrate, result_keys
+    from evotune.trainer.config import Config, flatten, migrate, result_keys, settings
     # A key the saved config lacks (added since the run started) had its default's behaviour.
     saved = {**Config().flat(),
              **migrate(dict(flatten(json.loads((Path(out) / "config.json").read_text()))))}
     current = cfg.flat()
     result = result_keys()
     changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    # An input that moved (a copied project, a mounted volume) is the same input when its
+    # content is: compared by resolved path, then by content, not by the string.
+    inputs = {key for key, f, _, tp in settings(cfg) if tp is not None
+              and f.metadata.get("path") == "input"}
+    moved = [k for k in changed if k in inputs and same_input(saved.get(k), current.get(k))]
+    changed = [k for k in changed if k not in moved]
     # The budget keys are compared through the counts of the completed rounds below, so that a
     # longer per_round schedule (more rounds) is accepted.
     budget_keys = {"selection.init_size", "selection.per_round"}
@@ -335,6 +505,9 @@ def check_compatible(out: Path, cfg, state: RoundState, budget: list[int], pool_
                         "rounds from 1 on select with the new settings: "
                         + ", ".join(f"{k} ({saved.get(k)!r} -> {current.get(k)!r})"
                                     for k in rule))
+    if moved:
+        warnings.append("inputs at another path with the same content: " + ", ".join(
+            f"{k} ({saved.get(k)} -> {current.get(k)})" for k in moved))
     safe = [k for k in changed if k not in result or k in budget_keys]
     if safe:
         warnings.append("resuming with changed settings that do not affect completed rounds: "

@@ -45,11 +45,9 @@ def _pair(row: dict, where: str, path: Path) -> tuple[dict, dict, str]:
             raise DataError(f"{where}: field {key!r} must be a non-empty string")
     if row["chosen"] == row["rejected"]:
         raise DataError(f"{where}: chosen and rejected are the same text; a pair must differ")
-    base = {"instruction": row["prompt"], "source": str(row.get("subtask") or path.stem)}
-    if "id" in row:
-        base["id"] = str(row["id"])
-    return ({**base, "output": row["chosen"]}, {**base, "output": row["rejected"]},
-            str(row.get("subtask") or path.stem))
+    subtask = _optional_str(row, "subtask", where) or path.stem
+    base = {"instruction": row["prompt"], "source": subtask}
+    return {**base, "output": row["chosen"]}, {**base, "output": row["rejected"]}, subtask
 
 
 def _optional_str(row: dict, key: str, where: str) -> str | None:
@@ -90,10 +88,13 @@ def load_targets(path: str | Path, tokenizer, template: str, max_length: int,
     skipped: list[tuple[str, str]] = []
     kind = None
     for where, row in _rows(path):
-        if isinstance(row, DataError):
-            raise row
-        if not isinstance(row, dict):
-            raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        if isinstance(row, DataError) or not isinstance(row, dict):
+            error = row if isinstance(row, DataError) else DataError(
+                f"{where}: expected a JSON object, got {type(row).__name__}")
+            if on_error != "skip":
+                raise error
+            skipped.append((where, str(error)))
+            continue
         row_kind = "preference" if ("chosen" in row or "rejected" in row) else \
             "prompt" if "prompt" in row else "sft"
         family = "pairs" if row_kind == "preference" else "examples"
@@ -107,24 +108,28 @@ def load_targets(path: str | Path, tokenizer, template: str, max_length: int,
                 items.append(_prompt(row, where, path, tokenizer, template, max_length))
             elif row_kind == "sft":
                 ex = parse_row(row, where, path.stem)
-                subtask = str(row.get("subtask") or ex.source)
+                subtask = _optional_str(row, "subtask", where) or ex.source
                 items.append(TargetItem(ex.id, subtask, "sft",
                                      encoded=encode(ex, tokenizer, template, max_length)))
             else:
                 chosen_row, rejected_row, subtask = _pair(row, where, path)
                 chosen = parse_row(chosen_row, where, path.stem)
                 rejected = parse_row(rejected_row, where, path.stem)
-                items.append(TargetItem(str(row.get("id", chosen.id)), subtask, "preference",
+                pair_id = _optional_str(row, "id", where) or _content_id(
+                    {"instruction": row["prompt"], "input": row["chosen"],
+                     "output": row["rejected"]})     # the whole pair, not one side of it
+                items.append(TargetItem(pair_id, subtask, "preference",
                                      chosen=encode(chosen, tokenizer, template, max_length),
                                      rejected=encode(rejected, tokenizer, template, max_length)))
         except DataError as e:
-            if on_error != "skip" or "no response token fits" not in str(e):
+            if on_error != "skip":
                 raise
             skipped.append((where, str(e)))
     if not items:
         raise DataError(f"{path}: no usable validation rows ({len(skipped)} skipped)")
-    ids = [it.id for it in items]
-    dup = next((i for i in ids if ids.count(i) > 1), None)
-    if dup is not None:
-        raise DataError(f"{path}: duplicate validation id {dup!r}")
+    seen: set[str] = set()
+    for it in items:
+        if it.id in seen:
+            raise DataError(f"{path}: duplicate validation id {it.id!r}")
+        seen.add(it.id)
     return items, skipped

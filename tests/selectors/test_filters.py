@@ -59,3 +59,21 @@ def test_scored_first_fills_a_shortfall_by_kcenter_over_the_unscored():
     plain = ScoredFirst(make("loss", alpha=1.0), "loss").select(
         f, np.array([0]), np.arange(1, 6), 2, np.random.default_rng(0))
     assert plain.positions.tolist() == [1, 2] and "scored" not in plain.numbers
+
+
+def test_a_filter_fill_keeps_the_unscored_fill_flags_and_counts():
+    """The filter's fill part may itself be partly k-center fill of unscored candidates: its
+    `scored: 0` flags and its `unscored_fill` count must reach the round's logs."""
+    emb = np.array([[0.0], [1.0], [2.0], [3.0], [10.0], [11.0], [20.0]], dtype=np.float32)
+    scores = np.array([0.0, 5.0, 4.0, np.nan, 1.0, np.nan, np.nan])
+    f = Features(embeddings=emb, scores={"s": scores})
+    inner = ScoredFirst(make("s", alpha=1.0), "s")
+    sel = ScoreFiltered(inner, "s", max_value=None, top_fraction=0.5).select(
+        f, np.array([0]), np.arange(1, 7), 5, np.random.default_rng(0))
+    # passed: the top half of the 3 scored candidates = 1 (score 5); the rest from the others:
+    # 2 and 4 by score, then the unscored 3, 5, 6 by k-center from {0, 1, 2, 4}: 6 (10 from
+    # 10.0), then 3 and 5 are both 1 away: the lower index, 3
+    assert sel.positions.tolist() == [1, 2, 4, 6, 3]
+    assert sel.numbers["passed_filter"].tolist() == [1, 0, 0, 0, 0]
+    assert sel.numbers["scored"].tolist() == [1, 1, 1, 0, 0]
+    assert sel.info["unscored_fill"] == 2 and sel.info["filled"] == 4

@@ -141,6 +141,14 @@ def test_wrong_type_names_the_key(pool, override, key):
     (["selection.selector=rds"], "scoring.rds.targets"),
     (["scoring.rds.targets=/no/such/file.jsonl"], "scoring.rds.targets"),
     (["selection.pooling=max"], "selection.pooling"),
+    (["train.max_grad_norm=.inf"], "train.max_grad_norm"),
+    (["train.weight_decay=.nan"], "train.weight_decay"),
+    (["influence.beta=.inf"], "influence.beta"),
+    (["selection.filter_max=.nan"], "selection.filter_max"),
+    (["train.lr=.nan"], "train.lr"),
+    (["output.dir="], "output.dir"),
+    (["output.dir=/"], "output.dir"),
+    (["output.dir=~"], "output.dir"),
     (["scoring.template=alpaca"], "scoring.template"),
     (["influence.checkpoints=all", "influence.candidates=0.5"], "influence.checkpoints"),
     (["influence.candidates=0"], "influence.candidates"),
@@ -413,3 +421,16 @@ def test_overrides_apply_on_top_of_a_base(pool):
 def test_unknown_key_suggests_the_closest_one():
     with pytest.raises(ConfigError, match="did you mean 'lr'"):
         load_config(None, ["train.lrr=1", "data.pool=x"])
+
+
+def test_output_dirs_that_hold_the_pool_the_code_or_the_user_are_refused(pool, monkeypatch,
+                                                                          tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    for value, why in ((".", "the current directory"), (str(pool.parent), "holds the pool"),
+                       (str(Path.home()), "the home directory"),
+                       (str(Path(__file__).resolve().parents[2]), "holds evotune's code")):
+        with pytest.raises(ConfigError, match=why):
+            load(pool, f"output.dir={value}")
+    assert load(pool, "output.dir=runs/x").output.dir == str(work / "runs" / "x")

@@ -453,3 +453,42 @@ def test_choice_rows_that_do_not_fit_or_are_malformed_are_skipped_when_asked(tmp
     assert len(cs) == 1
     assert [w.rsplit(":", 1)[1] for w, _ in cs.skipped] == ["2", "3"]
     assert "does not fit" in cs.skipped[0][1]
+
+
+# ----------------------------------------------------------------------------- bad input at the door
+
+def test_a_byte_order_mark_and_crlf_line_ends_lose_no_row(tmp_path):
+    rows = [{"instruction": "a", "output": "b"}, {"instruction": "c", "output": "d"}]
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(r) + "\r\n" for r in rows).encode())
+    examples, report = load_examples(path)
+    assert [e.alpaca["instruction"] for e in examples] == ["a", "c"] and not report.skipped
+    listed = tmp_path / "bom.json"
+    listed.write_bytes(b"\xef\xbb\xbf" + json.dumps(rows).encode())
+    assert len(load_examples(listed)[0]) == 2
+
+
+def test_bytes_that_are_not_utf8_name_the_file_and_line(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b'{"instruction": "a", "output": "b"}\n{"instruction": "caf\xe9", '
+                     b'"output": "d"}\n')
+    with pytest.raises(DataError, match=r"latin1\.jsonl:2: not UTF-8 text \(byte 0xe9 at "
+                                        r"column 21\)"):
+        load_examples(path)
+
+
+def test_a_directory_given_as_a_data_file_says_so(tmp_path):
+    with pytest.raises(DataError, match="is a directory"):
+        load_examples(tmp_path)
+    from evotune.trainer.config import ConfigError, load_config
+    with pytest.raises(ConfigError, match=f"data.pool: {tmp_path} is a directory"):
+        load_config(None, [f"data.pool={tmp_path}"])
+
+
+def test_a_conversation_that_starts_with_the_assistant_is_named_as_such(tmp_path):
+    path = write_jsonl(tmp_path / "c.jsonl", [{"messages": [
+        {"role": "system", "content": "s"}, {"role": "assistant", "content": "hi"},
+        {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}])
+    with pytest.raises(DataError, match=r"messages\[1\] is an assistant turn; a conversation "
+                                        r"starts with a user turn"):
+        load_examples(path)

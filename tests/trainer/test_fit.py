@@ -145,3 +145,24 @@ def test_choice_nll_without_a_shared_prompt_forwards_whole_sequences(tiny_model_
     cs = ChoiceSet([a, b], [0], [2], [1])
     assert choice_nll(model, _OneRank(), cs) == pytest.approx(_reference_nll(model, [a, b]),
                                                               rel=1e-4)
+
+
+def test_every_choice_row_makes_two_forward_calls_shared_prompt_or_not(tiny_model_dir):
+    """Under ZeRO-3 each forward call gathers parameters with every other rank: a row with a
+    shared prompt (cache + choices) and one without must make the same number of calls."""
+    from transformers import AutoModelForCausalLM
+
+    from evotune.trainer.data import ChoiceSet
+    from evotune.trainer.fit import choice_nll
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    calls = []
+    model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    shared = [Encoded([5, 6, 7, 8], [IGNORE_INDEX] * 2 + [7, 8], False),
+              Encoded([5, 6, 9], [IGNORE_INDEX] * 2 + [9], False)]
+    apart = [Encoded([5, 6, 7, 8, 9], [IGNORE_INDEX] * 3 + [8, 9], False),
+             Encoded([5, 6, 11, 12, 13, 14], [IGNORE_INDEX] * 3 + [12, 13, 14], False)]
+    for encoded in (shared, apart):
+        calls.clear()
+        nll = choice_nll(model, _OneRank(), ChoiceSet(encoded, [0], [2], [0]))
+        assert len(calls) == 2
+        assert nll == pytest.approx(_reference_nll(model, encoded), rel=1e-4)

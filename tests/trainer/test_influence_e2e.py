@@ -166,15 +166,53 @@ def test_gradient_embeddings_feed_the_diversity_rules(tmp_path, tiny_model_dir, 
 
 
 def test_explicit_reference_model_with_label_smoothing(tmp_path, tiny_model_dir):
-    out = tmp_path / "out"
-    cfg = write_config(tmp_path / "cfg.yaml", tiny_model_dir, out,
-                       selection={"selector": "influence", "rounds": 2},
-                       influence={"validation": str(FIXTURES / "preference_tiny.jsonl"),
-                                  "dim": 256, "reference_model": str(tiny_model_dir),
-                                  "label_smoothing": 0.3})
-    run_train(["--config", str(cfg)])
-    f = np.load(out / "rounds" / "round_001" / "features.npz")
-    assert np.isfinite(f["score_influence"][f["grad_sample"]]).all()
+    """With label smoothing the DPO gradient's sign depends on the reference model: each pair's
+    saved direction is the reference-free one times -sign(coef), coef = d loss / d margin =
+    beta (-(1-eps)(1-s) + eps s), s = sigmoid(beta (margin - reference margin)), the margins
+    computed here from the round-0 adapter and the reference model."""
+    import torch
+    from peft import PeftModel
+
+    from evotune.trainer.model import load_model, load_tokenizer
+    from evotune.trainer.targets import load_targets
+
+    pairs = FIXTURES / "preference_tiny.jsonl"
+    beta, eps = 20.0, 0.45
+    runs = {}
+    for name, extra in (("free", {}), ("ref", {"reference_model": str(tiny_model_dir),
+                                               "label_smoothing": eps})):
+        cfg = write_config(tmp_path / f"{name}.yaml", tiny_model_dir, tmp_path / name,
+                           selection={"selector": "influence", "rounds": 2},
+                           influence={"validation": str(pairs), "dim": 256, "beta": beta,
+                                      **extra})
+        run_train(["--config", str(cfg)])
+        runs[name] = np.load(tmp_path / name / "rounds" / "round_001" / "features.npz")
+    tok = load_tokenizer(tiny_model_dir)
+    val, _ = load_targets(pairs, tok, "chat", 160, "skip")
+
+    @torch.no_grad()
+    def margin(model, it):
+        def logp(e):
+            logits = model(input_ids=torch.tensor([e.input_ids])).logits[0, :-1].float()
+            target = torch.tensor(e.labels[1:])
+            keep = target != -100
+            return -torch.nn.functional.cross_entropy(logits[keep], target[keep],
+                                                      reduction="sum")
+        return float(logp(it.chosen) - logp(it.rejected))
+    base = load_model(tiny_model_dir, torch.float32).eval()
+    policy = PeftModel.from_pretrained(load_model(tiny_model_dir, torch.float32),
+                                       tmp_path / "ref" / "rounds" / "round_000" /
+                                       "adapter").eval()
+    signs = []
+    for it in val:
+        s = 1 / (1 + np.exp(-beta * (margin(policy, it) - margin(base, it))))
+        signs.append(-np.sign(beta * (-(1 - eps) * (1 - s) + eps * s)))
+    free = runs["free"]["grad_val"].astype(np.float64)
+    ref = runs["ref"]["grad_val"].astype(np.float64)
+    assert len(signs) == len(ref) and -1 in signs and 1 in signs    # the reference mattered
+    for k, sign in enumerate(signs):
+        assert ref[k] == pytest.approx(sign * free[k], abs=2e-3)
+    assert np.isfinite(runs["ref"]["score_influence"][runs["ref"]["grad_sample"]]).all()
     # label smoothing without a reference model is refused before anything is written
     bad = write_config(tmp_path / "bad.yaml", tiny_model_dir, tmp_path / "bad",
                        selection={"selector": "influence"},
@@ -210,3 +248,59 @@ def test_sum_over_checkpoints_weighted_by_learning_rate(tmp_path, tiny_model_dir
     expected = (terms[1][0] * terms[1][1] + terms[2][0] * terms[2][1])[cand].max(axis=1)
     assert final[cand] == pytest.approx(expected, rel=1e-5)
     assert not np.allclose(final[cand], terms[2][1][cand].max(axis=1) * terms[2][0])
+
+
+def _lora_grad(model, params, enc) -> np.ndarray:
+    """The gradient of one example's mean answer-token loss w.r.t. the LoRA weights, flattened
+    in name order: written out here, with autograd, one example at a time."""
+    import torch
+    import torch.nn.functional as F
+    model.zero_grad()
+    logits = model(input_ids=torch.tensor([enc.input_ids])).logits[0, :-1]
+    target = torch.tensor(enc.labels[1:])
+    keep = target != -100
+    F.cross_entropy(logits[keep], target[keep]).backward()
+    return np.concatenate([p.grad.detach().reshape(-1).numpy() for _, p in params])
+
+
+def test_gradient_features_match_autograd_one_example_at_a_time(tmp_path, tiny_model_dir):
+    """The saved, projected gradient features (plain gradients: influence.adam=false) against
+    gradients taken here from the round-0 adapter: a random projection keeps cosines, so the
+    cosine of any two saved rows is the cosine of the two true gradients, within JL noise."""
+    import torch
+    from peft import PeftModel
+
+    from evotune.trainer.data import encode_all, load_examples
+    from evotune.trainer.model import load_model, load_tokenizer
+    from evotune.trainer.targets import load_targets
+    from helpers import POOL_TINY
+
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path / "cfg.yaml", tiny_model_dir, out,
+                       selection={"selector": "influence", "rounds": 2},
+                       influence={"validation": str(EVAL_TINY), "adam": False, "dim": 8192})
+    run_train(["--config", str(cfg)])
+    f = np.load(out / "rounds" / "round_001" / "features.npz")
+    model = PeftModel.from_pretrained(load_model(tiny_model_dir, torch.float32),
+                                      out / "rounds" / "round_000" / "adapter").eval()
+    params = sorted((n, p) for n, p in model.named_parameters() if "lora_" in n)
+    for _, p in params:
+        p.requires_grad_(True)
+    tok = load_tokenizer(tiny_model_dir)
+    _, encoded, _ = encode_all(load_examples(POOL_TINY)[0], tok, "chat", 160, "skip")
+    val, _ = load_targets(EVAL_TINY, tok, "chat", 160, "skip")
+    train_rows = {int(i): k for k, i in enumerate(f["grad_positions"])}
+    picks = list(train_rows)[:4]
+    true = [_lora_grad(model, params, encoded[i]) for i in picks] + \
+        [_lora_grad(model, params, it.encoded) for it in val[:3]]
+    saved = [f["grad_train"][train_rows[i]] for i in picks] + list(f["grad_val"][:3])
+    saved = [s.astype(np.float64) for s in saved]
+
+    def cos(a, b):
+        return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+    pairs = [(a, b) for a in range(len(true)) for b in range(a + 1, len(true))]
+    errors = [abs(cos(true[a], true[b]) - cos(saved[a], saved[b])) for a, b in pairs]
+    assert max(errors) < 0.06, errors
+    # and they are not all alike: the check has something to compare
+    assert max(cos(true[a], true[b]) for a, b in pairs) - \
+        min(cos(true[a], true[b]) for a, b in pairs) > 0.2

@@ -14,9 +14,10 @@ import torch
 
 from evotune.trainer import state as state_mod
 from evotune.trainer.config import Config
-from evotune.trainer.state import (STATE_FILE, RoundState, capture_rng, derive_seed,
-                                   incomplete_round_dirs, last_completed_round, plan_resume,
-                                   read_state, restore_rng, round_dir, write_json_atomic)
+from evotune.trainer.state import (RUN_MARKER, STATE_FILE, ResumePlan, RoundState, capture_rng,
+                                   derive_seed, incomplete_round_dirs, last_completed_round,
+                                   plan_resume, read_state, restore_rng, round_dir,
+                                   write_checkpoint_manifest, write_json_atomic)
 
 BUDGET = [6, 5, 5, 5]
 POOL_HASH = "a" * 64
@@ -199,12 +200,31 @@ def test_never_on_a_non_empty_dir_needs_overwrite(tmp_path):
     assert (p.start_round, p.state, p.wipe) == (0, None, True)
 
 
-def test_auto_on_a_dir_that_is_not_a_run_is_refused(tmp_path):
+@pytest.mark.parametrize("mode, overwrite", [("auto", False), ("auto", True),
+                                             ("never", False), ("never", True)])
+def test_a_dir_that_is_not_a_run_is_never_deleted_and_the_message_offers_no_overwrite(
+        tmp_path, mode, overwrite):
     out = tmp_path / "run"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    with pytest.raises(ValueError, match="no evotune run"):
-        plan(out, make_cfg())
+    with pytest.raises(ValueError, match="not an evotune run") as e:
+        plan(out, make_cfg(), mode=mode, overwrite=overwrite)
+    assert "--overwrite" not in str(e.value)
+    # even a plan made by hand refuses to wipe it
+    p = ResumePlan(out, 0, None, wipe=True)
+    with pytest.raises(ValueError, match="refusing to delete"):
+        p.apply()
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_a_run_dir_carries_its_marker_and_one_that_died_before_its_config_starts_over(
+        tmp_path):
+    out = tmp_path / "run"
+    plan(out, make_cfg()).apply()
+    assert (out / RUN_MARKER).is_file()
+    (out / "metrics.jsonl").write_text("")
+    p = plan(out, make_cfg())
+    assert p.wipe and p.start_round == 0 and "starting it over" in p.warnings[0]
 
 
 def test_auto_resumes_after_the_last_complete_round(tmp_path):
@@ -387,7 +407,7 @@ def test_apply_wipe_empties_the_dir(tmp_path):
     (tmp_path / "sibling.txt").write_text("keep")
     p = plan(out, make_cfg(), mode="never", overwrite=True)
     p.apply()
-    assert out.is_dir() and list(out.iterdir()) == []
+    assert out.is_dir() and [f.name for f in out.iterdir()] == [RUN_MARKER]
     assert (tmp_path / "sibling.txt").read_text() == "keep"
 
 
@@ -403,3 +423,100 @@ def test_resume_needs_the_checkpoint_of_the_round_it_resumes_after(tmp_path):
     shutil.rmtree(round_dir(out, 1) / "checkpoint")
     with pytest.raises(ValueError, match="round 1 .* has no DeepSpeed checkpoint"):
         plan(out, cfg)
+
+
+# ----------------------------------------------------------------------------- power loss
+
+def test_a_checkpoint_cut_short_after_its_state_was_written_is_redone(tmp_path):
+    """state.json is the commit point, but after a power loss the files it vouches for may not
+    all be on disk: the manifest (sizes of every file) tells, and such a round is redone."""
+    cfg = make_cfg()
+    out = make_run(tmp_path / "run", cfg, complete=(0, 1))
+    for r in (0, 1):
+        ck = round_dir(out, r) / "checkpoint"
+        (ck / "deepspeed" / "mp_rank_00_model_states.pt").write_bytes(b"x" * 100)
+        write_checkpoint_manifest(ck)
+    assert plan(out, cfg).start_round == 2
+    (round_dir(out, 1) / "checkpoint" / "deepspeed" / "mp_rank_00_model_states.pt"
+     ).write_bytes(b"x" * 10)                                  # cut short
+    p = plan(out, cfg)
+    assert p.start_round == 1 and p.discard == [round_dir(out, 1)]
+    assert "incomplete checkpoint" in p.warnings[0]
+    # and with round 0's checkpoint pruned, there is nothing to fall back on
+    import shutil
+    shutil.rmtree(round_dir(out, 0) / "checkpoint")
+    with pytest.raises(ValueError, match="round 1's is incomplete"):
+        plan(out, cfg)
+
+
+def test_a_torn_metrics_line_is_dropped_with_a_warning(tmp_path, caplog):
+    from evotune.trainer.logs import drop_metrics_after
+    (tmp_path / "metrics.jsonl").write_text('{"round": 0, "x": 1}\n{"round": 1, "x": 2}\n'
+                                            '{"round": 1, "x"')
+    with caplog.at_level("WARNING", logger="evotune"):
+        drop_metrics_after(tmp_path, 1)
+    assert (tmp_path / "metrics.jsonl").read_text().splitlines() == [
+        '{"round": 0, "x": 1}', '{"round": 1, "x": 2}']
+    assert "metrics.jsonl:3" in caplog.text
+
+
+def test_stale_gradient_batches_are_removed_and_the_next_rounds_kept(tmp_path):
+    cfg = make_cfg()
+    out = make_run(tmp_path / "run", cfg, complete=(0, 1))
+    for r in (1, 2):
+        (out / "partial" / f"round_{r:03d}").mkdir(parents=True)
+    p = plan(out, cfg)
+    p.apply()
+    assert [d.name for d in (out / "partial").iterdir()] == ["round_002"]
+
+
+def test_a_pickled_rng_state_from_an_older_run_is_never_unpickled(tmp_path):
+    import base64
+    import pickle
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(tmp_path / "pwned"), "w"))
+    crafted = {"python": base64.b64encode(pickle.dumps(Payload())).decode()}
+    restore_rng(crafted)
+    assert not (tmp_path / "pwned").exists()
+    assert "format" in capture_rng() and "pickle" not in json.dumps(capture_rng())
+
+
+def test_inputs_that_moved_with_the_same_content_resume(tmp_path):
+    cfg = make_cfg()
+    pool = tmp_path / "a" / "pool.jsonl"
+    pool.parent.mkdir()
+    pool.write_text('{"instruction": "x", "output": "y"}\n')
+    cfg.data.pool = str(pool)
+    out = make_run(tmp_path / "run", cfg)
+    moved = tmp_path / "b" / "pool.jsonl"
+    moved.parent.mkdir()
+    moved.write_bytes(pool.read_bytes())
+    cfg2 = make_cfg()
+    cfg2.data.pool = str(moved)
+    p = plan(out, cfg2)
+    assert p.start_round == 2 and any("same content" in w for w in p.warnings)
+    moved.write_text('{"instruction": "x", "output": "z"}\n')
+    with pytest.raises(ValueError, match=r"data\.pool"):
+        plan(out, cfg2)
+
+
+def test_atomic_writes_fsync_the_file_and_its_folder(tmp_path, monkeypatch):
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")),
+                                                 real(fd)))
+    write_json_atomic(tmp_path / "state.json", {"a": 1})
+    assert str(tmp_path) in synced                      # the folder: the rename is durable
+    assert any(p.startswith(str(tmp_path / ".state.json.")) for p in synced)   # the data
+
+
+def test_a_torn_gradient_shard_is_recomputed_not_a_crash(tmp_path):
+    from evotune.trainer.passes.influence import _load_shards, _save_shard, _shard_path
+    rows = np.ones((2, 3), dtype=np.float32)
+    _save_shard(tmp_path, "train", 0, 0, "key", rows)
+    _save_shard(tmp_path, "train", 0, 1, "key", rows)
+    _shard_path(tmp_path, "train", 0, 1).write_bytes(b"PK\x03\x04 cut short")
+    done = _load_shards(tmp_path, "train", 0, "key", [[1, 2], [3, 4], [5, 6]])
+    assert len(done) == 1 and np.array_equal(done[0], rows)

@@ -107,3 +107,22 @@ def test_prompt_rows_and_pairs_do_not_mix(tmp_path, tokenizer):
     path = write(tmp_path, [{"prompt": "p"}, {"prompt": "p", "chosen": "a", "rejected": "b"}])
     with pytest.raises(DataError, match="not both"):
         load_targets(path, tokenizer, "chat", 512)
+
+
+def test_malformed_rows_are_skipped_and_counted_with_on_error_skip(tmp_path, tokenizer):
+    path = tmp_path / "v.jsonl"
+    path.write_text('{"instruction": "a", "output": "b"}\n{"instruction": \n[1, 2]\n'
+                    '{"instruction": "c", "output": "d", "subtask": {"x": 1}}\n')
+    with pytest.raises(DataError, match="malformed JSON"):
+        load_targets(path, tokenizer, "chat", 512)
+    items, skipped = load_targets(path, tokenizer, "chat", 512, on_error="skip")
+    assert len(items) == 1 and len(skipped) == 3
+    assert "expected a JSON object" in skipped[1][1] and "'subtask' must be" in skipped[2][1]
+
+
+def test_pairs_that_share_a_prompt_and_an_answer_are_distinct_items(tmp_path, tokenizer):
+    rows = [{"prompt": "p", "chosen": "good", "rejected": f"bad {k}"} for k in range(3)]
+    items, _ = load_targets(write(tmp_path, rows), tokenizer, "chat", 512)
+    assert len({it.id for it in items}) == 3
+    with pytest.raises(DataError, match="duplicate validation id"):
+        load_targets(write(tmp_path, rows + rows[:1], "dup.jsonl"), tokenizer, "chat", 512)

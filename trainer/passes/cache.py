@@ -24,7 +24,7 @@ import numpy as np
 
 from evotune.selectors.base import Features
 from evotune.trainer.passes.forward import PassStats
-from evotune.trainer.state import write_json_atomic
+from evotune.trainer.state import write_bytes_atomic, write_json_atomic
 
 VERSION = 1
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
@@ -82,9 +82,7 @@ def save(key: str, features: Features, stats: dict[str, PassStats]) -> None:
     arrays.update({f"extra:{k}": v for k, v in features.extra.items()})
     if features.embeddings is not None:
         arrays["embeddings"] = features.embeddings
-    tmp = base.with_name(f".{base.name}.{os.getpid()}.tmp.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, base.with_suffix(".npz"))
+    write_bytes_atomic(base.with_suffix(".npz"), lambda tmp: np.savez(tmp, **arrays))
     write_json_atomic(base.with_suffix(".json"), {
         "skipped": {name: {str(i): why for i, why in reasons.items()}
                     for name, reasons in features.skipped.items()},

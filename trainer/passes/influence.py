@@ -35,6 +35,7 @@ import hashlib
 import json
 import math
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +51,8 @@ from evotune.trainer.passes.gradients import (SparseProjector, adam_direction, a
                                               answer_logprob, answer_loss, dpo_coefficient,
                                               example_grad, influence, normalize_rows,
                                               trainable_params)
-from evotune.trainer.state import crash_point, derive_seed, partial_dir, round_dir
+from evotune.trainer.state import (crash_point, derive_seed, partial_dir, round_dir,
+                                   write_bytes_atomic)
 from evotune.trainer.targets import load_targets
 
 TERMS_FILE = "influence_terms.npz"
@@ -170,8 +172,9 @@ class InfluencePass:
         terms[sample] = per_subtask.numpy()
         weight, history = self._checkpoints(run_dir, r)
         if run_dir is not None:       # read back by later rounds (influence.checkpoints: all)
-            np.savez(round_dir(run_dir, r) / TERMS_FILE, influence_terms=terms,
-                     influence_weight=np.array(weight), influence_subtasks=np.array(names))
+            write_bytes_atomic(round_dir(run_dir, r) / TERMS_FILE, lambda tmp: np.savez(
+                tmp, influence_terms=terms, influence_weight=np.array(weight),
+                influence_subtasks=np.array(names)))
         # One checkpoint: the mean cosines as they are; a sum over checkpoints: LR-weighted.
         summed = weight * terms if icfg.checkpoints == "all" else terms
         for path in history:                 # earlier checkpoints (influence.checkpoints: all)
@@ -293,11 +296,8 @@ def _shard_path(shard_dir: Path, which: str, rank: int, k: int) -> Path:
 
 
 def _save_shard(shard_dir: Path, which: str, rank: int, k: int, key: str, rows) -> None:
-    shard_dir.mkdir(parents=True, exist_ok=True)
-    path = _shard_path(shard_dir, which, rank, k)
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, key=np.array(key), rows=rows)
-    tmp.replace(path)
+    write_bytes_atomic(_shard_path(shard_dir, which, rank, k),
+                       lambda tmp: np.savez(tmp, key=np.array(key), rows=rows))
 
 
 def _load_shards(shard_dir: Path, which: str, rank: int, key: str, batches) -> list[np.ndarray]:
@@ -312,8 +312,8 @@ def _load_shards(shard_dir: Path, which: str, rank: int, key: str, batches) -> l
                 if str(f["key"]) != key or f["rows"].shape[0] != len(batch):
                     break
                 done.append(f["rows"])
-        except (OSError, ValueError, KeyError):     # a torn file: recompute from here
-            break
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError):
+            break                                   # a torn file: recompute from here
     return done
 
 
