@@ -372,6 +372,8 @@ def main() -> int:
     p.add_argument("--suite", choices=["both", *SUITES], default="both")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--arms", nargs="+", choices=list(ARMS), help="default: the suite's arms")
+    p.add_argument("--budgets", type=float, nargs="+",
+                   help="shares of the pool; default: the suite's (targeted 0.05 0.1, quality 0.1)")
     p.add_argument("--plots", default=str(REPO / "benchmarks" / "plots"))
     p.add_argument("--report", action="store_true",
                    help="train nothing: tables and plots from the runs already finished")
@@ -387,7 +389,8 @@ def main() -> int:
         pool = {r["id"]: r for r in _read(pool_file)}
         arms = [a for a in SUITES[suite] if not args.arms or a in args.arms]
         results: dict = {}
-        jobs = [(arm, b, s) for s in args.seeds for b in BUDGETS[suite] for arm in arms]
+        budgets = [b for b in BUDGETS[suite] if not args.budgets or b in args.budgets]
+        jobs = [(arm, b, s) for s in args.seeds for b in budgets for arm in arms]
         for k, (arm, b, seed) in enumerate(jobs):
             out = root / suite / arm / f"b{b:g}" / f"seed{seed}"
             if not finished(out):
@@ -405,11 +408,11 @@ def main() -> int:
                 print(f"{time.time() - t0:.0f} s", flush=True)
             results.setdefault((arm, b), []).append(read_run(out, pool))
         report.append(f"\n### {suite} ({len(pool)}-row pool)\n")
-        report.append(tables(suite, results, BUDGETS[suite], arms))
+        report.append(tables(suite, results, budgets, arms))
         if suite == "targeted":
-            report.append(composition(results, BUDGETS[suite], arms))
+            report.append(composition(results, budgets, arms))
         if results:
-            report.append(f"\nplot: {plot(results, suite, BUDGETS[suite], arms, Path(args.plots))}")
+            report.append(f"\nplot: {plot(results, suite, budgets, arms, Path(args.plots))}")
         (root / f"{suite}_results.json").write_text(json.dumps(
             {f"{a}|{b}": v for (a, b), v in results.items()}, indent=1))
     report.append(f"\nthis invocation: {(time.time() - t_all) / 60:.1f} min")

@@ -133,8 +133,8 @@ def score(cfg, names: tuple[str, ...], out: Path, label: str | None, pair: str |
     result = feature_pass.run(model, logger, cache_key=key)
     features, stats = result.features, result.stats
     seconds = time.perf_counter() - t0
-    strategy.barrier()
     if not strategy.is_rank0:
+        strategy.close()
         return 0
     out.mkdir(parents=True, exist_ok=True)
     columns = {n: features.scores[n] for n in names}
@@ -166,6 +166,7 @@ def score(cfg, names: tuple[str, ...], out: Path, label: str | None, pair: str |
         write_json_atomic(out / "separation.json", table)
         console.print(separation_table(table, names))
     console.print(f"wrote {out / 'scores.jsonl'} ({len(pool)} rows) in {seconds:.1f}s")
+    strategy.close()                     # the other ranks wait here for rank 0's files
     return 0
 
 

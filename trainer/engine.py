@@ -252,6 +252,14 @@ class Strategy:
     def barrier(self) -> None:
         dist.barrier()
 
+    def close(self) -> None:
+        """Wait for every rank, then leave the process group. Without this, gloo's threads can
+        outlive interpreter shutdown ("terminate called without an active exception") and a
+        finished run exits with a non-zero code that a scheduler reads as a failure."""
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
     def all_reduce_sum(self, values: list[float]) -> list[float]:
         """Sum a few numbers over ranks (in float64)."""
         t = torch.tensor(values, dtype=torch.float64, device=self._comm_device())

@@ -89,7 +89,7 @@ def run(cfg: Config, resume: str = "auto", overwrite: bool = False) -> list[dict
         console.print(f"outputs: {out}  (inspect: python launch/inspect_rounds.py {out})")
     logger.close()
     model.release()
-    strategy.barrier()
+    strategy.close()
     return summaries
 
 

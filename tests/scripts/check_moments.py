@@ -55,6 +55,7 @@ def main() -> None:
         with open(out, "w") as f:
             json.dump({"max_rel_diff": worst, "params": len(params),
                        "world_size": strategy.world_size}, f)
+    strategy.close()
 
 
 if __name__ == "__main__":
