@@ -17,8 +17,8 @@ base on both halves, as DiverseEvol does):
                   IFD once with its reference template; keep IFD <= 1, take the top
     ifd_loop      Cherry-style IFD from the current model (training template), in loop: keep
                   IFD <= 1, take the top
-    evotune       evotune's default (configs/evotune.yaml): IFD <= 1, then a greedy mix of
-                  normalised IFD and k-center distance, in loop
+    evotune       evotune's default when recorded (now configs/ifd_mix.yaml): IFD <= 1, then
+                  a greedy mix of normalised IFD and k-center distance, in loop
     full          every pool example (one run per seed, no budget)
 
 Writes one run dir per (arm, budget, seed) under --out (a finished run is reused when the

@@ -9,23 +9,28 @@ self-instruct seed tasks, 150 FastChat chat rows, at most 256 tokens each) and t
 GSM8K (16 target rows from ``eval/gsm8k_test.jsonl``; held-out loss on the other 166 rows of it
 that fit in 320 tokens) and the T0 held-out tasks, which no pool row comes from (16 target rows
 from ``eval/t0_heldout.jsonl``, four per dataset; loss and multiple-choice accuracy on the other
-184). The eval set is one file; the
-runs report each task's figures apart (``eval_by_source``).
+184). The eval set is one file; the runs report each task's figures apart
+(``eval_by_source``).
 
 ``quality`` — ``pool_noisy.jsonl`` (300 clean rows and a corrupted copy of each: truncated,
-one-word or another row's answer): the share of clean rows among the picks at 10%, and the
-held-out loss after training on them (same eval set).
+one-word or another row's answer; the 71 pairs with a row over 256 tokens dropped, 458 rows
+left): the share of clean rows among the picks at 10%, and the held-out loss after training
+on them (same eval set).
 
 Arms (``ARMS``): one-shot arms choose the whole budget in round 0 (random, or with the base
 model: ``first_round: selector``); in-loop arms train on a seeded random half first (one
 warm-up run per budget and seed, shared: each arm resumes from its round 0) and choose the
 other half with that model. ``rds_ifd`` is RDS+ behind Cherry's IFD ≤ 1 filter (the filter
-removes answers that do not fit their prompt), a candidate for evotune's default;
-``evotune`` is whatever ``configs/evotune.yaml`` says when the script runs. The base model's features are computed once and reused across
-arms, budgets and seeds (``scoring.base_cache``). Costs per arm come from the runs' summaries.
+removes answers that do not fit their prompt);
+``evotune`` is whatever ``configs/evotune.yaml`` says when the script runs. The base model's
+features are computed once and reused across arms, budgets and seeds (``scoring.base_cache``).
+Costs per arm come from the runs' summaries.
 
-    python benchmarks/targeted.py                          # both suites, the recorded setup
-    python benchmarks/targeted.py --suite quality --seeds 1
+    python benchmarks/targeted.py                          # everything (about 6 h here)
+    python benchmarks/targeted.py --suite targeted --seeds 1 --budgets 0.05   # as recorded:
+    python benchmarks/targeted.py --suite targeted --budgets 0.05 --seeds 2 3 \
+        --arms random rds_once rds_loop evotune
+    python benchmarks/targeted.py --suite quality --seeds 1 --arms random evotune
     python benchmarks/targeted.py --report                 # tables and plots, no training
 
 Finished runs are reused when the script starts again; an interrupted one resumes.
@@ -79,7 +84,7 @@ ARMS = {
 }
 SUITES = {"targeted": ["random", "longest", "kcenter", "ifd_loop", "less", "rds_once",
                        "rds_loop", "rds_ifd", "evotune"],
-          "quality": ["random", "longest", "ifd_loop", "rds_once", "rds_ifd", "evotune"]}
+          "quality": ["random", "longest", "kcenter", "ifd_loop", "rds_once", "rds_ifd", "evotune"]}
 BUDGETS = {"targeted": [0.05, 0.1], "quality": [0.1]}
 
 
@@ -135,7 +140,11 @@ def build_data(where: Path) -> dict[str, Path]:
                for r in gsm + t0 if r["id"] in target_ids]
     evals = [{k: v for k, v in r.items() if k != "final_answer"} for r in gsm + t0
              if r["id"] not in target_ids]
+    # The noisy pool keeps a clean row and its corrupted copy together or drops both, so the
+    # clean share stays 50%: a few rows have prompts longer than the eval's max_length.
     noisy = _read(DATA / "pool_noisy.jsonl")
+    too_long = {r["orig_id"] for r in noisy if _tokens(r, tok) > POOL_TOKENS}
+    noisy = [r for r in noisy if r["orig_id"] not in too_long]
     where.mkdir(parents=True, exist_ok=True)
     for name, rows in (("pool", pool), ("targets", targets), ("eval", evals), ("noisy", noisy)):
         files[name].write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))

@@ -79,7 +79,7 @@ class WeightedSelector:
     name = "weighted"
     doc = ("greedy on `alpha · score + (1 − alpha) · distance`: the score min-max normalised "
            "over the candidates, the k-center distance divided by the largest remaining one; "
-           "`alpha` 0 is k-center, 1 is top-score. evotune's own rule")
+           "`alpha` 0 is k-center, 1 is top-score (`configs/ifd_mix.yaml`)")
     logs = "the score, `kcenter_distance`, `objective`"
     needs_embeddings = True
 
