@@ -21,16 +21,18 @@ Arms (``ARMS``): one-shot arms choose the whole budget in round 0 (random, or wi
 model: ``first_round: selector``); in-loop arms train on a seeded random half first (one
 warm-up run per budget and seed, shared: each arm resumes from its round 0) and choose the
 other half with that model. ``rds_ifd`` is RDS+ behind Cherry's IFD ≤ 1 filter (the filter
-removes answers that do not fit their prompt);
-``evotune`` is whatever ``configs/evotune.yaml`` says when the script runs. The base model's
-features are computed once and reused across arms, budgets and seeds (``scoring.base_cache``).
-Costs per arm come from the runs' summaries.
+removes answers that do not fit their prompt); ``ifd_mix`` is ``configs/ifd_mix.yaml``'s rule;
+``evotune`` is whatever ``configs/evotune.yaml`` says when the script runs (the runs recorded
+in RESULTS.md as ``ifd_mix`` ran as ``evotune``, when the default was that rule). The base
+model's features are computed once and reused across arms, budgets and seeds
+(``scoring.base_cache``). Costs per arm come from the runs' summaries.
 
-    python benchmarks/targeted.py                          # everything (about 6 h here)
-    python benchmarks/targeted.py --suite targeted --seeds 1 --budgets 0.05   # as recorded:
+    python benchmarks/targeted.py                          # everything (about 7 h here)
+    # as recorded in RESULTS.md (2026-12-01):
+    python benchmarks/targeted.py --suite targeted --seeds 1 --budgets 0.05
     python benchmarks/targeted.py --suite targeted --budgets 0.05 --seeds 2 3 \
-        --arms random rds_once rds_loop evotune
-    python benchmarks/targeted.py --suite quality --seeds 1 --arms random evotune
+        --arms random kcenter rds_once rds_loop ifd_mix
+    python benchmarks/targeted.py --suite quality --seeds 1 --arms random kcenter ifd_mix
     python benchmarks/targeted.py --report                 # tables and plots, no training
 
 Finished runs are reused when the script starts again; an interrupted one resumes.
@@ -80,11 +82,14 @@ ARMS = {
     "rds_once": (False, RDS, {"rds": {"targets": "TARGETS"}}, {}),
     "rds_loop": (True, RDS, {"rds": {"targets": "TARGETS"}}, {}),
     "rds_ifd": (True, {**RDS, **IFD_FILTER}, {"rds": {"targets": "TARGETS"}}, {}),
+    "ifd_mix": (True, {"selector": "weighted", "weighted": {"score": "ifd_cherry", "alpha": 0.5},
+                       **IFD_FILTER}, {}, {}),        # configs/ifd_mix.yaml, the old default
     "evotune": (True, "DEFAULT", "DEFAULT", {}),
 }
 SUITES = {"targeted": ["random", "longest", "kcenter", "ifd_loop", "less", "rds_once",
-                       "rds_loop", "rds_ifd", "evotune"],
-          "quality": ["random", "longest", "kcenter", "ifd_loop", "rds_once", "rds_ifd", "evotune"]}
+                       "rds_loop", "rds_ifd", "ifd_mix", "evotune"],
+          "quality": ["random", "longest", "kcenter", "ifd_loop", "rds_once", "rds_ifd",
+                      "ifd_mix", "evotune"]}
 BUDGETS = {"targeted": [0.05, 0.1], "quality": [0.1]}
 
 
