@@ -69,7 +69,8 @@ BASE = {
 }
 RDS = {"selector": "rds", "pooling": "weighted_mean"}
 IFD_FILTER = {"filter_score": "ifd_cherry", "filter_max": 1.0}
-# arm -> (in_loop, selection settings, scoring settings, influence settings)
+# arm -> (in_loop, selection settings, scoring settings, influence settings); "PRESET", name:
+# the selection and scoring settings of configs/<name>.yaml
 ARMS = {
     "random": (False, {}, {}, {}),
     "longest": (False, {"selector": "weighted", "weighted": {"score": "length", "alpha": 1.0}},
@@ -82,9 +83,8 @@ ARMS = {
     "rds_once": (False, RDS, {"rds": {"targets": "TARGETS"}}, {}),
     "rds_loop": (True, RDS, {"rds": {"targets": "TARGETS"}}, {}),
     "rds_ifd": (True, {**RDS, **IFD_FILTER}, {"rds": {"targets": "TARGETS"}}, {}),
-    "ifd_mix": (True, {"selector": "weighted", "weighted": {"score": "ifd_cherry", "alpha": 0.5},
-                       **IFD_FILTER}, {}, {}),        # configs/ifd_mix.yaml, the old default
-    "evotune": (True, "DEFAULT", "DEFAULT", {}),
+    "ifd_mix": (True, "PRESET", "ifd_mix", {}),       # the old default
+    "evotune": (True, "PRESET", "evotune", {}),
 }
 SUITES = {"targeted": ["random", "longest", "kcenter", "ifd_loop", "less", "rds_once",
                        "rds_loop", "rds_ifd", "ifd_mix", "evotune"],
@@ -145,8 +145,8 @@ def build_data(where: Path) -> dict[str, Path]:
                for r in gsm + t0 if r["id"] in target_ids]
     evals = [{k: v for k, v in r.items() if k != "final_answer"} for r in gsm + t0
              if r["id"] not in target_ids]
-    # The noisy pool keeps a clean row and its corrupted copy together or drops both, so the
-    # clean share stays 50%: a few rows have prompts longer than the eval's max_length.
+    # The noisy pool keeps a clean row and its corrupted copy together or drops both (71 pairs
+    # have a row over POOL_TOKENS), so the clean share stays 50%.
     noisy = _read(DATA / "pool_noisy.jsonl")
     too_long = {r["orig_id"] for r in noisy if _tokens(r, tok) > POOL_TOKENS}
     noisy = [r for r in noisy if r["orig_id"] not in too_long]
@@ -158,9 +158,9 @@ def build_data(where: Path) -> dict[str, Path]:
 
 # ----------------------------------------------------------------------------- runs
 
-def default_rule() -> tuple[dict, dict]:
-    """configs/evotune.yaml's selection rule and scoring settings (budget and rounds aside)."""
-    spec = yaml.safe_load((REPO / "configs" / "evotune.yaml").read_text())
+def preset_rule(name: str) -> tuple[dict, dict]:
+    """configs/<name>.yaml's selection rule and scoring settings (budget and rounds aside)."""
+    spec = yaml.safe_load((REPO / "configs" / f"{name}.yaml").read_text())
     selection = {k: v for k, v in spec.get("selection", {}).items()
                  if k not in ("rounds", "init_size", "per_round", "first_round")}
     return selection, spec.get("scoring", {})
@@ -177,8 +177,8 @@ def _fill(value, files: dict[str, Path]):
 def arm_config(arm: str, suite: str, budget: float, seed: int, files: dict[str, Path],
                out: Path, pool_rows: int) -> dict:
     in_loop, selection, scoring, influence = ARMS[arm]
-    if selection == "DEFAULT":
-        selection, scoring = default_rule()
+    if selection == "PRESET":                       # the rule of configs/<scoring>.yaml
+        selection, scoring = preset_rule(scoring)
         if "rds" in scoring:
             scoring = {**scoring, "rds": {**scoring["rds"], "targets": "TARGETS"}}
     n = max(2, round(budget * pool_rows))
