@@ -29,8 +29,6 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from sklearn.cluster import KMeans
-from sklearn.exceptions import ConvergenceWarning
 
 from evotune.selectors.base import (Features, Selection, option, options_dict,
                                     require_positive)
@@ -104,6 +102,9 @@ class PreExperiencedSelector:
         k = min(o.n_clusters, len(rows))
         if k < 1:
             raise ValueError("no candidate has a finite instruction embedding and perplexity")
+        # Imported here: scikit-learn's import adds ~1.5 s to every process of every run.
+        from sklearn.cluster import KMeans
+        from sklearn.exceptions import ConvergenceWarning
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
             raw = KMeans(n_clusters=k, n_init=o.n_init, random_state=0).fit_predict(
