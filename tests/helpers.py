@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import atexit
+import json
 import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,23 +48,101 @@ def run_train(args: list[str], ranks: int | None = None, timeout: int = 600,
               env: dict | None = None, check: bool = True, script: str = "train.py"
               ) -> subprocess.CompletedProcess:
     """Run launch/train.py (or another launch ``script``): under the real ``deepspeed``
-    launcher when ``ranks`` is given, else as a plain python process."""
+    launcher when ``ranks`` is given, else as one process, forked from the worker's fork server
+    (tests/forkserver.py: a fresh ``python launch/<script>`` without paying its imports again)."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    shm_before = shm_buffers()
     if ranks is None:
         cmd = [sys.executable, str(REPO / "launch" / script), *args]
+        proc = start_run(script, args, full_env).finish(timeout)
     else:
         deepspeed = Path(sys.executable).with_name("deepspeed")
         cmd = [str(deepspeed), "--num_gpus", str(ranks), "--master_port",
                str(_free_port()), str(REPO / "launch" / script), *args]
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    shm_before = shm_buffers()
-    proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True,
-                          timeout=timeout)
+        proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True,
+                              timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n"
                              f"{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
-    leaked = shm_buffers() - shm_before
-    assert not leaked, f"the run left DeepSpeed shared-memory buffers behind: {sorted(leaked)}"
+    assert_no_shm_leak(shm_before)
     return proc
+
+
+class ForkedRun:
+    """One run started by the fork server: its pid (also its process group), its exit code."""
+
+    def __init__(self, server: subprocess.Popen, pid: int, args: list[str], out_dir: Path):
+        self.server, self.pid, self.args, self._out = server, pid, args, out_dir
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        import select
+        if self.returncode is None and select.select([self.server.stdout], [], [], 0)[0]:
+            self.returncode = _read_reply(self.server)["rc"]
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        import select
+        if self.returncode is None:
+            if not select.select([self.server.stdout], [], [], timeout)[0]:
+                os.killpg(self.pid, signal.SIGKILL)
+                self.returncode = _read_reply(self.server)["rc"]
+                raise subprocess.TimeoutExpired(self.args, timeout)
+            self.returncode = _read_reply(self.server)["rc"]
+        return self.returncode
+
+    def output(self, name: str) -> str:
+        return (self._out / name).read_text(errors="replace")
+
+    def finish(self, timeout: float | None = None) -> subprocess.CompletedProcess:
+        rc = self.wait(timeout)
+        done = subprocess.CompletedProcess(self.args, rc, self.output("stdout"),
+                                           self.output("stderr"))
+        shutil.rmtree(self._out, ignore_errors=True)
+        return done
+
+
+_SERVER: subprocess.Popen | None = None
+
+
+def start_run(script: str, args: list[str], env: dict) -> ForkedRun:
+    """Start launch/``script`` ``args`` as a forked child of this worker's fork server."""
+    global _SERVER
+    if _SERVER is None or _SERVER.poll() is not None:
+        _SERVER = subprocess.Popen([sys.executable, str(Path(__file__).with_name("forkserver.py"))],
+                                   cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                   text=True, bufsize=1)
+        atexit.register(_SERVER.kill)
+        assert _read_reply(_SERVER) == {"ready": True}
+    out = Path(tempfile.mkdtemp(prefix="evotune-run-"))
+    request = {"script": script, "args": [str(a) for a in args], "env": env, "cwd": str(REPO),
+               "stdout": str(out / "stdout"), "stderr": str(out / "stderr")}
+    _SERVER.stdin.write(json.dumps(request) + "\n")
+    _SERVER.stdin.flush()
+    return ForkedRun(_SERVER, _read_reply(_SERVER)["pid"],
+                     [sys.executable, str(REPO / "launch" / script), *args], out)
+
+
+def _read_reply(server: subprocess.Popen) -> dict:
+    line = server.stdout.readline()
+    if not line:
+        raise RuntimeError(f"the fork server ended (exit code {server.wait()})")
+    return json.loads(line)
+
+
+def assert_no_shm_leak(before: set[str], grace: float = 10.0) -> None:
+    """Fail if DeepSpeed shared-memory buffers that were not in ``before`` stay in /dev/shm.
+
+    A run unlinks its buffers right after joining the group; a buffer seen here may belong to a
+    run of another test worker that is joining just now, so a new name must outlive ``grace``
+    seconds to count as leaked.
+    """
+    leaked = shm_buffers() - before
+    deadline = time.monotonic() + grace
+    while leaked and time.monotonic() < deadline:
+        time.sleep(0.5)
+        leaked &= shm_buffers()
+    assert not leaked, f"a run left DeepSpeed shared-memory buffers behind: {sorted(leaked)}"
 
 
 def shm_buffers() -> set[str]:

@@ -8,12 +8,10 @@ in benchmarks/RESULTS.md (benchmarks/noisy_auroc.py).
 """
 
 import json
-import subprocess
-import sys
 
 import pytest
 
-from helpers import FIXTURES, REPO
+from helpers import FIXTURES, run_train
 
 NOISY = FIXTURES / "pool_noisy_subset.jsonl"
 
@@ -21,12 +19,9 @@ NOISY = FIXTURES / "pool_noisy_subset.jsonl"
 @pytest.mark.e2e
 def test_score_pool_writes_scores_and_auroc_table(tmp_path, tiny_model_dir):
     out = tmp_path / "scores"
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "launch" / "score_pool.py"), f"model.path={tiny_model_dir}",
-         f"data.pool={NOISY}", "data.max_length=256", "data.on_error=skip",
-         "--label", "corruption", "--pair", "orig_id", "--out", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_train([f"model.path={tiny_model_dir}", f"data.pool={NOISY}", "data.max_length=256",
+                      "data.on_error=skip", "--label", "corruption", "--pair", "orig_id",
+                      "--out", str(out)], script="score_pool.py")
     assert "AUROC" in proc.stderr and "truncated_output" in proc.stderr   # the rich console
     rows = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
     summary = json.loads((out / "summary.json").read_text())
@@ -55,15 +50,13 @@ def test_score_pool_writes_scores_and_auroc_table(tmp_path, tiny_model_dir):
 
 
 def test_score_pool_rejects_unknown_scores_and_labels(tmp_path, tiny_model_dir):
-    base = [sys.executable, str(REPO / "launch" / "score_pool.py"), f"model.path={tiny_model_dir}",
-            f"data.pool={NOISY}", "--out", str(tmp_path / "o")]
-    proc = subprocess.run(base + ["--scores", "loss,bogus"], capture_output=True, text=True)
-    assert proc.returncode == 2 and "unknown bogus" in proc.stderr
-    proc = subprocess.run(base + ["--scores", "reward"], capture_output=True, text=True)
-    assert proc.returncode == 2 and "scoring.reward.model" in proc.stderr
-    proc = subprocess.run(base + ["--scores", "influence"], capture_output=True, text=True)
-    assert proc.returncode == 2 and "training run" in proc.stderr
-    proc = subprocess.run(base + ["--scores", "loss", "--label", "quality",
-                                  "data.on_error=skip"], capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 2 and "quality" in proc.stderr
+    base = [f"model.path={tiny_model_dir}", f"data.pool={NOISY}", "--out", str(tmp_path / "o")]
+
+    def refused(*args):
+        proc = run_train(base + list(args), script="score_pool.py", check=False, timeout=300)
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        return proc.stderr
+    assert "unknown bogus" in refused("--scores", "loss,bogus")
+    assert "scoring.reward.model" in refused("--scores", "reward")
+    assert "training run" in refused("--scores", "influence")
+    assert "quality" in refused("--scores", "loss", "--label", "quality", "data.on_error=skip")

@@ -16,7 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import REPO, run_train, shm_buffers, write_config
+from helpers import (REPO, assert_no_shm_leak, run_train, shm_buffers, start_run,
+                     write_config)
 
 pytestmark = pytest.mark.e2e
 
@@ -163,23 +164,23 @@ def test_resume_never_refuses_non_empty_dir(baseline):
     assert proc.returncode == 2 and "--overwrite" in proc.stderr
 
 
-def _kill_when(cmd: list[str], marker: Path, timeout: float = 300) -> None:
-    """Start ``cmd``; SIGKILL its whole process group as soon as ``marker`` exists."""
+def _kill_when(args: list[str], marker: Path, timeout: float = 300) -> None:
+    """Start launch/train.py ``args``; SIGKILL its whole process group as soon as ``marker``
+    exists."""
     shm_before = shm_buffers()
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = start_run("train.py", args, {**os.environ, "PYTHONUNBUFFERED": "1"})
     deadline = time.time() + timeout
     while not marker.exists():
         if proc.poll() is not None:
             raise AssertionError(f"run ended before {marker} appeared:\n"
-                                 f"{proc.stderr.read()[-3000:]}")
+                                 f"{proc.output('stderr')[-3000:]}")
         if time.time() > deadline:
             os.killpg(proc.pid, signal.SIGKILL)
             raise AssertionError(f"timed out waiting for {marker}")
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not shm_buffers() - shm_before, "a killed run left DeepSpeed shm buffers behind"
+    assert proc.wait() == -signal.SIGKILL
+    assert_no_shm_leak(shm_before)
 
 
 def _assert_resumed_like_baseline(out: Path, ref_out: Path, cfg: Path) -> None:
@@ -200,9 +201,7 @@ def test_sigkill_during_the_checkpoint_write_then_resume(baseline, tmp_path):
     the round is not complete and is redone, with the baseline's results."""
     ref_out, cfg, _ = baseline
     out = tmp_path / "out"
-    cmd = [sys.executable, str(REPO / "launch" / "train.py"), "--config", str(cfg),
-           f"output.dir={out}"]
-    _kill_when(cmd, out / "rounds" / "round_001" / "checkpoint")
+    _kill_when(["--config", str(cfg), f"output.dir={out}"], out / "rounds" / "round_001" / "checkpoint")
     assert not (out / "rounds" / "round_001" / "state.json").exists()
     _assert_resumed_like_baseline(out, ref_out, cfg)
 
@@ -210,9 +209,7 @@ def test_sigkill_during_the_checkpoint_write_then_resume(baseline, tmp_path):
 def test_sigkill_from_outside_during_training_then_resume(baseline, tmp_path):
     ref_out, cfg, _ = baseline
     out = tmp_path / "out"
-    cmd = [sys.executable, str(REPO / "launch" / "train.py"), "--config", str(cfg),
-           f"output.dir={out}"]
-    _kill_when(cmd, out / "rounds" / "round_001" / "selection.jsonl")
+    _kill_when(["--config", str(cfg), f"output.dir={out}"], out / "rounds" / "round_001" / "selection.jsonl")
     assert not (out / "rounds" / "round_001" / "state.json").exists()
     _assert_resumed_like_baseline(out, ref_out, cfg)
 

@@ -1,0 +1,114 @@
+"""A process that imports evotune's launch scripts once and forks a fresh child for every run.
+
+A plain ``python launch/train.py`` spends ~6 s of CPU importing torch, transformers, peft and
+DeepSpeed before it does anything; the end-to-end tests start well over a hundred such runs. This
+server pays the imports once per test worker, then for each request forks a child that is what
+a fresh ``python launch/<script> ARGS`` would be after its imports: its own session (so it can be
+SIGKILLed as a group), its own environment, working directory and output files, ``main(ARGS)``
+and its exit code. Nothing runs in the server itself, so every child starts from the same
+freshly imported state. Runs under the ``deepspeed`` launcher do not come here: they start
+real processes (tests/helpers.py).
+
+After each child ends, the server imports the modules that child imported while running
+(a run imports most of its libraries lazily: model classes, DeepSpeed's engine, sympy), so the
+next children start with them too.
+
+Protocol (JSON lines): the parent writes ``{"script", "args", "env", "cwd", "stdout",
+"stderr"}`` on stdin; the server answers ``{"pid": N}`` when the child starts and
+``{"rc": N}`` when it ends (negative: killed by that signal, as ``subprocess`` reports it).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import sys
+import traceback
+
+LAUNCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "launch")
+
+
+def _child(request: dict, scripts: dict) -> int:
+    os.setsid()
+    os.chdir(request["cwd"])
+    os.environ.clear()
+    os.environ.update(request["env"])
+    for fd, path in ((1, request["stdout"]), (2, request["stderr"])):
+        f = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(f, fd)
+        os.close(f)
+    sys.stdout.reconfigure(line_buffering=True)
+    sys.stderr.reconfigure(line_buffering=True)
+    name = request["script"]
+    sys.argv = [os.path.join(LAUNCH, name), *request["args"]]
+    try:
+        return int(scripts[name].main(request["args"]) or 0)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except BaseException:
+        traceback.print_exc()
+        return 1
+
+
+def serve() -> None:
+    # Replies go to the parent on the original stdout; whatever libraries print goes to stderr.
+    sys.stdout.flush()
+    reply = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    sys.path.insert(0, LAUNCH)
+    import importlib
+
+    import score_pool
+    import train
+    importlib.import_module("deepspeed")      # every run imports it (trainer/engine.py)
+    scripts = {"train.py": train, "score_pool.py": score_pool}
+    print(json.dumps({"ready": True}), file=reply, flush=True)
+    for line in sys.stdin:
+        request = json.loads(line)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        gc.freeze()     # the child's collector leaves the server's objects alone (no copy-on-write)
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                reply.close()
+                code = _child(request, scripts)
+            finally:
+                try:
+                    with open(request["stderr"] + ".modules", "w") as f:
+                        f.write("\n".join(name for name, m in list(sys.modules.items())
+                                          if getattr(getattr(m, "__spec__", None), "origin",
+                                                     None)))
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                finally:
+                    os._exit(code)
+        print(json.dumps({"pid": pid}), file=reply, flush=True)
+        _, status = os.waitpid(pid, 0)
+        print(json.dumps({"rc": os.waitstatus_to_exitcode(status)}), file=reply, flush=True)
+        _import_what_the_child_imported(request["stderr"] + ".modules")
+
+
+def _import_what_the_child_imported(listing: str) -> None:
+    """Import the modules a finished child imported while it ran (transformers' model classes,
+    DeepSpeed's engine, sympy through torch, ...), so later children find them imported.
+    Import only: no model, no process group, nothing of a run is made here. A module that
+    cannot be imported on its own is left to the children."""
+    try:
+        with open(listing) as f:
+            names = f.read().split()
+        os.unlink(listing)
+    except FileNotFoundError:           # killed before it wrote the list
+        return
+    import importlib
+    for name in sorted(set(names) - set(sys.modules), key=lambda n: n.count(".")):
+        try:
+            importlib.import_module(name)
+        except BaseException:
+            pass
+
+
+if __name__ == "__main__":
+    serve()
