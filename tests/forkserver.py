@@ -21,6 +21,7 @@ Protocol (JSON lines): the parent writes ``{"script", "args", "env", "cwd", "std
 from __future__ import annotations
 
 import gc
+import importlib
 import json
 import os
 import sys
@@ -57,8 +58,6 @@ def serve() -> None:
     reply = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
     sys.path.insert(0, LAUNCH)
-    import importlib
-
     import score_pool
     import train
     importlib.import_module("deepspeed")      # every run imports it (trainer/engine.py)
@@ -87,22 +86,28 @@ def serve() -> None:
                     os._exit(code)
         print(json.dumps({"pid": pid}), file=reply, flush=True)
         _, status = os.waitpid(pid, 0)
+        # Read the child's list before replying: the parent deletes the run's folder then.
+        names = _child_modules(request["stderr"] + ".modules")
         print(json.dumps({"rc": os.waitstatus_to_exitcode(status)}), file=reply, flush=True)
-        _import_what_the_child_imported(request["stderr"] + ".modules")
+        _import(names)
 
 
-def _import_what_the_child_imported(listing: str) -> None:
-    """Import the modules a finished child imported while it ran (transformers' model classes,
-    DeepSpeed's engine, sympy through torch, ...), so later children find them imported.
-    Import only: no model, no process group, nothing of a run is made here. A module that
-    cannot be imported on its own is left to the children."""
+def _child_modules(listing: str) -> list[str]:
+    """The modules a finished child had imported (none if it was killed before listing them)."""
     try:
         with open(listing) as f:
             names = f.read().split()
         os.unlink(listing)
-    except FileNotFoundError:           # killed before it wrote the list
-        return
-    import importlib
+        return names
+    except FileNotFoundError:
+        return []
+
+
+def _import(names: list[str]) -> None:
+    """Import what a child imported while it ran (transformers' model classes, DeepSpeed's
+    engine, sympy through torch, ...), so later children find it imported. Import only: no
+    model, no process group, nothing of a run is made here. A module that cannot be imported on
+    its own is left to the children."""
     for name in sorted(set(names) - set(sys.modules), key=lambda n: n.count(".")):
         try:
             importlib.import_module(name)

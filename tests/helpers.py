@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import select
 import shutil
 import signal
 import socket
@@ -76,19 +77,18 @@ class ForkedRun:
         self.returncode: int | None = None
 
     def poll(self) -> int | None:
-        import select
         if self.returncode is None and select.select([self.server.stdout], [], [], 0)[0]:
             self.returncode = _read_reply(self.server)["rc"]
         return self.returncode
 
     def wait(self, timeout: float | None = None) -> int:
-        import select
         if self.returncode is None:
-            if not select.select([self.server.stdout], [], [], timeout)[0]:
+            timed_out = not select.select([self.server.stdout], [], [], timeout)[0]
+            if timed_out:
                 os.killpg(self.pid, signal.SIGKILL)
-                self.returncode = _read_reply(self.server)["rc"]
-                raise subprocess.TimeoutExpired(self.args, timeout)
             self.returncode = _read_reply(self.server)["rc"]
+            if timed_out:
+                raise subprocess.TimeoutExpired(self.args, timeout)
         return self.returncode
 
     def output(self, name: str) -> str:

@@ -179,7 +179,7 @@ def _kill_when(args: list[str], marker: Path, timeout: float = 300) -> None:
             raise AssertionError(f"timed out waiting for {marker}")
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL
+    assert proc.finish().returncode == -signal.SIGKILL
     assert_no_shm_leak(shm_before)
 
 
