@@ -30,9 +30,11 @@ def score_filter(scores: np.ndarray, candidates: np.ndarray, max_value: float | 
     s = np.asarray(scores, dtype=np.float64)[candidates]
     finite = np.isfinite(s)
     under = finite & (s <= max_value) if max_value is not None else finite
-    kept = candidates[under]
+    kept, kept_scores = candidates[under], s[under]
     keep_n = int(len(kept) * top_fraction)
-    order = sorted(range(len(kept)), key=lambda i: (-s[under][i], kept[i]))[:keep_n]
+    # Highest score first, ties to the lowest position: one O(N log N) sort (lexsort's last
+    # key is the primary one).
+    order = np.lexsort((kept, -kept_scores))[:keep_n]
     passed = np.sort(kept[order])
     info = {"nan_scores": int((~finite).sum()), "above_max": int((finite & ~under).sum()),
             "below_top_fraction": int(len(kept) - keep_n), "passed": int(len(passed))}

@@ -26,6 +26,23 @@ def test_filter_then_diversify():
     assert info == {"nan_scores": 1, "above_max": 1, "below_top_fraction": 2, "passed": 2}
 
 
+def test_filter_matches_the_rule_written_out_on_ties_and_nans():
+    # Scores on a coarse grid (many ties), some NaN and inf, candidates unsorted with gaps.
+    rng = np.random.default_rng(3)
+    scores = rng.integers(0, 8, 400).astype(float) / 4
+    scores[rng.choice(400, 30, replace=False)] = np.nan
+    scores[rng.choice(400, 5, replace=False)] = np.inf
+    candidates = rng.permutation(rng.choice(400, 300, replace=False))
+    for max_value, fraction in [(1.0, 0.3), (None, 0.5), (0.25, 1.0), (None, 0.0)]:
+        passed, info = score_filter(scores, candidates, max_value, fraction)
+        ok = [int(c) for c in candidates if np.isfinite(scores[c])
+              and (max_value is None or scores[c] <= max_value)]
+        # highest score first, then lowest position: the first int(len × fraction)
+        ranked = sorted(ok, key=lambda c: (-scores[c], c))[:int(len(ok) * fraction)]
+        assert passed.tolist() == sorted(ranked)
+        assert info["passed"] == len(ranked) and info["below_top_fraction"] == len(ok) - len(ranked)
+
+
 def test_any_selector_over_filtered_candidates_fills_when_too_few_pass():
     emb = np.array([0, 1, 2, 3, 10, 11, 20], dtype=np.float32)[:, None]
     scores = np.array([0.0, 5.0, 5.0, 5.0, 1.0, 1.0, 1.0])
