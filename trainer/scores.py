@@ -122,18 +122,34 @@ def _ifd_superfilter(loss_cond: float, loss_direct: float) -> float:
 @dataclass
 class KnnOptions:
     k: int = option(6, "the neighbour whose distance is the score (Instruction Mining: 6)")
-    chunk_size: int = option(4096, "rows per distance block (a memory bound)", safe=True)
+    chunk_size: int = option(4096, "most rows per distance block", safe=True)
+    block_mb: int = option(256, "memory bound of one distance block (block rows × pool × 4 "
+                                "bytes × 3 temporaries): fewer rows per block on a large pool",
+                           safe=True)
 
     def check(self) -> None:
-        require_positive(self, "k", "chunk_size")
+        require_positive(self, "k", "chunk_size", "block_mb")
 
 
-def knn_distance(embeddings: np.ndarray, k: int, chunk_size: int = 4096) -> np.ndarray:
+# float32 values alive per block cell: the distances, the partition's copy, one temporary
+_KNN_TEMPORARIES = 3
+
+
+def knn_block_rows(n: int, chunk_size: int, block_mb: float) -> int:
+    """Rows per distance block over an ``n``-row pool: at most ``chunk_size``, and few enough
+    that a block with its temporaries stays within ``block_mb`` MiB (at least one row)."""
+    fits = int(block_mb * 2**20 // (max(n, 1) * 4 * _KNN_TEMPORARIES))
+    return max(1, min(chunk_size, fits))
+
+
+def knn_distance(embeddings: np.ndarray, k: int, chunk_size: int = 4096,
+                 block_mb: float = 256) -> np.ndarray:
     """(N,) distance of each row to its k-th nearest other row (Euclidean, float64 result).
 
-    Exact, in blocks of ``chunk_size`` rows against all rows: O(N² D) time, O(N · chunk)
-    memory. Rows with a non-finite value get NaN and are nobody's neighbour. Raises ValueError
-    when fewer than k other finite rows exist or k < 1.
+    Exact, in blocks of rows against all rows (:func:`knn_block_rows`): O(N² D) time; memory
+    one float32 copy of the embeddings plus a block of at most ``block_mb`` MiB. It needs the
+    whole (N, D) matrix in one process. Rows with a non-finite value get NaN and are nobody's
+    neighbour. Raises ValueError when fewer than k other finite rows exist or k < 1.
     """
     if k < 1:
         raise ValueError(f"knn_k must be >= 1, got {k}")
@@ -145,8 +161,9 @@ def knn_distance(embeddings: np.ndarray, k: int, chunk_size: int = 4096) -> np.n
         raise ValueError(f"knn_k={k} needs more than {k} embedded examples, got {len(idx)}")
     x = emb[idx]
     norms = np.einsum("ij,ij->i", x, x)
-    for s in range(0, len(x), chunk_size):
-        block = slice(s, s + chunk_size)
+    rows_per_block = knn_block_rows(len(x), chunk_size, block_mb)
+    for s in range(0, len(x), rows_per_block):
+        block = slice(s, s + rows_per_block)
         d = norms[block, None] + norms[None, :] - 2.0 * (x[block] @ x.T)
         np.maximum(d, 0.0, out=d)
         rows = np.arange(d.shape[0])
@@ -159,7 +176,8 @@ def knn_distance(embeddings: np.ndarray, k: int, chunk_size: int = 4096) -> np.n
 def _knn_k(features: Features, options: KnnOptions):
     if features.embeddings is None:
         raise ValueError("knn_k needs embeddings; the feature pass computed none")
-    values = knn_distance(features.embeddings, options.k, options.chunk_size)
+    values = knn_distance(features.embeddings, options.k, options.chunk_size,
+                          options.block_mb)
     return values, {int(i): "no embedding" for i in np.flatnonzero(np.isnan(values))}
 
 

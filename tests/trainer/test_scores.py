@@ -12,7 +12,7 @@ from evotune.selectors.base import Features
 from evotune.trainer import scores as registry
 from evotune.trainer.data import IGNORE_INDEX as X
 from evotune.trainer.scores import (SCORES, KnnOptions, LinearOptions, RdsOptions, Score,
-                                    knn_distance, names, parse_linear, rds_scores,
+                                    knn_block_rows, knn_distance, names, parse_linear, rds_scores,
                                     response_scores, with_inputs)
 
 FORWARD = names("forward")
@@ -87,6 +87,16 @@ def test_knn_distance_matches_brute_force_and_is_chunk_independent():
         expected = np.sort(full, axis=1)[:, k - 1]
         for chunk in (4, 57, 1000):
             assert knn_distance(emb, k, chunk) == pytest.approx(expected, rel=1e-4, abs=1e-4)
+        # a memory bound too small for one row still computes, one row per block
+        assert knn_distance(emb, k, 1000, block_mb=1e-6) == pytest.approx(expected, rel=1e-4,
+                                                                            abs=1e-4)
+
+
+def test_knn_block_rows_bound_the_block_memory():
+    # 1M rows, 256 MiB: 256·2^20 / (1e6·4·3) = 22 rows of 1M float32 with 3 temporaries
+    assert knn_block_rows(1_000_000, 4096, 256) == 22
+    assert knn_block_rows(1_000, 4096, 256) == 4096          # small pools: the chunk size
+    assert knn_block_rows(10**9, 4096, 1) == 1               # never zero rows
 
 
 def test_knn_distance_hand_made_line():
