@@ -162,6 +162,10 @@ class SelectionConfig:
             "with one entry per round after round 0")
     batch_size: int = _f(16, "examples per forward call per rank in the embedding pass",
                          safe=True)
+    candidates: Union[int, float] = _f(
+        1.0, "candidates measured each selecting round: a count, or a fraction of the "
+             "unselected pool; a seeded sample drawn anew each round (1.0 = all; bounds the "
+             "cost of reselection on a large pool)")
     stop_when: StopConfig = field(default_factory=StopConfig)
 
 
@@ -549,9 +553,11 @@ def validate(cfg: Config) -> None:
     positive("influence.projection_nnz", cfg.influence.projection_nnz)
     positive("influence.batch_size", cfg.influence.batch_size)
     positive("influence.beta", cfg.influence.beta)
+    for key, c in (("selection.candidates", cfg.selection.candidates),
+                   ("influence.candidates", cfg.influence.candidates)):
+        if (isinstance(c, int) and c < 1) or (isinstance(c, float) and not 0 < c <= 1):
+            raise ConfigError(f"{key}: a count >= 1 or a fraction in (0, 1], got {c}")
     c = cfg.influence.candidates
-    if (isinstance(c, int) and c < 1) or (isinstance(c, float) and not 0 < c <= 1):
-        raise ConfigError(f"influence.candidates: a count >= 1 or a fraction in (0, 1], got {c}")
     if cfg.influence.checkpoints == "all" and c != 1.0:
         raise ConfigError("influence.checkpoints: 'all' sums each candidate's score over every "
                           "earlier checkpoint, so every candidate must be scored every round: "

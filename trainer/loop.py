@@ -33,7 +33,7 @@ from evotune.trainer.passes.forward import PassStats
 from evotune.trainer.state import (STATE_FILE, ResumePlan, RoundState, capture_rng, crash_point,
                                    derive_seed, file_hash, fsync_tree, last_completed_round,
                                    partial_dir, plan_resume, read_state, restore_rng, round_dir,
-                                   write_bytes_atomic, write_checkpoint_manifest,
+                                   sample_size, seeded_sample, write_bytes_atomic, write_checkpoint_manifest,
                                    write_json_atomic, write_text_atomic)
 
 
@@ -196,10 +196,14 @@ def check_feasible(cfg: Config, budget: list[int], pool_size: int,
     s = cfg.selection
     rounds = [r for r in range(s.rounds) if r > 0 or s.first_round == "selector"]
     for r in rounds:
-        candidates = pool_size - sum(budget[:r])
+        unselected = pool_size - sum(budget[:r])
+        candidates = sample_size(s.candidates, unselected)
+        if candidates < budget[r]:
+            raise StartError(f"selection.candidates: round {r} measures {candidates} of its "
+                             f"{unselected} candidates but must pick {budget[r]}; raise "
+                             f"selection.candidates")
         if feature_pass.influence is not None:
-            c = cfg.influence.candidates
-            sampled = min(candidates, c if isinstance(c, int) else int(c * candidates))
+            sampled = sample_size(cfg.influence.candidates, candidates)
             if sampled < budget[r]:
                 raise StartError(f"influence.candidates: round {r} takes gradients of {sampled} "
                                  f"of its {candidates} candidates but must pick {budget[r]}; "
@@ -379,6 +383,7 @@ class Choice:
     features: Features | None = None
     stats: dict[str, PassStats] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    candidates: int | None = None     # how many the selector chose from (None: round 0 random)
 
     @property
     def new(self) -> list[int]:
@@ -404,13 +409,21 @@ def choose(r: int, cfg: Config, data: RunData, model: RoundModel, progress: Prog
         result.candidates = candidates
     elif data.feature_pass.needed:
         engine = model.current(r)
+        # selection.candidates: the round measures a seeded sample of the candidates (and the
+        # selected rows, which rules such as k-center measure against)
+        measured = None
+        if sample_size(cfg.selection.candidates, len(candidates)) < len(candidates):
+            candidates = seeded_sample(candidates, cfg.selection.candidates, cfg.seed,
+                                       "selection-sample", r)
+            measured = np.union1d(candidates, labeled)
         # Round 0 by the selector: a fresh adapter is a no-op, so these are the base model's
-        # features, the same for every run on this pool (seed and budget aside): cacheable.
+        # features, the same for every run on this pool (seed and budget aside): cacheable
+        # when the whole pool is measured.
         key = data.feature_pass.base_cache_key(data.model_path, data.pool_hash, data.template,
                                                strategy.dtype) \
-            if r == 0 and cfg.scoring.base_cache else None
+            if r == 0 and cfg.scoring.base_cache and measured is None else None
         result = data.feature_pass.run(engine.module, logger, r, engine, candidates, labeled, out,
-                                       key)
+                                       key, measured)
     seconds = {"features": time.perf_counter() - t0}
     crash_point("embed", r)
     t0 = time.perf_counter()
@@ -422,7 +435,7 @@ def choose(r: int, cfg: Config, data: RunData, model: RoundModel, progress: Prog
         return selector.select(features, labeled, cands, data.budget[r], rng)
     selection = _agree(strategy, select)
     seconds["select"] = time.perf_counter() - t0
-    return Choice(selector, selection, result.features, result.stats, seconds)
+    return Choice(selector, selection, result.features, result.stats, seconds, len(cands))
 
 
 def require_values(features: Features, scores: tuple[str, ...], candidates: np.ndarray,
@@ -613,7 +626,7 @@ def round_summary(r: int, cfg: Config, data: RunData, progress: Progress, choice
             else cfg.selection.pooling
     return {
         "round": r, "selector": choice.selector.name, "selection_info": choice.selection.info,
-        "score_skipped": skipped, "embeddings": embeddings,
+        "score_skipped": skipped, "embeddings": embeddings, "candidates": choice.candidates,
         "new_examples": len(choice.new), "total_examples": len(progress.selected),
         "new_by_source": by_source(choice.new), "total_by_source": by_source(progress.selected),
         "train_loss": t.loss, "train_loss_first_epoch": t.first_epoch_loss,

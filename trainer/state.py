@@ -209,6 +209,22 @@ def derive_seed(seed: int, *keys) -> int:
     return int.from_bytes(hashlib.sha256(blob).digest()[:8], "little") >> 1
 
 
+def sample_size(amount: int | float, n: int) -> int:
+    """How many of ``n`` candidates a sampling setting takes: a count (an int, at most n) or a
+    fraction (a float in (0, 1]: its floor, at least one)."""
+    k = amount if isinstance(amount, int) else max(1, int(amount * n))
+    return min(k, n)
+
+
+def seeded_sample(candidates: np.ndarray, amount: int | float, seed: int, what: str,
+                  r: int) -> np.ndarray:
+    """A sorted sample of ``candidates`` (``sample_size``), drawn by a generator seeded with
+    (seed, what, round): the same on every rank and after a resume."""
+    rng = np.random.default_rng(derive_seed(seed, what, r))
+    return np.sort(rng.choice(candidates, size=sample_size(amount, len(candidates)),
+                              replace=False))
+
+
 def _bytes(t: torch.Tensor) -> str:
     return base64.b64encode(t.cpu().numpy().tobytes()).decode()
 

@@ -475,6 +475,46 @@ def test_weighted_selector_reads_scores_computed_in_the_pass(baseline, tmp_path,
     assert selected_ids(out)[:6] == selected_ids(ref_out)[:6]
 
 
+def test_selection_candidates_measures_a_new_sample_each_round(baseline, tmp_path):
+    """selection.candidates=8: each selecting round embeds and scores 8 of the unselected rows
+    and the selected ones, nothing else; the picks come from the 8; the next round draws anew."""
+    _, cfg, _ = baseline
+    out = tmp_path / "out"
+    run_train(["--config", str(cfg), f"output.dir={out}", "selection.candidates=8",
+               "selection.selector=weighted", "selection.weighted.score=ifd_cherry",
+               "selection.weighted.alpha=0.5", "selection.rounds=3"])
+    selected, samples = [], []
+    for r in range(3):
+        rdir = out / "rounds" / f"round_{r:03d}"
+        picks = [json.loads(line)["pool_index"]
+                 for line in (rdir / "selection.jsonl").read_text().splitlines()]
+        summary = json.loads((rdir / "summary.json").read_text())
+        if r:
+            f = np.load(rdir / "features.npz")
+            measured = np.flatnonzero(np.isfinite(f["embeddings"].astype(np.float32)).all(axis=1))
+            ifd = f["score_ifd_cherry"]
+            sample = sorted(set(measured.tolist()) - set(selected))
+            assert len(sample) == 8 and set(selected) <= set(measured.tolist())
+            assert set(picks) <= set(sample) and summary["candidates"] == 8
+            # IFD ran over the measured rows only: none outside, the same rows inside
+            assert np.isfinite(ifd).sum() > 0 and set(np.flatnonzero(np.isfinite(ifd))) <= set(
+                measured.tolist())
+            skipped = summary["score_skipped"]["ifd_cherry"]
+            assert skipped["count"] >= len(ifd) - len(measured)
+            assert any("selection.candidates" in e for e in skipped["examples"])
+            samples.append(sample)
+        else:
+            assert summary["candidates"] is None          # round 0: random
+        selected += picks
+    assert samples[0] != samples[1]
+
+
+def test_selection_candidates_too_few_for_the_round_is_refused_at_start(tmp_path,
+                                                                        tiny_model_dir):
+    message = _refused(tmp_path, tiny_model_dir, selection={"candidates": 3})
+    assert "selection.candidates: round 1 measures 3 of its" in message and "must pick 5" in message
+
+
 PRESETS = sorted(p.name for p in (REPO / "configs").glob("*.yaml") if p.name != "quickstart.yaml")
 
 

@@ -61,6 +61,32 @@ def _round(r: int | None) -> str:
     return "" if r is None else f"round {r}: "
 
 
+NOT_SAMPLED = "not in this round's sample (selection.candidates)"
+
+
+def _spread(features: Features, measured: np.ndarray, n: int) -> Features:
+    """Features computed for the rows ``measured`` (in that order) as pool-sized arrays, NaN
+    at the other rows."""
+    out = Features()
+    if features.embeddings is not None:
+        out.embeddings = np.full((n, features.embeddings.shape[1]), np.nan, dtype=np.float32)
+        out.embeddings[measured] = features.embeddings
+    for name, values in features.scores.items():
+        out.scores[name] = np.full(n, np.nan)
+        out.scores[name][measured] = values
+    return out
+
+
+def _mark_unsampled(features: Features, measured: np.ndarray) -> None:
+    """The skip reason of every score's missing values outside the round's sample."""
+    for name, values in features.scores.items():
+        outside = np.ones(len(values), dtype=bool)
+        outside[measured] = False
+        why = features.skipped.setdefault(name, {})
+        why.update(dict.fromkeys(np.flatnonzero(outside & np.isnan(values)).tolist(),
+                                 NOT_SAMPLED))
+
+
 class FeaturePass:
     """Plans and runs the passes a selector needs (see the module docstring).
 
@@ -151,7 +177,7 @@ class FeaturePass:
 
     def run(self, model, logger, r: int | None = None, engine=None,
             candidates: np.ndarray | None = None, labeled=(), run_dir: Path | None = None,
-            cache_key: str | None = None) -> PassResult:
+            cache_key: str | None = None, measured: np.ndarray | None = None) -> PassResult:
         """Compute the features with ``model`` (the current model; every rank calls this).
 
         ``r`` (the round, or None outside a run) labels the progress bars and seeds the
@@ -159,7 +185,10 @@ class FeaturePass:
         moments), the round's ``candidates``, the ``labeled`` (selected) positions and the
         ``run_dir`` (its partial results and earlier rounds' terms). ``cache_key``: ``model``
         is the base model and these features may come from, and go to, the base-model cache
-        under this key (:meth:`base_cache_key`).
+        under this key (:meth:`base_cache_key`). ``measured``: the sorted pool positions to
+        compute (``selection.candidates``: the round's sample and the selected rows); the
+        others get NaN, skipped as not sampled. None: the whole pool. A reward model and an
+        IFD proxy score the whole pool anyway (once per run).
         """
         if cache_key is not None:
             found = cache.load(cache_key) if self.strategy.is_rank0 else None
@@ -170,21 +199,25 @@ class FeaturePass:
                              f"({cache.cache_dir() / cache_key}.npz)")
                 features, stats = found if found is not None else (None, {})
                 return PassResult(features, stats, candidates)
-        result = self._run(model, logger, r, engine, candidates, labeled, run_dir)
+        result = self._run(model, logger, r, engine, candidates, labeled, run_dir, measured)
         if cache_key is not None and result.features is not None:
             cache.save(cache_key, result.features, result.stats)
         return result
 
-    def _run(self, model, logger, r, engine, candidates, labeled, run_dir) -> PassResult:
+    def _run(self, model, logger, r, engine, candidates, labeled, run_dir, measured
+             ) -> PassResult:
         stats: dict[str, PassStats] = {}
         features = Features() if self.strategy.is_rank0 else None
         hidden = self.needs_embeddings and not self.gradient_embeddings
+        rows = np.arange(len(self.pool_enc)) if measured is None else measured
         if hidden or self.forward_scores:
-            with logger.progress(f"{_round(r)}embed pool", len(self.pool_enc)) as advance:
+            with logger.progress(f"{_round(r)}embed pool", len(rows)) as advance:
                 features, stats["features"] = compute_features(
-                    model, self.pool_enc, self.strategy, self.pad_id,
+                    model, [self.pool_enc[int(i)] for i in rows], self.strategy, self.pad_id,
                     self.cfg.selection.batch_size, hidden, self.forward_scores, advance,
                     self.cfg.selection.pooling)
+            if features is not None and measured is not None:
+                features = _spread(features, measured, len(self.pool_enc))
         for name, items in self.targets.items():
             with logger.progress(f"{_round(r)}embed {name} targets", len(items)) as advance:
                 found, s = compute_features(model, [it.encoded for it in items], self.strategy,
@@ -207,7 +240,7 @@ class FeaturePass:
                 features.scores["reward"] = self.reward.values.copy()
                 features.skipped["reward"] = {}
         if self.ifd is not None:
-            ifd_stats = self.ifd.run(model, features, logger, r)
+            ifd_stats = self.ifd.run(model, features, logger, r, measured)
             if ifd_stats is not None:
                 stats["ifd"] = ifd_stats
         if self.influence is not None:
@@ -226,6 +259,8 @@ class FeaturePass:
             for name in self.derived:
                 features.scores[name], features.skipped[name] = SCORES[name].compute(
                     features, getattr(self.cfg.scoring, name, None))
+            if measured is not None:
+                _mark_unsampled(features, measured)
             _warn_non_finite(features, r)
         return PassResult(features, stats, candidates)
 

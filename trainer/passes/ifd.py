@@ -269,17 +269,20 @@ class IfdPass:
     def _key(self, variant: str) -> str:
         return variant if self.mode == "reference" else "shared"
 
-    def run(self, model, features, logger, r: int | None) -> PassStats | None:
+    def run(self, model, features, logger, r: int | None, measured=None) -> PassStats | None:
         """Add every IFD score (values, skip reasons) to ``features`` on rank 0 (None on the
         other ranks; every rank calls this). ``features`` must already hold the forward pass's
-        ``loss`` when :attr:`needs_forward_loss`. Returns the statistics of the passes that
-        ran (None when a proxy's cached losses were enough)."""
+        ``loss`` when :attr:`needs_forward_loss`. ``measured``: the pool positions to score
+        (None: all; a proxy scores all, once). Returns the statistics of the passes that ran
+        (None when a proxy's cached losses were enough)."""
         stats = None
         losses = dict(self.cache)
+        if self.proxy is not None:
+            measured = None
         for v in self.variants:
             key = self._key(v)
             if key not in losses:
-                losses[key], s = self._losses(key, model, features, logger, r)
+                losses[key], s = self._losses(key, model, features, logger, r, measured)
                 stats = s if stats is None else merge_stats(stats, s)
                 if self.proxy is not None:
                     self.cache[key] = losses[key]
@@ -288,11 +291,13 @@ class IfdPass:
                                                                   *losses[key])
         return stats
 
-    def _losses(self, key, model, features, logger, r):
-        """Mean answer losses (conditioned, direct) of the scored rows of ``inputs[key]``, on
-        rank 0 (None elsewhere), and the statistics of the passes run for them."""
+    def _losses(self, key, model, features, logger, r, measured=None):
+        """The scored rows of ``inputs[key]`` (of ``measured``, when given) and their mean
+        answer losses (conditioned, direct), on rank 0 (None elsewhere), and the statistics of
+        the passes run for them."""
         inputs = self.inputs[key]
-        scored = [i for i, x in enumerate(inputs) if not isinstance(x, str)]
+        rows = range(len(inputs)) if measured is None else (int(i) for i in measured)
+        scored = [i for i in rows if not isinstance(inputs[i], str)]
         model = self.proxy or model
         need_cond = not self.needs_forward_loss
         bs, pad = self.cfg.selection.batch_size, self.pad_id
@@ -309,14 +314,13 @@ class IfdPass:
         if not self.strategy.is_rank0:
             return None, stats
         cond_loss = cond.scores["loss"] if need_cond else features.scores["loss"][scored]
-        return (cond_loss, direct.scores["loss"]), stats
+        return (scored, cond_loss, direct.scores["loss"]), stats
 
 
-def _values(variant, inputs, cond_loss, direct_loss):
-    """(N,) IFD values, NaN where skipped, and ``{position: reason}``."""
+def _values(variant, inputs, scored, cond_loss, direct_loss):
+    """(N,) IFD values, NaN where skipped or not ``scored``, and ``{position: reason}``."""
     values = np.full(len(inputs), np.nan)
     skipped = {i: x for i, x in enumerate(inputs) if isinstance(x, str)}
-    scored = [i for i, x in enumerate(inputs) if not isinstance(x, str)]
     for k, i in enumerate(scored):
         try:
             values[i] = ifd_value(float(cond_loss[k]), float(direct_loss[k]), variant)

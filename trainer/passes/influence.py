@@ -52,7 +52,7 @@ from evotune.trainer.passes.gradients import (SparseProjector, adam_direction, a
                                               example_grad, influence, normalize_rows,
                                               trainable_params)
 from evotune.trainer.state import (crash_point, derive_seed, partial_dir, round_dir,
-                                   write_bytes_atomic)
+                                   seeded_sample, write_bytes_atomic)
 from evotune.trainer.targets import load_targets
 
 TERMS_FILE = "influence_terms.npz"
@@ -121,10 +121,7 @@ class InfluencePass:
         st, icfg = self.strategy, self.icfg
         module = engine.module
         t0 = time.perf_counter()
-        rng = np.random.default_rng(derive_seed(self.cfg.seed, "influence-sample", r))
-        k = icfg.candidates if isinstance(icfg.candidates, int) else \
-            max(1, math.floor(icfg.candidates * len(candidates)))
-        sample = np.sort(rng.choice(candidates, size=min(k, len(candidates)), replace=False))
+        sample = seeded_sample(candidates, icfg.candidates, self.cfg.seed, "influence-sample", r)
         named = trainable_params(module)
         params = [p for _, p in named]
         if not params:
