@@ -195,6 +195,9 @@ class DeepSpeedConfig:
         100000, "ZeRO-3: parameters smaller than this many elements stay whole on every rank")
     backend: str = _f("auto", "torch.distributed backend (auto = nccl on CUDA, gloo on CPU)",
                       choices=("auto", "nccl", "gloo"), safe=True)
+    timeout_minutes: float = _f(30.0, "longest wait in a collective before the process group "
+                                      "gives up (a rank stuck or dead); DeepSpeed's own "
+                                      "default is 10", safe=True)
 
 
 @dataclass
@@ -548,6 +551,7 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key}: must be {'>= 0' if allow_zero else '> 0'}, got {value}")
 
     positive("selection.rounds", cfg.selection.rounds)
+    positive("deepspeed.timeout_minutes", cfg.deepspeed.timeout_minutes)
     positive("selection.batch_size", cfg.selection.batch_size)
     positive("influence.dim", cfg.influence.dim)
     positive("influence.projection_nnz", cfg.influence.projection_nnz)

@@ -8,6 +8,7 @@ the few collectives the loop needs. Everything else in evotune is written agains
 
 from __future__ import annotations
 
+import datetime
 import gc
 import os
 import pickle
@@ -61,7 +62,8 @@ class Strategy:
             backend = "gloo" if on_cpu else self.accelerator.communication_backend_name()
         if not on_cpu:
             self.accelerator.set_device(self.local_rank)
-        deepspeed.init_distributed(dist_backend=backend)
+        deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(
+            minutes=self.cfg.deepspeed.timeout_minutes))
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
         if on_cpu:

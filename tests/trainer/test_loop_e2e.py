@@ -699,3 +699,38 @@ sys.exit(train.main(sys.argv[1:]))
     assert proc.returncode != 0
     out = proc.stdout + proc.stderr
     assert "a bug in the selector" in out and "rank 0 failed" in out
+
+
+def test_no_rank_waits_in_a_collective_longer_than_the_timeout(tmp_path, tiny_model_dir):
+    """deepspeed.timeout_minutes reaches the process group: rank 0 selecting for longer than
+    the timeout (here a selector that sleeps 60 s against 0.1 min) makes the waiting rank fail
+    with a timeout, instead of the run hanging on or silently succeeding."""
+    from helpers import _free_port
+    script = tmp_path / "launch_slow.py"
+    script.write_text(f"""
+import sys, time
+sys.path.insert(0, {str(REPO / "tests")!r})
+sys.path.insert(0, {str(REPO / "launch")!r})
+from test_extending import SkipTop
+from evotune.selectors.registry import register
+
+class Slow(SkipTop):
+    name = "slow"
+    def select(self, *args):
+        time.sleep(60)
+        return super().select(*args)
+
+register(Slow)
+import train
+sys.exit(train.main(sys.argv[1:]))
+""")
+    cfg = write_config(tmp_path / "cfg.yaml", tiny_model_dir, tmp_path / "out",
+                       selection={"selector": "slow", "rounds": 2},
+                       deepspeed={"zero_stage": 0, "timeout_minutes": 0.1})
+    deepspeed = Path(sys.executable).with_name("deepspeed")
+    proc = subprocess.run([str(deepspeed), "--num_gpus", "2", "--master_port",
+                           str(_free_port()), str(script), "--config", str(cfg)], cwd=REPO,
+                          capture_output=True, text=True, timeout=400)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out[-3000:]
+    assert "timed out" in out.lower() or "timeout" in out.lower(), out[-3000:]
