@@ -73,11 +73,15 @@ class Features:
     ``skipped``, name → {position: reason}).
     ``extra``: other arrays of the pass, saved in the round's features.npz, never read by a
     selector (e.g. the projected gradient features of influence selection).
+    ``positions``: None for the whole pool; else this rank's shard (ascending pool positions):
+    row k of ``embeddings`` and value k of each score belong to ``positions[k]``. Only a
+    sharded rule's ``select_sharded`` gets a shard.
     """
     embeddings: np.ndarray | None = None
     scores: dict[str, np.ndarray] = field(default_factory=dict)
     skipped: dict[str, dict[int, str]] = field(default_factory=dict)
     extra: dict[str, np.ndarray] = field(default_factory=dict)   # saved with the round only
+    positions: np.ndarray | None = None
 
     def require(self, selector: str, score: str | None = None) -> None:
         """Raise ValueError naming what ``selector`` needs that the feature pass did not make."""

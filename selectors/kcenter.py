@@ -11,6 +11,7 @@ Departures from the reference implementation (OFA-Sys/DiverseEvol), on purpose:
   distance to its nearest centre (O(N) memory, beside one float32 copy of the candidates'
   embeddings) and is updated after each pick; the initial
   distances to the labeled set are computed in blocks of ``chunk_size`` candidates. Same picks.
+  Over several ranks (:func:`kcenter_sharded`), each rank holds only its own candidates.
 - The reference computes ``sqrt(|a|²+|b|²−2ab)`` without a clamp, so in fp32 a near-duplicate
   can get a negative squared distance → NaN → that point is picked first. Squared distances are
   clamped at 0 here, so a near-duplicate is never preferred.
@@ -30,32 +31,47 @@ from evotune.selectors.base import (Features, Selection, option, options_dict,
                                     require_positive)
 
 
+def row_norms(x: np.ndarray) -> np.ndarray:
+    """Squared L2 norm of each row (float32 rows: float32 norms), one row at a time in the same
+    way whatever the number of rows, so a row's norm is the same on any rank."""
+    return np.einsum("ij,ij->i", x, x)
+
+
 class NearestCentre:
     """Each candidate's squared Euclidean distance to its nearest centre (O(N) memory).
 
-    Starts with the labeled points as centres, measured in blocks of ``chunk_size`` candidates;
-    ``add(j)`` makes candidate ``j`` a centre. Squared distances are ``|a|²+|b|²−2ab`` in
-    float32, clamped at 0 (see the module docstring). +inf where there is no centre yet.
+    ``cand``: the candidates' float32 embeddings (kept, not copied); ``lab``: the initial
+    centres' (the labeled points), measured in blocks of ``chunk_size`` rows of each.
+    ``add(j)`` makes candidate ``j`` a centre, ``add_centre(row, norm)`` any point. Squared
+    distances are ``|a|²+|b|²−2ab`` in float32, clamped at 0 (see the module docstring). +inf
+    where there is no centre yet.
     """
 
-    def __init__(self, emb: np.ndarray, labeled: np.ndarray, candidates: np.ndarray,
-                 chunk_size: int):
-        self.cand = emb[candidates]
-        self.norms = np.einsum("ij,ij->i", self.cand, self.cand)
-        self.sq = np.full(len(candidates), np.inf, dtype=np.float32)
-        if not len(labeled):
+    def __init__(self, cand: np.ndarray, lab: np.ndarray, chunk_size: int):
+        self.cand = cand
+        self.norms = row_norms(cand)
+        self.sq = np.full(len(cand), np.inf, dtype=np.float32)
+        if not len(lab):
             return
-        lab = emb[labeled]
-        lab_norms = np.einsum("ij,ij->i", lab, lab)
-        for s in range(0, len(candidates), chunk_size):
+        lab_norms = row_norms(lab)
+        for s in range(0, len(cand), chunk_size):
             block = slice(s, s + chunk_size)
-            for t in range(0, len(labeled), chunk_size):
+            for t in range(0, len(lab), chunk_size):
                 c = slice(t, t + chunk_size)
-                d = self.norms[block, None] + lab_norms[None, c] - 2.0 * (self.cand[block] @ lab[c].T)
+                d = self.norms[block, None] + lab_norms[None, c] - 2.0 * (cand[block] @ lab[c].T)
                 np.minimum(self.sq[block], np.maximum(d, 0.0).min(axis=1), out=self.sq[block])
 
+    @classmethod
+    def of(cls, emb: np.ndarray, labeled: np.ndarray, candidates: np.ndarray,
+           chunk_size: int) -> "NearestCentre":
+        """Over pool embeddings ``emb``: the ``candidates`` rows, with ``labeled`` as centres."""
+        return cls(emb[candidates], emb[labeled], chunk_size)
+
     def add(self, j: int) -> None:
-        d = np.maximum(self.norms + self.norms[j] - 2.0 * (self.cand @ self.cand[j]), 0.0)
+        self.add_centre(self.cand[j], self.norms[j])
+
+    def add_centre(self, row: np.ndarray, norm) -> None:
+        d = np.maximum(self.norms + norm - 2.0 * (self.cand @ row), 0.0)
         np.minimum(self.sq, d, out=self.sq)
 
 
@@ -68,7 +84,8 @@ def check_inputs(emb: np.ndarray, labeled: np.ndarray, candidates: np.ndarray, n
     if np.intersect1d(labeled, candidates).size:
         raise ValueError("labeled and candidate positions overlap")
     used = np.concatenate([labeled, candidates])
-    bad = ~np.isfinite(emb[used]).all(axis=1)
+    bad = np.concatenate([~np.isfinite(emb[used[s: s + 65536]]).all(axis=1)   # no N x D copy
+                          for s in range(0, len(used), 65536)] or [np.zeros(0, dtype=bool)])
     if bad.any():
         raise ValueError(f"{int(bad.sum())} embeddings are NaN or inf (first at pool position "
                          f"{int(used[bad][0])}); selection needs finite embeddings")
@@ -98,15 +115,84 @@ def kcenter_greedy(embeddings: np.ndarray, labeled: np.ndarray, candidates: np.n
     # Sorting makes "first maximum" in argmax mean "lowest pool index" on ties.
     candidates = np.sort(np.asarray(candidates, dtype=np.int64))
     check_inputs(emb, labeled, candidates, n)
-    nearest = NearestCentre(emb, labeled, candidates, chunk_size)
+    return kcenter_sharded(emb[candidates], candidates, emb[labeled], n, SingleProcess(),
+                           chunk_size)
+
+
+class SingleProcess:
+    """The collectives of :func:`kcenter_sharded` for one process (the whole pool is here)."""
+    rank, world_size = 0, 1
+
+    def max_int64(self, value: int) -> int:
+        return value
+
+    def broadcast_row(self, row: np.ndarray | None, src: int, size: int) -> np.ndarray:
+        return row
+
+    def all_gather_rows(self, rows: np.ndarray) -> list[np.ndarray]:
+        return [rows]
+
+
+def _pick_key(sq: np.float32, position: int) -> int:
+    """One int64 that orders candidates as k-center does: larger squared distance first, then
+    the lower pool position. A non-negative float32's bits grow with its value (+inf above
+    every finite one), so the key is those 31 bits over the complement of a 32-bit position;
+    -1 means "nothing left here"."""
+    return (int(np.float32(sq).view(np.int32)) << 32) | (0xFFFFFFFF - int(position))
+
+
+def _unkey(key: int) -> tuple[np.float32, int]:
+    return np.int32(key >> 32).view(np.float32), 0xFFFFFFFF - (key & 0xFFFFFFFF)
+
+
+def kcenter_sharded(cand: np.ndarray, positions: np.ndarray, labeled: np.ndarray, n: int,
+                    comm, chunk_size: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """Greedy k-center with the candidates spread over ranks; every rank calls this.
+
+    Each rank holds its own candidates: ``cand`` (float32 rows) at pool ``positions``
+    (ascending) and ``labeled``, its own part of the initial centres' rows (the ranks' parts
+    together are all of them). Per rank, memory is its rows and one float32 per candidate.
+    The centres' rows and every rank's positions are gathered once (the selected set: small;
+    positions: 8 bytes per pool row). Each pick is one
+    all-reduce of an int64 (the largest distance, ties to the lowest position:
+    :func:`_pick_key`) and one broadcast of the picked row from the rank that has it; every
+    rank then updates its own distances. The picks are :func:`kcenter_greedy`'s on the same
+    embeddings (the same float32 arithmetic per candidate, whatever the sharding).
+
+    ``comm``: ``rank``, ``world_size``, ``max_int64(int)``, ``broadcast_row(row or None,
+    src, size)`` (a float32 vector), ``all_gather_rows(array)`` (:class:`SingleProcess`, or
+    the run's ranks: :class:`evotune.trainer.engine.TorchComm`). ``cand`` is (rows, D) even
+    on a rank without candidates. Returns (picks, distances) on every rank.
+    """
+    positions = np.asarray(positions, dtype=np.int64)
+    if len(positions) > 1 and not (np.diff(positions) > 0).all():
+        raise ValueError("positions must be ascending")
+    lab = np.asarray(labeled, dtype=np.float32)
+    held = [positions]                  # the pool positions each rank holds (to find owners)
+    if comm.world_size > 1:
+        lab = np.concatenate(comm.all_gather_rows(lab), axis=0)
+        held = comm.all_gather_rows(positions)
+    nearest = NearestCentre(np.asarray(cand, dtype=np.float32), lab, chunk_size)
     picks = np.empty(n, dtype=np.int64)
     dists = np.empty(n, dtype=np.float64)
     for k in range(n):
-        j = int(np.argmax(nearest.sq))
-        picks[k] = candidates[j]
-        dists[k] = float(np.sqrt(nearest.sq[j]))
-        nearest.add(j)
-        nearest.sq[j] = -np.inf   # picked: never the maximum again
+        j = int(np.argmax(nearest.sq)) if len(positions) else -1
+        mine = _pick_key(nearest.sq[j], positions[j]) if j >= 0 and nearest.sq[j] >= 0 else -1
+        best = comm.max_int64(mine)
+        if best < 0:
+            raise ValueError(f"cannot pick {n} of the candidates: only {k} left")
+        sq, position = _unkey(best)
+        # The owner sends the row with its norm, so every rank measures against exactly the
+        # values the owner has.
+        owner = next(r for r, h in enumerate(held)
+                     if len(h) and h[min(np.searchsorted(h, position), len(h) - 1)] == position)
+        row = None
+        if best == mine:
+            row = np.append(nearest.cand[j], nearest.norms[j]).astype(np.float32)
+            nearest.sq[j] = -np.inf   # picked: never the maximum again
+        row = comm.broadcast_row(row, owner, nearest.cand.shape[1] + 1)
+        nearest.add_centre(row[:-1], row[-1])
+        picks[k], dists[k] = position, float(np.sqrt(sq))
     return picks, dists
 
 
@@ -136,6 +222,40 @@ class KCenterSelector:
         features.require(self.name)
         picks, dists = kcenter_greedy(features.embeddings, labeled, candidates, n,
                                       self.options.chunk_size)
+        return Selection(picks, {"kcenter_distance": dists})
+
+    sharded = True
+
+    def select_sharded(self, shard: Features, labeled: np.ndarray, candidates: np.ndarray,
+                       n: int, rng: np.random.Generator, comm) -> Selection:
+        """:meth:`select` with the embeddings spread over ranks (every rank calls this with its
+        shard, ``shard.positions``): :func:`kcenter_sharded`, the same picks. Bad input raises
+        the same ValueError on every rank."""
+        shard.require(self.name)
+        pos = np.asarray(shard.positions, dtype=np.int64)
+        dim = comm.max_int64(shard.embeddings.shape[1] if len(pos) else 0)
+        emb = np.asarray(shard.embeddings, dtype=np.float32).reshape(len(pos), dim)
+        is_cand, is_lab = np.isin(pos, candidates), np.isin(pos, labeled)
+        bad = ~np.isfinite(emb[is_cand | is_lab]).all(axis=1)
+        first_bad = int(pos[is_cand | is_lab][bad][0]) if bad.any() else -1
+        # What each rank found, agreed by all before the collectives of the picks begin.
+        found = np.stack(comm.all_gather_rows(np.array(
+            [int(is_cand.sum()), int(is_lab.sum()), int(bad.sum()), first_bad])))
+        labeled, candidates = np.asarray(labeled), np.asarray(candidates)
+        if np.intersect1d(labeled, candidates).size:
+            raise ValueError("labeled and candidate positions overlap")
+        if not 0 <= n <= len(candidates):
+            raise ValueError(f"cannot pick {n} of {len(candidates)} candidates")
+        if found[:, 2].sum():
+            first = min(int(f) for f in found[:, 3] if f >= 0)
+            raise ValueError(f"{int(found[:, 2].sum())} embeddings are NaN or inf (first at pool "
+                             f"position {first}); selection needs finite embeddings")
+        if found[:, 0].sum() != len(candidates) or found[:, 1].sum() != len(labeled):
+            raise ValueError(f"the ranks' shards hold {int(found[:, 0].sum())} of "
+                             f"{len(candidates)} candidates and {int(found[:, 1].sum())} of "
+                             f"{len(labeled)} selected rows")
+        picks, dists = kcenter_sharded(emb[is_cand], pos[is_cand], emb[is_lab], n, comm,
+                                       self.options.chunk_size)
         return Selection(picks, {"kcenter_distance": dists})
 
     def state_dict(self) -> dict:

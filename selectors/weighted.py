@@ -51,7 +51,7 @@ def weighted_greedy(embeddings: np.ndarray, scores: np.ndarray, labeled: np.ndar
     s = scores[scored]
     spread = s.max() - s.min() if len(s) else 0.0
     s_norm = (s - s.min()) / spread if spread > 0 else np.zeros_like(s)
-    nearest = NearestCentre(emb, labeled, scored, chunk_size)
+    nearest = NearestCentre.of(emb, labeled, scored, chunk_size)
     picked = np.zeros(len(scored), dtype=bool)
     picks = np.empty(n, dtype=np.int64)
     numbers = {k: np.empty(n) for k in ("score", "kcenter_distance", "objective")}

@@ -15,6 +15,7 @@ import pickle
 import socket
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -25,6 +26,32 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class TorchComm:
+    """The collectives of a sharded selection rule (``selectors/kcenter.py``
+    :func:`~evotune.selectors.kcenter.kcenter_sharded`) over the default process group."""
+
+    def __init__(self, device: torch.device | None = None):
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.device = torch.device("cpu") if dist.get_backend() == "gloo" or device is None \
+            else device
+
+    def max_int64(self, value: int) -> int:
+        t = torch.tensor([value], dtype=torch.int64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
+
+    def broadcast_row(self, row: np.ndarray | None, src: int, size: int) -> np.ndarray:
+        t = torch.from_numpy(np.ascontiguousarray(row, dtype=np.float32)).to(self.device) \
+            if self.rank == src else torch.empty(size, dtype=torch.float32, device=self.device)
+        dist.broadcast(t, src=src)
+        return t.cpu().numpy()
+
+    def all_gather_rows(self, array: np.ndarray) -> list[np.ndarray]:
+        out = [None] * self.world_size
+        dist.all_gather_object(out, array)
+        return out
 
 
 class Strategy:
@@ -284,6 +311,13 @@ class Strategy:
         box = [obj if self.is_rank0 else None]
         dist.broadcast_object_list(box, src=0)
         return box[0]
+
+    @property
+    def comm(self) -> TorchComm:
+        """The collectives a sharded selection rule uses (``select_sharded``)."""
+        if getattr(self, "_comm", None) is None:
+            self._comm = TorchComm(self.device)
+        return self._comm
 
     def _comm_device(self) -> torch.device:
         return torch.device("cpu") if dist.get_backend() == "gloo" else self.device

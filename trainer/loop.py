@@ -29,7 +29,7 @@ from evotune.trainer.logs import (RunLogger, drop_metrics_after, log, rounds_tab
 from evotune.trainer.model import (build_trainable_model, check_lora_targets, export_weights,
                                    load_tokenizer, merge_adapter, resolve_model_path)
 from evotune.trainer.passes.features import FeaturePass, PassResult
-from evotune.trainer.passes.forward import PassStats
+from evotune.trainer.passes.forward import PassStats, gather_shards
 from evotune.trainer.state import (STATE_FILE, ResumePlan, RoundState, capture_rng, crash_point,
                                    derive_seed, file_hash, fsync_tree, last_completed_round,
                                    partial_dir, plan_resume, read_state, restore_rng, round_dir,
@@ -428,14 +428,25 @@ def choose(r: int, cfg: Config, data: RunData, model: RoundModel, progress: Prog
     crash_point("embed", r)
     t0 = time.perf_counter()
     cands = result.candidates if result.candidates is not None else candidates
-
-    def select() -> Selection:
-        features = result.features or Features()
-        require_values(features, selector.scores, cands, r)
-        return selector.select(features, labeled, cands, data.budget[r], rng)
-    selection = _agree(strategy, select)
+    features = result.features
+    if result.features is not None and result.features.positions is not None:
+        # Sharded features: every rank selects with its own rows (same picks everywhere); the
+        # whole matrix reaches rank 0 only to be saved (output.save_features).
+        try:
+            selection = selector.select_sharded(result.features, labeled, cands,
+                                                data.budget[r], rng, strategy.comm)
+        except ValueError as e:                    # raised alike on every rank
+            raise StartError(f"ValueError: {e}") from e
+        features = gather_shards(strategy, result.features, len(data.pool)) \
+            if cfg.output.save_features else (result.features if strategy.is_rank0 else None)
+    else:
+        def select() -> Selection:
+            found = result.features or Features()
+            require_values(found, selector.scores, cands, r)
+            return selector.select(found, labeled, cands, data.budget[r], rng)
+        selection = _agree(strategy, select)
     seconds["select"] = time.perf_counter() - t0
-    return Choice(selector, selection, result.features, result.stats, seconds, len(cands))
+    return Choice(selector, selection, features, result.stats, seconds, len(cands))
 
 
 def require_values(features: Features, scores: tuple[str, ...], candidates: np.ndarray,
@@ -468,14 +479,15 @@ def write_selection(rdir: Path, r: int, choice: Choice, data: RunData,
                "tokens": len(data.pool_enc[p].input_ids)}
         row.update({name: float(v[k]) for name, v in selection.numbers.items()})
         row.update({name: v[k] for name, v in selection.labels.items()})
-        if features is not None:   # every computed score of the pick, not only the one ranked by
+        if features is not None and features.positions is None:   # every computed score of
+            # the pick, not only the one ranked by
             row.update({name: float(v[p]) for name, v in features.scores.items()
                         if name not in row})
         row["preview"] = ex.preview()
         rows.append(json.dumps(row, ensure_ascii=False))
     write_text_atomic(rdir / "selection.jsonl", "".join(line + "\n" for line in rows))
     write_json_atomic(rdir / "selector_state.json", choice.selector.state_dict())
-    if features is not None and save_features:
+    if features is not None and features.positions is None and save_features:
         arrays = {f"score_{k}": v for k, v in features.scores.items()}
         if features.embeddings is not None:
             arrays["embeddings"] = features.embeddings.astype(np.float16)

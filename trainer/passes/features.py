@@ -127,6 +127,10 @@ class FeaturePass:
         self.forward_scores = tuple(n for n in SCORES if n in forward)    # registry order
         self.influence = InfluencePass(cfg, pool_enc, tokenizer, template, strategy) \
             if of["influence"] or self.gradient_embeddings else None
+        # A sharded rule reading only hidden-state embeddings: they stay on the ranks that
+        # computed them (nothing N x D on one rank) and every rank selects together.
+        self.sharded = bool(getattr(selector, "sharded", False) and self.needs_embeddings
+                            and not (wanted or self.gradient_embeddings))
 
     def _load_targets(self, name: str, tokenizer, template: str):
         """The target rows of score ``name`` (its ``targets`` file), encoded like the pool."""
@@ -154,8 +158,9 @@ class FeaturePass:
 
     def base_cache_key(self, model_path, pool_hash: str, template: str, dtype) -> str | None:
         """The key of these features for the base model at ``model_path`` in the base-model
-        cache (``trainer/passes/cache.py``), or None when they cannot be cached (gradients)."""
-        if self.influence is not None:
+        cache (``trainer/passes/cache.py``), or None when they cannot be cached (gradients, or
+        sharded features: the cache is one file on rank 0)."""
+        if self.influence is not None or self.sharded:
             return None
         cfg, sc = self.cfg, self.cfg.scoring
         spec = {
@@ -215,7 +220,10 @@ class FeaturePass:
                 features, stats["features"] = compute_features(
                     model, [self.pool_enc[int(i)] for i in rows], self.strategy, self.pad_id,
                     self.cfg.selection.batch_size, hidden, self.forward_scores, advance,
-                    self.cfg.selection.pooling)
+                    self.cfg.selection.pooling, gather=not self.sharded)
+            if self.sharded:                      # positions of the measured rows, not of 0..k
+                features.positions = rows[features.positions]
+                return PassResult(features, stats, candidates)
             if features is not None and measured is not None:
                 features = _spread(features, measured, len(self.pool_enc))
         for name, items in self.targets.items():

@@ -68,8 +68,8 @@ class PassStats:
 @torch.no_grad()
 def compute_features(model: torch.nn.Module, encoded: list[Encoded], strategy, pad_id: int,
                      batch_size: int, need_embeddings: bool, score_names: tuple[str, ...] = (),
-                     advance=lambda n=1, **_: None, pooling: str = "mean"
-                     ) -> tuple[Features | None, PassStats]:
+                     advance=lambda n=1, **_: None, pooling: str = "mean",
+                     gather: bool = True) -> tuple[Features | None, PassStats]:
     """Run the feature pass over ``encoded`` (the whole pool, in pool order).
 
     Args:
@@ -81,9 +81,12 @@ def compute_features(model: torch.nn.Module, encoded: list[Encoded], strategy, p
         need_embeddings: compute the (N, D) float32 embeddings, pooled by ``pooling``.
         score_names: ``forward`` scores to compute (names from ``trainer/scores.py``).
         advance: progress callback, called with the number of examples done.
+        gather: True: everything to rank 0, in pool order. False: every rank keeps its own rows
+            (``Features.positions``, ascending): nothing N-sized crosses ranks.
 
     Returns:
-        Features on rank 0 (None on other ranks), and the pass statistics.
+        Features on rank 0 (None on other ranks; with ``gather=False`` this rank's shard on
+        every rank), and the pass statistics.
     """
     start = time.perf_counter()
     was_training = model.training
@@ -113,8 +116,10 @@ def compute_features(model: torch.nn.Module, encoded: list[Encoded], strategy, p
         advance(len(positions) * strategy.world_size)
     model.train(was_training)
     real, padded = (int(v) for v in strategy.all_reduce_sum([real, padded]))
-    gathered = strategy.gather_to_rank0(rows)
     stats = PassStats(time.perf_counter() - start, real, padded)
+    if not gather:
+        return _shard(rows, need_embeddings, score_names), stats
+    gathered = strategy.gather_to_rank0(rows)
     if not strategy.is_rank0:
         return None, stats
     parts = [row for rank_rows in gathered for row in rank_rows]
@@ -129,6 +134,39 @@ def compute_features(model: torch.nn.Module, encoded: list[Encoded], strategy, p
         for positions, _, scores in parts:
             features.scores[name][positions] = scores[name]
     return features, stats
+
+
+def _shard(rows, need_embeddings: bool, score_names) -> Features:
+    """This rank's rows of the pass as a shard (positions ascending)."""
+    positions = np.array([p for ps, _, _ in rows for p in ps], dtype=np.int64)
+    order = np.argsort(positions, kind="stable")
+    features = Features(positions=positions[order])
+    if need_embeddings:
+        dim = rows[0][1].shape[1] if rows else 0
+        features.embeddings = np.concatenate([e for _, e, _ in rows])[order] if rows else \
+            np.zeros((0, dim), dtype=np.float32)
+    for name in score_names:
+        features.scores[name] = np.concatenate([s[name] for _, _, s in rows])[order] if rows \
+            else np.zeros(0)
+    return features
+
+
+def gather_shards(strategy, shard: Features, n: int) -> Features | None:
+    """The whole pool's features on rank 0 from every rank's shard (NaN where no rank has a
+    row); None on the other ranks."""
+    parts = strategy.gather_to_rank0(shard)
+    if not strategy.is_rank0:
+        return None
+    features = Features()
+    dims = [p.embeddings.shape[1] for p in parts if p.embeddings is not None and len(p.positions)]
+    if dims:
+        features.embeddings = np.full((n, dims[0]), np.nan, dtype=np.float32)
+    for part in parts:
+        if dims:
+            features.embeddings[part.positions] = part.embeddings
+        for name, values in part.scores.items():
+            features.scores.setdefault(name, np.full(n, np.nan))[part.positions] = values
+    return features
 
 
 def merge_stats(a: PassStats, b: PassStats) -> PassStats:

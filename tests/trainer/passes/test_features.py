@@ -33,11 +33,16 @@ def test_kcenter_needs_only_embeddings_and_random_needs_no_pass(tokenizer):
     assert fp.needs_embeddings and fp.forward_scores == () and fp.ifd is None
     assert fp.derived == [] and fp.needed
     assert not plan(tokenizer, "selection.selector=random").needed
+    # k-center alone keeps its embeddings sharded over the ranks; base-model cache: none
+    assert fp.sharded and fp.base_cache_key("m", "h", "chat", "bf16") is None
 
 
 def test_a_filter_score_is_computed_too(tokenizer):
     fp = plan(tokenizer, "selection.filter_score=entropy")
     assert fp.forward_scores == ("entropy",) and fp.needs_embeddings
+    # a score to filter by: the rule runs on rank 0 over gathered features
+    assert not fp.sharded
+    assert not plan(tokenizer, "selection.selector=weighted").sharded
 
 
 def test_mark_non_finite_turns_inf_into_nan_with_a_reason_once():

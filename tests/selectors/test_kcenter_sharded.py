@@ -1,0 +1,93 @@
+"""Sharded k-center over real torch.distributed ranks (gloo, 1, 2 and 3 processes): the picks
+and distances are exactly those of the single-process rule on the same embeddings."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import socket
+
+import numpy as np
+import pytest
+
+from evotune.selectors.kcenter import kcenter_greedy
+
+
+def cases() -> list[dict]:
+    rng = np.random.default_rng(0)
+    line = np.array([0, 0, 1, 3, 3, 3, 7, 7, 8, 12, 12, 12, 12, 20, 20, 21, 30, 30],
+                    dtype=np.float32)[:, None]                     # many exact ties
+    grid = rng.integers(0, 4, size=(60, 3)).astype(np.float32)      # duplicates in 3-D
+    dense = rng.normal(size=(300, 16)).astype(np.float32)
+    return [
+        {"emb": line, "labeled": [2], "n": 10, "chunk": 4},
+        {"emb": line, "labeled": [], "n": 17, "chunk": 4096},          # no centre at first
+        {"emb": grid, "labeled": [0, 5, 59], "n": 40, "chunk": 7},
+        {"emb": dense, "labeled": list(range(0, 300, 37)), "n": 60, "chunk": 16},
+        {"emb": dense[:5], "labeled": [1], "n": 4, "chunk": 2},        # ranks with no rows
+    ]
+
+
+def _shard(n_rows: int, rank: int, world: int) -> list[int]:
+    """Blocks of 3 rows dealt round-robin, like the feature pass's batches."""
+    return [p for p in range(n_rows) if (p // 3) % world == rank]
+
+
+def _worker(rank: int, world: int, port: int, out) -> None:
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    import torch.distributed as dist
+    from evotune.selectors.kcenter import kcenter_sharded
+    from evotune.trainer.engine import TorchComm
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    results = []
+    for case in cases():
+        emb, labeled = case["emb"], set(case["labeled"])
+        mine = _shard(len(emb), rank, world)
+        cand = [p for p in mine if p not in labeled]
+        lab = [p for p in mine if p in labeled]
+        picks, dists = kcenter_sharded(emb[cand].reshape(len(cand), emb.shape[1]),
+                                       np.array(cand, dtype=np.int64),
+                                       emb[lab].reshape(len(lab), emb.shape[1]), case["n"],
+                                       TorchComm(), case["chunk"])
+        results.append((picks.tolist(), dists.tolist()))
+    out.put((rank, results))
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_sharded_kcenter_picks_what_one_process_picks(world):
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(r, world, port, out)) for r in range(world)]
+    for p in procs:
+        p.start()
+    got = dict(out.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    for k, case in enumerate(cases()):
+        labeled = np.array(case["labeled"], dtype=np.int64)
+        candidates = np.setdiff1d(np.arange(len(case["emb"])), labeled)
+        picks, dists = kcenter_greedy(case["emb"], labeled, candidates, case["n"], case["chunk"])
+        for rank in range(world):            # every rank ends with the same picks
+            assert got[rank][k][0] == picks.tolist(), (k, rank)
+            assert got[rank][k][1] == dists.tolist(), (k, rank)
+
+
+def test_the_rule_written_out_on_a_line():
+    """An independent check of the rule itself on hand-made ties. The centre is position 2
+    (value 1). Furthest: 30, 29 away (positions 16 and 17: the lower, 16). Then 12, 11 from 1
+    (20 is 10 from 30, 21 is 9): position 9, the lowest of the four 12s. Then 21, 9 from both
+    12 and 30 (20 is 8 from 12, 7 is 5 from 12): position 15."""
+    line = np.array([0, 0, 1, 3, 3, 3, 7, 7, 8, 12, 12, 12, 12, 20, 20, 21, 30, 30],
+                    dtype=np.float32)[:, None]
+    picks, dists = kcenter_greedy(line, np.array([2]), np.setdiff1d(np.arange(18), [2]), 3)
+    assert picks.tolist() == [16, 9, 15]
+    assert dists.tolist() == [29.0, 11.0, 9.0]
