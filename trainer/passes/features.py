@@ -14,6 +14,11 @@
   pass (``trainer/passes/influence.py``);
 - ``derived`` scores: computed on rank 0 from the rest, inputs first.
 
+A sharded rule (``select_sharded``: k-center) that reads nothing but the hidden-state
+embeddings gets each rank's own rows (``Features.positions``); everything else is gathered on
+rank 0. ``selection.candidates`` restricts the passes to a seeded sample of the candidates and
+the selected rows.
+
 Infinite or NaN values from the model become skips with a reason (a selector never picks them).
 For Cherry's pre-experienced round 0, :meth:`FeaturePass.run_instructions` embeds the prompts
 alone instead.

@@ -9,7 +9,7 @@ same pass, over the response tokens only.
 
 Batches are planned globally by length (``plan_batches``) and dealt round-robin to ranks, every
 rank making the same number of forward calls (ZeRO-3 gathers are collectives); rank 0 gathers
-the results into pool order.
+the results into pool order, or (``gather=False``, a sharded rule) every rank keeps its own.
 """
 
 from __future__ import annotations
