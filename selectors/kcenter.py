@@ -48,18 +48,21 @@ class NearestCentre:
     """
 
     def __init__(self, cand: np.ndarray, lab: np.ndarray, chunk_size: int):
-        self.cand = cand
+        self.cand, self.chunk_size = cand, chunk_size
         self.norms = row_norms(cand)
         self.sq = np.full(len(cand), np.inf, dtype=np.float32)
+        for t in range(0, len(lab), chunk_size):
+            self.add_centres(lab[t: t + chunk_size])
+
+    def add_centres(self, lab: np.ndarray) -> None:
+        """Make the rows ``lab`` (a block of at most ``chunk_size``) centres too."""
         if not len(lab):
             return
         lab_norms = row_norms(lab)
-        for s in range(0, len(cand), chunk_size):
-            block = slice(s, s + chunk_size)
-            for t in range(0, len(lab), chunk_size):
-                c = slice(t, t + chunk_size)
-                d = self.norms[block, None] + lab_norms[None, c] - 2.0 * (cand[block] @ lab[c].T)
-                np.minimum(self.sq[block], np.maximum(d, 0.0).min(axis=1), out=self.sq[block])
+        for s in range(0, len(self.cand), self.chunk_size):
+            block = slice(s, s + self.chunk_size)
+            d = self.norms[block, None] + lab_norms[None, :] - 2.0 * (self.cand[block] @ lab.T)
+            np.minimum(self.sq[block], np.maximum(d, 0.0).min(axis=1), out=self.sq[block])
 
     @classmethod
     def of(cls, emb: np.ndarray, labeled: np.ndarray, candidates: np.ndarray,
@@ -129,6 +132,9 @@ class SingleProcess:
     def broadcast_row(self, row: np.ndarray | None, src: int, size: int) -> np.ndarray:
         return row
 
+    def broadcast_block(self, block: np.ndarray | None, src: int, shape) -> np.ndarray:
+        return block
+
     def all_gather_rows(self, rows: np.ndarray) -> list[np.ndarray]:
         return [rows]
 
@@ -151,28 +157,38 @@ def kcenter_sharded(cand: np.ndarray, positions: np.ndarray, labeled: np.ndarray
 
     Each rank holds its own candidates: ``cand`` (float32 rows) at pool ``positions``
     (ascending) and ``labeled``, its own part of the initial centres' rows (the ranks' parts
-    together are all of them). Per rank, memory is its rows and one float32 per candidate.
-    The centres' rows and every rank's positions are gathered once (the selected set: small;
-    positions: 8 bytes per pool row). Each pick is one
+    together are all of them). Per rank, memory is its rows, one float32 per candidate and
+    every rank's positions (8 bytes per pool row, gathered once); the initial centres are
+    broadcast by their ranks ``chunk_size`` rows at a time. Each pick is one
     all-reduce of an int64 (the largest distance, ties to the lowest position:
     :func:`_pick_key`) and one broadcast of the picked row from the rank that has it; every
     rank then updates its own distances. The picks are :func:`kcenter_greedy`'s on the same
     embeddings (the same float32 arithmetic per candidate, whatever the sharding).
 
     ``comm``: ``rank``, ``world_size``, ``max_int64(int)``, ``broadcast_row(row or None,
-    src, size)`` (a float32 vector), ``all_gather_rows(array)`` (:class:`SingleProcess`, or
+    src, size)`` (a float32 vector), ``broadcast_block(block or None, src, shape)``,
+    ``all_gather_rows(array)`` (:class:`SingleProcess`, or
     the run's ranks: :class:`evotune.trainer.engine.TorchComm`). ``cand`` is (rows, D) even
     on a rank without candidates. Returns (picks, distances) on every rank.
     """
     positions = np.asarray(positions, dtype=np.int64)
     if len(positions) > 1 and not (np.diff(positions) > 0).all():
         raise ValueError("positions must be ascending")
-    lab = np.asarray(labeled, dtype=np.float32)
-    held = [positions]                  # the pool positions each rank holds (to find owners)
-    if comm.world_size > 1:
-        lab = np.concatenate(comm.all_gather_rows(lab), axis=0)
-        held = comm.all_gather_rows(positions)
-    nearest = NearestCentre(np.asarray(cand, dtype=np.float32), lab, chunk_size)
+    cand, lab = np.asarray(cand, dtype=np.float32), np.asarray(labeled, dtype=np.float32)
+    if comm.world_size == 1:
+        held = [positions]
+        nearest = NearestCentre(cand, lab, chunk_size)
+    else:
+        held = comm.all_gather_rows(positions)    # who holds what: to find a pick's owner
+        counts = [int(c[0]) for c in comm.all_gather_rows(np.array([len(lab)]))]
+        nearest = NearestCentre(cand, lab[:0], chunk_size)
+        # The initial centres, streamed from their ranks a block at a time: no rank ever
+        # holds more than one block of another rank's rows.
+        for src, count in enumerate(counts):
+            for t in range(0, count, chunk_size):
+                block = lab[t: t + chunk_size] if comm.rank == src else None
+                nearest.add_centres(comm.broadcast_block(
+                    block, src, (min(chunk_size, count - t), cand.shape[1])))
     picks = np.empty(n, dtype=np.int64)
     dists = np.empty(n, dtype=np.float64)
     for k in range(n):

@@ -48,6 +48,13 @@ class TorchComm:
         dist.broadcast(t, src=src)
         return t.cpu().numpy()
 
+    def broadcast_block(self, block: np.ndarray | None, src: int, shape) -> np.ndarray:
+        t = torch.from_numpy(np.ascontiguousarray(block, dtype=np.float32)).to(self.device) \
+            if self.rank == src else torch.empty(tuple(shape), dtype=torch.float32,
+                                                 device=self.device)
+        dist.broadcast(t, src=src)
+        return t.cpu().numpy()
+
     def all_gather_rows(self, array: np.ndarray) -> list[np.ndarray]:
         out = [None] * self.world_size
         dist.all_gather_object(out, array)

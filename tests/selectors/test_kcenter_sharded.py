@@ -24,6 +24,7 @@ def cases() -> list[dict]:
         {"emb": line, "labeled": [], "n": 17, "chunk": 4096},          # no centre at first
         {"emb": grid, "labeled": [0, 5, 59], "n": 40, "chunk": 7},
         {"emb": dense, "labeled": list(range(0, 300, 37)), "n": 60, "chunk": 16},
+        {"emb": dense, "labeled": list(range(3, 300, 7)), "n": 30, "chunk": 8},  # many blocks
         {"emb": dense[:5], "labeled": [1], "n": 4, "chunk": 2},        # ranks with no rows
     ]
 
