@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 IGNORE_INDEX = -100
@@ -286,24 +288,40 @@ def _chat_segments(ex: Example, tokenizer) -> list[tuple[str, bool]]:
     return pieces
 
 
+def segments(ex: Example, tokenizer, template: str) -> list[tuple[str, bool]]:
+    """The (text, is_response) pieces of ``ex`` under ``template`` (``chat`` or ``alpaca``)."""
+    return _chat_segments(ex, tokenizer) if template == "chat" else _alpaca_segments(ex, tokenizer)
+
+
+def bos_prefix(tokenizer, template: str) -> list[int]:
+    """The BOS token the Alpaca template starts with when the tokenizer would add it itself
+    (the chat template writes its own)."""
+    bos = tokenizer.bos_token_id
+    if template == "alpaca" and bos is not None and tokenizer("a").input_ids[:1] == [bos]:
+        return [bos]
+    return []
+
+
 def encode(ex: Example, tokenizer, template: str, max_length: int) -> Encoded:
     """Token ids and response-only labels of ``ex``, truncated on the right to ``max_length``.
 
     Each piece is tokenised on its own and the ids concatenated, so the label mask is exact.
     Raises DataError when no response token survives truncation.
     """
-    segments = _chat_segments(ex, tokenizer) if template == "chat" else _alpaca_segments(ex, tokenizer)
-    ids: list[int] = []
-    labels: list[int] = []
-    bos = tokenizer.bos_token_id
-    # Add BOS only when the tokenizer would add it itself and the template does not.
-    if template == "alpaca" and bos is not None and tokenizer("a").input_ids[:1] == [bos]:
-        ids.append(bos)
-        labels.append(IGNORE_INDEX)
-    for text, is_response in segments:
-        piece = tokenizer(text, add_special_tokens=False).input_ids
+    parts = segments(ex, tokenizer, template)
+    pieces = [tokenizer(text, add_special_tokens=False).input_ids for text, _ in parts]
+    return assemble(ex, bos_prefix(tokenizer, template), pieces, [r for _, r in parts],
+                    max_length)
+
+
+def assemble(ex: Example, prefix: list[int], pieces: list[list[int]], is_response: list[bool],
+             max_length: int) -> Encoded:
+    """An example's encoding from its tokenised pieces (see :func:`encode`)."""
+    ids: list[int] = list(prefix)
+    labels: list[int] = [IGNORE_INDEX] * len(prefix)
+    for piece, response in zip(pieces, is_response):
         ids += piece
-        labels += piece if is_response else [IGNORE_INDEX] * len(piece)
+        labels += piece if response else [IGNORE_INDEX] * len(piece)
     truncated = len(ids) > max_length
     ids, labels = ids[:max_length], labels[:max_length]
     if all(t == IGNORE_INDEX for t in labels):
@@ -450,8 +468,31 @@ def plan_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
     The plan depends only on the lengths and the batch size, never on the number of ranks, so
     every example is computed in the same batch (same padding, same numbers) on 1 or N ranks.
     """
-    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    # by length, ties by position: lexsort's last key is the primary one
+    order = np.lexsort((np.arange(len(lengths)), np.asarray(lengths, dtype=np.int64))).tolist()
     return [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def lengths(encoded) -> list[int] | np.ndarray:
+    """Token count of every encoding (a :class:`~evotune.trainer.tokens.TokenizedPool` knows
+    them without materialising a row)."""
+    found = getattr(encoded, "lengths", None)
+    return found if found is not None else [len(e.input_ids) for e in encoded]
+
+
+class Rows(Sequence):
+    """Some rows of a sequence of encodings, in the given order, without copying them."""
+
+    def __init__(self, base, rows):
+        self.base, self.rows = base, np.asarray(rows, dtype=np.int64)
+        found = getattr(base, "lengths", None)
+        self.lengths = None if found is None else np.asarray(found)[self.rows]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, k):
+        return self.base[int(self.rows[k])]
 
 
 def shard_batches(batches: list[list[int]], rank: int, world_size: int

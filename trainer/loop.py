@@ -24,12 +24,14 @@ from evotune.trainer.data import (ChoiceSet, Encoded, Example, LoadReport, choic
                                   encode_all, load_examples, resolve_template)
 from evotune.trainer.engine import Strategy
 from evotune.trainer.fit import EvalResult, TrainStats, evaluate_with_choices, train_round
-from evotune.trainer.logs import (RunLogger, drop_metrics_after, log, rounds_table,
+from evotune.trainer import tokens
+from evotune.trainer.logs import (ProgressBars, RunLogger, drop_metrics_after, log, rounds_table,
                                   setup_console_logging)
 from evotune.trainer.model import (build_trainable_model, check_lora_targets, export_weights,
                                    load_tokenizer, merge_adapter, resolve_model_path)
 from evotune.trainer.passes.features import FeaturePass, PassResult
 from evotune.trainer.passes.forward import PassStats, gather_shards
+from evotune.trainer.tokens import TokenizedPool
 from evotune.trainer.state import (STATE_FILE, ResumePlan, RoundState, capture_rng, crash_point,
                                    derive_seed, file_hash, fsync_tree, last_completed_round,
                                    partial_dir, plan_resume, read_state, restore_rng, round_dir,
@@ -55,7 +57,7 @@ def run(cfg: Config, resume: str = "auto", overwrite: bool = False) -> list[dict
              f"dtype {str(strategy.dtype).replace('torch.', '')}, ZeRO-{cfg.deepspeed.zero_stage}")
 
     # ---- prepare: everything that can fail on bad input happens before the output dir is touched
-    data = prepare(cfg, strategy)
+    data = prepare(cfg, strategy, ProgressBars(strategy.is_rank0, console))
     plan: ResumePlan = _agree(strategy, lambda: plan_resume(
         Path(cfg.output.dir), resume, overwrite, cfg, data.budget, data.pool_hash,
         strategy.world_size))
@@ -112,7 +114,7 @@ class RunData:
     tokenizer: Any
     template: str
     pool: list[Example]
-    pool_enc: list[Encoded]
+    pool_enc: TokenizedPool
     pool_report: LoadReport
     pool_hash: str
     eval: EvalSet | None
@@ -131,8 +133,8 @@ class RunData:
             return [{"where": w, "reason": r} for w, r in skipped]
         ev = self.eval
         return {"template": self.template, "model_path": str(self.model_path),
-                "pool_rows": len(self.pool), "pool_truncated": sum(e.truncated for e in
-                                                                    self.pool_enc),
+                "pool_rows": len(self.pool),
+                "pool_truncated": int(np.asarray(self.pool_enc.truncated).sum()),
                 "pool_skipped": listed(self.pool_report.skipped),
                 "eval_rows": len(ev.examples) if ev else 0,
                 "eval_skipped": listed(ev.report.skipped) if ev else [],
@@ -141,7 +143,7 @@ class RunData:
                 "budget": self.budget}
 
     def log_report(self, cfg: Config) -> None:
-        truncated = sum(e.truncated for e in self.pool_enc)
+        truncated = int(np.asarray(self.pool_enc.truncated).sum())
         log.info(f"pool: {len(self.pool)} examples from {cfg.data.pool} (template: "
                  f"{self.template}); {truncated} truncated to max_length={cfg.data.max_length}; "
                  f"{len(self.pool_report.skipped)} skipped")
@@ -160,7 +162,7 @@ class RunData:
                  f"examples ({100 * sum(self.budget) / len(self.pool):.1f}%)")
 
 
-def prepare(cfg: Config, strategy: Strategy) -> RunData:
+def prepare(cfg: Config, strategy: Strategy, bars: ProgressBars | None = None) -> RunData:
     """Load the tokenizer, pool and eval set, check the budget and the settings, build the
     selectors and plan the feature pass. Raises StartError naming the problem."""
     try:
@@ -169,8 +171,9 @@ def prepare(cfg: Config, strategy: Strategy) -> RunData:
         if cfg.lora.enabled:
             check_lora_targets(model_path, cfg.lora.target_modules)
         template = resolve_template(cfg.data.template, tokenizer)
-        pool, pool_enc, pool_report = _load(cfg.data.pool, cfg.data.max_examples, tokenizer,
-                                            template, cfg)
+        pool_hash = file_hash(Path(cfg.data.pool))
+        pool, pool_enc, pool_report = load_pool(cfg, tokenizer, template, pool_hash, strategy,
+                                                bars)
         eval_set = None
         if cfg.eval.path:
             examples, encoded, report = _load(cfg.eval.path, cfg.eval.max_examples, tokenizer,
@@ -183,7 +186,7 @@ def prepare(cfg: Config, strategy: Strategy) -> RunData:
         feature_pass = FeaturePass(cfg, selector, pool, pool_enc, tokenizer, template, strategy)
         check_feasible(cfg, budget, len(pool), feature_pass)
         return RunData(model_path, tokenizer, template, pool, pool_enc, pool_report,
-                       file_hash(Path(cfg.data.pool)), eval_set, budget, selector,
+                       pool_hash, eval_set, budget, selector,
                        build_first_round(cfg.selection), feature_pass)
     except (ValueError, OSError, ImportError) as e:   # bad config, data, model dir or install
         raise StartError(str(e)) from e
@@ -219,6 +222,34 @@ def check_feasible(cfg: Config, budget: list[int], pool_size: int,
     if "knn_k" in feature_pass.derived and cfg.scoring.knn_k.k >= pool_size:
         raise StartError(f"scoring.knn_k.k: {cfg.scoring.knn_k.k} neighbours need more than "
                          f"{cfg.scoring.knn_k.k} pool rows; the pool has {pool_size}")
+
+
+def load_pool(cfg: Config, tokenizer, template: str, pool_hash: str, strategy: Strategy,
+              bars: ProgressBars | None = None
+              ) -> tuple[list[Example], TokenizedPool, LoadReport]:
+    """The pool's examples and their encodings from the token cache (``trainer/tokens.py``),
+    which rank 0 builds first when it has no entry for these inputs. Every rank reads the rows
+    (ids, sources and previews for the logs); the tokens are memory-mapped."""
+    examples, report = load_examples(cfg.data.pool, cfg.data.on_error, cfg.data.max_examples)
+    d = cfg.data
+    where = tokens.tokens_dir() / tokens.cache_key(pool_hash, tokenizer, template, d.max_length,
+                                                   d.on_error, d.max_examples)
+
+    def ensure() -> None:
+        if (where / "meta.json").is_file():
+            log.info(f"pool tokens: reused from the cache ({where})")
+            return
+        with (bars or ProgressBars(False, None)).progress("tokenise pool",
+                                                         len(examples)) as advance:
+            tokens.build(where, examples, tokenizer, template, d.max_length, d.on_error, advance)
+        log.info(f"pool tokens: cached in {where}")
+    _agree(strategy, ensure)
+    kept, encoded, enc_report = tokens.open_cached(where, examples)
+    report.skipped += enc_report.skipped
+    if not kept:
+        raise StartError(f"{cfg.data.pool}: no usable rows after encoding "
+                         f"({len(report.skipped)} skipped)")
+    return kept, encoded, report
 
 
 def _load(path, limit, tokenizer, template, cfg):

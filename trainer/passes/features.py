@@ -34,7 +34,7 @@ import numpy as np
 
 from evotune.selectors.base import Features
 from evotune.selectors.pre_experienced import SCORE as INSTRUCTION_PERPLEXITY
-from evotune.trainer.data import IGNORE_INDEX, Encoded
+from evotune.trainer.data import IGNORE_INDEX, Encoded, Rows
 from evotune.trainer.logs import log
 from evotune.trainer.model import resolve_model_path
 from evotune.trainer.passes import cache
@@ -223,7 +223,7 @@ class FeaturePass:
         if hidden or self.forward_scores:
             with logger.progress(f"{_round(r)}embed pool", len(rows)) as advance:
                 features, stats["features"] = compute_features(
-                    model, [self.pool_enc[int(i)] for i in rows], self.strategy, self.pad_id,
+                    model, Rows(self.pool_enc, rows), self.strategy, self.pad_id,
                     self.cfg.selection.batch_size, hidden, self.forward_scores, advance,
                     self.cfg.selection.pooling, gather=not self.sharded)
             if self.sharded:                      # positions of the measured rows, not of 0..k

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from evotune.selectors.base import Features
-from evotune.trainer.data import Encoded, collate, plan_batches, shard_batches
+from evotune.trainer.data import Encoded, collate, lengths, plan_batches, shard_batches
 from evotune.trainer.fit import logits_window
 from evotune.trainer.model import backbone, lm_head
 from evotune.trainer.scores import response_scores
@@ -92,7 +92,7 @@ def compute_features(model: torch.nn.Module, encoded: list[Encoded], strategy, p
     was_training = model.training
     model.eval()
     decoder, head = backbone(model), lm_head(model)
-    batches = plan_batches([len(e.input_ids) for e in encoded], batch_size)
+    batches = plan_batches(lengths(encoded), batch_size)
     rows: list[tuple[list[int], np.ndarray | None, dict[str, np.ndarray]]] = []
     real = padded = 0
     for positions, is_padding in shard_batches(batches, strategy.rank, strategy.world_size):

@@ -1,0 +1,176 @@
+"""The pool's token cache: tokenised once, memory-mapped by every rank.
+
+Tokenising the pool as Python lists on every rank at every start costs time and about 40 bytes
+per token per rank (two lists of ints). Here the pool is tokenised once per (pool content,
+tokenizer, template, max_length, data settings) — in batches, one tokenizer call per batch of
+rows — into four arrays under ``$EVOTUNE_CACHE/tokens/<key>/`` (default ``~/.cache/evotune``):
+
+- ``tokens.npy``: every kept row's token ids back to back (int32);
+- ``labels.npy``: 1 where the token is a training target (a response token), else 0 (uint8);
+- ``offsets.npy``: row ``i`` is ``tokens[offsets[i]:offsets[i + 1]]`` (int64, N + 1);
+- ``truncated.npy``: the row was cut to ``max_length`` (uint8);
+
+plus ``meta.json`` (which loaded rows were kept, and why the others were skipped). That is 5
+bytes per token, shared by every rank of a machine through the page cache (``np.load`` with
+``mmap_mode="r"``). A resume, or any run with the same inputs, reuses the cache; a changed
+pool file, tokenizer, chat template or setting gets a new key. Rank 0 builds it (atomically:
+a temporary folder renamed into place) while the others wait; then every rank maps it.
+
+:class:`TokenizedPool` is a read-only sequence of :class:`~evotune.trainer.data.Encoded`,
+materialised one row at a time, so code written for a list of encodings reads it unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from evotune.trainer.data import (IGNORE_INDEX, DataError, Encoded, Example, LoadReport,
+                                  assemble, bos_prefix, segments)
+from evotune.trainer.state import fsync_dir, fsync_tree
+
+VERSION = 1
+BATCH_ROWS = 256
+
+
+def tokens_dir() -> Path:
+    root = os.environ.get("EVOTUNE_CACHE") or Path.home() / ".cache" / "evotune"
+    return Path(root).expanduser() / "tokens"
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A hash of what decides the token ids: the tokenizer's full state (vocabulary, merges,
+    normaliser; a fast tokenizer's JSON), its special tokens and its chat template."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    state = backend.to_str() if backend is not None else json.dumps(
+        tokenizer.get_vocab(), sort_keys=True)
+    extra = json.dumps([type(tokenizer).__name__, tokenizer.all_special_tokens,
+                        getattr(tokenizer, "chat_template", None), tokenizer.bos_token_id,
+                        tokenizer.eos_token])
+    return hashlib.sha256((state + extra).encode()).hexdigest()
+
+
+def cache_key(pool_hash: str, tokenizer, template: str, max_length: int, on_error: str,
+              max_examples: int) -> str:
+    blob = json.dumps([VERSION, pool_hash, tokenizer_fingerprint(tokenizer), template,
+                       max_length, on_error, max_examples])
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+class TokenizedPool(Sequence):
+    """The cached encodings of the kept pool rows, memory-mapped (see the module docstring)."""
+
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+        load = lambda name: np.load(self.directory / f"{name}.npy", mmap_mode="r")  # noqa: E731
+        self.tokens, self.is_label = load("tokens"), load("labels")
+        self.offsets, self.truncated = load("offsets"), load("truncated")
+        self.lengths = np.diff(np.asarray(self.offsets))
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(len(self)))]
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        a, b = int(self.offsets[i]), int(self.offsets[i + 1])
+        ids = np.asarray(self.tokens[a:b], dtype=np.int64)
+        labels = np.where(self.is_label[a:b].astype(bool), ids, IGNORE_INDEX)
+        return Encoded(ids.tolist(), labels.tolist(), bool(self.truncated[i]))
+
+
+def encode_batched(examples: list[Example], tokenizer, template: str, max_length: int,
+                   advance=lambda n=1, **_: None):
+    """Yield each example's :class:`Encoded` or its :class:`DataError`, in order; the pieces
+    of ``BATCH_ROWS`` rows go through one tokenizer call (the same ids as one call each:
+    :func:`evotune.trainer.data.encode`)."""
+    prefix = bos_prefix(tokenizer, template)
+    for start in range(0, len(examples), BATCH_ROWS):
+        batch = examples[start: start + BATCH_ROWS]
+        parts: list[list[tuple[str, bool]] | DataError] = []
+        for ex in batch:
+            try:
+                parts.append(segments(ex, tokenizer, template))
+            except DataError as e:
+                parts.append(e)
+        texts = [text for p in parts if not isinstance(p, DataError) for text, _ in p]
+        ids = tokenizer(texts, add_special_tokens=False).input_ids if texts else []
+        k = 0
+        for ex, p in zip(batch, parts):
+            if isinstance(p, DataError):
+                yield p
+                continue
+            pieces, k = ids[k: k + len(p)], k + len(p)
+            try:
+                yield assemble(ex, prefix, pieces, [r for _, r in p], max_length)
+            except DataError as e:
+                yield e
+        advance(len(batch))
+
+
+def build(directory: Path, examples: list[Example], tokenizer, template: str, max_length: int,
+          on_error: str, advance=lambda n=1, **_: None) -> None:
+    """Tokenise ``examples`` into the cache folder ``directory`` (atomically). Raises the first
+    row's DataError with ``on_error="error"``; with ``"skip"`` the row is left out and listed."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        tokens = open(tmp / "tokens.bin", "wb")
+        labels = open(tmp / "labels.bin", "wb")
+        offsets, truncated, kept, skipped = [0], [], [], []
+        with tokens, labels:
+            for index, (ex, enc) in enumerate(zip(examples, encode_batched(
+                    examples, tokenizer, template, max_length, advance))):
+                if isinstance(enc, DataError):
+                    if on_error != "skip":
+                        raise enc
+                    skipped.append([ex.where, str(enc)])
+                    continue
+                ids = np.asarray(enc.input_ids, dtype=np.int64)
+                if ids.size and (ids.max() >= 2**31 or ids.min() < 0):
+                    raise DataError(f"{ex.where}: token ids outside int32")
+                tokens.write(ids.astype(np.int32).tobytes())
+                labels.write((np.asarray(enc.labels) != IGNORE_INDEX).astype(np.uint8).tobytes())
+                offsets.append(offsets[-1] + len(ids))
+                truncated.append(enc.truncated)
+                kept.append(index)
+        for name, dtype in (("tokens", np.int32), ("labels", np.uint8)):
+            data = np.fromfile(tmp / f"{name}.bin", dtype=dtype)
+            np.save(tmp / f"{name}.npy", data)
+            (tmp / f"{name}.bin").unlink()
+        np.save(tmp / "offsets.npy", np.asarray(offsets, dtype=np.int64))
+        np.save(tmp / "truncated.npy", np.asarray(truncated, dtype=np.uint8))
+        (tmp / "meta.json").write_text(json.dumps({"version": VERSION, "kept": kept,
+                                                   "skipped": skipped}))
+        fsync_tree(tmp)
+        try:
+            os.rename(tmp, directory)
+        except OSError:           # another process finished the same cache first: use it
+            if not (directory / "meta.json").is_file():
+                raise
+        fsync_dir(directory.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def open_cached(directory: Path, examples: list[Example]
+                ) -> tuple[list[Example], TokenizedPool, LoadReport]:
+    """The kept examples, their cached encodings and the rows the encoding skipped."""
+    meta = json.loads((directory / "meta.json").read_text())
+    pool = TokenizedPool(directory)
+    kept = [examples[i] for i in meta["kept"]]
+    if len(kept) != len(pool):
+        raise ValueError(f"token cache {directory} is inconsistent ({len(pool)} rows for "
+                         f"{len(kept)} kept examples); delete it")
+    return kept, pool, LoadReport([tuple(s) for s in meta["skipped"]])
