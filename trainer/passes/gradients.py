@@ -94,24 +94,32 @@ class SparseProjector:
     preserved in expectation, with a standard deviation of about |x|·|y|/sqrt(dim). The hash of
     each parameter block comes from a CPU ``torch.Generator`` seeded with (seed, block index),
     so the projection is identical on every rank, device and resume, and it never builds a
-    P × dim matrix: memory is O(P · nnz) for the cached hashes of the blocks (or none, with
-    ``cache=False``). LESS uses a dense Rademacher projection (trak's CUDA projector) instead.
+    P × dim matrix. The hashes are int32 indices and int8 signs (5 bytes per coordinate and
+    non-zero) kept on the gradients' device while they fit in ``cache_mb`` MiB in all
+    (LoRA: a few MiB), else drawn again for every batch (full fine-tuning of a large model:
+    P · nnz · 5 bytes would not fit); ``cache=False`` never keeps them. The projection runs on
+    the device the gradients live on. LESS uses a dense Rademacher projection (trak's CUDA
+    projector) instead.
     """
 
     def __init__(self, sizes: list[int], dim: int = 8192, seed: int = 0, nnz: int = 4,
-                 cache: bool = True):
+                 cache: bool = True, cache_mb: float = 1024):
         if dim < 1 or nnz < 1:
             raise ValueError(f"dim and nnz must be >= 1, got {dim}, {nnz}")
-        self.sizes, self.dim, self.seed, self.nnz, self.cache = list(sizes), dim, seed, nnz, cache
+        if dim >= 2**31:
+            raise ValueError(f"dim must be below 2^31, got {dim}")
+        self.sizes, self.dim, self.seed, self.nnz = list(sizes), dim, seed, nnz
+        self.cache = cache and sum(self.sizes) * nnz * 5 <= cache_mb * 2**20
         self._hashes: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def _hash(self, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _hash(self, block: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         if block in self._hashes:
             return self._hashes[block]
         gen = torch.Generator(device="cpu").manual_seed((self.seed * 1_000_003 + block) % 2**63)
         n = self.sizes[block]
-        index = torch.randint(0, self.dim, (n, self.nnz), generator=gen)
+        index = torch.randint(0, self.dim, (n, self.nnz), generator=gen).to(torch.int32)
         sign = torch.randint(0, 2, (n, self.nnz), generator=gen, dtype=torch.int8) * 2 - 1
+        index, sign = index.to(device), sign.to(device)
         if self.cache:
             self._hashes[block] = (index, sign)
         return index, sign
@@ -126,9 +134,8 @@ class SparseProjector:
             flat = g.reshape(b, -1).float()
             if flat.shape[1] != self.sizes[i]:
                 raise ValueError(f"block {i}: {flat.shape[1]} values, expected {self.sizes[i]}")
-            index, sign = self._hash(i)
-            index, sign = index.to(flat.device), sign.to(flat.device, torch.float32)
-            contrib = (flat.unsqueeze(-1) * sign).reshape(b, -1)
+            index, sign = self._hash(i, flat.device)
+            contrib = (flat.unsqueeze(-1) * sign.to(torch.float32)).reshape(b, -1)
             out.index_add_(1, index.reshape(-1), contrib)
         return out / math.sqrt(self.nnz)
 

@@ -248,6 +248,7 @@ class InfluencePass:
         for k in range(start, len(batches)):
             batch = [self._grad(module, params, item, moments, which) for item in batches[k]]
             blocks = [torch.stack([g[i] for g in batch]) for i in range(len(params))]
+            del batch          # projected where the gradients are; only (B, dim) leaves
             rows = normalize_rows(projector.project(blocks)).cpu().numpy()
             if shard_dir is not None:
                 _save_shard(shard_dir, which, st.rank, k, key, rows)
@@ -263,12 +264,12 @@ class InfluencePass:
             g = example_grad(answer_loss(module, enc.input_ids, enc.labels, dev), params)
             if moments is not None:
                 g = adam_direction(g, *moments, eps_inside_sqrt=icfg.eps_inside_sqrt)
-            return [t.reshape(-1).cpu() for t in g]
+            return [t.reshape(-1) for t in g]
         it = self.val[item]
         if it.kind == "sft":
             g = example_grad(answer_loss(module, it.encoded.input_ids, it.encoded.labels, dev),
                              params)
-            return [t.reshape(-1).cpu() for t in g]
+            return [t.reshape(-1) for t in g]
         margin = answer_logprob(module, it.chosen.input_ids, it.chosen.labels, dev) \
             - answer_logprob(module, it.rejected.input_ids, it.rejected.labels, dev)
         if self.reference_margins is None:
@@ -277,7 +278,7 @@ class InfluencePass:
             coef = dpo_coefficient(float(margin.detach()), self.reference_margins[item],
                                    icfg.beta, icfg.label_smoothing)
         g = example_grad(margin, params)
-        return [(coef * t).reshape(-1).cpu() for t in g]
+        return [(coef * t).reshape(-1) for t in g]
 
 
 def _fingerprint(cfg, which: str, world_size: int, rank: int, items: list[int]) -> str:

@@ -47,6 +47,21 @@ def test_projection_is_seeded_and_linear():
     assert torch.allclose(two, 2 * a)
     with pytest.raises(ValueError, match="expected 2 gradient blocks"):
         SparseProjector(sizes, dim=16).project(blocks[:1])
+    # the hashes: int32 indices and int8 signs, kept only while they fit in cache_mb
+    kept = SparseProjector(sizes, dim=16, seed=1)
+    kept.project(blocks)
+    index, sign = kept._hashes[0]
+    assert kept.cache and index.dtype == torch.int32 and sign.dtype == torch.int8
+    small = SparseProjector(sizes, dim=16, seed=1, cache_mb=(12 * 4 * 5 - 1) / 2**20)
+    assert not small.cache and torch.equal(small.project(blocks), a) and not small._hashes
+    # reference: the projection written out densely from the same hashes
+    dense = torch.zeros(12, 16)
+    for i, (start, n) in enumerate([(0, 7), (7, 5)]):
+        idx, sgn = kept._hashes[i]
+        for row in range(n):
+            for k in range(4):
+                dense[start + row, int(idx[row, k])] += float(sgn[row, k])
+    assert torch.allclose(a, x @ dense / 2.0, atol=1e-6)
 
 
 def test_adam_direction_formula_and_eps_placement():
