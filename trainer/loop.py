@@ -28,7 +28,8 @@ from evotune.trainer import tokens
 from evotune.trainer.logs import (ProgressBars, RunLogger, drop_metrics_after, log, rounds_table,
                                   setup_console_logging)
 from evotune.trainer.model import (build_trainable_model, check_lora_targets, export_weights,
-                                   load_tokenizer, merge_adapter, resolve_model_path)
+                                   load_tokenizer, merge_adapter, reset_adapter,
+                                   resolve_model_path)
 from evotune.trainer.passes.features import FeaturePass, PassResult
 from evotune.trainer.passes.forward import PassStats, gather_shards
 from evotune.trainer.tokens import TokenizedPool
@@ -86,6 +87,7 @@ def run(cfg: Config, resume: str = "auto", overwrite: bool = False) -> list[dict
             break                                     # selection.stop_when: gain too small
 
     summaries = finish(out, cfg, strategy, data)
+    log.info(f"base model loads this run: {model.loads}")
     if strategy.is_rank0:
         console.print(rounds_table(summaries))
         console.print(f"outputs: {out}  (inspect: python launch/inspect_rounds.py {out})")
@@ -306,17 +308,32 @@ class RoundModel:
     round starts from the same weights). With ``train.retrain_from_base`` every round trains a
     fresh engine (DiverseEvol); otherwise training continues on the previous round's engine,
     optimizer state included.
+
+    With LoRA under ZeRO 0–2 the base model is loaded once per run: the base weights never
+    change, so a fresh engine is the same module with its adapter re-drawn
+    (:func:`~evotune.trainer.model.reset_adapter`) and a new optimizer. Full fine-tuning
+    changes every weight, and ZeRO-3 partitions the module in its engine: those load again.
     """
 
     def __init__(self, cfg: Config, strategy: Strategy, model_path: Path):
         self.cfg, self.strategy, self.model_path = cfg, strategy, model_path
         self.engine = None
         self._untrained: int | None = None       # built fresh for this round, not trained yet
+        self._module = None                      # the kept base model with its adapter
+        self.loads = 0                           # base-model loads so far (the log says)
 
     def fresh(self, r: int):
         self.release()
-        self.engine = self.strategy.prepare(build_trainable_model(
-            self.cfg, self.model_path, self.strategy.dtype, derive_seed(self.cfg.seed, "init", r)))
+        seed = derive_seed(self.cfg.seed, "init", r)
+        module = self._module
+        if module is None:
+            module = build_trainable_model(self.cfg, self.model_path, self.strategy.dtype, seed)
+            self.loads += 1
+            if self.cfg.lora.enabled and self.cfg.deepspeed.zero_stage < 3:
+                self._module = module
+        else:
+            reset_adapter(module, seed)
+        self.engine = self.strategy.prepare(module)
         self._untrained = r
         return self.engine
 

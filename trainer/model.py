@@ -13,6 +13,7 @@ import importlib.metadata
 import importlib.util
 import json
 import logging
+import math
 import os
 import shutil
 from dataclasses import dataclass
@@ -145,9 +146,31 @@ def build_trainable_model(cfg, path: str | os.PathLike, dtype: torch.dtype,
         return model
     lora = PeftLoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                           target_modules=list(cfg.lora.target_modules), task_type="CAUSAL_LM")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(init_seed)
-        return get_peft_model(model, lora)
+    model = get_peft_model(model, lora)
+    reset_adapter(model, init_seed)
+    return model
+
+
+def reset_adapter(model: torch.nn.Module, init_seed: int) -> None:
+    """Give every LoRA adapter the weights of a new one, drawn from ``init_seed``: A as PEFT
+    initialises it (kaiming-uniform, a = √5, the ``nn.Linear`` default), B zeros, so the model
+    is the base model again. Drawn on the CPU in float32 whatever the model's device and dtype,
+    in sorted parameter order: a model built now and one kept from an earlier round get the
+    same weights (a run keeps its base model across rounds: :class:`RoundModel`)."""
+    gen = torch.Generator(device="cpu").manual_seed(init_seed)
+    found = False
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters(), key=lambda x: x[0]):
+            if ".lora_A." in name:
+                w = torch.empty(p.shape, dtype=torch.float32)
+                bound = 1.0 / math.sqrt(p.shape[1]) if p.shape[1] else 0.0
+                w.uniform_(-bound, bound, generator=gen)   # kaiming_uniform_(a=√5) on (r, in)
+                p.copy_(w)
+                found = True
+            elif ".lora_B." in name:
+                p.zero_()
+    if not found:
+        raise ValueError("the model has no LoRA adapter to reset")
 
 
 def check_lora_targets(path: str | os.PathLike, targets: list[str]) -> None:

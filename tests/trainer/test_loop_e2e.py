@@ -95,6 +95,8 @@ def test_run_writes_every_artifact(baseline, tiny_model_dir):
     assert "eval acc" in proc.stderr + proc.stdout
     assert (out / "config.yaml").is_file() and (out / "data_report.json").is_file()
     assert "evotune rounds" in proc.stderr + proc.stdout
+    # LoRA at ZeRO-0: three fresh engines (retrain from base), one base-model load
+    assert "base model loads this run: 1" in proc.stderr
 
 
 def test_final_adapter_loads_with_plain_peft(baseline, tiny_model_dir):
