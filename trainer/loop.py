@@ -312,7 +312,8 @@ class RoundModel:
     With LoRA under ZeRO 0–2 the base model is loaded once per run: the base weights never
     change, so a fresh engine is the same module with its adapter re-drawn
     (:func:`~evotune.trainer.model.reset_adapter`) and a new optimizer. Full fine-tuning
-    changes every weight, and ZeRO-3 partitions the module in its engine: those load again.
+    changes every weight, and ZeRO-3 partitions the module in its engine: those load again,
+    and under ZeRO-3 the base model is built partitioned (``deepspeed.zero.Init``).
     """
 
     def __init__(self, cfg: Config, strategy: Strategy, model_path: Path):
@@ -327,7 +328,9 @@ class RoundModel:
         seed = derive_seed(self.cfg.seed, "init", r)
         module = self._module
         if module is None:
-            module = build_trainable_model(self.cfg, self.model_path, self.strategy.dtype, seed)
+            zero3 = self.strategy.ds_config() if self.cfg.deepspeed.zero_stage == 3 else None
+            module = build_trainable_model(self.cfg, self.model_path, self.strategy.dtype, seed,
+                                           zero3)
             self.loads += 1
             if self.cfg.lora.enabled and self.cfg.deepspeed.zero_stage < 3:
                 self._module = module

@@ -114,31 +114,48 @@ def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
 
 
 def load_model(path: str | os.PathLike, dtype: torch.dtype,
-               attn_implementation: str = "sdpa") -> PreTrainedModel:
+               attn_implementation: str = "sdpa", zero3_config: dict | None = None
+               ) -> PreTrainedModel:
     """Load a causal LM from a local model directory, on CPU, with weights in ``dtype``.
 
     Attention is SDPA, which runs on CPU and GPU and honours right-padding masks: a padded row
     gives the outputs of the row alone at its real positions, up to float rounding.
 
+    ``zero3_config`` (a ZeRO-3 DeepSpeed config): the model is built under
+    ``deepspeed.zero.Init``, each parameter partitioned over the ranks as it is created, and the
+    weights loaded into the partitions (transformers' ZeRO-3 loading), so no rank ever holds the
+    whole model. Only this load: later loads (an IFD proxy, a reward model) are plain.
+
     Raises:
         OSError: ``path`` holds no model.
     """
-    return AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, local_files_only=True, attn_implementation=attn_implementation
-    )
+    if zero3_config is None:
+        return AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, local_files_only=True, attn_implementation=attn_implementation)
+    from transformers.integrations.deepspeed import (HfDeepSpeedConfig,
+                                                     unset_hf_deepspeed_config)
+    hf_config = HfDeepSpeedConfig(zero3_config)    # from_pretrained reads it while it lives
+    if not hf_config.is_zero3():
+        raise ValueError("zero3_config is not a ZeRO stage 3 config")
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, local_files_only=True, attn_implementation=attn_implementation)
+    finally:
+        unset_hf_deepspeed_config()
 
 
 def build_trainable_model(cfg, path: str | os.PathLike, dtype: torch.dtype,
-                          init_seed: int) -> torch.nn.Module:
+                          init_seed: int, zero3_config: dict | None = None) -> torch.nn.Module:
     """The base model from ``path`` with a fresh LoRA adapter (or all weights trainable).
 
     ``init_seed`` seeds the adapter's initialisation, so a round rebuilt after a crash starts
-    from the same weights as it did the first time.
+    from the same weights as it did the first time. ``zero3_config``: built partitioned
+    (:func:`load_model`); the adapter's own weights are partitioned by the engine.
     """
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
-    model = load_model(path, dtype, cfg.model.attn_implementation)
+    model = load_model(path, dtype, cfg.model.attn_implementation, zero3_config)
     model.config.use_cache = False
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
