@@ -244,15 +244,18 @@ class Strategy:
         return state if self.is_rank0 else None
 
     def full_state_dict(self, engine) -> dict[str, torch.Tensor] | None:
-        """All weights (gathered under ZeRO-3) on rank 0, None elsewhere. Collective."""
+        """All weights on rank 0 (CPU copies), None elsewhere. Collective under ZeRO-3, where
+        the parameters are gathered one at a time (in the same order on every rank), so no
+        rank holds the whole model on its device and only rank 0 keeps copies."""
         import deepspeed
-        if self.cfg.deepspeed.zero_stage == 3:
-            params = list(engine.module.parameters())
-            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-                state = {k: v.detach().to("cpu").clone()
-                         for k, v in engine.module.state_dict().items()}
-        else:
-            state = {k: v.detach().to("cpu").clone() for k, v in engine.module.state_dict().items()}
+        state = {}
+        for key, value in engine.module.state_dict(keep_vars=True).items():
+            if hasattr(value, "ds_id"):                 # a ZeRO-3 partitioned parameter
+                with deepspeed.zero.GatheredParameters([value], modifier_rank=None):
+                    if self.is_rank0:
+                        state[key] = value.detach().to("cpu").clone()
+            elif self.is_rank0:
+                state[key] = value.detach().to("cpu").clone()
         return state if self.is_rank0 else None
 
     # ------------------------------------------------------------------ collectives

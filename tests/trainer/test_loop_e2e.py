@@ -348,12 +348,13 @@ def test_inspect_rounds_shows_rounds_picks_and_diffs(baseline):
                for r in range(3))
 
 
-def test_full_finetuning_exports_a_plain_model(tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("zero_stage, ranks", [(1, None), (3, 2)])
+def test_full_finetuning_exports_a_plain_model(tmp_path, tiny_model_dir, zero_stage, ranks):
     from transformers import AutoModelForCausalLM
     cfg = write_config(tmp_path / "cfg.yaml", tiny_model_dir, tmp_path / "out",
                        lora={"enabled": False}, selection={"rounds": 2},
-                       deepspeed={"zero_stage": 1})
-    run_train(["--config", str(cfg)])
+                       deepspeed={"zero_stage": zero_stage})
+    run_train(["--config", str(cfg)], ranks=ranks)
     final = tmp_path / "out" / "final" / "model"
     model = AutoModelForCausalLM.from_pretrained(final)
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
