@@ -3,6 +3,7 @@ results; the benchmarks themselves are scripts with recorded results, never time
 
 import importlib.util
 
+import numpy as np
 import pytest
 import yaml
 
@@ -136,3 +137,15 @@ def test_targeted_tables_and_plot_from_synthetic_results(tmp_path):
     assert "| rds_loop | 0.900 ± 0.000 (Δ +0.400*) |" in quality
     png = bench.plot(results, "targeted", [0.05], ["random", "rds_loop"], tmp_path)
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_scale_shards_cover_the_pool_once_and_rows_do_not_depend_on_the_rank():
+    bench = load("scale")
+    n = 3 * bench.BLOCK + 17
+    for world in (1, 2, 3):
+        parts = [bench.rows_of(r, world, n) for r in range(world)]
+        assert sorted(np.concatenate(parts).tolist()) == list(range(n))
+        assert all((np.diff(p) > 0).all() for p in parts if len(p) > 1)
+    whole = bench.synthetic(np.arange(n), 4)
+    part = bench.rows_of(1, 2, n)
+    assert np.array_equal(bench.synthetic(part, 4), whole[part])
