@@ -131,6 +131,11 @@ class Selector(Protocol):
 
     ``select`` picks ``n`` of ``candidates`` (pool positions, ascending) given the already
     selected ``labeled`` positions; ``rng`` is seeded per round by the loop.
+
+    Optional: ``scale``, a line for the README on what the rule holds where on many ranks; and
+    ``sharded = True`` with ``select_sharded(shard, labeled, candidates, n, rng, comm)``, called
+    on every rank with its own rows (``Features.positions``) when the rule reads nothing but
+    the hidden-state embeddings (k-center: :func:`~evotune.selectors.kcenter.kcenter_sharded`).
     """
     name: ClassVar[str]
     doc: ClassVar[str]

@@ -179,6 +179,8 @@ class ClusterQuotaSelector:
            "within each cluster (or, with `pick: centroid`, the members closest in angle to the "
            "cluster centroid: TAGCOS), picked round-robin over clusters")
     logs = "the score (or `centroid_cosine`), `cluster`, `in_quota`"
+    scale = ("rank 0: the N × D embeddings and scikit-learn KMeans over all the candidates (no "
+             "mini-batch form here)")
     needs_embeddings = True
 
     @dataclass

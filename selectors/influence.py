@@ -22,6 +22,7 @@ class InfluenceSelector:
            "normalised) align best with a validation set's gradients: mean cosine per "
            "validation subtask, max over subtasks (see Influence selection)")
     logs = "`influence`, `top_subtask`, one `influence:<subtask>` per subtask"
+    scale = "rank 0: N × `influence.dim` projected gradients (of the sample)"
     Options = NoOptions
     needs_embeddings = False
     scores = (SCORE,)

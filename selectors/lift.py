@@ -64,6 +64,7 @@ class LiftSelector:
            "`variance` of it); the `keep` fraction with the highest row variance (far from "
            "the centroid), then the best `score` among them (or the highest row variance)")
     logs = "`row_variance`, the score"
+    scale = "rank 0: the N × D embeddings, a standardised copy and a full PCA (scikit-learn)"
     needs_embeddings = True
 
     @dataclass

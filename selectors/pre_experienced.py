@@ -67,6 +67,7 @@ class PreExperiencedSelector:
     doc = ("Cherry LLM's pre-experienced round 0: KMeans on the base model's prompt embeddings, "
            "from each cluster members of the middle prompt-perplexity band, evenly spaced")
     logs = "`instruction_perplexity`, `cluster`, `in_band`"
+    scale = "rank 0: the N × D prompt embeddings and KMeans"
     needs_embeddings = True
     scores = (SCORE,)
 

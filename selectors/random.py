@@ -12,6 +12,7 @@ class RandomSelector:
     name = "random"
     doc = "seeded uniform sample of the candidates (the baseline to beat)"
     logs = "–"
+    scale = "nothing measured"
     Options = NoOptions
     needs_embeddings = False
     scores = ()

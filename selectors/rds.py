@@ -84,6 +84,7 @@ class RdsSelector:
            "examples (`scoring.rds.targets`), max over each subtask's targets, taken "
            "round-robin over the subtasks so each gets its share")
     logs = "`rds`, `rds_subtask` (whose turn took it), one `rds:<subtask>` per subtask"
+    scale = "rank 0: the N × D embeddings (gathered for the score) and N scores per subtask"
     Options = NoOptions
     needs_embeddings = False
     scores = (SCORE,)

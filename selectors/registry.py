@@ -36,6 +36,9 @@ SELECTORS: dict[str, type] = {cls.name: cls for cls in (
 FIRST_ROUND: dict[str, type | None] = {"random": RandomSelector, "selector": None,
                                        "pre_experienced": PreExperiencedSelector}
 
+# What a rule without its own ``scale`` line does on many ranks (the README's selector table).
+GATHERED = "rank 0: the features gathered there"
+
 _MEMBERS = ("name", "doc", "logs", "Options", "needs_embeddings", "scores", "select",
             "state_dict")
 

@@ -169,6 +169,7 @@ class RepresentationFilterSelector:
            "if its max cosine similarity to everything selected (earlier rounds and this one) is "
            "≤ `threshold`; if too few pass, the best rejected fill the budget (`admitted: 0`)")
     logs = "the score, `max_cosine`, `admitted`"
+    scale = "rank 0: the N × D embeddings (gathered)"
     needs_embeddings = True
 
     @dataclass

@@ -81,6 +81,7 @@ class WeightedSelector:
            "over the candidates, the k-center distance divided by the largest remaining one; "
            "`alpha` 0 is k-center, 1 is top-score (`configs/ifd_mix.yaml`)")
     logs = "the score, `kcenter_distance`, `objective`"
+    scale = "rank 0: the N × D embeddings (gathered) and the scores; O(N) work per pick"
     needs_embeddings = True
 
     @dataclass

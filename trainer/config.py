@@ -789,10 +789,12 @@ def describe_markdown() -> str:
 def selectors_markdown() -> str:
     """The README's selector table, from the registry (``selectors/registry.py``)."""
     rows = ["| `selection.selector` | what it picks each round | settings "
-            "(`selection.<selector>.*`) | numbers logged per pick |", "|---|---|---|---|"]
+            "(`selection.<selector>.*`) | numbers logged per pick | on many ranks, memory |",
+            "|---|---|---|---|---|"]
     for name, cls in selector_registry.SELECTORS.items():
         keys = ", ".join(f"`{f.name}`" for f in dataclasses.fields(cls.Options)) or "–"
-        rows.append(f"| `{name}` | {cls.doc} | {keys} | {cls.logs} |")
+        rows.append(f"| `{name}` | {cls.doc} | {keys} | {cls.logs} | "
+                    f"{getattr(cls, 'scale', selector_registry.GATHERED)} |")
     return "\n".join(rows)
 
 
