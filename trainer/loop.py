@@ -24,8 +24,8 @@ from evotune.trainer.config import Config, resolve_budget
 from evotune.trainer.data import (ChoiceSet, Encoded, Example, LoadReport, choice_set,
                                   encode_all, load_examples, resolve_template)
 from evotune.trainer.engine import Strategy
-from evotune.trainer.fit import EvalResult, TrainStats, evaluate_with_choices, train_round
 from evotune.trainer import tokens
+from evotune.trainer.fit import EvalResult, TrainStats, evaluate_with_choices, train_round
 from evotune.trainer.logs import (ProgressBars, RunLogger, drop_metrics_after, log, rounds_table,
                                   setup_console_logging)
 from evotune.trainer.model import (build_trainable_model, check_lora_targets, export_weights,
@@ -33,12 +33,13 @@ from evotune.trainer.model import (build_trainable_model, check_lora_targets, ex
                                    resolve_model_path)
 from evotune.trainer.passes.features import FeaturePass, PassResult
 from evotune.trainer.passes.forward import PassStats, gather_shards
-from evotune.trainer.tokens import TokenizedPool
 from evotune.trainer.state import (STATE_FILE, ResumePlan, RoundState, capture_rng, crash_point,
                                    derive_seed, file_hash, fsync_tree, last_completed_round,
                                    partial_dir, plan_resume, read_state, restore_rng, round_dir,
-                                   sample_size, seeded_sample, write_bytes_atomic, write_checkpoint_manifest,
-                                   write_json_atomic, write_text_atomic)
+                                   sample_size, seeded_sample, write_bytes_atomic,
+                                   write_checkpoint_manifest, write_json_atomic,
+                                   write_text_atomic)
+from evotune.trainer.tokens import TokenizedPool
 
 
 class StartError(RuntimeError):
