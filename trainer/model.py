@@ -24,7 +24,7 @@ from peft import PeftModel
 from transformers import (AutoModelForCausalLM, AutoTokenizer, PreTrainedModel,
                           PreTrainedTokenizerBase)
 
-from evotune.trainer.state import file_hash
+from evotune.trainer.state import cache_root, file_hash
 
 logger = logging.getLogger(__name__)
 
@@ -256,9 +256,7 @@ def lm_head(model: PreTrainedModel | PeftModel) -> torch.nn.Module:
 
 
 def _cache_root(cache_dir: str | os.PathLike | None) -> Path:
-    if cache_dir is None:
-        cache_dir = os.environ.get("EVOTUNE_CACHE") or Path.home() / ".cache" / "evotune"
-    return Path(cache_dir).expanduser()
+    return cache_root() if cache_dir is None else Path(cache_dir).expanduser()
 
 
 def _ensure_converted(entry: EmbeddedModel, cache_root: Path) -> Path:

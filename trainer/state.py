@@ -269,6 +269,12 @@ def restore_rng(saved: dict) -> None:
         torch.cuda.set_rng_state_all([_tensor(s) for s in saved["cuda"]])
 
 
+def cache_root() -> Path:
+    """evotune's cache folder: ``$EVOTUNE_CACHE``, else ``~/.cache/evotune`` (converted models,
+    base-model features and pool tokens each have a subfolder)."""
+    return Path(os.environ.get("EVOTUNE_CACHE") or Path.home() / ".cache" / "evotune").expanduser()
+
+
 def file_hash(path: Path) -> str:
     """sha256 of a file's bytes, read in 1 MiB blocks."""
     h = hashlib.sha256()

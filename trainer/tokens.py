@@ -34,15 +34,14 @@ import numpy as np
 
 from evotune.trainer.data import (IGNORE_INDEX, DataError, Encoded, Example, LoadReport,
                                   assemble, bos_prefix, segments)
-from evotune.trainer.state import fsync_dir, fsync_tree
+from evotune.trainer.state import cache_root, fsync_dir, fsync_tree
 
 VERSION = 1
 BATCH_ROWS = 256
 
 
 def tokens_dir() -> Path:
-    root = os.environ.get("EVOTUNE_CACHE") or Path.home() / ".cache" / "evotune"
-    return Path(root).expanduser() / "tokens"
+    return cache_root() / "tokens"
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

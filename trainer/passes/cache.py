@@ -24,15 +24,14 @@ import numpy as np
 
 from evotune.selectors.base import Features
 from evotune.trainer.passes.forward import PassStats
-from evotune.trainer.state import write_bytes_atomic, write_json_atomic
+from evotune.trainer.state import cache_root, write_bytes_atomic, write_json_atomic
 
 VERSION = 1
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("EVOTUNE_CACHE") or Path.home() / ".cache" / "evotune"
-    return Path(root).expanduser() / "features"
+    return cache_root() / "features"
 
 
 def model_fingerprint(path: str | os.PathLike) -> dict:
