@@ -672,44 +672,13 @@ def test_a_checkpoint_that_does_not_restore_the_adapter_is_refused(baseline, tmp
     assert proc.returncode == 2 and "did not restore the adapter" in proc.stderr
 
 
-def test_a_failure_on_rank_0_stops_every_rank(tmp_path, tiny_model_dir):
-    """An unexpected error on rank 0 (a selector's bug) must end the other rank too, not leave
-    it waiting in a collective: the launcher returns, with the error in its output."""
+def _two_ranks_with_selector(tmp_path, tiny_model_dir, name: str, select_body: str,
+                             **sections) -> tuple[int, str]:
+    """Run two ranks through the real launcher with a test selector ``name`` (a SkipTop whose
+    ``select(self, *args)`` is ``select_body``) registered from a launch script; returns the
+    launcher's exit code and its output."""
     from helpers import _free_port
-    script = tmp_path / "launch_buggy.py"
-    script.write_text(f"""
-import sys
-sys.path.insert(0, {str(REPO / "tests")!r})
-sys.path.insert(0, {str(REPO / "launch")!r})
-from test_extending import SkipTop
-from evotune.selectors.registry import register
-
-class Buggy(SkipTop):
-    name = "buggy"
-    def select(self, *args):
-        raise KeyError("a bug in the selector")
-
-register(Buggy)
-import train
-sys.exit(train.main(sys.argv[1:]))
-""")
-    cfg = write_config(tmp_path / "cfg.yaml", tiny_model_dir, tmp_path / "out",
-                       selection={"selector": "buggy", "rounds": 2})
-    deepspeed = Path(sys.executable).with_name("deepspeed")
-    proc = subprocess.run([str(deepspeed), "--num_gpus", "2", "--master_port",
-                           str(_free_port()), str(script), "--config", str(cfg)], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode != 0
-    out = proc.stdout + proc.stderr
-    assert "a bug in the selector" in out and "rank 0 failed" in out
-
-
-def test_no_rank_waits_in_a_collective_longer_than_the_timeout(tmp_path, tiny_model_dir):
-    """deepspeed.timeout_minutes reaches the process group: rank 0 selecting for longer than
-    the timeout (here a selector that sleeps 60 s against 0.1 min) makes the waiting rank fail
-    with a timeout, instead of the run hanging on or silently succeeding."""
-    from helpers import _free_port
-    script = tmp_path / "launch_slow.py"
+    script = tmp_path / f"launch_{name}.py"
     script.write_text(f"""
 import sys, time
 sys.path.insert(0, {str(REPO / "tests")!r})
@@ -717,23 +686,40 @@ sys.path.insert(0, {str(REPO / "launch")!r})
 from test_extending import SkipTop
 from evotune.selectors.registry import register
 
-class Slow(SkipTop):
-    name = "slow"
+class Selector(SkipTop):
+    name = {name!r}
     def select(self, *args):
-        time.sleep(60)
-        return super().select(*args)
+{select_body}
 
-register(Slow)
+register(Selector)
 import train
 sys.exit(train.main(sys.argv[1:]))
 """)
     cfg = write_config(tmp_path / "cfg.yaml", tiny_model_dir, tmp_path / "out",
-                       selection={"selector": "slow", "rounds": 2},
-                       deepspeed={"zero_stage": 0, "timeout_minutes": 0.1})
+                       selection={"selector": name, "rounds": 2}, **sections)
     deepspeed = Path(sys.executable).with_name("deepspeed")
     proc = subprocess.run([str(deepspeed), "--num_gpus", "2", "--master_port",
                            str(_free_port()), str(script), "--config", str(cfg)], cwd=REPO,
                           capture_output=True, text=True, timeout=400)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode != 0, out[-3000:]
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def test_a_failure_on_rank_0_stops_every_rank(tmp_path, tiny_model_dir):
+    """An unexpected error on rank 0 (a selector's bug) must end the other rank too, not leave
+    it waiting in a collective: the launcher returns, with the error in its output."""
+    rc, out = _two_ranks_with_selector(tmp_path, tiny_model_dir, "buggy",
+                                       '        raise KeyError("a bug in the selector")')
+    assert rc != 0
+    assert "a bug in the selector" in out and "rank 0 failed" in out
+
+
+def test_no_rank_waits_in_a_collective_longer_than_the_timeout(tmp_path, tiny_model_dir):
+    """deepspeed.timeout_minutes reaches the process group: rank 0 selecting for longer than
+    the timeout (here a selector that sleeps 60 s against 0.1 min) makes the waiting rank fail
+    with a timeout, instead of the run hanging on or silently succeeding."""
+    rc, out = _two_ranks_with_selector(
+        tmp_path, tiny_model_dir, "slow",
+        "        time.sleep(60)\n        return super().select(*args)",
+        deepspeed={"zero_stage": 0, "timeout_minutes": 0.1})
+    assert rc != 0, out[-3000:]
     assert "timed out" in out.lower() or "timeout" in out.lower(), out[-3000:]
