@@ -12,6 +12,7 @@ import numpy as np
 
 from evotune.selectors.base import Selection
 from evotune.selectors.kcenter import kcenter_greedy
+from evotune.selectors.sharded import top_k_mask
 
 
 def score_filter(scores: np.ndarray, candidates: np.ndarray, max_value: float | None,
@@ -41,6 +42,32 @@ def score_filter(scores: np.ndarray, candidates: np.ndarray, max_value: float | 
     return passed, info
 
 
+def score_filter_sharded(values: np.ndarray, positions: np.ndarray, candidates: np.ndarray,
+                         max_value: float | None, top_fraction: float, comm
+                         ) -> tuple[np.ndarray, dict[str, int]]:
+    """:func:`score_filter` with the scores spread over ranks (every rank calls it with its
+    own ``values`` at pool ``positions``): the same passed positions and counts on every
+    rank. The top fraction is a distributed top-k (``selectors/sharded.py``); what crosses
+    ranks is a few counts and the passed positions."""
+    values = np.asarray(values, dtype=np.float64)
+    positions = np.asarray(positions, dtype=np.int64)
+    here = np.isin(positions, candidates)
+    s, pos = values[here], positions[here]
+    held = comm.sum_int64(int(here.sum()))
+    if held != len(candidates):
+        raise ValueError(f"the ranks' shards hold {held} of {len(candidates)} candidates")
+    finite = np.isfinite(s)
+    under = finite & (s <= max_value) if max_value is not None else finite
+    kept = comm.sum_int64(int(under.sum()))
+    keep_n = int(kept * top_fraction)
+    mine = pos[under][top_k_mask(s[under], pos[under], keep_n, comm)]
+    passed = np.sort(np.concatenate(comm.all_gather_rows(mine)))
+    info = {"nan_scores": comm.sum_int64(int((~finite).sum())),
+            "above_max": comm.sum_int64(int((finite & ~under).sum())),
+            "below_top_fraction": int(kept - keep_n), "passed": int(len(passed))}
+    return passed, info
+
+
 class ScoreFiltered:
     """Any selector, run only over the candidates that pass :func:`score_filter`.
 
@@ -57,16 +84,39 @@ class ScoreFiltered:
         self.needs_embeddings = inner.needs_embeddings
         self.scores = tuple(dict.fromkeys((*inner.scores, score)))
 
+    @property
+    def sharded(self) -> bool:
+        """Sharded when the selector inside is (k-center with a filter score)."""
+        return bool(getattr(self.inner, "sharded", False))
+
     def select(self, features, labeled: np.ndarray, candidates: np.ndarray, n: int,
                rng: np.random.Generator):
         passed, info = score_filter(features.scores[self.score], candidates, self.max_value,
                                     self.top_fraction)
-        first = self.inner.select(features, labeled, passed, min(n, len(passed)), rng)
+        return self._then(passed, info, labeled, candidates, n,
+                          lambda lab, cands, k: self.inner.select(features, lab, cands, k, rng))
+
+    def select_sharded(self, shard, labeled: np.ndarray, candidates: np.ndarray, n: int,
+                       rng: np.random.Generator, comm):
+        """:meth:`select` over every rank's own rows (:func:`score_filter_sharded`, then the
+        inner rule's ``select_sharded``): the same picks."""
+        shard.require_score(self.name, self.score)
+        passed, info = score_filter_sharded(shard.scores[self.score], shard.positions,
+                                            candidates, self.max_value, self.top_fraction, comm)
+        return self._then(passed, info, labeled, candidates, n,
+                          lambda lab, cands, k: self.inner.select_sharded(shard, lab, cands, k,
+                                                                          rng, comm))
+
+    @staticmethod
+    def _then(passed, info, labeled, candidates, n, inner) -> Selection:
+        """The inner rule over the ``passed`` candidates, then over the others for what is
+        missing (flagged ``passed_filter: 0``)."""
+        first = inner(labeled, passed, min(n, len(passed)))
         parts, met = [first], [np.ones(len(first.positions))]
         if len(first.positions) < n:
             rest = np.setdiff1d(candidates, passed)
-            more = self.inner.select(features, np.concatenate([labeled, first.positions]),
-                                     rest, n - len(first.positions), rng)
+            more = inner(np.concatenate([labeled, first.positions]), rest,
+                         n - len(first.positions))
             parts.append(more)
             met.append(np.zeros(len(more.positions)))
         # Every number of either part, for every pick: a part without it gets NaN, except the

@@ -29,6 +29,7 @@ import numpy as np
 
 from evotune.selectors.base import (Features, Selection, option, options_dict,
                                     require_positive)
+from evotune.selectors.sharded import SingleProcess
 
 
 def row_norms(x: np.ndarray) -> np.ndarray:
@@ -43,8 +44,16 @@ class NearestCentre:
     ``cand``: the candidates' float32 embeddings (kept, not copied); ``lab``: the initial
     centres' (the labeled points), measured in blocks of ``chunk_size`` rows of each.
     ``add(j)`` makes candidate ``j`` a centre, ``add_centre(row, norm)`` any point. Squared
-    distances are ``|a|²+|b|²−2ab`` in float32, clamped at 0 (see the module docstring). +inf
-    where there is no centre yet.
+    distances are ``|a|²+|b|²−2ab``, clamped at 0 (see the module docstring), kept in float32;
+    +inf where there is no centre yet.
+
+    A distance must not depend on which other rows share its computation, or the picks would
+    change with the number of ranks (BLAS sums a dot product differently by matrix shape and
+    by a row's place in it: measured). So a new centre is measured with ``einsum`` (each
+    candidate's dot product on its own, in float32; about as fast as BLAS's matrix-vector
+    product here), and the initial centres, a matrix product too large for that, with BLAS in
+    float64 from the float32 rows, rounded to float32: the shape can then change a distance
+    only where its float64 value lies within float64 rounding of a float32 rounding boundary.
     """
 
     def __init__(self, cand: np.ndarray, lab: np.ndarray, chunk_size: int):
@@ -58,11 +67,14 @@ class NearestCentre:
         """Make the rows ``lab`` (a block of at most ``chunk_size``) centres too."""
         if not len(lab):
             return
-        lab_norms = row_norms(lab)
+        lab_norms = row_norms(lab).astype(np.float64)
+        lab64 = lab.astype(np.float64)
         for s in range(0, len(self.cand), self.chunk_size):
             block = slice(s, s + self.chunk_size)
-            d = self.norms[block, None] + lab_norms[None, :] - 2.0 * (self.cand[block] @ lab.T)
-            np.minimum(self.sq[block], np.maximum(d, 0.0).min(axis=1), out=self.sq[block])
+            d = self.norms[block, None].astype(np.float64) + lab_norms[None, :] \
+                - 2.0 * (self.cand[block].astype(np.float64) @ lab64.T)
+            np.minimum(self.sq[block], np.maximum(d, 0.0).min(axis=1).astype(np.float32),
+                       out=self.sq[block])
 
     @classmethod
     def of(cls, emb: np.ndarray, labeled: np.ndarray, candidates: np.ndarray,
@@ -74,7 +86,7 @@ class NearestCentre:
         self.add_centre(self.cand[j], self.norms[j])
 
     def add_centre(self, row: np.ndarray, norm) -> None:
-        d = np.maximum(self.norms + norm - 2.0 * (self.cand @ row), 0.0)
+        d = np.maximum(self.norms + norm - 2.0 * np.einsum("nd,d->n", self.cand, row), 0.0)
         np.minimum(self.sq, d, out=self.sq)
 
 
@@ -122,23 +134,6 @@ def kcenter_greedy(embeddings: np.ndarray, labeled: np.ndarray, candidates: np.n
                            chunk_size)
 
 
-class SingleProcess:
-    """The collectives of :func:`kcenter_sharded` for one process (the whole pool is here)."""
-    rank, world_size = 0, 1
-
-    def max_int64(self, value: int) -> int:
-        return value
-
-    def broadcast_row(self, row: np.ndarray | None, src: int, size: int) -> np.ndarray:
-        return row
-
-    def broadcast_block(self, block: np.ndarray | None, src: int, shape) -> np.ndarray:
-        return block
-
-    def all_gather_rows(self, rows: np.ndarray) -> list[np.ndarray]:
-        return [rows]
-
-
 def _pick_key(sq: np.float32, position: int) -> int:
     """One int64 that orders candidates as k-center does: larger squared distance first, then
     the lower pool position. A non-negative float32's bits grow with its value (+inf above
@@ -163,11 +158,12 @@ def kcenter_sharded(cand: np.ndarray, positions: np.ndarray, labeled: np.ndarray
     all-reduce of an int64 (the largest distance, ties to the lowest position:
     :func:`_pick_key`) and one broadcast of the picked row from the rank that has it; every
     rank then updates its own distances. The picks are :func:`kcenter_greedy`'s on the same
-    embeddings (the same float32 arithmetic per candidate, whatever the sharding).
+    embeddings: each distance is computed from its own pair of rows whatever the sharding
+    (:class:`NearestCentre` says how, and the one rare exception).
 
     ``comm``: ``rank``, ``world_size``, ``max_int64(int)``, ``broadcast_row(row or None,
     src, size)`` (a float32 vector), ``broadcast_block(block or None, src, shape)``,
-    ``all_gather_rows(array)`` (:class:`SingleProcess`, or
+    ``all_gather_rows(array)`` (:class:`~evotune.selectors.sharded.SingleProcess`, or
     the run's ranks: :class:`evotune.trainer.engine.TorchComm`). ``cand`` is (rows, D) even
     on a rank without candidates. Returns (picks, distances) on every rank.
     """
@@ -218,8 +214,8 @@ class KCenterSelector:
     doc = ("DiverseEvol's greedy k-center: the candidate furthest (Euclidean, current-model "
            "embedding) from everything selected so far, one at a time.")
     logs = "`kcenter_distance`"
-    scale = ("sharded (without a filter score): each rank keeps its own rows and 4 bytes per "
-             "candidate; a pick is 2 collectives")
+    scale = ("sharded (also behind a forward-score filter): each rank keeps its own rows and 4 "
+             "bytes per candidate; a pick is 2 collectives")
     needs_embeddings = True
     scores = ()
 

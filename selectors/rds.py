@@ -25,6 +25,7 @@ from __future__ import annotations
 import numpy as np
 
 from evotune.selectors.base import Features, NoOptions, Selection
+from evotune.selectors.sharded import top_k, values_at
 
 SCORE = "rds"
 
@@ -84,7 +85,8 @@ class RdsSelector:
            "examples (`scoring.rds.targets`), max over each subtask's targets, taken "
            "round-robin over the subtasks so each gets its share")
     logs = "`rds`, `rds_subtask` (whose turn took it), one `rds:<subtask>` per subtask"
-    scale = "rank 0: the N × D embeddings (gathered for the score) and N scores per subtask"
+    scale = ("sharded: each rank scores its own rows; per subtask a distributed top-n (about 100 "
+             "int64 all-reduces) and the n best rows gathered")
     Options = NoOptions
     needs_embeddings = False
     scores = (SCORE,)
@@ -104,6 +106,42 @@ class RdsSelector:
         unscored = int((~np.isfinite(per_subtask[candidates]).any(axis=1)).sum())
         return Selection(picks, {SCORE: features.scores[SCORE][picks]},
                          {"subtasks": len(names), "unscored": unscored},
+                         {"rds_subtask": [names[b].split(":", 1)[1] for b in by]})
+
+    sharded = True
+
+    def select_sharded(self, shard: Features, labeled: np.ndarray, candidates: np.ndarray,
+                       n: int, rng: np.random.Generator, comm) -> Selection:
+        """:meth:`select` with the scores spread over ranks (every rank calls this with its
+        shard): the same picks. A subtask's turns never reach past its own n best candidates
+        (each turn either picks or meets a row another subtask picked, n in all), so each
+        subtask's distributed top-n (``selectors/sharded.py``) is all the round-robin reads."""
+        shard.require_score(self.name, SCORE)
+        names = sorted(k for k in shard.scores if k.startswith(SCORE + ":"))
+        if not names:
+            raise ValueError("rds needs the per-subtask scores rds:<subtask>; the feature pass "
+                             "computed none")
+        pos = np.asarray(shard.positions, dtype=np.int64)
+        here = np.isin(pos, candidates)
+        per_subtask = np.stack([shard.scores[k] for k in names], axis=1)[here]
+        held = comm.sum_int64(int(here.sum()))
+        if held != len(candidates):
+            raise ValueError(f"the ranks' shards hold {held} of {len(candidates)} candidates")
+        scored = comm.sum_int64(int(np.isfinite(per_subtask).any(axis=1).sum()))
+        if n > scored:
+            raise ValueError(f"cannot pick {n}: only {scored} of {len(candidates)} candidates "
+                             f"have an rds score")
+        best = [top_k(np.where(np.isfinite(col), col, np.nan), pos[here], n, comm)
+                for col in per_subtask.T]
+        # The round-robin over the union of the subtasks' top-n lists, in pool order.
+        union = np.unique(np.concatenate([p for p, _ in best]))
+        table = np.full((len(union), len(names)), np.nan)
+        for s, (p, v) in enumerate(best):
+            table[np.searchsorted(union, p), s] = v
+        picked, by = round_robin(table, np.arange(len(union)), n)
+        picks = union[picked]
+        return Selection(picks, {SCORE: values_at(shard.scores[SCORE], pos, picks, comm)},
+                         {"subtasks": len(names), "unscored": len(candidates) - scored},
                          {"rds_subtask": [names[b].split(":", 1)[1] for b in by]})
 
     def state_dict(self) -> dict:

@@ -151,6 +151,12 @@ def shm_buffers() -> set[str]:
     return {p.name for p in shm.glob("deepspeed_allreduce_buffer_*")} if shm.is_dir() else set()
 
 
+def shard_rows(n_rows: int, rank: int, world: int) -> list[int]:
+    """A rank's pool rows for the sharded-selection tests: blocks of 3 rows dealt
+    round-robin, like the feature pass's batches."""
+    return [p for p in range(n_rows) if (p // 3) % world == rank]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -30,7 +30,8 @@ def _free_port() -> int:
 
 class TorchComm:
     """The collectives of a sharded selection rule (``selectors/kcenter.py``
-    :func:`~evotune.selectors.kcenter.kcenter_sharded`) over the default process group."""
+    :func:`~evotune.selectors.kcenter.kcenter_sharded`, ``selectors/sharded.py``) over the
+    default process group."""
 
     def __init__(self, device: torch.device | None = None):
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
@@ -40,6 +41,11 @@ class TorchComm:
     def max_int64(self, value: int) -> int:
         t = torch.tensor([value], dtype=torch.int64, device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
+
+    def sum_int64(self, value: int) -> int:
+        t = torch.tensor([value], dtype=torch.int64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return int(t.item())
 
     def broadcast_row(self, row: np.ndarray | None, src: int, size: int) -> np.ndarray:

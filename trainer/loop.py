@@ -2,8 +2,8 @@
 
 Read :func:`run` top to bottom to follow a whole run; each phase is one function below it.
 Every rank runs the same code; model work is sharded, selection runs on rank 0 and is
-broadcast (a sharded rule, k-center, selects on every rank over its own rows), and only rank 0
-writes files.
+broadcast (a sharded rule — k-center, rds, a filter score over k-center — selects on every rank
+over its own rows), and only rank 0 writes files.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import yaml
 
 from evotune.selectors.base import Features, Selection
 from evotune.selectors.registry import build, build_first_round
+from evotune.selectors.sharded import SingleProcess
 from evotune.trainer.config import Config, resolve_budget
 from evotune.trainer.data import (ChoiceSet, Encoded, Example, LoadReport, choice_set,
                                   encode_all, load_examples, resolve_template)
@@ -31,7 +32,7 @@ from evotune.trainer.logs import (ProgressBars, RunLogger, drop_metrics_after, l
 from evotune.trainer.model import (build_trainable_model, check_lora_targets, export_weights,
                                    load_tokenizer, merge_adapter, reset_adapter,
                                    resolve_model_path)
-from evotune.trainer.passes.features import FeaturePass, PassResult
+from evotune.trainer.passes.features import FeaturePass, PassResult, mark_unsampled
 from evotune.trainer.passes.forward import PassStats, gather_shards
 from evotune.trainer.state import (STATE_FILE, ResumePlan, RoundState, capture_rng, crash_point,
                                    derive_seed, file_hash, fsync_tree, last_completed_round,
@@ -437,6 +438,7 @@ class Choice:
     stats: dict[str, PassStats] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     candidates: int | None = None     # how many the selector chose from (None: round 0 random)
+    embedded: bool = False            # the round measured embeddings
 
     @property
     def new(self) -> list[int]:
@@ -447,7 +449,7 @@ def choose(r: int, cfg: Config, data: RunData, model: RoundModel, progress: Prog
            out: Path, strategy: Strategy, logger) -> Choice:
     """Round ``r``'s new examples: round 0 by ``selection.first_round``, later rounds by the
     selector on the features of the current model. Every rank calls this; the selection runs
-    on rank 0 and every rank gets it."""
+    on rank 0 and every rank gets it (a sharded rule selects on every rank together)."""
     labeled = np.asarray(progress.selected, dtype=np.int64)
     candidates = np.setdiff1d(np.arange(len(data.pool)), labeled)
     rng = np.random.default_rng(derive_seed(cfg.seed, "select", r))
@@ -457,6 +459,7 @@ def choose(r: int, cfg: Config, data: RunData, model: RoundModel, progress: Prog
                                                 rng))
     t0 = time.perf_counter()
     result = PassResult(None, {}, candidates)
+    measured = None                   # the rows measured, when not the whole pool
     if r == 0 and cfg.selection.first_round == "pre_experienced":
         result = data.feature_pass.run_instructions(model.current(r).module, logger)
         result.candidates = candidates
@@ -464,7 +467,6 @@ def choose(r: int, cfg: Config, data: RunData, model: RoundModel, progress: Prog
         engine = model.current(r)
         # selection.candidates: the round measures a seeded sample of the candidates (and the
         # selected rows, which rules such as k-center measure against)
-        measured = None
         if sample_size(cfg.selection.candidates, len(candidates)) < len(candidates):
             candidates = seeded_sample(candidates, cfg.selection.candidates, cfg.seed,
                                        "selection-sample", r)
@@ -482,16 +484,21 @@ def choose(r: int, cfg: Config, data: RunData, model: RoundModel, progress: Prog
     t0 = time.perf_counter()
     cands = result.candidates if result.candidates is not None else candidates
     features = result.features
+    embedded = result.features is not None and result.features.embeddings is not None
     if result.features is not None and result.features.positions is not None:
-        # Sharded features: every rank selects with its own rows (same picks everywhere); the
-        # whole matrix reaches rank 0 only to be saved (output.save_features).
+        # Sharded features: every rank selects with its own rows (same picks everywhere). Rank
+        # 0 then gets the scores and skip reasons for the logs (O(N) numbers per score) and
+        # the embeddings only to save them (output.save_features).
+        shard = result.features
         try:
-            selection = selector.select_sharded(result.features, labeled, cands,
-                                                data.budget[r], rng, strategy.comm)
+            require_values(shard, selector.scores, cands, r, strategy.comm)
+            selection = selector.select_sharded(shard, labeled, cands, data.budget[r], rng,
+                                                strategy.comm)
         except ValueError as e:                    # raised alike on every rank
             raise StartError(f"ValueError: {e}") from e
-        features = gather_shards(strategy, result.features, len(data.pool)) \
-            if cfg.output.save_features else (result.features if strategy.is_rank0 else None)
+        features = gather_shards(strategy, shard, len(data.pool), cfg.output.save_features)
+        if features is not None and measured is not None:
+            mark_unsampled(features, measured)
     else:
         def select() -> Selection:
             found = result.features or Features()
@@ -499,20 +506,29 @@ def choose(r: int, cfg: Config, data: RunData, model: RoundModel, progress: Prog
             return selector.select(found, labeled, cands, data.budget[r], rng)
         selection = _agree(strategy, select)
     seconds["select"] = time.perf_counter() - t0
-    return Choice(selector, selection, features, result.stats, seconds, len(cands))
+    return Choice(selector, selection, features, result.stats, seconds, len(cands), embedded)
 
 
 def require_values(features: Features, scores: tuple[str, ...], candidates: np.ndarray,
-                   r: int) -> None:
+                   r: int, comm=None) -> None:
     """Refuse (ValueError) a round whose selector ranks or filters by a score that no candidate
     has a value for: its picks would all be fill-ins, chosen by another rule than the one asked
-    for (e.g. the reference IFD templates on a pool of chat rows)."""
+    for (e.g. the reference IFD templates on a pool of chat rows). Sharded features
+    (``features.positions``): every rank calls this with its shard and the run's ``comm``."""
+    comm = comm or SingleProcess()
     for name in scores:
         values = features.scores.get(name)
-        if values is None or not len(candidates) or np.isfinite(values[candidates]).any():
+        if values is None or not len(candidates):
+            continue
+        rows = candidates if features.positions is None else \
+            np.flatnonzero(np.isin(features.positions, candidates))
+        if comm.sum_int64(int(np.isfinite(values[rows]).sum())):
             continue
         why = features.skipped.get(name, {})
-        example = next((why[int(i)] for i in candidates if int(i) in why), "no reason recorded")
+        where = candidates if features.positions is None else features.positions[rows]
+        found = [why[int(i)] for i in where if int(i) in why][:1]
+        example = next((e for part in comm.all_gather_rows(found) for e in part),
+                       "no reason recorded")
         raise ValueError(f"round {r}: score {name!r} has no value for any of the "
                          f"{len(candidates)} candidates (e.g. {example}); the selector depends "
                          f"on it, so the round would be all fill-ins: fix the data or the score "
@@ -686,7 +702,7 @@ def round_summary(r: int, cfg: Config, data: RunData, progress: Progress, choice
         for name, why in features.skipped.items()}
     ev = data.eval
     embeddings = None                   # how this round's embeddings were made, if it had any
-    if features is not None and features.embeddings is not None:
+    if choice.embedded:
         embeddings = "gradient" if data.feature_pass.gradient_embeddings \
             else cfg.selection.pooling
     return {

@@ -265,8 +265,12 @@ def rds_scores(pool_embeddings: np.ndarray, target_embeddings: np.ndarray,
                subtasks: list[str], options: RdsOptions) -> dict[str, np.ndarray]:
     """RDS+'s scores (Ivison et al. 2025, arXiv 2503.01807): each pool row's cosine to every
     target row, reduced (max or mean) over each subtask's targets: ``rds:<subtask>``, (N,)
-    each; ``rds``, the max over the subtasks. NaN for a pool row without a finite embedding."""
-    sims = unit_rows(pool_embeddings) @ unit_rows(target_embeddings).T        # (N, T)
+    each; ``rds``, the max over the subtasks. NaN for a pool row without a finite embedding.
+
+    A row's value depends on that row alone (einsum's loop, not BLAS, whose sums depend on how
+    many rows share a call): the ranks that score their own rows get the numbers one process
+    gets."""
+    sims = np.einsum("nd,td->nt", unit_rows(pool_embeddings), unit_rows(target_embeddings))
     names = sorted(set(subtasks))
     reduce = np.max if options.reduce == "max" else np.mean
     out = {}

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-import socket
 
 import numpy as np
 import pytest
+from helpers import _free_port, shard_rows
 
 from evotune.selectors.kcenter import kcenter_greedy
 
@@ -29,11 +29,6 @@ def cases() -> list[dict]:
     ]
 
 
-def _shard(n_rows: int, rank: int, world: int) -> list[int]:
-    """Blocks of 3 rows dealt round-robin, like the feature pass's batches."""
-    return [p for p in range(n_rows) if (p // 3) % world == rank]
-
-
 def _worker(rank: int, world: int, port: int, out) -> None:
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     import torch.distributed as dist
@@ -43,7 +38,7 @@ def _worker(rank: int, world: int, port: int, out) -> None:
     results = []
     for case in cases():
         emb, labeled = case["emb"], set(case["labeled"])
-        mine = _shard(len(emb), rank, world)
+        mine = shard_rows(len(emb), rank, world)
         cand = [p for p in mine if p not in labeled]
         lab = [p for p in mine if p in labeled]
         picks, dists = kcenter_sharded(emb[cand].reshape(len(cand), emb.shape[1]),
@@ -53,12 +48,6 @@ def _worker(rank: int, world: int, port: int, out) -> None:
         results.append((picks.tolist(), dists.tolist()))
     out.put((rank, results))
     dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])

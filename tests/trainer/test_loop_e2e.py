@@ -673,10 +673,11 @@ def test_a_checkpoint_that_does_not_restore_the_adapter_is_refused(baseline, tmp
 
 
 def _two_ranks_with_selector(tmp_path, tiny_model_dir, name: str, select_body: str,
+                             method: str = "select", base: str = "SkipTop",
                              **sections) -> tuple[int, str]:
-    """Run two ranks through the real launcher with a test selector ``name`` (a SkipTop whose
-    ``select(self, *args)`` is ``select_body``) registered from a launch script; returns the
-    launcher's exit code and its output."""
+    """Run two ranks through the real launcher with a test selector ``name`` (a ``base``,
+    SkipTop or KCenterSelector, whose ``method(self, *args)`` is ``select_body``) registered
+    from a launch script; returns the launcher's exit code and its output."""
     from helpers import _free_port
     script = tmp_path / f"launch_{name}.py"
     script.write_text(f"""
@@ -684,11 +685,12 @@ import sys, time
 sys.path.insert(0, {str(REPO / "tests")!r})
 sys.path.insert(0, {str(REPO / "launch")!r})
 from test_extending import SkipTop
+from evotune.selectors.kcenter import KCenterSelector
 from evotune.selectors.registry import register
 
-class Selector(SkipTop):
+class Selector({base}):
     name = {name!r}
-    def select(self, *args):
+    def {method}(self, *args):
 {select_body}
 
 register(Selector)
@@ -711,6 +713,24 @@ def test_a_failure_on_rank_0_stops_every_rank(tmp_path, tiny_model_dir):
                                        '        raise KeyError("a bug in the selector")')
     assert rc != 0
     assert "a bug in the selector" in out and "rank 0 failed" in out
+
+
+def test_a_failure_on_one_rank_in_a_sharded_selection_stops_every_rank(tmp_path, tiny_model_dir):
+    """Inside a sharded selection every rank selects; one that raises (here rank 1 alone)
+    exits, and the launcher stops the other, which would otherwise wait in the next
+    collective: the run ends promptly (well inside the 30-minute timeout) with the error."""
+    import time
+    start = time.monotonic()
+    rc, out = _two_ranks_with_selector(
+        tmp_path, tiny_model_dir, "shardbug",
+        "        import torch.distributed as dist\n"
+        "        if dist.get_rank() == 1:\n"
+        "            raise KeyError('a bug on rank 1')\n"
+        "        return super().select_sharded(*args)",
+        method="select_sharded", base="KCenterSelector")
+    assert rc != 0
+    assert "a bug on rank 1" in out
+    assert time.monotonic() - start < 300
 
 
 def test_no_rank_waits_in_a_collective_longer_than_the_timeout(tmp_path, tiny_model_dir):

@@ -343,3 +343,47 @@ def test_mods_preset_with_a_reward_model_filters_by_it(tmp_path, tiny_model_dir)
         top_half = sorted(cand, key=lambda i: (-f["score_reward"][i], i))[:len(cand) // 2]
         assert {x["pool_index"] for x in rows} <= set(top_half)
         assert all(x["passed_filter"] == 1 for x in rows)
+
+
+@pytest.mark.parametrize("rule", ["rds", "filtered_kcenter"])
+def test_sharded_score_rules_on_two_ranks_pick_like_one_rank(tmp_path, tiny_model_dir, rule):
+    """rds and a forward-score filter over k-center select on every rank over its own rows
+    (nothing gathered for the selection): the same picks, scores and skip reasons as one rank,
+    with a sampled round (selection.candidates) for rds."""
+    targets = tmp_path / "targets.jsonl"
+    rows = [json.loads(line) for line in (POOL_TINY.parent / "eval_tiny.jsonl").read_text()
+            .splitlines()][:3]
+    targets.write_text("".join(json.dumps({**r, "subtask": "qa"}) + "\n" for r in rows)
+                       + json.dumps({"prompt": "Add 17 and 25.", "subtask": "math"}) + "\n")
+    sections = {"selection": {"selector": "rds", "rounds": 2, "candidates": 0.6},
+                "scoring": {"rds": {"targets": str(targets)}}} if rule == "rds" else \
+        {"selection": {"selector": "kcenter", "rounds": 2, "filter_score": "entropy",
+                       "filter_top_fraction": 0.5}}
+    runs = {}
+    for ranks in (1, 2):
+        runs[ranks] = tmp_path / f"out{ranks}"
+        cfg = write_config(tmp_path / f"cfg{ranks}.yaml", tiny_model_dir, runs[ranks],
+                           **sections)
+        proc = run_train(["--config", str(cfg)], ranks=ranks if ranks > 1 else None)
+        assert "gathered" not in proc.stderr
+    one, two = picks(runs[1]), picks(runs[2])
+    assert [r["id"] for r in one] == [r["id"] for r in two]
+    for r1, r2 in zip(one, two):                         # every logged number of every pick
+        assert sorted(r1) == sorted(r2)
+        for key in r1:
+            assert r1[key] == r2[key], (r1["pick_order"], key, r1[key], r2[key])
+    score = "rds" if rule == "rds" else "entropy"
+    assert all(np.isfinite(r[score]) for r in one)
+    a, b = npz(runs[1]), npz(runs[2])
+    assert sorted(a) == sorted(b) and f"score_{score}" in a
+    for key in a:
+        assert np.array_equal(a[key], b[key], equal_nan=a[key].dtype.kind == "f"), key
+    s1, s2 = summary(runs[1]), summary(runs[2])
+    assert s1["score_skipped"] == s2["score_skipped"] and s2["world_size"] == 2
+    assert s1["selection_info"] == s2["selection_info"]
+    if rule == "rds":            # 40% of the unselected rows were not measured this round
+        assert s1["score_skipped"]["rds"]["count"] >= 0.3 * (len(a["ids"]) - len(one))
+        assert {r["rds_subtask"] for r in one} <= {"qa", "math"}
+        assert all(f"rds:{t}" in r for r in one for t in ("qa", "math"))
+    else:
+        assert s1["selection_info"]["passed"] > 0

@@ -14,9 +14,10 @@
   pass (``trainer/passes/influence.py``);
 - ``derived`` scores: computed on rank 0 from the rest, inputs first.
 
-A sharded rule (``select_sharded``: k-center) that reads nothing but the hidden-state
-embeddings gets each rank's own rows (``Features.positions``); everything else is gathered on
-rank 0. ``selection.candidates`` restricts the passes to a seeded sample of the candidates and
+A sharded rule (``select_sharded``: k-center, rds, a filter score over k-center) whose scores
+all come from the forward pass or the targets gets each rank's own rows
+(``Features.positions``): the target rows' embeddings (a few) reach every rank and each scores
+its own rows. Everything else is gathered on rank 0. ``selection.candidates`` restricts the passes to a seeded sample of the candidates and
 the selected rows.
 
 Infinite or NaN values from the model become skips with a reason (a selector never picks them).
@@ -82,7 +83,7 @@ def _spread(features: Features, measured: np.ndarray, n: int) -> Features:
     return out
 
 
-def _mark_unsampled(features: Features, measured: np.ndarray) -> None:
+def mark_unsampled(features: Features, measured: np.ndarray) -> None:
     """The skip reason of every score's missing values outside the round's sample."""
     for name, values in features.scores.items():
         outside = np.ones(len(values), dtype=bool)
@@ -132,10 +133,11 @@ class FeaturePass:
         self.forward_scores = tuple(n for n in SCORES if n in forward)    # registry order
         self.influence = InfluencePass(cfg, pool_enc, tokenizer, template, strategy) \
             if of["influence"] or self.gradient_embeddings else None
-        # A sharded rule reading only hidden-state embeddings: they stay on the ranks that
-        # computed them (nothing N x D on one rank) and every rank selects together.
+        # A sharded rule whose scores each rank can compute for its own rows: the features
+        # stay on the ranks that computed them (nothing N x D on one rank) and every rank
+        # selects together.
         self.sharded = bool(getattr(selector, "sharded", False) and self.needs_embeddings
-                            and not (wanted or self.gradient_embeddings))
+                            and not self.gradient_embeddings and all(SCORES[n].source in ("forward", "targets") for n in wanted))
 
     def _load_targets(self, name: str, tokenizer, template: str):
         """The target rows of score ``name`` (its ``targets`` file), encoded like the pool."""
@@ -228,23 +230,12 @@ class FeaturePass:
                     self.cfg.selection.pooling, gather=not self.sharded)
             if self.sharded:                      # positions of the measured rows, not of 0..k
                 features.positions = rows[features.positions]
+                self._score_targets(model, logger, r, features, stats)
+                self._warn_non_finite_shard(features, r)
                 return PassResult(features, stats, candidates)
             if features is not None and measured is not None:
                 features = _spread(features, measured, len(self.pool_enc))
-        for name, items in self.targets.items():
-            with logger.progress(f"{_round(r)}embed {name} targets", len(items)) as advance:
-                found, s = compute_features(model, [it.encoded for it in items], self.strategy,
-                                            self.pad_id, self.cfg.selection.batch_size, True, (),
-                                            advance, self.cfg.selection.pooling)
-            stats["features"] = merge_stats(stats["features"], s)
-            if features is not None:
-                scores = SCORES[name].compute(features.embeddings, found.embeddings,
-                                              [it.subtask for it in items],
-                                              getattr(self.cfg.scoring, name))
-                features.scores.update(scores)
-                no_embedding = {int(i): "no embedding"
-                                for i in np.flatnonzero(np.isnan(scores[name]))}
-                features.skipped.update({k: dict(no_embedding) for k in scores})
+        self._score_targets(model, logger, r, features, stats)
         if self.reward is not None:
             reward_stats = self.reward.run(self.cfg.selection.batch_size, logger, r)
             if reward_stats is not None:
@@ -273,9 +264,42 @@ class FeaturePass:
                 features.scores[name], features.skipped[name] = SCORES[name].compute(
                     features, getattr(self.cfg.scoring, name, None))
             if measured is not None:
-                _mark_unsampled(features, measured)
+                mark_unsampled(features, measured)
             _warn_non_finite(features, r)
         return PassResult(features, stats, candidates)
+
+    def _score_targets(self, model, logger, r, features: Features | None,
+                       stats: dict[str, PassStats]) -> None:
+        """The ``targets`` scores (rds): the target rows through the same model and pooling,
+        then each pool row's score. Sharded features: the targets' embeddings (a few rows)
+        go to every rank, which scores its own rows."""
+        for name, items in self.targets.items():
+            with logger.progress(f"{_round(r)}embed {name} targets", len(items)) as advance:
+                found, s = compute_features(model, [it.encoded for it in items], self.strategy,
+                                            self.pad_id, self.cfg.selection.batch_size, True, (),
+                                            advance, self.cfg.selection.pooling)
+            stats["features"] = merge_stats(stats["features"], s)
+            targets = found.embeddings if found is not None else None
+            if self.sharded:
+                targets = self.strategy.broadcast_from_rank0(targets)
+            if features is not None:
+                scores = SCORES[name].compute(features.embeddings, targets,
+                                              [it.subtask for it in items],
+                                              getattr(self.cfg.scoring, name))
+                features.scores.update(scores)
+                missing = np.flatnonzero(np.isnan(scores[name]))     # rows, then positions
+                if features.positions is not None:
+                    missing = features.positions[missing]
+                no_embedding = dict.fromkeys(missing.tolist(), "no embedding")
+                features.skipped.update({k: dict(no_embedding) for k in scores})
+
+    def _warn_non_finite_shard(self, features: Features, r: int | None) -> None:
+        """Non-finite values of this rank's rows become skips (by pool position); rank 0 warns
+        with the counts of every rank."""
+        found = mark_non_finite(features)
+        counts = self.strategy.all_reduce_sum([found.get(n, 0) for n in sorted(features.scores)])
+        if self.strategy.is_rank0:
+            _warn_counts(dict(zip(sorted(features.scores), counts)), r)
 
     def run_instructions(self, model, logger) -> PassResult:
         """Features of the prompts alone, for Cherry's pre-experienced round 0: the mean last
@@ -302,7 +326,13 @@ class FeaturePass:
 
 
 def _warn_non_finite(features: Features, r: int | None) -> None:
-    for name, count in mark_non_finite(features).items():
+    _warn_counts(mark_non_finite(features), r)
+
+
+def _warn_counts(counts: dict[str, int], r: int | None) -> None:
+    for name, count in counts.items():
+        if not count:
+            continue
         log.warning(f"{_round(r)}{count} non-finite {name} values (inf/NaN from the model): "
                     f"never selected, listed in score_skipped")
 
@@ -313,16 +343,20 @@ def mark_non_finite(features: Features) -> dict[str, int]:
     A selector never picks a NaN score, so after this every unpickable example is visible in
     ``features.skipped`` (and the round summary's ``score_skipped``) with its reason.
 
+    Reasons are keyed by pool position (a shard's ``positions``, else the row).
+
     Returns:
         name → number of values newly marked (non-zero means the model produced inf/NaN).
     """
     marked = {}
+    where = features.positions
     for name, values in features.scores.items():
         bad = np.flatnonzero(~np.isfinite(values))
         reasons = features.skipped.setdefault(name, {})
-        new = [int(i) for i in bad if int(i) not in reasons]
-        for i in new:
-            reasons[i] = f"non-finite value ({values[i]})"
+        new = [(int(i), int(i) if where is None else int(where[i])) for i in bad]
+        new = [(i, p) for i, p in new if p not in reasons]
+        for i, p in new:
+            reasons[p] = f"non-finite value ({values[i]})"
         values[bad] = np.nan
         if new:
             marked[name] = len(new)

@@ -151,10 +151,14 @@ def _shard(rows, need_embeddings: bool, score_names) -> Features:
     return features
 
 
-def gather_shards(strategy, shard: Features, n: int) -> Features | None:
+def gather_shards(strategy, shard: Features, n: int, embeddings: bool = True
+                  ) -> Features | None:
     """The whole pool's features on rank 0 from every rank's shard (NaN where no rank has a
-    row); None on the other ranks."""
-    parts = strategy.gather_to_rank0(shard)
+    row), with every rank's skip reasons; None on the other ranks. ``embeddings=False``: the
+    scores and reasons only (O(N) numbers per score, nothing N × D)."""
+    part = Features(shard.embeddings if embeddings else None, shard.scores, shard.skipped,
+                    positions=shard.positions)
+    parts = strategy.gather_to_rank0(part)
     if not strategy.is_rank0:
         return None
     features = Features()
@@ -166,6 +170,8 @@ def gather_shards(strategy, shard: Features, n: int) -> Features | None:
             features.embeddings[part.positions] = part.embeddings
         for name, values in part.scores.items():
             features.scores.setdefault(name, np.full(n, np.nan))[part.positions] = values
+        for name, why in part.skipped.items():
+            features.skipped.setdefault(name, {}).update(why)
     return features
 
 

@@ -40,8 +40,10 @@ def test_kcenter_needs_only_embeddings_and_random_needs_no_pass(tokenizer):
 def test_a_filter_score_is_computed_too(tokenizer):
     fp = plan(tokenizer, "selection.filter_score=entropy")
     assert fp.forward_scores == ("entropy",) and fp.needs_embeddings
-    # a score to filter by: the rule runs on rank 0 over gathered features
-    assert not fp.sharded
+    # a forward score to filter k-center by: each rank scores and keeps its own rows
+    assert fp.sharded
+    # a score only rank 0 computes (IFD) or a rule without a sharded form: gathered
+    assert not plan(tokenizer, "selection.filter_score=ifd_cherry").sharded
     assert not plan(tokenizer, "selection.selector=weighted").sharded
 
 

@@ -1,0 +1,183 @@
+"""Score-ranked rules over rows spread across real torch.distributed ranks (gloo, 1, 2 and 3
+processes): the distributed top-k, the score filter (with k-center after it) and rds pick
+exactly what the one-process rules pick on the whole pool, on every rank. The references are
+the one-process functions and ``np.lexsort`` over the whole pool."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+
+import numpy as np
+import pytest
+from helpers import _free_port, shard_rows
+
+from evotune.selectors.base import Features
+from evotune.selectors.filters import ScoreFiltered, score_filter
+from evotune.selectors.kcenter import KCenterSelector
+from evotune.selectors.rds import RdsSelector
+
+TIES = np.array([0.0, -0.0, 1.5, -2.0, np.inf, -np.inf, np.nan, 3.0, 1e-300, -1e-300, 1.5, 1.5])
+
+
+def top_k_cases() -> list[tuple[np.ndarray, int]]:
+    rng = np.random.default_rng(1)
+    tied = rng.choice(TIES, size=50)
+    dense = rng.normal(size=200)
+    few = np.array([np.nan, 2.0, np.nan, 2.0, 1.0])                # rank 2 of 3 has no rows
+    return [(tied, 0), (tied, 1), (tied, 7), (tied, 30), (tied, 60), (dense, 13),
+            (dense, 200), (few, 2), (few, 5), (np.full(9, np.nan), 3)]
+
+
+def filter_cases() -> list[dict]:
+    rng = np.random.default_rng(2)
+    emb = rng.integers(0, 3, size=(40, 2)).astype(np.float32)      # many equal distances
+    score = rng.choice(TIES[np.isfinite(TIES) | np.isnan(TIES)], size=40)
+    return [{"emb": emb, "score": score, "labeled": [0, 9], "n": 6, "max": 1.5, "top": 0.5},
+            {"emb": emb, "score": score, "labeled": [3], "n": 12, "max": None, "top": 0.3},
+            {"emb": emb, "score": score, "labeled": [], "n": 20, "max": 0.0, "top": 1.0}]
+
+
+def rds_cases() -> list[dict]:
+    rng = np.random.default_rng(3)
+    per = rng.choice([0.1, 0.2, 0.3, 0.5, 0.9, np.nan], size=(60, 3))   # ties everywhere
+    per[5] = 0.9                                                        # everyone's favourite
+    dense = rng.uniform(-1, 1, size=(90, 2))
+    return [{"per": per, "labeled": [1, 2], "n": 10}, {"per": per, "labeled": [], "n": 40},
+            {"per": per[:, :1], "labeled": [7], "n": 15}, {"per": dense, "labeled": [0], "n": 30}]
+
+
+def _unscorable() -> np.ndarray:
+    """60 rows of which 10 have no rds score: 55 picks are too many."""
+    per = rds_cases()[0]["per"].copy()
+    per[10:20] = np.nan
+    return per
+
+
+def _rds_features(per: np.ndarray) -> Features:
+    scores = {f"rds:t{s}": per[:, s] for s in range(per.shape[1])}
+    scores["rds"] = np.nanmax(np.where(np.isnan(per), -np.inf, per), axis=1)
+    scores["rds"][np.isnan(per).all(axis=1)] = np.nan
+    return Features(scores=scores)
+
+
+def _part(features: Features, rows: list[int]) -> Features:
+    rows = np.array(rows, dtype=np.int64)
+    emb = None if features.embeddings is None else features.embeddings[rows]
+    return Features(emb, {k: v[rows] for k, v in features.scores.items()}, positions=rows)
+
+
+def _worker(rank: int, world: int, port: int, out) -> None:
+    try:
+        _work(rank, world, port, out)
+    except BaseException:                    # the test reports it instead of timing out
+        import traceback
+        out.put((rank, {"crash": traceback.format_exc()}))
+        raise
+
+
+def _work(rank: int, world: int, port: int, out) -> None:
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    import torch.distributed as dist
+    from evotune.selectors.filters import score_filter_sharded
+    from evotune.selectors.sharded import top_k
+    from evotune.trainer.engine import TorchComm
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    comm, got = TorchComm(), {"top_k": [], "filter": [], "filtered_kcenter": [], "rds": []}
+    for values, k in top_k_cases():
+        mine = shard_rows(len(values), rank, world)
+        pos, val = top_k(values[mine], np.array(mine, dtype=np.int64), k, comm)
+        got["top_k"].append((pos.tolist(), val.tolist()))
+    rng = np.random.default_rng(0)
+    for case in filter_cases():
+        mine = shard_rows(len(case["emb"]), rank, world)
+        features = Features(case["emb"], {"s": case["score"]})
+        cands = np.setdiff1d(np.arange(len(case["emb"])), case["labeled"])
+        passed, info = score_filter_sharded(case["score"][mine], np.array(mine), cands,
+                                            case["max"], case["top"], comm)
+        got["filter"].append((passed.tolist(), info))
+        rule = ScoreFiltered(KCenterSelector(), "s", case["max"], case["top"])
+        sel = rule.select_sharded(_part(features, mine), np.array(case["labeled"]), cands,
+                                  case["n"], rng, comm)
+        got["filtered_kcenter"].append((sel.positions.tolist(),
+                                        {k: v.tolist() for k, v in sel.numbers.items()},
+                                        sel.info))
+    for case in rds_cases():
+        mine = shard_rows(len(case["per"]), rank, world)
+        cands = np.setdiff1d(np.arange(len(case["per"])), case["labeled"])
+        sel = RdsSelector().select_sharded(_part(_rds_features(case["per"]), mine),
+                                           np.array(case["labeled"]), cands, case["n"], rng,
+                                           comm)
+        got["rds"].append((sel.positions.tolist(), sel.numbers["rds"].tolist(), sel.info,
+                           sel.labels))
+    try:                                     # too many picks: the same error on every rank
+        per = _unscorable()
+        RdsSelector().select_sharded(_part(_rds_features(per), shard_rows(len(per), rank, world)),
+                                     np.array([], dtype=np.int64), np.arange(len(per)), 55, rng,
+                                     comm)
+        got["error"] = None
+    except ValueError as e:
+        got["error"] = str(e)
+    out.put((rank, got))
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module", params=[1, 2, 3])
+def ranks(request):
+    ctx = mp.get_context("spawn")
+    out, port, world = ctx.Queue(), _free_port(), request.param
+    procs = [ctx.Process(target=_worker, args=(r, world, port, out)) for r in range(world)]
+    for p in procs:
+        p.start()
+    got = {}
+    while len(got) < world:
+        rank, found = out.get(timeout=180)
+        assert "crash" not in found, f"rank {rank}: {found['crash']}"
+        got[rank] = found
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    return [got[r] for r in range(world)]
+
+
+def test_distributed_top_k_is_the_whole_pool_lexsort(ranks):
+    for i, (values, k) in enumerate(top_k_cases()):
+        ranked = np.flatnonzero(~np.isnan(values))
+        order = ranked[np.lexsort((ranked, -values[ranked]))][:k]
+        for got in ranks:
+            assert got["top_k"][i] == (order.tolist(), values[order].tolist()), i
+
+
+def test_sharded_score_filter_and_kcenter_after_it_pick_what_one_process_picks(ranks):
+    rng = np.random.default_rng(0)
+    for i, case in enumerate(filter_cases()):
+        cands = np.setdiff1d(np.arange(len(case["emb"])), case["labeled"])
+        passed, info = score_filter(case["score"], cands, case["max"], case["top"])
+        rule = ScoreFiltered(KCenterSelector(), "s", case["max"], case["top"])
+        sel = rule.select(Features(case["emb"], {"s": case["score"]}),
+                          np.array(case["labeled"]), cands, case["n"], rng)
+        for got in ranks:
+            assert got["filter"][i] == (passed.tolist(), info), i
+            positions, numbers, sel_info = got["filtered_kcenter"][i]
+            assert positions == sel.positions.tolist(), i
+            assert numbers == {k: v.tolist() for k, v in sel.numbers.items()}, i
+            assert sel_info == sel.info, i
+    assert any(sel_info["filled"] for _, _, sel_info in ranks[0]["filtered_kcenter"])
+
+
+def test_sharded_rds_picks_what_one_process_picks(ranks):
+    rng = np.random.default_rng(0)
+    for i, case in enumerate(rds_cases()):
+        cands = np.setdiff1d(np.arange(len(case["per"])), case["labeled"])
+        sel = RdsSelector().select(_rds_features(case["per"]), np.array(case["labeled"]),
+                                   cands, case["n"], rng)
+        for got in ranks:
+            positions, rds, info, labels = got["rds"][i]
+            assert positions == sel.positions.tolist(), i
+            assert rds == sel.numbers["rds"].tolist(), i
+            assert info == sel.info and labels == sel.labels, i
+    with pytest.raises(ValueError) as one:
+        per = _unscorable()
+        RdsSelector().select(_rds_features(per), np.array([], dtype=np.int64),
+                             np.arange(len(per)), 55, rng)
+    assert [got["error"] for got in ranks] == [str(one.value)] * len(ranks)
