@@ -172,7 +172,12 @@ def cluster_quota(embeddings: np.ndarray, scores: np.ndarray | None, candidates:
 
 
 class ClusterQuotaSelector:
-    """KMeans over the round's candidates, a quota per cluster, best scores inside each."""
+    """KMeans over the round's candidates, a quota per cluster, best scores inside each.
+
+    Needs the whole matrix: the candidates' (N, D) embeddings gathered on rank 0, a float32
+    copy of them and scikit-learn's full-batch KMeans over it (N × ``n_clusters`` distances
+    per iteration). MiniBatchKMeans would cut the time, not the gathered matrix, and
+    would change TAGCOS's picks; it is not used."""
     name = "cluster_quota"
     doc = ("KMeans (scikit-learn, seeded) on the candidates' embeddings, `n_clusters` clusters, "
            "per-cluster quotas proportional to size (largest remainder) or equal, best scores "

@@ -172,7 +172,10 @@ def minmax_weights(s: np.ndarray) -> np.ndarray:
 
 
 class FacilityLocationSelector:
-    """Superfiltering.D's facility location over the scored candidates, labeled set as cover."""
+    """Superfiltering.D's facility location over the scored candidates, labeled set as cover.
+
+    Needs the whole matrix: the (N, D) embeddings on rank 0 and a dense candidates² float32
+    kernel (1.6 GB at 20,000 candidates; ``max_candidates`` is checked before the first pass)."""
     name = "facility_location"
     doc = ("Superfiltering.D: lazy greedy maximisation of facility location, similarity "
            "`exp(−d / D)` on Euclidean distance (submodlib's dense euclidean kernel), the "

@@ -58,13 +58,18 @@ def row_variance(embeddings: np.ndarray, variance: float = 0.95) -> np.ndarray:
 
 
 class LiftSelector:
-    """LIFT's diversity-then-quality curation over the round's candidates."""
+    """LIFT's diversity-then-quality curation over the round's candidates.
+
+    Needs the whole matrix: the candidates' (N, D) embeddings on rank 0, standardised float64
+    copies (8·N·D bytes each) and numpy's thin SVD of them. scikit-learn's IncrementalPCA
+    would stream the rows but still read the gathered matrix, and its components are an
+    approximation of the exact ones; not used."""
     name = "lift"
     doc = ("LIFT: the candidates' embeddings standardised and PCA-projected (keeping "
            "`variance` of it); the `keep` fraction with the highest row variance (far from "
            "the centroid), then the best `score` among them (or the highest row variance)")
     logs = "`row_variance`, the score"
-    scale = "rank 0: the N × D embeddings, a standardised copy and a full PCA (scikit-learn)"
+    scale = "rank 0: the N × D embeddings, standardised float64 copies and numpy's thin SVD"
     needs_embeddings = True
 
     @dataclass

@@ -163,7 +163,10 @@ def repr_filter(embeddings: np.ndarray, scores: np.ndarray, labeled: np.ndarray,
 
 
 class RepresentationFilterSelector:
-    """DEITA's score-first, near-duplicate-skipping rule over the round's embeddings."""
+    """DEITA's score-first, near-duplicate-skipping rule over the round's embeddings.
+
+    Runs on rank 0 over the gathered (N, D) embeddings (unit-normalised float32 copy of the
+    candidates and of the selected rows)."""
     name = "repr_filter"
     doc = ("DEITA's representation filter: candidates by descending score, each admitted only "
            "if its max cosine similarity to everything selected (earlier rounds and this one) is "

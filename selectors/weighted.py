@@ -75,7 +75,10 @@ def weighted_greedy(embeddings: np.ndarray, scores: np.ndarray, labeled: np.ndar
 
 
 class WeightedSelector:
-    """``alpha`` · normalised score + (1 − ``alpha``) · normalised k-center distance."""
+    """``alpha`` · normalised score + (1 − ``alpha``) · normalised k-center distance.
+
+    Runs on rank 0 over the gathered (N, D) embeddings (a float32 copy of the candidates' rows
+    and O(N) float64 work per pick)."""
     name = "weighted"
     doc = ("greedy on `alpha · score + (1 − alpha) · distance`: the score min-max normalised "
            "over the candidates, the k-center distance divided by the largest remaining one; "
