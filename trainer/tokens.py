@@ -145,9 +145,7 @@ def build(directory: Path, examples: list[Example], tokenizer, template: str, ma
                 truncated.append(enc.truncated)
                 kept.append(index)
         for name, dtype in (("tokens", np.int32), ("labels", np.uint8)):
-            data = np.fromfile(tmp / f"{name}.bin", dtype=dtype)
-            np.save(tmp / f"{name}.npy", data)
-            (tmp / f"{name}.bin").unlink()
+            _bin_to_npy(tmp / f"{name}.bin", tmp / f"{name}.npy", np.dtype(dtype))
         np.save(tmp / "offsets.npy", np.asarray(offsets, dtype=np.int64))
         np.save(tmp / "truncated.npy", np.asarray(truncated, dtype=np.uint8))
         (tmp / "meta.json").write_text(json.dumps({"version": VERSION, "kept": kept,
@@ -161,6 +159,17 @@ def build(directory: Path, examples: list[Example], tokenizer, template: str, ma
         fsync_dir(directory.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _bin_to_npy(raw: Path, npy: Path, dtype: np.dtype) -> None:
+    """A raw file of ``dtype`` values as a 1-D ``.npy`` file, streamed (the pool's tokens are
+    never all in memory at once), then the raw file removed."""
+    count = raw.stat().st_size // dtype.itemsize
+    with open(npy, "wb") as f, open(raw, "rb") as src:
+        np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(dtype),
+                                                 "fortran_order": False, "shape": (count,)})
+        shutil.copyfileobj(src, f, 16 << 20)
+    raw.unlink()
 
 
 def open_cached(directory: Path, examples: list[Example]
