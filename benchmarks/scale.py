@@ -11,7 +11,20 @@ size are checked to be the same.
 Then, from the measured per-pick cost, the estimate for a 10M × 4096 pool on 64 ranks (printed
 with its arithmetic).
 
-    python benchmarks/scale.py --parts kcenter --sizes 100000 1000000
+``--parts tokens``: a pool of N chat rows (the quickstart pool's rows cycled, each made
+distinct by its row number) loaded and tokenised into the token cache (``trainer/tokens.py``)
+by one process, as rank 0 does: wall time and peak RSS; then 1 and 2 ranks each map the cache
+and read their shard's rows (as the feature pass does): peak RSS per rank. For contrast, the
+same rows encoded as Python lists (``encode_all``, what every rank did before the cache), at
+the smallest N only.
+
+``--parts features``: the feature pass (``compute_features``, hidden-state embeddings kept on
+their ranks as a sharded rule gets them) with the tiny 2-layer, 32-wide test model over the
+cached pool, on 1 and 2 ranks set up by the run's own ``Strategy`` (gloo): wall time and peak
+RSS per rank. The model is tiny, so this measures evotune's own overhead per row (batching,
+collation, the cache reads), not a real model's compute.
+
+    python benchmarks/scale.py --parts kcenter tokens features --sizes 100000 1000000
 """
 
 from __future__ import annotations
@@ -28,6 +41,8 @@ import numpy as np
 
 BLOCK = 4096          # rows per seeded block of synthetic embeddings
 DIM = 576
+REPO = Path(__file__).resolve().parents[1]
+SOURCE_POOL = REPO / "configs" / "data" / "quickstart_pool.jsonl"
 
 
 def rows_of(rank: int, world: int, n: int) -> np.ndarray:
@@ -151,18 +166,188 @@ def part_kcenter(args) -> str:
     return "\n".join(lines)
 
 
+
+# ----------------------------------------------------------------------------- tokens, features
+
+def write_pool(path: Path, n: int) -> None:
+    """N chat rows: the quickstart pool's rows cycled, each prompt ending with its row number."""
+    import json
+    rows = [json.loads(line) for line in SOURCE_POOL.read_text().splitlines() if line.strip()]
+    with open(path, "w") as f:
+        for i in range(n):
+            row = dict(rows[i % len(rows)])
+            row["id"] = f"row-{i}"
+            if "messages" in row:
+                msgs = [dict(m) for m in row["messages"]]
+                msgs[0]["content"] = f"{msgs[0]['content']} (#{i})"
+                row["messages"] = msgs
+            else:
+                row["instruction"] = f"{row['instruction']} (#{i})"
+            f.write(json.dumps(row) + "\n")
+
+
+def _in_process(target, *args, world: int = 1) -> list[dict]:
+    """Run ``target(rank, world, port, *args, out)`` in ``world`` spawned processes; their
+    reports by rank."""
+    ctx = mp.get_context("spawn")
+    out, port = ctx.Queue(), _free_port()
+    procs = [ctx.Process(target=target, args=(r, world, port, *args, out)) for r in range(world)]
+    for p in procs:
+        p.start()
+    results = sorted((out.get(timeout=7200) for _ in procs), key=lambda x: x["rank"])
+    for p in procs:
+        p.join()
+        if p.exitcode:
+            raise SystemExit(f"a rank failed (exit {p.exitcode})")
+    return results
+
+
+def _tokenizer():
+    """SmolLM2's tokenizer (the embedded model, converted once into the usual cache; the token
+    caches measured here are built under the work folder, by path)."""
+    from evotune.trainer.model import load_tokenizer, resolve_model_path
+    return load_tokenizer(resolve_model_path("embedded:smollm2-135m-instruct"))
+
+
+def _build_rank(rank, world, port, pool, cache, out):
+    tok = _tokenizer()                # before the clock: the tokenizer load is not the cache's
+    from evotune.trainer import tokens
+    from evotune.trainer.data import load_examples
+    t0 = time.perf_counter()
+    examples, _ = load_examples(pool)
+    t1 = time.perf_counter()
+    directory = Path(cache) / "bench-tokens"
+    tokens.build(directory, examples, tok, "chat", 512, "skip")
+    t2 = time.perf_counter()
+    pool_tokens = tokens.TokenizedPool(directory)
+    out.put({"rank": rank, "load_s": t1 - t0, "build_s": t2 - t1, "peak_mib": peak_mib(),
+             "tokens": int(pool_tokens.offsets[-1]),
+             "disk_mib": sum(f.stat().st_size for f in directory.iterdir()) / 2**20})
+
+
+def _read_rank(rank, world, port, cache, out):
+    from evotune.trainer import tokens
+    from evotune.trainer.data import lengths, plan_batches, shard_batches
+    pool = tokens.TokenizedPool(Path(cache) / "bench-tokens")
+    t0 = time.perf_counter()
+    seen = 0
+    for positions, _ in shard_batches(plan_batches(lengths(pool), 64), rank, world):
+        seen += sum(len(pool[i].input_ids) for i in positions)
+    out.put({"rank": rank, "read_s": time.perf_counter() - t0, "peak_mib": peak_mib(),
+             "tokens": seen})
+
+
+def _lists_rank(rank, world, port, pool, out):
+    tok = _tokenizer()
+    from evotune.trainer.data import encode_all, load_examples
+    t0 = time.perf_counter()
+    examples, _ = load_examples(pool)
+    encode_all(examples, tok, "chat", 512, "skip")
+    out.put({"rank": rank, "encode_s": time.perf_counter() - t0, "peak_mib": peak_mib()})
+
+
+def part_tokens(args, work: Path) -> str:
+    lines = ["Chat rows (the quickstart pool cycled), SmolLM2's tokenizer, max_length 512; peak = "
+             "each process's peak RSS\n",
+             "| N | tokens | load rows | tokenise + write cache | cache on disk | peak RSS, "
+             "building | peak RSS per rank reading its shard, 1 rank / 2 ranks |",
+             "|---|---|---|---|---|---|---|"]
+    contrast = None
+    for n in args.sizes:
+        cache = work / f"cache{n}"
+        pool = work / f"pool{n}.jsonl"
+        write_pool(pool, n)
+        built = _in_process(_build_rank, str(pool), str(cache))[0]
+        reads = {w: _in_process(_read_rank, str(cache), world=w) for w in args.ranks}
+        lines.append(
+            f"| {n:,} | {built['tokens']:,} | {built['load_s']:.1f} s | {built['build_s']:.1f} s "
+            f"| {built['disk_mib']:,.0f} MiB | {built['peak_mib']:,.0f} MiB | "
+            + " / ".join(f"{max(r['peak_mib'] for r in reads[w]):,.0f} MiB" for w in args.ranks)
+            + " |")
+        print(lines[-1], flush=True)
+        if contrast is None:
+            lists = _in_process(_lists_rank, str(pool))[0]
+            contrast = (f"\nBefore the cache, every rank encoded the pool into Python lists: at "
+                        f"{n:,} rows that took {lists['encode_s']:.1f} s and peaked at "
+                        f"{lists['peak_mib']:,.0f} MiB per rank (the building process above: "
+                        f"{built['peak_mib']:,.0f} MiB, once per machine).")
+    return "\n".join(lines + ([contrast] if contrast else []))
+
+
+def _features_rank(rank, world, port, cache, model_dir, batch, out):
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+                       "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+                       "LOCAL_SIZE": str(world), "OMP_NUM_THREADS": "1"})
+    import torch
+    torch.set_num_threads(1)
+    from evotune.trainer import tokens
+    from evotune.trainer.config import load_config
+    from evotune.trainer.engine import Strategy
+    from evotune.trainer.model import load_model, load_tokenizer
+    from evotune.trainer.passes.forward import compute_features
+    strategy = Strategy(load_config(None, [f"data.pool={SOURCE_POOL}"]))
+    strategy.setup()
+    model = load_model(model_dir, torch.float32).to(strategy.device)
+    pool = tokens.TokenizedPool(Path(cache) / "bench-tokens")
+    pad = load_tokenizer(model_dir).pad_token_id
+    base = peak_mib()
+    t0 = time.perf_counter()
+    shard, stats = compute_features(model, pool, strategy, pad, batch, True, (), gather=False)
+    out.put({"rank": rank, "seconds": time.perf_counter() - t0, "peak_mib": peak_mib(),
+             "before_mib": base, "rows": len(shard.positions),
+             "emb_mib": shard.embeddings.nbytes / 2**20, "tokens": stats.tokens})
+    strategy.close()
+
+
+def part_features(args, work: Path) -> str:
+    sys.path.insert(0, str(REPO / "tests"))
+    from helpers import build_tiny_model
+    model_dir = build_tiny_model(work / "tiny", _tokenizer().name_or_path)
+    lines = [f"The tiny test model (2 layers, 32 wide, SmolLM2's 49,152-token vocabulary), "
+             f"batch {args.batch} rows, one thread per rank, embeddings kept on their ranks "
+             f"(gather=False); peak = each rank's peak RSS, model and torch included\n",
+             "| N | ranks | wall | rows per s | own embeddings per rank | peak RSS per rank |",
+             "|---|---|---|---|---|---|"]
+    for n in args.sizes:
+        cache = work / f"cache{n}"
+        if not (cache / "bench-tokens").is_dir():
+            pool = work / f"pool{n}.jsonl"
+            write_pool(pool, n)
+            _in_process(_build_rank, str(pool), str(cache))
+        for world in args.ranks:
+            res = _in_process(_features_rank, str(cache), str(model_dir), args.batch, world=world)
+            wall = max(r["seconds"] for r in res)
+            lines.append(f"| {n:,} | {world} | {wall:.0f} s | {n / wall:,.0f} | "
+                         f"{max(r['emb_mib'] for r in res):,.1f} MiB | "
+                         f"{max(r['peak_mib'] for r in res):,.0f} MiB |")
+            print(lines[-1], flush=True)
+    return "\n".join(lines)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--parts", nargs="+", default=["kcenter"], choices=["kcenter"])
+    p.add_argument("--parts", nargs="+", default=["kcenter"],
+                   choices=["kcenter", "tokens", "features"])
     p.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
     p.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
     p.add_argument("--labeled", type=int, default=1000)
     p.add_argument("--picks", type=int, default=100)
+    p.add_argument("--batch", type=int, default=64, help="rows per forward call (features)")
+    p.add_argument("--work", help="folder for pools, caches and the tiny model (default: a "
+                                  "temporary one, removed at the end)")
     p.add_argument("--out", help="also write the report here")
     args = p.parse_args()
     report = [f"{time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPUs"]
-    if "kcenter" in args.parts:
-        report.append(part_kcenter(args))
+    import tempfile
+    with tempfile.TemporaryDirectory(prefix="evotune-scale-") as tmp:
+        work = Path(args.work or tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        if "kcenter" in args.parts:
+            report.append(part_kcenter(args))
+        if "tokens" in args.parts:
+            report.append(part_tokens(args, work))
+        if "features" in args.parts:
+            report.append(part_features(args, work))
     text = "\n".join(report)
     print(text)
     if args.out:
