@@ -149,3 +149,16 @@ def test_scale_shards_cover_the_pool_once_and_rows_do_not_depend_on_the_rank():
     whole = bench.synthetic(np.arange(n), 4)
     part = bench.rows_of(1, 2, n)
     assert np.array_equal(bench.synthetic(part, 4), whole[part])
+
+
+def test_scale_pool_cycles_the_quickstart_rows_each_made_distinct(tmp_path):
+    from evotune.trainer.data import load_examples
+    bench = load("scale")
+    source, _ = load_examples(bench.SOURCE_POOL)
+    bench.write_pool(tmp_path / "pool.jsonl", len(source) + 5)
+    examples, report = load_examples(tmp_path / "pool.jsonl")
+    assert len(examples) == len(source) + 5 and not report.skipped
+    prompts = [next(m["content"] for m in e.messages if m["role"] == "user") for e in examples]
+    assert len(set(prompts)) == len(prompts)
+    first = next(m["content"] for m in source[0].messages if m["role"] == "user")
+    assert prompts[len(source)] == f"{first} (#{len(source)})"
