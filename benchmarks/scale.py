@@ -105,12 +105,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_kcenter(n: int, world: int, labeled: int, picks: int) -> list[dict]:
+def _in_process(target, *args, world: int = 1) -> list[dict]:
+    """Run ``target(rank, world, port, *args, out)`` in ``world`` spawned processes; their
+    reports by rank."""
     ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_kcenter_rank, args=(r, world, port, n, labeled, picks, out))
-             for r in range(world)]
+    out, port = ctx.Queue(), _free_port()
+    procs = [ctx.Process(target=target, args=(r, world, port, *args, out)) for r in range(world)]
     for p in procs:
         p.start()
     results = sorted((out.get(timeout=7200) for _ in procs), key=lambda x: x["rank"])
@@ -119,6 +119,10 @@ def run_kcenter(n: int, world: int, labeled: int, picks: int) -> list[dict]:
         if p.exitcode:
             raise SystemExit(f"a rank failed (exit {p.exitcode})")
     return results
+
+
+def run_kcenter(n: int, world: int, labeled: int, picks: int) -> list[dict]:
+    return _in_process(_kcenter_rank, n, labeled, picks, world=world)
 
 
 def part_kcenter(args) -> str:
@@ -184,22 +188,6 @@ def write_pool(path: Path, n: int) -> None:
             else:
                 row["instruction"] = f"{row['instruction']} (#{i})"
             f.write(json.dumps(row) + "\n")
-
-
-def _in_process(target, *args, world: int = 1) -> list[dict]:
-    """Run ``target(rank, world, port, *args, out)`` in ``world`` spawned processes; their
-    reports by rank."""
-    ctx = mp.get_context("spawn")
-    out, port = ctx.Queue(), _free_port()
-    procs = [ctx.Process(target=target, args=(r, world, port, *args, out)) for r in range(world)]
-    for p in procs:
-        p.start()
-    results = sorted((out.get(timeout=7200) for _ in procs), key=lambda x: x["rank"])
-    for p in procs:
-        p.join()
-        if p.exitcode:
-            raise SystemExit(f"a rank failed (exit {p.exitcode})")
-    return results
 
 
 def _tokenizer():
