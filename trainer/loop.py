@@ -439,6 +439,7 @@ class Choice:
     seconds: dict[str, float] = field(default_factory=dict)
     candidates: int | None = None     # how many the selector chose from (None: round 0 random)
     embedded: bool = False            # the round measured embeddings
+    sharded: bool = False             # every rank selected over its own rows
 
     @property
     def new(self) -> list[int]:
@@ -485,7 +486,8 @@ def choose(r: int, cfg: Config, data: RunData, model: RoundModel, progress: Prog
     cands = result.candidates if result.candidates is not None else candidates
     features = result.features
     embedded = result.features is not None and result.features.embeddings is not None
-    if result.features is not None and result.features.positions is not None:
+    sharded = result.features is not None and result.features.positions is not None
+    if sharded:
         # Sharded features: every rank selects with its own rows (same picks everywhere). Rank
         # 0 then gets the scores and skip reasons for the logs (O(N) numbers per score) and
         # the embeddings only to save them (output.save_features).
@@ -506,7 +508,8 @@ def choose(r: int, cfg: Config, data: RunData, model: RoundModel, progress: Prog
             return selector.select(found, labeled, cands, data.budget[r], rng)
         selection = _agree(strategy, select)
     seconds["select"] = time.perf_counter() - t0
-    return Choice(selector, selection, features, result.stats, seconds, len(cands), embedded)
+    return Choice(selector, selection, features, result.stats, seconds, len(cands), embedded,
+                  sharded)
 
 
 def require_values(features: Features, scores: tuple[str, ...], candidates: np.ndarray,
@@ -708,6 +711,8 @@ def round_summary(r: int, cfg: Config, data: RunData, progress: Progress, choice
     return {
         "round": r, "selector": choice.selector.name, "selection_info": choice.selection.info,
         "score_skipped": skipped, "embeddings": embeddings, "candidates": choice.candidates,
+        "selected_on": None if choice.candidates is None else
+        "every rank" if choice.sharded else "rank 0",
         "new_examples": len(choice.new), "total_examples": len(progress.selected),
         "new_by_source": by_source(choice.new), "total_by_source": by_source(progress.selected),
         "train_loss": t.loss, "train_loss_first_epoch": t.first_epoch_loss,

@@ -1,6 +1,6 @@
 """Score-ranked rules over rows spread across real torch.distributed ranks (gloo, 1, 2 and 3
-processes): the distributed top-k, the score filter (with k-center after it) and rds pick
-exactly what the one-process rules pick on the whole pool, on every rank. The references are
+processes): the distributed top-k, the score filter (with k-center after it), rds and
+influence pick exactly what the one-process rules pick on the whole pool, on every rank. The references are
 the one-process functions and ``np.lexsort`` over the whole pool."""
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from helpers import _free_port, shard_rows
 
 from evotune.selectors.base import Features
 from evotune.selectors.filters import ScoreFiltered, score_filter
+from evotune.selectors.influence import InfluenceSelector
 from evotune.selectors.kcenter import KCenterSelector
 from evotune.selectors.rds import RdsSelector
 
@@ -58,6 +59,26 @@ def _rds_features(per: np.ndarray) -> Features:
     scores = {f"rds:t{s}": per[:, s] for s in range(per.shape[1])}
     scores["rds"] = np.nanmax(np.where(np.isnan(per), -np.inf, per), axis=1)
     scores["rds"][np.isnan(per).all(axis=1)] = np.nan
+    return Features(scores=scores)
+
+
+def influence_cases() -> list[dict]:
+    """Per-subtask influence with ties; rows outside the gradient sample (in no shard, NaN in
+    the one-process features) and a sampled row the model gave NaN."""
+    rng = np.random.default_rng(4)
+    per = rng.choice([-0.2, 0.1, 0.3, 0.3, 0.9], size=(50, 3))
+    per[7] = np.nan
+    sampled = np.setdiff1d(np.arange(50), [0, 4, 11, 12, 13, 30])
+    return [{"per": per, "sampled": sampled, "labeled": [1, 2], "n": 8},
+            {"per": per, "sampled": sampled, "labeled": [], "n": 43},
+            {"per": per[:, :1], "sampled": np.arange(50), "labeled": [5], "n": 20}]
+
+
+def _influence_features(per: np.ndarray, sampled: np.ndarray) -> Features:
+    """The one-process features: NaN outside the sample."""
+    per = np.where(np.isin(np.arange(len(per)), sampled)[:, None], per, np.nan)
+    scores = {"influence": per.max(axis=1)}
+    scores.update({f"influence:t{s}": per[:, s] for s in range(per.shape[1])})
     return Features(scores=scores)
 
 
@@ -110,6 +131,15 @@ def _work(rank: int, world: int, port: int, out) -> None:
                                            comm)
         got["rds"].append((sel.positions.tolist(), sel.numbers["rds"].tolist(), sel.info,
                            sel.labels))
+    got["influence"] = []
+    for case in influence_cases():
+        mine = [p for p in shard_rows(len(case["per"]), rank, world) if p in case["sampled"]]
+        cands = np.setdiff1d(np.arange(len(case["per"])), case["labeled"])
+        shard = _part(_influence_features(case["per"], case["sampled"]), mine)
+        sel = InfluenceSelector().select_sharded(shard, np.array(case["labeled"]), cands,
+                                                 case["n"], rng, comm)
+        got["influence"].append((sel.positions.tolist(), sel.numbers["influence"].tolist(),
+                                 sel.info, sel.labels))
     try:                                     # too many picks: the same error on every rank
         per = _unscorable()
         RdsSelector().select_sharded(_part(_rds_features(per), shard_rows(len(per), rank, world)),
@@ -181,3 +211,16 @@ def test_sharded_rds_picks_what_one_process_picks(ranks):
         RdsSelector().select(_rds_features(per), np.array([], dtype=np.int64),
                              np.arange(len(per)), 55, rng)
     assert [got["error"] for got in ranks] == [str(one.value)] * len(ranks)
+
+
+def test_sharded_influence_picks_what_one_process_picks(ranks):
+    rng = np.random.default_rng(0)
+    for i, case in enumerate(influence_cases()):
+        cands = np.setdiff1d(np.arange(len(case["per"])), case["labeled"])
+        sel = InfluenceSelector().select(_influence_features(case["per"], case["sampled"]),
+                                         np.array(case["labeled"]), cands, case["n"], rng)
+        for got in ranks:
+            positions, values, info, labels = got["influence"][i]
+            assert positions == sel.positions.tolist(), i
+            assert values == sel.numbers["influence"].tolist(), i
+            assert info == sel.info and labels == sel.labels, i

@@ -88,12 +88,25 @@ def test_influence_under_two_ranks_and_zero3_picks_like_one_rank(less_run, tmp_p
                        selection={"selector": "influence"}, deepspeed={"zero_stage": 3},
                        influence={"validation": str(EVAL_TINY), "dim": 1024})
     run_train(["--config", str(cfg)], ranks=2)
-    assert ids(tmp_path / "out") == ids(ref_out)
-    a = np.load(ref_out / "rounds" / "round_002" / "features.npz")["score_influence"]
-    b = np.load(tmp_path / "out" / "rounds" / "round_002" / "features.npz")["score_influence"]
-    ok = ~np.isnan(a)
-    assert np.isnan(b).tolist() == np.isnan(a).tolist()
-    assert b[ok] == pytest.approx(a[ok], abs=1e-5)
+    out = tmp_path / "out"
+    assert ids(out) == ids(ref_out)
+    for r in (1, 2):         # each rank scored its own rows; rank 0 gathered only the scores
+        one, two = (json.loads((o / "rounds" / f"round_{r:03d}" / "summary.json").read_text())
+                    for o in (ref_out, out))
+        assert one["selected_on"] == two["selected_on"] == "every rank"
+        assert one["selection_info"] == two["selection_info"]
+        assert one["score_skipped"] == two["score_skipped"]
+        for p1, p2 in zip(picks(ref_out, r), picks(out, r)):
+            assert p1["top_subtask"] == p2["top_subtask"]
+            assert {k: pytest.approx(v, abs=1e-5) for k, v in p1.items()
+                    if k.startswith("influence")} == {k: v for k, v in p2.items()
+                                                      if k.startswith("influence")}
+        a, b = (np.load(o / "rounds" / f"round_{r:03d}" / "features.npz") for o in (ref_out, out))
+        assert np.array_equal(a["grad_positions"], b["grad_positions"])
+        assert np.allclose(a["grad_train"], b["grad_train"], atol=2e-3)    # fp16 on disk
+        assert np.isnan(b["score_influence"]).tolist() == np.isnan(a["score_influence"]).tolist()
+        ok = ~np.isnan(a["score_influence"])
+        assert b["score_influence"][ok] == pytest.approx(a["score_influence"][ok], abs=1e-5)
 
 
 def test_kill_during_training_then_resume_reads_the_restored_optimizer(less_run, tmp_path):
@@ -248,6 +261,36 @@ def test_sum_over_checkpoints_weighted_by_learning_rate(tmp_path, tiny_model_dir
     expected = (terms[1][0] * terms[1][1] + terms[2][0] * terms[2][1])[cand].max(axis=1)
     assert final[cand] == pytest.approx(expected, rel=1e-5)
     assert not np.allclose(final[cand], terms[2][1][cand].max(axis=1) * terms[2][0])
+
+
+def test_sum_over_checkpoints_on_two_ranks_without_saved_features(tmp_path, tiny_model_dir):
+    """The same sum with the scores sharded over 2 ranks and no features.npz: rank 0 sends the
+    earlier rounds' terms to the ranks; the picks are the top candidates by the sum."""
+    from evotune.trainer.config import load_config
+    from evotune.trainer.fit import lr_at
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path / "cfg.yaml", tiny_model_dir, out,
+                       selection={"selector": "influence"}, output={"save_features": False},
+                       influence={"validation": str(EVAL_TINY), "dim": 256,
+                                  "checkpoints": "all"})
+    run_train(["--config", str(cfg)], ranks=2)
+    t = load_config(cfg).train
+    total = 0
+    for r in (1, 2):
+        with np.load(out / "rounds" / f"round_{r:03d}" / "influence_terms.npz") as f:
+            steps = json.loads((out / "rounds" / f"round_{r - 1:03d}" / "summary.json")
+                               .read_text())["train_steps"]
+            total = total + sum(lr_at(s, steps, t) for s in range(steps)) / steps \
+                * f["influence_terms"]
+    assert not (out / "rounds" / "round_002" / "features.npz").exists()
+    expected = total.max(axis=1)
+    cand = np.flatnonzero(np.isfinite(expected))
+    rows = picks(out, 2)
+    best = sorted(cand, key=lambda i: (-expected[i], i))[:len(rows)]
+    assert [row["pool_index"] for row in rows] == [int(i) for i in best]
+    assert [row["influence"] for row in rows] == pytest.approx(expected[best], rel=1e-5)
+    summary = json.loads((out / "rounds" / "round_002" / "summary.json").read_text())
+    assert summary["selected_on"] == "every rank" and summary["world_size"] == 2
 
 
 def _lora_grad(model, params, enc) -> np.ndarray:

@@ -14,10 +14,11 @@
   pass (``trainer/passes/influence.py``);
 - ``derived`` scores: computed on rank 0 from the rest, inputs first.
 
-A sharded rule (``select_sharded``: k-center, rds, a filter score over k-center) whose scores
-all come from the forward pass or the targets gets each rank's own rows
-(``Features.positions``): the target rows' embeddings (a few) reach every rank and each scores
-its own rows. Everything else is gathered on rank 0. ``selection.candidates`` restricts the passes to a seeded sample of the candidates and
+A sharded rule (``select_sharded``: k-center, rds, a filter score over k-center, influence)
+whose scores all come from the forward pass and the targets, or all from the gradient pass,
+gets each rank's own rows (``Features.positions``): the target rows' embeddings (a few) or the
+validation gradients reach every rank and each scores its own rows. Everything else is
+gathered on rank 0. ``selection.candidates`` restricts the passes to a seeded sample of the candidates and
 the selected rows.
 
 Infinite or NaN values from the model become skips with a reason (a selector never picks them).
@@ -136,8 +137,12 @@ class FeaturePass:
         # A sharded rule whose scores each rank can compute for its own rows: the features
         # stay on the ranks that computed them (nothing N x D on one rank) and every rank
         # selects together.
-        self.sharded = bool(getattr(selector, "sharded", False) and self.needs_embeddings
-                            and not self.gradient_embeddings and all(SCORES[n].source in ("forward", "targets") for n in wanted))
+        sources = {SCORES[n].source for n in wanted}
+        hidden_only = self.needs_embeddings and not self.gradient_embeddings and \
+            sources <= {"forward", "targets"}
+        influence_only = not self.needs_embeddings and sources == {"influence"}
+        self.sharded = bool(getattr(selector, "sharded", False) and (hidden_only or
+                                                                     influence_only))
 
     def _load_targets(self, name: str, tokenizer, template: str):
         """The target rows of score ``name`` (its ``targets`` file), encoded like the pool."""
@@ -251,7 +256,11 @@ class FeaturePass:
             if engine is None or candidates is None:
                 raise ValueError("influence selection runs inside a training run only")
             found, stats["influence"] = self.influence.run(
-                engine, candidates, r, logger, labeled, self.gradient_embeddings, run_dir)
+                engine, candidates, r, logger, labeled, self.gradient_embeddings, run_dir,
+                sharded=self.sharded)
+            if self.sharded:                      # this rank's sampled candidates only
+                self._warn_non_finite_shard(found, r)
+                return PassResult(found, stats, candidates)
             if features is not None:
                 features.scores.update(found.scores)
                 features.skipped.update(found.skipped)

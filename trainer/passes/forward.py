@@ -154,14 +154,15 @@ def _shard(rows, need_embeddings: bool, score_names) -> Features:
 def gather_shards(strategy, shard: Features, n: int, embeddings: bool = True
                   ) -> Features | None:
     """The whole pool's features on rank 0 from every rank's shard (NaN where no rank has a
-    row), with every rank's skip reasons; None on the other ranks. ``embeddings=False``: the
-    scores and reasons only (O(N) numbers per score, nothing N × D)."""
+    row), with every rank's skip reasons and rank 0's ``extra`` (a shard keeps whole-pool
+    arrays there, on rank 0 only); None on the other ranks. ``embeddings=False``: the scores
+    and reasons only (O(N) numbers per score, nothing N × D)."""
     part = Features(shard.embeddings if embeddings else None, shard.scores, shard.skipped,
                     positions=shard.positions)
     parts = strategy.gather_to_rank0(part)
     if not strategy.is_rank0:
         return None
-    features = Features()
+    features = Features(extra=dict(shard.extra))
     dims = [p.embeddings.shape[1] for p in parts if p.embeddings is not None and len(p.positions)]
     if dims:
         features.embeddings = np.full((n, dims[0]), np.nan, dtype=np.float32)

@@ -150,11 +150,17 @@ def influence(train: torch.Tensor, val: torch.Tensor, subtasks: list[str],
     """LESS's score of each training row for each validation subtask at one checkpoint:
     ``weight · mean over the subtask's validation rows of ⟨train, val⟩``.
 
+    Each row's scores depend on that row alone, not on the other rows computed with it, so a
+    rank scoring its own rows gets what one process scoring them all gets: BLAS sums a dot
+    product differently by matrix shape, so the products are summed in float64 and rounded to
+    float32 (equal unless a float64 sum lies within float64 rounding of a float32 rounding
+    boundary), and the means are per-row float64 sums.
+
     Returns:
-        (N, S) scores and the S subtask names (sorted).
+        (N, S) float64 scores and the S subtask names (sorted).
     """
     names = sorted(set(subtasks))
-    sims = train.float() @ val.float().T                          # (N, V)
+    sims = (train.double() @ val.double().T).float().double()      # (N, V)
     cols = [sims[:, [i for i, s in enumerate(subtasks) if s == name]].mean(dim=1)
             for name in names]
     return weight * torch.stack(cols, dim=1), names

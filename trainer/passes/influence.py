@@ -15,9 +15,13 @@ Each round, with the current adapter and the optimizer's live Adam moments:
    round's model (LESS's sum over checkpoints); each round's terms are kept in its
    ``influence_terms.npz`` for the later rounds.
 
-Both passes are sharded over ranks (every rank runs the same number of forward/backward calls)
-and gathered on rank 0; the projected features go to the round's ``features.npz``
-(``grad_train``, ``grad_val``, fp16). Every finished batch is also written to
+Both passes are sharded over ranks (every rank runs the same number of forward/backward calls).
+The validation features (a few rows) reach every rank; with the influence rule (``sharded``),
+each rank scores its own candidates and keeps them (the rule ranks them with a distributed
+top-k): rank 0 gathers only the scores (S + 1 numbers per candidate) and, with
+``output.save_features``, the projected features for the round's ``features.npz``
+(``grad_train``, ``grad_val``, fp16). Gradient embeddings (TAGCOS) are gathered on rank 0 for
+the whole-matrix rules that read them. Every finished batch is also written to
 ``OUT/partial/round_XXX/`` until the round completes, so a resumed round reuses it.
 
 Departures from LESS: the checkpoints are the loop's rounds (LESS sums the four epoch
@@ -104,18 +108,25 @@ class InfluencePass:
         return out
 
     def run(self, engine, candidates: np.ndarray, r: int, logger, labeled=(),
-            embeddings: bool = False, run_dir: Path | None = None):
+            embeddings: bool = False, run_dir: Path | None = None, sharded: bool = False):
         """Every rank calls this. Returns Features on rank 0 (None elsewhere) with the scores
         (when there is a validation set), skip reasons, the projected features (``extra``) and,
         with ``embeddings``, the projected features of the sample and of the ``labeled``
         positions as (N, dim) ``embeddings`` (NaN rows elsewhere); and the pass statistics
         (tokens forwarded and backpropagated, all ranks).
 
+        ``sharded`` (the influence rule; not with ``embeddings``): every rank returns its shard
+        instead — the scores of its own sampled candidates (``Features.positions``); rank 0's
+        also holds the skip reasons of the rows outside the sample and the ``extra`` arrays
+        (``grad_train`` of every rank only with ``output.save_features``).
+
         ``run_dir``: the run's output dir, where the pass keeps its finished batches until the
         round is complete (``partial/``, see :meth:`_features`), reads the earlier rounds'
         terms (``influence.checkpoints: all``) and writes this round's (``influence_terms.npz``,
         rank 0). Without it (outside a run) the pass keeps nothing and scores with this model
         only."""
+        if sharded and embeddings:
+            raise ValueError("gradient embeddings are gathered on rank 0; no sharded pass")
         self._round = r
         shard_dir = partial_dir(run_dir, r) if run_dir is not None else None
         st, icfg = self.strategy, self.icfg
@@ -147,13 +158,32 @@ class InfluencePass:
             len(it.encoded.input_ids) if it.kind == "sft" else
             len(it.chosen.input_ids) + len(it.rejected.input_ids) for it in self.val)
         stats = PassStats(time.perf_counter() - t0, tokens, tokens)
-        train_all = st.gather_to_rank0(train_rows)
+        n = len(self.pool_enc)
         val_all = st.gather_to_rank0(val_rows)
+        val = _assemble(val_all, np.arange(len(self.val))) if st.is_rank0 and self.val else None
+        if sharded:
+            mine = np.array(sorted(item for item, _ in train_rows), dtype=np.int64)
+            train = _assemble([train_rows], mine)
+            save = self.cfg.output.save_features
+            gathered = st.gather_to_rank0((mine, train.astype(np.float16)) if save else None)
+            val = st.broadcast_from_rank0(val)             # V x dim: a few rows, every rank
+            shard = Features(positions=mine)
+            if st.is_rank0:
+                shard.extra = {"grad_sample": sample}
+                if save:
+                    computed = np.concatenate([rows for _, rows in gathered])
+                    positions = np.concatenate([p for p, _ in gathered])
+                    order = np.argsort(positions)
+                    shard.extra.update({"grad_positions": positions[order],
+                                        "grad_train": computed[order]})
+            if not self.val:
+                return shard, stats
+            self._score(shard, train, val, candidates, sample, r, run_dir, st)
+            return shard, stats
+        train_all = st.gather_to_rank0(train_rows)
         if not st.is_rank0:
             return None, stats
-        n = len(self.pool_enc)
         computed = _assemble(train_all, rows_for)
-        train = computed[np.searchsorted(rows_for, sample)]
         features = Features()
         features.extra = {"grad_sample": sample, "grad_positions": rows_for,
                           "grad_train": computed.astype(np.float16)}
@@ -162,40 +192,75 @@ class InfluencePass:
             features.embeddings[rows_for] = computed
         if not self.val:
             return features, stats
-        val = _assemble(val_all, np.arange(len(self.val)))
+        features.positions = sample
+        self._score(features, computed[np.searchsorted(rows_for, sample)], val, candidates,
+                    sample, r, run_dir, _RankZeroAlone())
+        features.positions = None
+        for name in list(features.scores):              # the whole pool, NaN outside the sample
+            values = np.full(n, np.nan)
+            values[sample] = features.scores[name]
+            features.scores[name] = values
+        return features, stats
+
+    def _score(self, features: Features, train: np.ndarray, val: np.ndarray,
+               candidates: np.ndarray, sample: np.ndarray, r: int, run_dir: Path | None,
+               st) -> None:
+        """The scores of the rows ``features.positions`` (their projected features ``train``):
+        ``influence`` and one ``influence:<subtask>`` per subtask, into ``features``, with the
+        reasons of the rows without one (rank 0). Rank 0 writes this round's terms (gathered:
+        S numbers per row) and, with ``influence.checkpoints: all``, sends every rank the sums
+        over the earlier rounds (S numbers per sampled row).
+
+        ``st``: the ranks that call this together, each with its own rows (the run's strategy),
+        or :class:`_RankZeroAlone` (rank 0 with every row)."""
+        icfg, n = self.icfg, len(self.pool_enc)
+        mine = features.positions
         per_subtask, names = influence(torch.from_numpy(train), torch.from_numpy(val),
                                        [it.subtask for it in self.val])
-        terms = np.full((n, len(names)), np.nan)
-        terms[sample] = per_subtask.numpy()
-        weight, history = self._checkpoints(run_dir, r)
-        if run_dir is not None:       # read back by later rounds (influence.checkpoints: all)
-            write_bytes_atomic(round_dir(run_dir, r) / TERMS_FILE, lambda tmp: np.savez(
-                tmp, influence_terms=terms, influence_weight=np.array(weight),
-                influence_subtasks=np.array(names)))
+        per_subtask = per_subtask.numpy()
+        parts = st.gather_to_rank0((mine, per_subtask))
+        weight, history, earlier = None, [], None
+        if st.is_rank0:
+            weight, history = self._checkpoints(run_dir, r)
+            terms = np.full((n, len(names)), np.nan)
+            for positions, values in parts:
+                terms[positions] = values
+            if run_dir is not None:   # read back by later rounds (influence.checkpoints: all)
+                write_bytes_atomic(round_dir(run_dir, r) / TERMS_FILE, lambda tmp: np.savez(
+                    tmp, influence_terms=terms, influence_weight=np.array(weight),
+                    influence_subtasks=np.array(names)))
+            if history:
+                earlier = np.zeros((len(sample), len(names)))
+                for path in history:         # earlier checkpoints (influence.checkpoints: all)
+                    with np.load(path) as old:
+                        if list(old["influence_subtasks"]) != names:
+                            raise ValueError(f"{path}: its validation subtasks differ from "
+                                             f"this round's")
+                        earlier = earlier + float(old["influence_weight"]) * \
+                            old["influence_terms"][sample]
+                if not np.isfinite(earlier).all():
+                    raise ValueError("influence.checkpoints=all: a candidate lacks a score at an "
+                                     "earlier checkpoint (influence.candidates must be all of "
+                                     "them)")
+        weight, earlier = st.broadcast_from_rank0((weight, earlier))   # earlier: sample x S
         # One checkpoint: the mean cosines as they are; a sum over checkpoints: LR-weighted.
-        summed = weight * terms if icfg.checkpoints == "all" else terms
-        for path in history:                 # earlier checkpoints (influence.checkpoints: all)
-            with np.load(path) as old:
-                if list(old["influence_subtasks"]) != names:
-                    raise ValueError(f"{path}: its validation subtasks differ from this round's")
-                summed = summed + float(old["influence_weight"]) * old["influence_terms"]
-        per_subtask = torch.from_numpy(summed[sample])
-        if not np.isfinite(summed[sample]).all():
-            raise ValueError("influence.checkpoints=all: a candidate lacks a score at an earlier "
-                             "checkpoint (influence.candidates must be all of them)")
-        total = aggregate(per_subtask, icfg.aggregation).numpy()
-        unsampled = {int(i): "not in this round's gradient sample (influence.candidates)"
-                     for i in np.setdiff1d(candidates, sample)}
-        unsampled.update({int(i): "already selected" for i in
-                          np.setdiff1d(np.arange(n), candidates)})
-        for name, values in [(SCORE, total)] + [(f"{SCORE}:{t}", per_subtask[:, j].numpy())
+        summed = weight * per_subtask if icfg.checkpoints == "all" else per_subtask
+        if earlier is not None:
+            summed = summed + earlier[np.searchsorted(sample, mine)]
+        total = aggregate(torch.from_numpy(summed), icfg.aggregation).numpy()
+        unsampled = {}
+        if st.is_rank0:
+            unsampled = {int(i): "not in this round's gradient sample (influence.candidates)"
+                         for i in np.setdiff1d(candidates, sample)}
+            unsampled.update({int(i): "already selected" for i in
+                              np.setdiff1d(np.arange(n), candidates)})
+            features.extra.update({"grad_val": val.astype(np.float16),
+                                   "grad_val_subtasks": np.array([it.subtask
+                                                                  for it in self.val])})
+        for name, values in [(SCORE, total)] + [(f"{SCORE}:{t}", summed[:, j])
                                                 for j, t in enumerate(names)]:
-            features.scores[name] = np.full(n, np.nan)
-            features.scores[name][sample] = values
+            features.scores[name] = np.asarray(values, dtype=np.float64)
             features.skipped[name] = dict(unsampled)
-        features.extra.update({"grad_val": val.astype(np.float16),
-                               "grad_val_subtasks": np.array([it.subtask for it in self.val])})
-        return features, stats
 
     def _checkpoints(self, run_dir: Path | None, r: int) -> tuple[float, list[Path]]:
         """This round's checkpoint weight (the mean learning rate of round r-1's training, from
@@ -279,6 +344,19 @@ class InfluencePass:
                                    icfg.beta, icfg.label_smoothing)
         g = example_grad(margin, params)
         return [(coef * t).reshape(-1) for t in g]
+
+
+class _RankZeroAlone:
+    """The collectives of :meth:`InfluencePass._score` when rank 0 holds every row."""
+    is_rank0 = True
+
+    @staticmethod
+    def gather_to_rank0(obj):
+        return [obj]
+
+    @staticmethod
+    def broadcast_from_rank0(obj):
+        return obj
 
 
 def _fingerprint(cfg, which: str, world_size: int, rank: int, items: list[int]) -> str:

@@ -139,14 +139,28 @@ def test_dpo_direction_needs_no_reference_model_unless_label_smoothing(smoothing
         assert c < 0                  # any reference model: only the length changes
 
 
+def test_influence_of_a_row_does_not_depend_on_the_rows_scored_with_it():
+    """Ranks score their own rows: any split of the rows gives the one-process values bit for
+    bit (a plain float32 matmul does not: BLAS sums by shape)."""
+    g = torch.Generator().manual_seed(0)
+    train, val = torch.randn(301, 1024, generator=g), torch.randn(12, 1024, generator=g)
+    subtasks = ["a", "b", "c"] * 4
+    whole, _ = influence(train, val, subtasks)
+    parts = [influence(train[i:i + k], val, subtasks)[0]
+             for i, k in [(0, 1), (1, 7), (8, 100), (108, 193)]]
+    assert torch.equal(torch.cat(parts), whole)
+    assert torch.equal(torch.cat([influence(train[i:i + 1], val, subtasks)[0]
+                                  for i in range(len(train))]), whole)
+
+
 def test_influence_means_per_subtask_then_max():
     train = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
     val = torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0]])
     scores, names = influence(train, val, ["math", "math", "qa"], weight=2.0)
     assert names == ["math", "qa"]
-    expected = 2.0 * torch.tensor([[0.9, 0.0], [0.3, 1.0], [0.78, 0.8]])
-    assert torch.allclose(scores, expected)
-    assert torch.allclose(aggregate(scores), torch.tensor([1.8, 2.0, 1.6]))
+    expected = 2.0 * torch.tensor([[0.9, 0.0], [0.3, 1.0], [0.78, 0.8]], dtype=torch.float64)
+    assert scores.dtype == torch.float64 and torch.allclose(scores, expected)
+    assert torch.allclose(aggregate(scores), torch.tensor([1.8, 2.0, 1.6], dtype=torch.float64))
     assert torch.allclose(aggregate(scores, "mean"), expected.mean(dim=1))
     with pytest.raises(ValueError, match="aggregation"):
         aggregate(scores, "sum")
