@@ -211,6 +211,10 @@ class Strategy:
         """Free an engine before building the next one (retrain-from-base rounds)."""
         if engine is None:
             return
+        if getattr(engine, "zero_optimization_partition_weights", lambda: False)():
+            # ZeRO-3: partition every parameter again (also those a pass left gathered, e.g.
+            # persistent ones) so the kept module's adapter can be re-drawn for the next engine
+            engine.empty_partition_cache()
         if hasattr(engine, "destroy"):
             engine.destroy()
         del engine

@@ -312,11 +312,12 @@ class RoundModel:
     fresh engine (DiverseEvol); otherwise training continues on the previous round's engine,
     optimizer state included.
 
-    With LoRA under ZeRO 0–2 the base model is loaded once per run: the base weights never
-    change, so a fresh engine is the same module with its adapter re-drawn
-    (:func:`~evotune.trainer.model.reset_adapter`) and a new optimizer. Full fine-tuning
-    changes every weight, and ZeRO-3 partitions the module in its engine: those load again,
-    and under ZeRO-3 the base model is built partitioned (``deepspeed.zero.Init``).
+    With LoRA the base model is loaded once per run: the base weights never change, so a
+    fresh engine is the same module with its adapter re-drawn
+    (:func:`~evotune.trainer.model.reset_adapter`; under ZeRO-3 gathered, re-drawn and
+    partitioned again) and a new optimizer. Full fine-tuning changes every weight: it loads
+    again for every fresh engine. Under ZeRO-3 the base model is built partitioned
+    (``deepspeed.zero.Init``) and stays so.
     """
 
     def __init__(self, cfg: Config, strategy: Strategy, model_path: Path):
@@ -335,7 +336,7 @@ class RoundModel:
             module = build_trainable_model(self.cfg, self.model_path, self.strategy.dtype, seed,
                                            zero3)
             self.loads += 1
-            if self.cfg.lora.enabled and self.cfg.deepspeed.zero_stage < 3:
+            if self.cfg.lora.enabled:
                 self._module = module
         else:
             reset_adapter(module, seed)

@@ -8,6 +8,7 @@ plain fp32 safetensors checkpoint in the evotune cache and read from there after
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import importlib.metadata
 import importlib.util
@@ -176,7 +177,8 @@ def reset_adapter(model: torch.nn.Module, init_seed: int) -> None:
     same weights (a run keeps its base model across rounds: :class:`RoundModel`)."""
     gen = torch.Generator(device="cpu").manual_seed(init_seed)
     found = False
-    with torch.no_grad():
+    adapters = [p for name, p in model.named_parameters() if ".lora_" in name]
+    with torch.no_grad(), _whole(adapters):
         for name, p in sorted(model.named_parameters(), key=lambda x: x[0]):
             if ".lora_A." in name:
                 w = torch.empty(p.shape, dtype=torch.float32)
@@ -188,6 +190,15 @@ def reset_adapter(model: torch.nn.Module, init_seed: int) -> None:
                 p.zero_()
     if not found:
         raise ValueError("the model has no LoRA adapter to reset")
+
+
+def _whole(params: list[torch.nn.Parameter]):
+    """A context in which ZeRO-3-partitioned ``params`` are whole and what rank 0 writes into
+    them is every rank's afterwards (DeepSpeed's GatheredParameters); a no-op for plain ones."""
+    if not any(hasattr(p, "ds_id") for p in params):
+        return contextlib.nullcontext()
+    import deepspeed
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
 
 
 def check_lora_targets(path: str | os.PathLike, targets: list[str]) -> None:

@@ -245,7 +245,10 @@ def test_zero_stages_and_continue_mode_match_zero_0(tmp_path, tiny_model_dir, ba
                            deepspeed={"zero_stage": stage,
                                       "stage3_param_persistence_threshold": 0},
                            train={"retrain_from_base": retrain}, selection={"rounds": 2})
-        run_train(["--config", str(cfg)])
+        proc = run_train(["--config", str(cfg)])
+        # LoRA: one base-model load per run at every stage (ZeRO-3 keeps the partitioned
+        # module and re-draws the adapter gathered)
+        assert "base model loads this run: 1" in proc.stderr
         return [json.loads(line) for line in
                 (tmp_path / name / "rounds.jsonl").read_text().splitlines()]
 

@@ -1,5 +1,6 @@
 """ZeRO-3 builds the base model partitioned (deepspeed.zero.Init): every weight is split over
-the ranks as it is created and loaded into its partition, not loaded whole and split later."""
+the ranks as it is created and loaded into its partition, not loaded whole and split later;
+a kept module's partitioned adapter is re-drawn in place for a new round."""
 
 from __future__ import annotations
 
@@ -34,6 +35,24 @@ for name, p in base:
         key = name.replace("base_model.model.", "").replace(".base_layer", "")
         assert torch.equal(p.data, plain[key].data), name
 print("partitioned", len(base))
+# A kept module: its adapter, partitioned by an engine, re-drawn for a new round equals a new
+# model's adapter drawn from the same seed (the base model is not loaded again)
+from evotune.trainer.model import reset_adapter
+engine = strategy.prepare(model)
+lora = [(n, p) for n, p in model.named_parameters() if "lora_" in n]
+assert lora and all(hasattr(p, "ds_id") and p.numel() == 0 for _, p in lora)
+# a per-example gradient, as influence's pass takes them, leaves parameters gathered
+from evotune.trainer.passes.gradients import example_grad
+ids = torch.tensor([[1, 2, 3, 4, 5]])
+example_grad(engine.module(input_ids=ids, labels=ids).loss, [p for _, p in lora])
+Strategy.release(engine)
+reset_adapter(model, 11)
+fresh = dict(build_trainable_model(cfg, model_dir, torch.float32, 11).named_parameters())
+for name, p in lora:
+    with deepspeed.zero.GatheredParameters([p]):
+        assert torch.equal(p.data, fresh[name].data), name
+        assert not torch.equal(p.data, torch.zeros_like(p.data)) or "lora_B" in name
+print("reset", len(lora))
 strategy.close()
 """
 
@@ -43,4 +62,4 @@ def test_zero3_builds_the_model_partitioned(tmp_path, tiny_model_dir):
     proc = subprocess.run([sys.executable, "-c", SCRIPT, str(tiny_model_dir), str(POOL_TINY)],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "partitioned" in proc.stdout
+    assert "partitioned" in proc.stdout and "reset" in proc.stdout
