@@ -14,6 +14,7 @@ handed to it is pre-scaled by both to undo that.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -196,6 +197,17 @@ def _prompt_length(encoded: list[Encoded]) -> int:
 
 
 @torch.no_grad()
+@functools.cache
+def _cache_name() -> str:
+    """The name of a model's key/value cache, argument and output: ``cache`` since transformers
+    renamed it (passing the old ``past_key_values`` then warns on every call), before that
+    ``past_key_values``."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+    return "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ \
+        else "past_key_values"
+
+
+
 def choice_nll(model, strategy, choices: ChoiceSet, advance=lambda n=1, **_: None
                ) -> list[float]:
     """Summed response-token NLL of every choice sequence (``choices.encoded`` order).
@@ -206,7 +218,7 @@ def choice_nll(model, strategy, choices: ChoiceSet, advance=lambda n=1, **_: Non
     Rows are dealt round-robin to ranks, padded to equal row counts, and every row makes two
     forward calls (ZeRO-3's parameter gathers are collectives)."""
     from transformers import DynamicCache
-    device = strategy.device
+    device, cache_arg = strategy.device, _cache_name()
     nll = [0.0] * len(choices.encoded)
     rows = list(range(len(choices)))
     calls = -(-len(rows) // strategy.world_size)
@@ -229,11 +241,11 @@ def choice_nll(model, strategy, choices: ChoiceSet, advance=lambda n=1, **_: Non
         labels = labels.to(device)
         if p:
             head = model(input_ids=torch.tensor([encoded[0].input_ids[:p]], device=device),
-                         past_key_values=DynamicCache(), use_cache=True)
-            cache = head.past_key_values
+                         **{cache_arg: DynamicCache()}, use_cache=True)
+            cache = getattr(head, cache_arg)
             cache.batch_repeat_interleave(n)
             logits = model(input_ids=tails.to(device), attention_mask=mask.to(device),
-                           past_key_values=cache, use_cache=True).logits
+                           **{cache_arg: cache}, use_cache=True).logits
             # position t of the tail predicts tail token t + 1; the prompt's last position
             # predicts tail token 0
             logits = torch.cat([head.logits[:, -1:].expand(n, -1, -1), logits[:, :-1]], dim=1)

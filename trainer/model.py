@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -164,7 +165,12 @@ def build_trainable_model(cfg, path: str | os.PathLike, dtype: torch.dtype,
         return model
     lora = PeftLoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                           target_modules=list(cfg.lora.target_modules), task_type="CAUSAL_LM")
-    model = get_peft_model(model, lora)
+    with warnings.catch_warnings():
+        # PEFT reads transformers' deprecated `is_gradient_checkpointing` alias (a FutureWarning
+        # on every build, from their code, not ours)
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
+                                category=FutureWarning)
+        model = get_peft_model(model, lora)
     reset_adapter(model, init_seed)
     return model
 

@@ -92,6 +92,28 @@ def _reference_nll(model, encoded):
     return out
 
 
+def test_choice_nll_warns_about_nothing(tiny_model_dir, tokenizer, monkeypatch):
+    """The key/value cache goes by the name this transformers gives it: no deprecation
+    message on every eval (transformers 5 renamed ``past_key_values`` to ``cache``)."""
+    import warnings
+
+    import transformers.utils.generic as generic
+    from transformers import AutoModelForCausalLM
+
+    from evotune.trainer.data import choice_set, load_examples
+    from evotune.trainer.fit import choice_nll
+    from helpers import EVAL_TINY
+    said = []                  # warning_once remembers what it said: record every call instead
+    monkeypatch.setattr(generic.logger, "warning_once", lambda msg, *a, **k: said.append(msg))
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    examples, _ = load_examples(EVAL_TINY)
+    cs = choice_set(examples, tokenizer, "chat", 1024)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        choice_nll(model, _OneRank(), cs)
+    assert [m for m in said + [str(w.message) for w in caught] if "deprecated" in m] == []
+
+
 def test_choice_nll_with_a_shared_prompt_cache_equals_whole_sequences(tiny_model_dir, tokenizer):
     from transformers import AutoModelForCausalLM
 

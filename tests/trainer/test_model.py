@@ -37,3 +37,17 @@ def test_reset_adapter_gives_a_fresh_adapter(tiny_model_dir):
     with torch.no_grad():
         assert torch.allclose(kept.eval()(input_ids=ids).logits, base(input_ids=ids).logits,
                               atol=1e-6)
+
+
+def test_building_the_model_warns_about_nothing(tiny_model_dir):
+    """No deprecation warning from building the trainable model (PEFT reads a deprecated
+    transformers property; evotune filters exactly that one)."""
+    import warnings
+
+    from helpers import POOL_TINY
+    cfg = load_config(None, [f"model.path={tiny_model_dir}", f"data.pool={POOL_TINY}",
+                             "lora.target_modules=[q_proj,v_proj]"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        build_trainable_model(cfg, tiny_model_dir, torch.float32, 3)
+    assert [str(w.message) for w in caught if issubclass(w.category, FutureWarning)] == []
