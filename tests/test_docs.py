@@ -46,3 +46,21 @@ def test_readme_tables_are_the_generated_ones():
 
 def section(text: str, title: str) -> str:
     return text.split(f"\n## {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def test_every_dependency_has_an_upper_bound_that_the_tested_install_meets():
+    """pyproject.toml bounds each dependency from above (a new major or minor release cannot
+    break a fresh install silently), and the versions installed here, the ones the suite
+    tests, lie inside every range."""
+    import importlib.metadata
+    import tomllib
+
+    from packaging.requirements import Requirement
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    reqs = [Requirement(r) for r in project["dependencies"] +
+            project["optional-dependencies"]["dev"]]
+    assert len(reqs) >= 10
+    for req in reqs:
+        assert any(s.operator in ("<", "<=", "~=", "==") for s in req.specifier), req
+        installed = importlib.metadata.version(req.name)
+        assert req.specifier.contains(installed, prereleases=True), (req, installed)
