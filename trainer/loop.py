@@ -34,6 +34,7 @@ from evotune.trainer.model import (build_trainable_model, check_lora_targets, ex
                                    resolve_model_path)
 from evotune.trainer.passes.features import FeaturePass, PassResult, mark_unsampled
 from evotune.trainer.passes.forward import PassStats, gather_shards
+from evotune.trainer.selected import write_selected
 from evotune.trainer.state import (STATE_FILE, ResumePlan, RoundState, capture_rng, crash_point,
                                    derive_seed, file_hash, fsync_tree, last_completed_round,
                                    partial_dir, plan_resume, read_state, restore_rng, round_dir,
@@ -647,6 +648,7 @@ def commit(r: int, cfg: Config, data: RunData, model: RoundModel, progress: Prog
                                 strategy.world_size)
         summary["stopped"] = stopped
         write_json_atomic(rdir / "summary.json", summary)
+        write_selected(out, r, cfg.data.pool, data.pool)   # the chosen set as a dataset
     strategy.barrier()
     if strategy.is_rank0:
         write_json_atomic(rdir / STATE_FILE, state.to_json())

@@ -7,6 +7,7 @@ Layout of an output dir (this module owns it; the README's "Outputs and logs" sa
     OUT/data_report.json              template, rows used, truncated, skipped, budget
     OUT/metrics.jsonl                 step metrics (train/loss, train/lr, ...; eval/* per round)
     OUT/rounds.jsonl                  one line per completed round (rebuilt from summaries)
+    OUT/selected.jsonl                the pool's rows selected so far (``trainer/selected.py``)
     OUT/rounds/round_XXX/
         selection.jsonl               the round's new picks, in pick order
         features.npz                  what the selector read (embeddings, scores, gradient

@@ -99,6 +99,24 @@ def test_run_writes_every_artifact(baseline, tiny_model_dir):
     assert "base model loads this run: 1" in proc.stderr
 
 
+def test_selected_jsonl_holds_the_pools_own_rows_in_pick_order(baseline):
+    """OUT/selected.jsonl: the pool file's rows (by id), in the rounds' pick order, each with
+    its round and place; the rows' order and ids match state.json."""
+    from helpers import POOL_TINY
+    out, _, _ = baseline
+    raw = {row["id"]: row for row in map(json.loads, POOL_TINY.read_text().splitlines())}
+    got = [json.loads(line) for line in (out / "selected.jsonl").read_text().splitlines()]
+    expected = []
+    for r in range(3):
+        for line in (out / "rounds" / f"round_{r:03d}" / "selection.jsonl").read_text().splitlines():
+            pick = json.loads(line)
+            expected.append({**raw[pick["id"]], "evotune_round": r,
+                             "evotune_pick_order": pick["pick_order"]})
+    assert got == expected and len(got) == 16
+    state = json.loads((out / "rounds" / "round_002" / "state.json").read_text())
+    assert [row["id"] for row in got] == state["selected_ids"]
+
+
 def test_final_adapter_loads_with_plain_peft(baseline, tiny_model_dir):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -189,6 +207,7 @@ def _assert_resumed_like_baseline(out: Path, ref_out: Path, cfg: Path) -> None:
     proc = run_train(["--config", str(cfg), f"output.dir={out}"])
     assert "resumed after round" in proc.stderr
     assert selected_ids(out) == selected_ids(ref_out)
+    assert (out / "selected.jsonl").read_text() == (ref_out / "selected.jsonl").read_text()
     assert_same_adapter(out, ref_out)
     # A redone round logged its steps once: no duplicate metric lines.
     steps = [json.loads(line)["global_step"] for line in
@@ -401,6 +420,30 @@ def test_mixed_chat_and_alpaca_pool_with_random_selector(tmp_path, tiny_model_di
             .splitlines()]
     assert {r["selector"] for r in rows} == {"random"} and len(rows) == 8
     assert not (tmp_path / "out" / "rounds" / "round_001" / "features.npz").exists()
+    # the chosen set in the forms other trainers read, from both row shapes
+    raw = {row["id"]: row for row in
+           map(json.loads, (FIXTURES / "pool_mixed.jsonl").read_text().splitlines())}
+    for fmt in ("alpaca", "sharegpt"):
+        proc = subprocess.run([sys.executable, str(REPO / "launch" / "export_selection.py"),
+                               str(tmp_path / "out"), "--format", fmt, "-o", "-"],
+                              capture_output=True, text=True, cwd=REPO)
+        assert proc.returncode == 0, proc.stderr
+        got = [json.loads(line) for line in proc.stdout.splitlines()]
+        assert len(got) == 16 and {g["evotune_round"] for g in got} == {0, 1}
+        for g in got:
+            row = raw[g["id"]]
+            turns = row.get("messages") or [
+                {"role": "user", "content": row["instruction"]
+                 + ("\n\n" + row["input"] if row.get("input", "").strip() else "")},
+                {"role": "assistant", "content": row["output"]}]
+            if fmt == "sharegpt":
+                assert [t["value"] for t in g["conversations"]] == [t["content"] for t in turns]
+            elif "messages" in row:
+                assert (g["instruction"], g["output"]) == (turns[-2]["content"],
+                                                          turns[-1]["content"])
+            else:
+                assert (g["instruction"], g["input"], g["output"]) == (
+                    row["instruction"], row.get("input", ""), row["output"])
 
 
 def test_two_ranks_under_zero3_with_partitioned_adapters(tmp_path, tiny_model_dir):
@@ -456,6 +499,7 @@ def test_resume_from_an_earlier_round_redoes_the_later_ones(baseline, tmp_path):
     proc = run_train(["--resume", str(out / "rounds" / "round_000"), "--overwrite"])
     assert "resumed after round 0" in proc.stderr
     assert selected_ids(out) == selected_ids(ref_out)
+    assert (out / "selected.jsonl").read_text() == (ref_out / "selected.jsonl").read_text()
     assert_same_adapter(out, ref_out)
 
 
