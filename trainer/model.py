@@ -165,14 +165,20 @@ def build_trainable_model(cfg, path: str | os.PathLike, dtype: torch.dtype,
         return model
     lora = PeftLoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                           target_modules=list(cfg.lora.target_modules), task_type="CAUSAL_LM")
-    with warnings.catch_warnings():
-        # PEFT reads transformers' deprecated `is_gradient_checkpointing` alias (a FutureWarning
-        # on every build, from their code, not ours)
-        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
-                                category=FutureWarning)
+    with _peft_quietly():
         model = get_peft_model(model, lora)
     reset_adapter(model, init_seed)
     return model
+
+
+@contextlib.contextmanager
+def _peft_quietly():
+    """PEFT wraps a model by reading transformers' deprecated `is_gradient_checkpointing`
+    alias: a FutureWarning on every wrap, from their code, not ours. Only that one is hidden."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
+                                category=FutureWarning)
+        yield
 
 
 def reset_adapter(model: torch.nn.Module, init_seed: int) -> None:
@@ -248,7 +254,8 @@ def merge_adapter(base_path: str | os.PathLike, adapter_dir: Path, out_dir: Path
                   tokenizer) -> Path:
     """Base model + adapter merged into one plain HF model dir (fp32, on CPU)."""
     base = load_model(base_path, torch.float32)
-    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    with _peft_quietly():
+        merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     merged.save_pretrained(str(out_dir))
     tokenizer.save_pretrained(str(out_dir))
     return Path(out_dir)

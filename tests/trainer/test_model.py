@@ -39,15 +39,21 @@ def test_reset_adapter_gives_a_fresh_adapter(tiny_model_dir):
                               atol=1e-6)
 
 
-def test_building_the_model_warns_about_nothing(tiny_model_dir):
-    """No deprecation warning from building the trainable model (PEFT reads a deprecated
-    transformers property; evotune filters exactly that one)."""
+def test_building_and_merging_the_model_warn_about_nothing(tiny_model_dir, tmp_path):
+    """No deprecation warning from building the trainable model or merging its adapter (PEFT
+    reads a deprecated transformers property; evotune filters exactly that one)."""
     import warnings
 
     from helpers import POOL_TINY
+
+    from evotune.trainer.model import load_tokenizer, merge_adapter
     cfg = load_config(None, [f"model.path={tiny_model_dir}", f"data.pool={POOL_TINY}",
                              "lora.target_modules=[q_proj,v_proj]"])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        build_trainable_model(cfg, tiny_model_dir, torch.float32, 3)
+        model = build_trainable_model(cfg, tiny_model_dir, torch.float32, 3)
+        model.save_pretrained(str(tmp_path / "adapter"))
+        merge_adapter(tiny_model_dir, tmp_path / "adapter", tmp_path / "merged",
+                      load_tokenizer(tiny_model_dir))
     assert [str(w.message) for w in caught if issubclass(w.category, FutureWarning)] == []
+    assert (tmp_path / "merged" / "config.json").is_file()
