@@ -187,14 +187,18 @@ def incomplete_round_dirs(out: Path, after: int) -> list[Path]:
 CRASH_ENV = "EVOTUNE_CRASH_AT"
 
 
-def crash_point(name: str, round_idx: int) -> None:
+def crash_point(name: str, round_idx: int, sync=None) -> None:
     """SIGKILL this process at a named point when ``$EVOTUNE_CRASH_AT`` is ``name:round``.
 
     For testing resume at exact places (``embed``, ``train``, ``checkpoint``, ``state``, and
     ``grad_train`` / ``grad_val``: after the gradient pass's first finished batch): a real
     kill, no cleanup, like a node failure. Does nothing unless the variable is set.
+    ``sync`` (a barrier): every rank reaches the point before any dies, so what each rank
+    wrote before it is on disk (else the launcher may stop a rank that had not got there yet).
     """
     if os.environ.get(CRASH_ENV) == f"{name}:{round_idx}":
+        if sync is not None:
+            sync()
         os.kill(os.getpid(), signal.SIGKILL)
 
 

@@ -317,7 +317,7 @@ class InfluencePass:
             rows = normalize_rows(projector.project(blocks)).cpu().numpy()
             if shard_dir is not None:
                 _save_shard(shard_dir, which, st.rank, k, key, rows)
-                crash_point(f"grad_{which}", self._round)
+                crash_point(f"grad_{which}", self._round, sync=st.barrier)
             out += [(o, row) for o, row in zip(owners(k), rows) if o is not None]
             advance(sum(o is not None for o in owners(k)) * st.world_size)
         return out
