@@ -196,7 +196,6 @@ def _prompt_length(encoded: list[Encoded]) -> int:
     return first if all(e.input_ids[:first] == head for e in encoded) else 0
 
 
-@torch.no_grad()
 @functools.cache
 def _cache_name() -> str:
     """The name of a model's key/value cache, argument and output: ``cache`` since transformers
@@ -207,7 +206,7 @@ def _cache_name() -> str:
         else "past_key_values"
 
 
-
+@torch.no_grad()
 def choice_nll(model, strategy, choices: ChoiceSet, advance=lambda n=1, **_: None
                ) -> list[float]:
     """Summed response-token NLL of every choice sequence (``choices.encoded`` order).
