@@ -18,8 +18,8 @@ A sharded rule (``select_sharded``: k-center, rds, a filter score over k-center,
 whose scores all come from the forward pass and the targets, or all from the gradient pass,
 gets each rank's own rows (``Features.positions``): the target rows' embeddings (a few) or the
 validation gradients reach every rank and each scores its own rows. Everything else is
-gathered on rank 0. ``selection.candidates`` restricts the passes to a seeded sample of the candidates and
-the selected rows.
+gathered on rank 0. ``selection.candidates`` restricts the passes to a seeded sample of the
+candidates and the selected rows.
 
 Infinite or NaN values from the model become skips with a reason (a selector never picks them).
 For Cherry's pre-experienced round 0, :meth:`FeaturePass.run_instructions` embeds the prompts

@@ -178,7 +178,7 @@ class InfluencePass:
                                         "grad_train": computed[order]})
             if not self.val:
                 return shard, stats
-            self._score(shard, train, val, candidates, sample, r, run_dir, st)
+            self._score(shard, mine, train, val, candidates, sample, r, run_dir, st)
             return shard, stats
         train_all = st.gather_to_rank0(train_rows)
         if not st.is_rank0:
@@ -192,20 +192,18 @@ class InfluencePass:
             features.embeddings[rows_for] = computed
         if not self.val:
             return features, stats
-        features.positions = sample
-        self._score(features, computed[np.searchsorted(rows_for, sample)], val, candidates,
-                    sample, r, run_dir, _RankZeroAlone())
-        features.positions = None
+        self._score(features, sample, computed[np.searchsorted(rows_for, sample)], val,
+                    candidates, sample, r, run_dir, _RankZeroAlone())
         for name in list(features.scores):              # the whole pool, NaN outside the sample
             values = np.full(n, np.nan)
             values[sample] = features.scores[name]
             features.scores[name] = values
         return features, stats
 
-    def _score(self, features: Features, train: np.ndarray, val: np.ndarray,
+    def _score(self, features: Features, mine: np.ndarray, train: np.ndarray, val: np.ndarray,
                candidates: np.ndarray, sample: np.ndarray, r: int, run_dir: Path | None,
                st) -> None:
-        """The scores of the rows ``features.positions`` (their projected features ``train``):
+        """The scores of the pool rows ``mine`` (their projected features ``train``):
         ``influence`` and one ``influence:<subtask>`` per subtask, into ``features``, with the
         reasons of the rows without one (rank 0). Rank 0 writes this round's terms (gathered:
         S numbers per row) and, with ``influence.checkpoints: all``, sends every rank the sums
@@ -214,7 +212,6 @@ class InfluencePass:
         ``st``: the ranks that call this together, each with its own rows (the run's strategy),
         or :class:`_RankZeroAlone` (rank 0 with every row)."""
         icfg, n = self.icfg, len(self.pool_enc)
-        mine = features.positions
         per_subtask, names = influence(torch.from_numpy(train), torch.from_numpy(val),
                                        [it.subtask for it in self.val])
         per_subtask = per_subtask.numpy()
