@@ -105,7 +105,8 @@ def score(cfg, names: tuple[str, ...], out: Path, label: str | None, pair: str |
     from evotune.trainer.model import load_model, load_tokenizer, resolve_model_path
     from evotune.trainer.passes.features import FeaturePass
     from evotune.trainer.separation import separation
-    from evotune.trainer.state import file_hash, write_json_atomic, write_text_atomic
+    from evotune.trainer.sources import input_hash
+    from evotune.trainer.state import write_json_atomic, write_text_atomic
 
     strategy = Strategy(cfg)
     strategy.setup()
@@ -113,7 +114,9 @@ def score(cfg, names: tuple[str, ...], out: Path, label: str | None, pair: str |
     model_path = resolve_model_path(cfg.model.path)
     tokenizer = load_tokenizer(model_path)
     template = resolve_template(cfg.data.template, tokenizer)
-    examples, report = load_examples(cfg.data.pool, cfg.data.on_error, cfg.data.max_examples)
+    mapping = cfg.data.columns.mapping()
+    examples, report = load_examples(cfg.data.pool, cfg.data.on_error, cfg.data.max_examples,
+                                     mapping)
     pool, pool_enc, enc_report = encode_all(examples, tokenizer, template, cfg.data.max_length,
                                             cfg.data.on_error)
     skipped_rows = report.skipped + enc_report.skipped
@@ -128,7 +131,7 @@ def score(cfg, names: tuple[str, ...], out: Path, label: str | None, pair: str |
     model.to(strategy.device).eval()
     logger = ProgressBars(strategy.is_rank0, console)
     t0 = time.perf_counter()
-    key = feature_pass.base_cache_key(model_path, file_hash(Path(cfg.data.pool)), template,
+    key = feature_pass.base_cache_key(model_path, input_hash(cfg.data.pool, mapping), template,
                                       strategy.dtype) if cfg.scoring.base_cache else None
     result = feature_pass.run(model, logger, cache_key=key)
     features, stats = result.features, result.stats

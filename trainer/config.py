@@ -39,6 +39,7 @@ import yaml
 
 from evotune.selectors import registry as selector_registry
 from evotune.trainer import scores as score_registry
+from evotune.trainer.sources import check_input
 
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
@@ -89,22 +90,52 @@ class LoraConfig:
 
 
 @dataclass
+class ColumnsConfig:
+    """The input's own column for each of evotune's row fields (empty: the field's own name),
+    e.g. ``{instruction: prompt, output: completion}``; applies to data.pool and eval.path."""
+    instruction: str = _f("", "column holding the instruction (Alpaca rows)")
+    input: str = _f("", "column holding the optional input (Alpaca rows)")
+    output: str = _f("", "column holding the response (Alpaca rows)")
+    system: str = _f("", "column holding an optional system prompt")
+    history: str = _f("", "column holding earlier [instruction, response] pairs (Alpaca rows)")
+    messages: str = _f("", "column holding chat turns (role/content)")
+    conversations: str = _f("", "column holding ShareGPT turns (from/value)")
+    id: str = _f("", "column holding the row id")
+    source: str = _f("", "column holding the row's source (composition logs, eval by source)")
+
+    def mapping(self) -> dict[str, str]:
+        """``{field: column}`` for the fields whose column has another name."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if getattr(self, f.name) not in ("", f.name)}
+
+    def check(self) -> None:
+        columns = list(self.mapping().items())
+        for i, (name, column) in enumerate(columns):
+            other = next((n for n, c in columns[:i] if c == column), None)
+            if other:
+                raise ValueError(f"{name}: column {column!r} is also data.columns.{other}; "
+                                 f"each column maps to one field")
+
+
+@dataclass
 class DataConfig:
-    pool: str = _f("", "candidate pool: JSON/JSONL, Alpaca (instruction/input/output) or chat "
-                       "(messages)", path="input")
+    pool: str = _f("", "candidate pool: JSON/JSONL, CSV, parquet (file, folder or pattern) or a "
+                       "save_to_disk folder; rows Alpaca (instruction/input/output), chat "
+                       "(messages) or ShareGPT (conversations)", path="input")
     max_examples: int = _f(0, "use only the first N pool rows (0 = all)")
     template: str = _f("auto", "auto = the tokenizer's chat template when it has one, else Alpaca",
                        choices=("auto", "chat", "alpaca"))
     max_length: int = _f(512, "tokens per example; longer examples are truncated (counted)")
     on_error: str = _f("error", "bad rows: stop with file/line/field, or skip them and count",
                        choices=("error", "skip"))
+    columns: ColumnsConfig = field(default_factory=ColumnsConfig)
 
 
 @dataclass
 class EvalConfig:
-    path: str = _f("", "held-out JSON/JSONL evaluated after every round: loss on the answers, "
-                       "and accuracy over rows with 'choices' (empty = no eval)", path="input",
-                  safe=True)
+    path: str = _f("", "held-out rows (any data.pool form) evaluated after every round: loss on "
+                       "the answers, and accuracy over rows with 'choices' (empty = no eval)",
+                   path="input", safe=True)
     max_examples: int = _f(0, "use only the first N eval rows (0 = all)", safe=True)
     batch_size: int = _f(8, "examples per forward call per rank", safe=True)
 
@@ -223,7 +254,8 @@ class ScoringConfig:
 @dataclass
 class InfluenceConfig:
     validation: str = _f("", "validation set for the influence selector: SFT rows (LESS) or "
-                             "prompt/chosen/rejected pairs (ROSE), JSON/JSONL, optional 'subtask'",
+                             "prompt/chosen/rejected pairs (ROSE), any data.pool form, optional "
+                             "'subtask'",
                          path="input")
     candidates: Union[int, float] = _f(
         1.0, "candidates whose gradients are computed each round: a count, or a fraction of "
@@ -571,8 +603,8 @@ def validate(cfg: Config) -> None:
                           f"{cfg.influence.label_smoothing}")
     _check_selection(cfg)
     for key, value in (("influence.validation", cfg.influence.validation),):
-        if value and not Path(value).is_file():
-            raise ConfigError(_no_file(key, value))
+        if value and (problem := check_input(value)):
+            raise ConfigError(f"{key}: {problem}")
     if cfg.influence.reference_model and not (Path(cfg.influence.reference_model) /
                                               "config.json").is_file() \
             and not cfg.influence.reference_model.startswith("embedded:"):
@@ -631,13 +663,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"scoring.model: {cfg.scoring.model} is not a local model directory "
                           f"(no config.json); give a local dir, embedded:..., or leave it empty")
     for key, value in (("data.pool", cfg.data.pool), ("eval.path", cfg.eval.path)):
-        if value and not Path(value).is_file():
-            raise ConfigError(_no_file(key, value))
-
-
-def _no_file(key: str, value: str) -> str:
-    what = "is a directory; give a JSON or JSONL file" if Path(value).is_dir() else "not found"
-    return f"{key}: file {what}: {value}" if what == "not found" else f"{key}: {value} {what}"
+        if value and (problem := check_input(value)):
+            raise ConfigError(f"{key}: {problem}")
 
 
 def _choices(f: dataclasses.Field) -> tuple | None:
@@ -661,8 +688,8 @@ def _check_sections(cfg: Config) -> None:
         if choices and value not in choices:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}")
         exists = f.metadata.get("exists")
-        if exists == "file" and value and not Path(value).is_file():
-            raise ConfigError(_no_file(key, value))
+        if exists == "file" and value and (problem := check_input(value)):
+            raise ConfigError(f"{key}: {problem}")
         if exists == "model" and value and not value.startswith("embedded:") \
                 and not (Path(value) / "config.json").is_file():
             raise ConfigError(f"{key}: {value} is not a local model directory (no config.json); "

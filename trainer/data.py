@@ -1,13 +1,17 @@
-"""Instruction data: reading rows, stable ids, prompt templates and response-only labels.
+"""Instruction data: rows as examples, stable ids, prompt templates and response-only labels.
 
-Two row formats, detected per row:
-- Alpaca: ``instruction`` (str), optional ``input`` (str), ``output`` (str).
-- Chat: ``messages``, a list of ``{"role": system|user|assistant, "content": str}``; the loss
-  covers every assistant turn.
+Three row shapes, detected per row:
+- Alpaca: ``instruction`` (str), optional ``input`` (str), ``output`` (str); LLaMA-Factory's
+  optional ``system`` (str) and ``history`` (earlier ``[instruction, response]`` pairs) make
+  it a conversation.
+- Chat: ``messages``, a list of ``{"role": system|user|assistant, "content": str}``.
+- ShareGPT: ``conversations``, a list of ``{"from": human|gpt|system, "value": str}``.
+In a conversation the loss covers every assistant turn; a ``system`` field is its system turn.
 Optional fields: ``id`` (str or int; else a hash of the content is the id) and ``source``.
+``data.columns`` maps these names to an input's own columns.
 
-Files are JSONL (one object per line) or JSON (a list of objects). Errors name the file, the
-line (JSONL) or item (JSON) and the field.
+Rows are read by :mod:`evotune.trainer.sources` (JSON, JSONL, CSV, parquet, save_to_disk
+folders). Errors name the file, the line or row, and the field.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from evotune.trainer.sources import DataError, name_of, read_rows
+
 IGNORE_INDEX = -100
 
 # The Alpaca prompt, as in Stanford Alpaca (tatsu-lab/stanford_alpaca) and the Cherry/IFD scripts.
@@ -33,10 +39,6 @@ ALPACA_NO_INPUT = (
     "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:")
 
 ROLES = ("system", "user", "assistant")
-
-
-class DataError(ValueError):
-    """A data row is malformed; the message names the file, line and field."""
 
 
 @dataclass
@@ -74,148 +76,187 @@ class LoadReport:
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
 
-# ----------------------------------------------------------------------------- reading
+# ----------------------------------------------------------------------------- rows
 
-def read_text(path: Path) -> str:
-    """A data file's text: UTF-8, a leading byte-order mark dropped (files saved by Excel or
-    Notepad have one). Raises DataError naming the file and the line of a byte that is not
-    UTF-8, and one that says so when ``path`` is a directory."""
-    path = Path(path)
-    if path.is_dir():
-        raise DataError(f"{path} is a directory; give a JSON or JSONL file")
-    raw = path.read_bytes()
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
-        column = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
-        raise DataError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column "
-                        f"{column}); save the file as UTF-8") from None
+# evotune's names for a row's fields; ``data.columns`` maps them to the input's own columns
+ROW_FIELDS = ("instruction", "input", "output", "system", "history", "messages", "conversations",
+              "id", "source")
+CONTENT_FIELDS = ("instruction", "input", "output", "messages", "conversations", "system",
+                  "history")
+# ShareGPT's speakers (``from``) as roles; "user" and "assistant" appear in some exports too
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "system": "system"}
 
 
-def _rows(path: Path):
-    """Yield ``(where, parsed object or DataError)`` for each row of a JSON or JSONL file
-    (UTF-8, with or without a byte-order mark; LF or CRLF line ends)."""
-    text = read_text(path)
-    stripped = text.lstrip()
-    if stripped.startswith("["):
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
-        for i, item in enumerate(items):
-            yield f"{path}: item {i}", item
-        return
-    for lineno, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            yield f"{path}:{lineno}", json.loads(line)
-        except json.JSONDecodeError as e:
-            yield f"{path}:{lineno}", DataError(f"{path}:{lineno}: malformed JSON ({e.msg})")
+def rename_columns(row, columns: dict[str, str] | None, where: str):
+    """``row`` with the input's columns under evotune's field names (``columns``: field → the
+    input's column, from ``data.columns``); a column not in the row is left alone. Raises
+    DataError when a row has both a mapped column and a column of the name it maps to."""
+    if not columns or not isinstance(row, dict):
+        return row
+    mapped = set(columns.values())
+    out = {k: v for k, v in row.items() if k not in mapped}
+    for name, column in columns.items():
+        if column in row:
+            if name in out:
+                raise DataError(f"{where}: has both '{column}' (data.columns.{name}) and "
+                                f"'{name}'; drop or rename one of them")
+            out[name] = row[column]
+    return out
 
 
-def _string(row: dict, key: str, where: str, required: bool = True) -> str:
+def _string(row: dict, key: str, where: str, name: str, required: bool = True) -> str:
+    """``row[key]`` as a string; ``name`` is how errors call the field."""
     if key not in row:
         if required:
-            raise DataError(f"{where}: field '{key}' is missing")
+            raise DataError(f"{where}: {name} is missing")
         return ""
     value = row[key]
     if not isinstance(value, str):
-        raise DataError(f"{where}: field '{key}' must be a string, got {type(value).__name__}")
+        raise DataError(f"{where}: {name} must be a string, got {type(value).__name__}")
     return value
 
 
 def _content_id(row: dict) -> str:
-    content = {k: row[k] for k in ("instruction", "input", "output", "messages") if k in row}
+    content = {k: row[k] for k in CONTENT_FIELDS if k in row}
     blob = json.dumps(content, sort_keys=True, ensure_ascii=False).encode()
     return "h" + hashlib.sha256(blob).hexdigest()[:16]
 
 
-def parse_row(row, where: str, default_source: str) -> Example:
-    """Turn one decoded JSON object into an Example; raise DataError naming the field."""
+def _turns(row: dict, key: str, where: str, column: str) -> list[dict]:
+    """A chat row's turns as ``{"role", "content"}``: ``messages`` (role/content) or ShareGPT's
+    ``conversations`` (from/value: human, gpt, system); ``column`` is the input's name for it."""
+    turns = row[key]
+    if not isinstance(turns, list) or not turns:
+        raise DataError(f"{where}: field '{column}' must be a non-empty list")
+    speaker, text, roles = (("role", "content", {r: r for r in ROLES}) if key == "messages"
+                            else ("from", "value", SHAREGPT_ROLES))
+    clean = []
+    for i, m in enumerate(turns):
+        at = f"{where}: {column}[{i}]"
+        if not isinstance(m, dict):
+            raise DataError(f"{at} must be an object with {speaker} and {text}")
+        role = _string(m, speaker, at, f"field '{speaker}'")
+        content = _string(m, text, at, f"field '{text}'")
+        if role not in roles:
+            raise DataError(f"{at}.{speaker} is {role!r}; expected one of {', '.join(roles)}")
+        clean.append({"role": roles[role], "content": content})
+    return clean
+
+
+def _history(row: dict, where: str, name: str) -> list[dict]:
+    """LLaMA-Factory's Alpaca ``history``: earlier ``[instruction, response]`` pairs, as turns."""
+    history = row.get("history", [])
+    if not isinstance(history, list) or not all(
+            isinstance(p, (list, tuple)) and len(p) == 2 and all(isinstance(t, str) for t in p)
+            for p in history):
+        raise DataError(f"{where}: {name} must be a list of [instruction, response] pairs of "
+                        f"strings")
+    return [{"role": role, "content": text} for pair in history
+            for role, text in zip(("user", "assistant"), pair)]
+
+
+def _check_chat(turns: list[dict], where: str, column: str) -> None:
+    for i, m in enumerate(turns):
+        if m["role"] == "assistant" and not m["content"].strip():
+            raise DataError(f"{where}: {column}[{i}]: empty assistant response")
+    if not any(m["role"] == "assistant" for m in turns):
+        raise DataError(f"{where}: field '{column}' has no assistant turn to train on")
+    first = next((i for i, m in enumerate(turns) if m["role"] != "system"), None)
+    if turns[first]["role"] != "user":
+        raise DataError(f"{where}: {column}[{first}] is an assistant turn; a conversation "
+                        f"starts with a user turn (after an optional system turn)")
+
+
+def parse_row(row, where: str, default_source: str,
+              columns: dict[str, str] | None = None) -> Example:
+    """Turn one row into an Example; raise DataError naming the field as the input spells it.
+
+    ``columns`` (``data.columns``) maps evotune's field names to the input's columns. A null
+    in one of the row fields (:data:`ROW_FIELDS`) is an absent field; other fields keep it.
+    """
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    columns = columns or {}
+    row = {k: v for k, v in rename_columns(row, columns, where).items()
+           if v is not None or k not in ROW_FIELDS}
+
+    def name(key: str) -> str:
+        return (f"field '{columns[key]}' (data.columns.{key})" if key in columns
+                else f"field '{key}'")
+
     if "id" in row:
         if not isinstance(row["id"], (str, int)) or isinstance(row["id"], bool):
-            raise DataError(f"{where}: field 'id' must be a string or an integer")
+            raise DataError(f"{where}: {name('id')} must be a string or an integer")
         ex_id = str(row["id"])
         if not ex_id.strip():
-            raise DataError(f"{where}: field 'id' is empty")
+            raise DataError(f"{where}: {name('id')} is empty")
     else:
         ex_id = _content_id(row)
-    source = _string(row, "source", where, required=False) or default_source
-    extra = {k: v for k, v in row.items()
-             if k not in ("id", "source", "instruction", "input", "output", "messages")}
-    if "messages" in row:
-        messages = row["messages"]
-        if not isinstance(messages, list) or not messages:
-            raise DataError(f"{where}: field 'messages' must be a non-empty list")
-        clean = []
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict):
-                raise DataError(f"{where}: messages[{i}] must be an object with role and content")
-            role = _string(m, "role", f"{where}: messages[{i}]")
-            content = _string(m, "content", f"{where}: messages[{i}]")
-            if role not in ROLES:
-                raise DataError(f"{where}: messages[{i}].role is {role!r}; expected one of "
-                                f"{', '.join(ROLES)}")
-            if role == "assistant" and not content.strip():
-                raise DataError(f"{where}: messages[{i}]: empty assistant response")
-            clean.append({"role": role, "content": content})
-        if not any(m["role"] == "assistant" for m in clean):
-            raise DataError(f"{where}: field 'messages' has no assistant turn to train on")
-        first = next((i for i, m in enumerate(clean) if m["role"] != "system"), None)
-        if clean[first]["role"] != "user":
-            raise DataError(f"{where}: messages[{first}] is an assistant turn; a conversation "
-                            f"starts with a user turn (after an optional system turn)")
-        return Example(ex_id, source, clean, where, None, extra)
-    instruction = _string(row, "instruction", where)
-    inp = _string(row, "input", where, required=False)
-    output = _string(row, "output", where)
+    source = _string(row, "source", where, name("source"), required=False) or default_source
+    extra = {k: v for k, v in row.items() if k not in ROW_FIELDS}
+    system = _string(row, "system", where, name("system"), required=False)
+    lead = [{"role": "system", "content": system}] if system.strip() else []
+    chat = [k for k in ("messages", "conversations") if k in row]
+    if len(chat) == 2:
+        raise DataError(f"{where}: has both {name('messages')} and {name('conversations')}; a "
+                        f"row is one conversation")
+    if chat:
+        key = chat[0]
+        column = columns.get(key, key)
+        turns = _turns(row, key, where, column)
+        if lead and turns[0]["role"] == "system":
+            raise DataError(f"{where}: has both {name('system')} and a system turn in "
+                            f"'{column}'")
+        _check_chat(turns, where, column)
+        return Example(ex_id, source, lead + turns, where, None, extra)
+    instruction = _string(row, "instruction", where, name("instruction"))
+    inp = _string(row, "input", where, name("input"), required=False)
+    output = _string(row, "output", where, name("output"))
     if not instruction.strip():
-        raise DataError(f"{where}: field 'instruction' is empty")
+        raise DataError(f"{where}: {name('instruction')} is empty")
     if not output.strip():
-        raise DataError(f"{where}: field 'output' is empty (an empty response has nothing to "
+        raise DataError(f"{where}: {name('output')} is empty (an empty response has nothing to "
                         f"train on)")
     user = instruction + ("\n\n" + inp if inp.strip() else "")
     messages = [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+    history = _history(row, where, name("history"))
+    if lead or history:        # LLaMA-Factory's Alpaca with a system prompt or earlier turns
+        return Example(ex_id, source, lead + history + messages, where, None, extra)
     alpaca = {"instruction": instruction, "input": inp, "output": output}
     return Example(ex_id, source, messages, where, alpaca, extra)
 
 
-def load_examples(path: str | Path, on_error: str = "error", limit: int = 0
-                  ) -> tuple[list[Example], LoadReport]:
-    """Read every row of ``path`` (JSON or JSONL); ``limit`` > 0 keeps the first rows only.
+def load_examples(path: str | Path, on_error: str = "error", limit: int = 0,
+                  columns: dict[str, str] | None = None) -> tuple[list[Example], LoadReport]:
+    """Read every row of an input (any form :mod:`evotune.trainer.sources` reads); ``limit``
+    > 0 keeps the first rows only; ``columns``: ``data.columns``.
 
     ``on_error="skip"`` drops malformed rows and lists them in the report; "error" raises
-    DataError at the first one. Duplicate ids always raise, naming both rows. An empty file
-    raises DataError.
+    DataError at the first one. Duplicate ids always raise, naming both rows. An input without
+    rows raises DataError.
     """
-    path = Path(path)
-    if path.is_dir():
-        raise DataError(f"{path} is a directory; give a JSON or JSONL file")
-    if not path.is_file():
-        raise FileNotFoundError(f"data file not found: {path}")
     report = LoadReport()
     examples: list[Example] = []
     seen: dict[str, str] = {}
-    for where, row in _rows(path):
+    source = name_of(path)
+    id_column = (columns or {}).get("id", "id")
+    for where, row in read_rows(path):
         if limit and len(examples) >= limit:
             break
         try:
             if isinstance(row, DataError):
                 raise row
-            ex = parse_row(row, where, path.stem)
+            ex = parse_row(row, where, source, columns)
         except DataError as e:
             if on_error == "skip":
                 report.skipped.append((where, str(e)))
                 continue
             raise
         if ex.id in seen:
-            if isinstance(row, dict) and "id" in row:
+            if row.get(id_column) is not None:
                 raise DataError(f"duplicate id {ex.id!r}: {seen[ex.id]} and {where}; ids must be"
-                                f" unique (drop the 'id' field to use content hashes)")
+                                f" unique (drop the '{id_column}' field to use content hashes)")
             raise DataError(f"duplicate rows: {where} has the same content as {seen[ex.id]} "
                             f"(content hash {ex.id}); remove one of them or give each an 'id'")
         seen[ex.id] = where

@@ -25,6 +25,7 @@ from evotune.trainer.config import Config, resolve_budget
 from evotune.trainer.data import (ChoiceSet, Encoded, Example, LoadReport, choice_set,
                                   encode_all, load_examples, resolve_template)
 from evotune.trainer.engine import Strategy
+from evotune.trainer.sources import input_hash
 from evotune.trainer import tokens
 from evotune.trainer.fit import EvalResult, TrainStats, evaluate_with_choices, train_round
 from evotune.trainer.logs import (ProgressBars, RunLogger, drop_metrics_after, log, rounds_table,
@@ -36,7 +37,7 @@ from evotune.trainer.passes.features import FeaturePass, PassResult, mark_unsamp
 from evotune.trainer.passes.forward import PassStats, gather_shards
 from evotune.trainer.selected import write_selected
 from evotune.trainer.state import (STATE_FILE, ResumePlan, RoundState, capture_rng, crash_point,
-                                   derive_seed, file_hash, fsync_tree, last_completed_round,
+                                   derive_seed, fsync_tree, last_completed_round,
                                    partial_dir, plan_resume, read_state, restore_rng, round_dir,
                                    sample_size, seeded_sample, write_bytes_atomic,
                                    write_checkpoint_manifest, write_json_atomic,
@@ -177,7 +178,7 @@ def prepare(cfg: Config, strategy: Strategy, bars: ProgressBars | None = None) -
         if cfg.lora.enabled:
             check_lora_targets(model_path, cfg.lora.target_modules)
         template = resolve_template(cfg.data.template, tokenizer)
-        pool_hash = file_hash(Path(cfg.data.pool))
+        pool_hash = input_hash(cfg.data.pool, cfg.data.columns.mapping())
         pool, pool_enc, pool_report = load_pool(cfg, tokenizer, template, pool_hash, strategy,
                                                 bars)
         eval_set = None
@@ -236,7 +237,8 @@ def load_pool(cfg: Config, tokenizer, template: str, pool_hash: str, strategy: S
     """The pool's examples and their encodings from the token cache (``trainer/tokens.py``),
     which rank 0 builds first when it has no entry for these inputs. Every rank reads the rows
     (ids, sources and previews for the logs); the tokens are memory-mapped."""
-    examples, report = load_examples(cfg.data.pool, cfg.data.on_error, cfg.data.max_examples)
+    examples, report = load_examples(cfg.data.pool, cfg.data.on_error, cfg.data.max_examples,
+                                     cfg.data.columns.mapping())
     d = cfg.data
     where = tokens.tokens_dir() / tokens.cache_key(pool_hash, tokenizer, template, d.max_length,
                                                    d.on_error, d.max_examples)
@@ -259,7 +261,7 @@ def load_pool(cfg: Config, tokenizer, template: str, pool_hash: str, strategy: S
 
 
 def _load(path, limit, tokenizer, template, cfg):
-    examples, report = load_examples(path, cfg.data.on_error, limit)
+    examples, report = load_examples(path, cfg.data.on_error, limit, cfg.data.columns.mapping())
     kept, encoded, enc_report = encode_all(examples, tokenizer, template, cfg.data.max_length,
                                            cfg.data.on_error)
     report.skipped += enc_report.skipped

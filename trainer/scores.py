@@ -245,8 +245,8 @@ def _check_linear(cfg) -> None:
 
 @dataclass
 class RdsOptions:
-    targets: str = option("", "target examples (JSON/JSONL): SFT rows or prompt-only rows "
-                              "({\"prompt\": ...}), optional 'subtask'", path="file")
+    targets: str = option("", "target examples (any data.pool form): SFT rows or prompt-only "
+                              "rows ({\"prompt\": ...}), optional 'subtask'", path="file")
     reduce: str = option("max", "over a subtask's targets: the max cosine (RDS+) or the mean",
                          choices=("max", "mean"))
 

@@ -9,7 +9,8 @@ so a resumed run rewrites it exactly.
 :func:`convert` turns a row into the two shapes other trainers read (LLaMA-Factory, axolotl,
 TRL): ``alpaca`` (``instruction``, ``input``, ``output``, with ``system`` and ``history`` for
 chat rows) and ``sharegpt`` (``conversations`` of ``from`` / ``value`` turns: ``system``,
-``human``, ``gpt``). ``launch/export_selection.py`` writes any round's set in any of them.
+``human``, ``gpt``). ``launch/export_selection.py`` writes any round's set in any of them, or
+as parquet (the rows as they are).
 """
 
 from __future__ import annotations
@@ -17,18 +18,20 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from evotune.trainer.data import DataError, _rows, parse_row
+from evotune.trainer.data import DataError, parse_row, rename_columns
+from evotune.trainer.sources import read_rows, to_json
 from evotune.trainer.state import round_dir, write_text_atomic
 
 FILE = "selected.jsonl"
 ROUND, ORDER = "evotune_round", "evotune_pick_order"
-FORMATS = ("jsonl", "alpaca", "sharegpt")
+FORMATS = ("jsonl", "parquet", "alpaca", "sharegpt")
 
 
 def write_selected(out: Path, r: int, pool_path: str | Path, pool) -> int:
     """Rank 0, when round ``r`` is saved: ``OUT/selected.jsonl`` with the picks of rounds
-    0..r (from their ``selection.jsonl``), each the pool file's own row (``pool``: the run's
-    examples, in pool order, whose ``where`` names the row). Returns the number of rows."""
+    0..r (from their ``selection.jsonl``), each the pool's own row (``pool``: the run's
+    examples, in pool order, whose ``where`` names the row). Values JSON has no type for
+    (parquet dates, bytes) are written as text. Returns the number of rows."""
     picks = {}                                   # the row's "file:line" → (round, pick order)
     for c in range(r + 1):
         path = round_dir(out, c) / "selection.jsonl"
@@ -36,7 +39,7 @@ def write_selected(out: Path, r: int, pool_path: str | Path, pool) -> int:
             row = json.loads(line)
             picks[pool[row["pool_index"]].where] = (c, row["pick_order"])
     found = []
-    for where, row in _rows(Path(pool_path)):
+    for where, row in read_rows(pool_path):
         if where in picks:
             found.append((picks[where], {**row, ROUND: picks[where][0],
                                          ORDER: picks[where][1]}))
@@ -44,8 +47,8 @@ def write_selected(out: Path, r: int, pool_path: str | Path, pool) -> int:
         raise DataError(f"{pool_path}: {len(picks) - len(found)} selected rows are no longer "
                         f"in the pool file (was it changed during the run?)")
     found.sort(key=lambda item: item[0])
-    write_text_atomic(out / FILE, "".join(json.dumps(row, ensure_ascii=False) + "\n"
-                                          for _, row in found))
+    write_text_atomic(out / FILE, "".join(json.dumps(row, ensure_ascii=False, default=to_json)
+                                          + "\n" for _, row in found))
     return len(found)
 
 
@@ -63,17 +66,21 @@ def read_selected(run: Path, upto: int | None = None) -> list[dict]:
     return [row for row in rows if upto is None or row[ROUND] <= upto]
 
 
-def convert(row: dict, fmt: str, where: str = "selected row") -> dict:
-    """One ``selected.jsonl`` row in ``fmt`` (``jsonl``: as it is). The evotune fields, the
-    row's ``id`` (when it had one) and its ``source`` come along; other fields of the input
-    are kept by ``jsonl`` only. Raises ValueError naming the row when it does not fit
-    ``alpaca`` (a chat row that does not alternate user and assistant turns)."""
+def convert(row: dict, fmt: str, where: str = "selected row",
+            columns: dict[str, str] | None = None) -> dict:
+    """One ``selected.jsonl`` row in ``fmt`` (``jsonl``, ``parquet``: as it is). The evotune
+    fields, the row's ``id`` (when it had one) and its ``source`` come along; other fields of
+    the input are kept by ``jsonl`` and ``parquet`` only. ``columns``: the run's
+    ``data.columns``. Raises ValueError naming the row when it does not fit ``alpaca`` (a chat
+    row that does not alternate user and assistant turns)."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
-    if fmt == "jsonl":
+    if fmt in ("jsonl", "parquet"):
         return dict(row)
-    keep = {k: row[k] for k in ("id", "source", ROUND, ORDER) if k in row}
-    ex = parse_row({k: v for k, v in row.items() if k not in (ROUND, ORDER)}, where, "pool")
+    fields = rename_columns({k: v for k, v in row.items() if k not in (ROUND, ORDER)}, columns,
+                            where)
+    ex = parse_row(fields, where, "pool")
+    keep = {k: v for k, v in {**fields, **row}.items() if k in ("id", "source", ROUND, ORDER)}
     turns = ex.messages
     if fmt == "sharegpt":
         names = {"system": "system", "user": "human", "assistant": "gpt"}

@@ -4,8 +4,9 @@ Influence selection scores the pool against one (``influence.validation``: LESS 
 validation set, ROSE the preference validation set), and so does RDS (``scoring.rds.targets``:
 its query set). Neither is the held-out eval set (``eval.path``), which only measures.
 
-A file is JSON or JSONL. Its rows are examples, or preference pairs, not both:
-- SFT: any pool row (Alpaca ``instruction``/``input``/``output`` or chat ``messages``), plus an
+A target set is any input :mod:`evotune.trainer.sources` reads (JSON, JSONL, CSV, parquet,
+a save_to_disk folder; ``data.columns`` does not apply). Its rows are examples, or preference pairs, not both:
+- SFT: any pool row (Alpaca, chat ``messages`` or ShareGPT ``conversations``), plus an
   optional ``subtask`` (default: the row's ``source``, else the file name).
 - Prompt only: ``prompt`` (str) without an answer, optional ``subtask`` and ``id``: encoded as
   the model sees a prompt just before answering (RDS can embed it; a gradient needs an answer).
@@ -20,8 +21,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from evotune.trainer.data import (DataError, Encoded, _content_id, _rows, encode, encode_prompt,
+from evotune.trainer.data import (DataError, Encoded, _content_id, encode, encode_prompt,
                                   parse_row)
+from evotune.trainer.sources import name_of, read_rows
 
 
 @dataclass
@@ -36,7 +38,7 @@ class TargetItem:
     rejected: Encoded | None = None
 
 
-def _pair(row: dict, where: str, path: Path) -> tuple[dict, dict, str]:
+def _pair(row: dict, where: str, name: str) -> tuple[dict, dict, str]:
     for key in ("prompt", "chosen", "rejected"):
         if key not in row:
             raise DataError(f"{where}: preference row without field {key!r} (a pair needs "
@@ -45,7 +47,7 @@ def _pair(row: dict, where: str, path: Path) -> tuple[dict, dict, str]:
             raise DataError(f"{where}: field {key!r} must be a non-empty string")
     if row["chosen"] == row["rejected"]:
         raise DataError(f"{where}: chosen and rejected are the same text; a pair must differ")
-    subtask = _optional_str(row, "subtask", where) or path.stem
+    subtask = _optional_str(row, "subtask", where) or name
     base = {"instruction": row["prompt"], "source": subtask}
     return {**base, "output": row["chosen"]}, {**base, "output": row["rejected"]}, subtask
 
@@ -59,12 +61,12 @@ def _optional_str(row: dict, key: str, where: str) -> str | None:
     return str(value)
 
 
-def _prompt(row: dict, where: str, path: Path, tokenizer, template: str,
+def _prompt(row: dict, where: str, name: str, tokenizer, template: str,
             max_length: int) -> TargetItem:
     if not isinstance(row["prompt"], str) or not row["prompt"].strip():
         raise DataError(f"{where}: field 'prompt' must be a non-empty string")
     subtask = _optional_str(row, "subtask", where) or _optional_str(row, "source", where) \
-        or path.stem
+        or name
     item_id = _optional_str(row, "id", where) or _content_id({"instruction": row["prompt"]})
     return TargetItem(item_id, subtask, "prompt",
                       encoded=encode_prompt(row["prompt"], tokenizer, template, max_length))
@@ -81,13 +83,13 @@ def load_targets(path: str | Path, tokenizer, template: str, max_length: int,
     Returns:
         The items, and ``(where, reason)`` for each skipped row.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"target file not found: {path}")
+    name = name_of(path)
     items: list[TargetItem] = []
     skipped: list[tuple[str, str]] = []
     kind = None
-    for where, row in _rows(path):
+    for where, row in read_rows(path):
+        if isinstance(row, dict):
+            row = {k: v for k, v in row.items() if v is not None}     # a null is an absent field
         if isinstance(row, DataError) or not isinstance(row, dict):
             error = row if isinstance(row, DataError) else DataError(
                 f"{where}: expected a JSON object, got {type(row).__name__}")
@@ -105,16 +107,16 @@ def load_targets(path: str | Path, tokenizer, template: str, max_length: int,
                             f"examples (SFT or prompt-only rows) or preference pairs, not both")
         try:
             if row_kind == "prompt":
-                items.append(_prompt(row, where, path, tokenizer, template, max_length))
+                items.append(_prompt(row, where, name, tokenizer, template, max_length))
             elif row_kind == "sft":
-                ex = parse_row(row, where, path.stem)
+                ex = parse_row(row, where, name)
                 subtask = _optional_str(row, "subtask", where) or ex.source
                 items.append(TargetItem(ex.id, subtask, "sft",
                                      encoded=encode(ex, tokenizer, template, max_length)))
             else:
-                chosen_row, rejected_row, subtask = _pair(row, where, path)
-                chosen = parse_row(chosen_row, where, path.stem)
-                rejected = parse_row(rejected_row, where, path.stem)
+                chosen_row, rejected_row, subtask = _pair(row, where, name)
+                chosen = parse_row(chosen_row, where, name)
+                rejected = parse_row(rejected_row, where, name)
                 pair_id = _optional_str(row, "id", where) or _content_id(
                     {"instruction": row["prompt"], "input": row["chosen"],
                      "output": row["rejected"]})     # the whole pair, not one side of it

@@ -477,11 +477,13 @@ def test_bytes_that_are_not_utf8_name_the_file_and_line(tmp_path):
         load_examples(path)
 
 
-def test_a_directory_given_as_a_data_file_says_so(tmp_path):
-    with pytest.raises(DataError, match="is a directory"):
+def test_a_folder_that_is_not_a_dataset_says_what_a_folder_can_be(tmp_path):
+    (tmp_path / "rows.jsonl").write_text('{"instruction": "a", "output": "b"}\n')
+    with pytest.raises(DataError, match="is a folder without parquet files or a save_to_disk "
+                                        "dataset"):
         load_examples(tmp_path)
     from evotune.trainer.config import ConfigError, load_config
-    with pytest.raises(ConfigError, match=f"data.pool: {tmp_path} is a directory"):
+    with pytest.raises(ConfigError, match=f"data.pool: {tmp_path} is a folder without parquet"):
         load_config(None, [f"data.pool={tmp_path}"])
 
 

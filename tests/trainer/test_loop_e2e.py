@@ -117,6 +117,54 @@ def test_selected_jsonl_holds_the_pools_own_rows_in_pick_order(baseline):
     assert [row["id"] for row in got] == state["selected_ids"]
 
 
+def test_a_parquet_folder_with_its_own_column_names_runs_like_the_jsonl_pool(
+        baseline, tmp_path, tiny_model_dir):
+    """The baseline's pool as two parquet shards whose columns have other names, mapped with
+    data.columns: the same picks and losses as the JSONL run, and selected.jsonl holds the
+    parquet rows under their own names, loadable with datasets and exportable as parquet."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from helpers import POOL_TINY
+    ref_out, _, _ = baseline
+    names = {"instruction": "prompt", "input": "context", "output": "completion", "id": "uid"}
+    rows = [{names.get(k, k): v for k, v in json.loads(line).items()}
+            for line in POOL_TINY.read_text().splitlines()]
+    folder = tmp_path / "pool"
+    folder.mkdir()
+    for k, part in enumerate((rows[:25], rows[25:])):
+        pq.write_table(pa.Table.from_pylist(part), folder / f"train-0000{k}-of-00002.parquet")
+    cfg = write_config(tmp_path / "cfg.yaml", tiny_model_dir, tmp_path / "out",
+                       data={"pool": str(folder), "columns": names})
+    run_train(["--config", str(cfg)])
+    out = tmp_path / "out"
+    assert selected_ids(out) == selected_ids(ref_out)
+    ref = [json.loads(line) for line in (ref_out / "rounds.jsonl").read_text().splitlines()]
+    got = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
+    assert [g["eval_loss"] for g in got] == pytest.approx([r["eval_loss"] for r in ref],
+                                                          abs=1e-6)
+    by_uid = {row["uid"]: row for row in rows}
+    selected = [json.loads(line) for line in (out / "selected.jsonl").read_text().splitlines()]
+    assert [row["uid"] for row in selected] == selected_ids(out)
+    for row in selected:
+        assert {k: v for k, v in row.items() if not k.startswith("evotune_")} == by_uid[row["uid"]]
+    # another trainer's loader reads the chosen set as it is written
+    loaded = datasets.load_dataset("json", data_files=str(out / "selected.jsonl"),
+                                   split="train", cache_dir=str(tmp_path / "hf_cache"))
+    assert loaded["uid"] == selected_ids(out) and loaded["completion"][0] == \
+        by_uid[loaded["uid"][0]]["completion"]
+    script = [sys.executable, str(REPO / "launch" / "export_selection.py"), str(out)]
+    for fmt in ("parquet", "alpaca"):
+        proc = subprocess.run([*script, "--format", fmt], capture_output=True, text=True,
+                              cwd=REPO)
+        assert proc.returncode == 0, proc.stderr
+    assert pq.read_table(out / "export_round_2.parquet").to_pylist() == selected
+    alpaca = [json.loads(line) for line in
+              (out / "export_round_2_alpaca.jsonl").read_text().splitlines()]
+    assert [(a["id"], a["instruction"], a["output"]) for a in alpaca] == \
+        [(r["uid"], r["prompt"], r["completion"]) for r in selected]
+
+
 def test_final_adapter_loads_with_plain_peft(baseline, tiny_model_dir):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

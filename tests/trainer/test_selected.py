@@ -73,8 +73,9 @@ def test_alpaca_and_sharegpt_forms():
     assert convert(row, "jsonl") == row
     with pytest.raises(ValueError, match="do not alternate"):
         convert(ODD, "alpaca", "x.jsonl:3")
+    assert convert(row, "parquet") == row
     with pytest.raises(ValueError, match="unknown format"):
-        convert(row, "parquet")
+        convert(row, "xml")
 
 
 def test_export_selection_script(tmp_path):
