@@ -11,6 +11,9 @@
 - a folder written by ``datasets``' ``Dataset.save_to_disk`` (read with ``load_from_disk``,
   memory-mapped).
 
+Parquet is read with pyarrow (the engine under ``datasets``) a batch at a time, shard by shard,
+without the Arrow copy that ``datasets.load_dataset`` would first write to its cache.
+
 Every row comes with the place it was read from, for errors and logs: ``file:line`` (JSONL,
 CSV: the line the record starts on), ``file: item i`` (JSON), ``shard: row i`` (parquet: the
 row within that file) or ``folder: row i`` (save_to_disk). An empty CSV cell is a null, and
