@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -23,17 +24,143 @@ from rich.text import Text
 NON_NUMBERS = {"id", "source", "round", "pick_order", "selector", "pool_index", "tokens", "preview"}
 
 
+def read_jsonl(path: Path) -> tuple[list[dict], int]:
+    """The rows of a JSON-lines file, and how many of its lines could not be read. A line cut
+    short (a copy of a run dir still under way, or a crash mid-append, which ``metrics.jsonl``
+    can hold) is counted and left out rather than stopping the reader. No file: no rows."""
+    if not path.is_file():
+        return [], 0
+    rows, bad = [], 0
+    for line in path.read_text(errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            bad += 1
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+        else:
+            bad += 1
+    return rows, bad
+
+
 def rounds_of(out: Path) -> list[dict]:
-    """Every round folder: its index, whether it is complete, its summary and picks."""
+    """Every round folder: its index, whether it is complete (state.json written), its summary
+    (None until the round writes it), its picks, and ``notes`` on files that could not be read
+    (a round being copied): the readers show what is there instead of stopping."""
     rounds = []
     for d in sorted((out / "rounds").glob("round_[0-9][0-9][0-9]")):
-        summary = json.loads((d / "summary.json").read_text()) if (d / "summary.json").is_file() \
-            else None
-        picks = [json.loads(line) for line in (d / "selection.jsonl").read_text().splitlines()
-                 if line.strip()] if (d / "selection.jsonl").is_file() else []
+        notes, summary = [], None
+        if (d / "summary.json").is_file():
+            try:
+                summary = json.loads((d / "summary.json").read_text(errors="replace"))
+            except json.JSONDecodeError as e:
+                notes.append(f"summary.json is unreadable ({e}), left out")
+        picks, bad = read_jsonl(d / "selection.jsonl")
+        if bad:
+            notes.append(f"selection.jsonl: {bad} unreadable line(s) left out")
         rounds.append({"round": int(d.name[6:]), "complete": (d / "state.json").is_file(),
-                       "summary": summary, "picks": picks})
+                       "summary": summary, "picks": picks, "notes": notes})
     return rounds
+
+
+def round_state(r: dict) -> str:
+    """done (state.json written), picked (selection written, training not finished) or
+    started (no selection yet)."""
+    return "done" if r["complete"] else ("picked" if r["picks"] else "started")
+
+
+def round_selector(r: dict) -> str | None:
+    return (r["summary"] or {}).get("selector") or (r["picks"][0]["selector"] if r["picks"]
+                                                    else None)
+
+
+def pick_rounds(rounds: list[dict]) -> dict[int, int]:
+    """Pool position (``pool_index``) -> the round that picked it."""
+    return {p["pool_index"]: r["round"] for r in rounds for p in r["picks"]}
+
+
+def picks_per(rounds: list[dict], key) -> dict[str, list[int]]:
+    """New picks per ``key(pick)`` (its source, its source family...) in each of ``rounds``, in
+    their order; the largest total first."""
+    counts: dict[str, list[int]] = {}
+    for i, r in enumerate(rounds):
+        for p in r["picks"]:
+            counts.setdefault(key(p), [0] * len(rounds))[i] += 1
+    return dict(sorted(counts.items(), key=lambda kv: (-sum(kv[1]), kv[0])))
+
+
+def family(pick: dict) -> str:
+    """A source's family: the part before ``/`` (``t0/ropes_...`` -> ``t0``)."""
+    return pick["source"].split("/")[0]
+
+
+def pick_columns(picks: list[dict], all_columns: bool = False) -> tuple[list[str], list[str], int]:
+    """The picks' own columns beyond the fixed ones: text columns (labels a selector adds),
+    number columns (scores, distances), and how many per-subtask influence columns
+    (``influence:<subtask>``) were left out, which only ``all_columns`` keeps: a pick's
+    ``top_subtask`` already says which one drove it."""
+    columns = {k for p in picks for k in p if k not in NON_NUMBERS}
+    texts = sorted(k for k in columns if any(isinstance(p.get(k), str) for p in picks))
+    numbers = sorted(k for k in columns - set(texts) if all_columns or ":" not in k)
+    return texts, numbers, len(columns) - len(texts) - len(numbers)
+
+
+def read_features(out: Path, idx: int) -> dict[str, np.ndarray] | None:
+    """Round ``idx``'s features.npz: ``ids`` and, when saved, ``embeddings`` (float32, pool
+    rows x dim; a row of NaN has none) and ``score_<name>`` (one value per pool row, NaN
+    without one), all in pool order (``pool_index``). None when the round has no file (a
+    random round 0, a selector that reads no features, ``output.save_features=false``).
+
+    Raises:
+        ValueError: naming the file, when it cannot be read (a copy cut short).
+    """
+    path = out / "rounds" / f"round_{idx:03d}" / "features.npz"
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path) as data:
+            return {k: data[k].astype(np.float32) if k == "embeddings" else data[k]
+                    for k in data.files if k in ("ids", "embeddings") or k.startswith("score_")}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{path} is unreadable ({type(e).__name__}: {e}); a copy still under "
+                         f"way?") from e
+
+
+def score_names(features: dict[str, np.ndarray] | None) -> list[str]:
+    return [k[len("score_"):] for k in features or {} if k.startswith("score_")]
+
+
+def project(emb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A 2-D PCA of the rows of ``emb`` (rows x dim) whose values are all finite: their row
+    positions, and their coordinates on the first two principal axes (n x 2; a zero second
+    column when the rows span one direction only)."""
+    pos = np.flatnonzero(np.isfinite(emb).all(axis=1))
+    xy = np.zeros((len(pos), 2))
+    if len(pos):
+        x = emb[pos].astype(np.result_type(emb.dtype, np.float32))   # fp16 sums overflow
+        x -= x.mean(axis=0)
+        # Eigenvectors of the dim x dim covariance rather than an SVD of the rows: the same
+        # axes, without another rows x dim matrix in memory for a large pool.
+        axes = np.linalg.eigh((x.T @ x).astype(np.float64))[1][:, ::-1][:, :2]
+        xy[:, :axes.shape[1]] = x @ axes
+    return pos, xy
+
+
+def score_histogram(values: np.ndarray, picked, bins: int) -> dict | None:
+    """A score over the pool in ``bins`` equal-width bins: ``edges`` (bins + 1), ``pool`` and
+    ``picks`` (counts of the pool rows with a value, and of those among ``picked``, pool
+    positions), ``scored`` and ``missing`` (rows with and without a value); None when no row
+    has one."""
+    finite = np.isfinite(values)
+    if not finite.any():
+        return None
+    pool, edges = np.histogram(values[finite], bins=bins)
+    picks = np.histogram(values[[i for i in sorted(set(picked)) if finite[i]]], bins=edges)[0]
+    return {"edges": edges, "pool": pool, "picks": picks, "scored": int(finite.sum()),
+            "missing": int((~finite).sum())}
 
 
 def _column(table: Table, name: str, numeric: bool) -> None:
@@ -66,30 +193,27 @@ def overview(console: Console, out: Path, rounds: list[dict]) -> None:
         _column(table, col, numeric=col not in ("state", "selector"))
     for r in rounds:
         s = r["summary"] or {}
-        state = "done" if r["complete"] else ("picked" if r["picks"] else "started")
-        selector = s.get("selector") or (r["picks"][0]["selector"] if r["picks"] else "-")
-        table.add_row(str(r["round"]), state, selector,
+        table.add_row(str(r["round"]), round_state(r), round_selector(r) or "-",
                       str(s.get("new_examples", len(r["picks"]))), _f(s.get("total_examples")),
                       _f(s.get("train_loss")), _f(s.get("eval_loss")),
                       *((_f(s.get("eval_accuracy"), 3),) if accuracy else ()),
                       _f(s.get("seconds", {}).get("total"), 1))
     console.print(table)
     console.print("seconds per phase: --round N", style="dim")
+    for r in rounds:
+        for note in r["notes"]:
+            console.print(f"round {r['round']}: {note}", style="yellow")
     composition(console, rounds)
 
 
 def composition(console: Console, rounds: list[dict]) -> None:
     """New picks per source per round, with the total."""
-    sources: dict[str, list[int]] = {}
-    for i, r in enumerate(rounds):
-        for p in r["picks"]:
-            sources.setdefault(p["source"], [0] * len(rounds))[i] += 1
     table = Table(title="new picks per source (by round)")
     table.add_column("source")
     for r in rounds:
         table.add_column(f"r{r['round']}", justify="right")
     table.add_column("total", justify="right")
-    for src, counts in sorted(sources.items(), key=lambda kv: (-sum(kv[1]), kv[0])):
+    for src, counts in picks_per(rounds, lambda p: p["source"]).items():
         table.add_row(src, *map(str, counts), str(sum(counts)))
     console.print(table)
 
@@ -98,14 +222,9 @@ def show_round(console: Console, rounds: list[dict], idx: int, limit: int, sort:
                where: list[str] = (), all_columns: bool = False) -> None:
     r = _get(rounds, idx)
     picks = filter_picks(r["picks"], where)
-    columns = {k for p in picks for k in p if k not in NON_NUMBERS}
-    texts = sorted(k for k in columns if any(isinstance(p.get(k), str) for p in picks))
-    # Per-subtask influence columns ("influence:<subtask>") only with --all-columns: a pick's
-    # top_subtask already says which one drove it.
-    numbers = sorted(k for k in columns - set(texts) if all_columns or ":" not in k)
-    hidden = len(columns) - len(texts) - len(numbers)
+    texts, numbers, hidden = pick_columns(picks, all_columns)
     if sort:
-        if sort not in columns - set(texts) and sort not in ("tokens", "pick_order"):
+        if sort not in pick_columns(picks, all_columns=True)[1] + ["tokens", "pick_order"]:
             raise SystemExit(f"--sort {sort}: round {idx} has no such column; have: "
                              f"{', '.join(['pick_order', 'tokens'] + numbers)}")
         picks = sorted(picks, key=lambda p: (p.get(sort) is None, -(p.get(sort) or 0)))
@@ -134,30 +253,29 @@ def show_round(console: Console, rounds: list[dict], idx: int, limit: int, sort:
 def histograms(console: Console, out: Path, idx: int, bins: int = 12, width: int = 40) -> None:
     """Per score of round ``idx``: a text histogram over the pool (from features.npz), with
     how many of the round's picks fall in each bin."""
-    path = out / "rounds" / f"round_{idx:03d}" / "features.npz"
-    if not path.is_file():
+    try:
+        features = read_features(out, idx)
+    except ValueError as e:
+        raise SystemExit(str(e)) from e
+    if features is None:
         raise SystemExit(f"round {idx} has no features.npz (round 0, a selector that reads no "
                          f"scores, or output.save_features=false)")
-    data = np.load(path)
-    names = [k[len("score_"):] for k in data.files if k.startswith("score_")]
+    names = score_names(features)
     if not names:
         console.print(f"round {idx}: no scores were computed (the selector read embeddings only)")
         return
-    picked = {p["pool_index"] for p in _get(rounds_of(out), idx)["picks"]}
+    picked = [p["pool_index"] for p in _get(rounds_of(out), idx)["picks"]]
     for name in names:
-        values = data[f"score_{name}"]
-        finite = np.isfinite(values)
-        if not finite.any():
+        h = score_histogram(features[f"score_{name}"], picked, bins)
+        if h is None:
             console.print(f"{name}: no finite values")
             continue
-        counts, edges = np.histogram(values[finite], bins=bins)
-        picks = np.histogram(values[[i for i in sorted(picked) if finite[i]]], bins=edges)[0]
-        table = Table(title=f"round {idx}: {name} over the pool ({int(finite.sum())} scored, "
-                            f"{int((~finite).sum())} without a value); ▇ pool, picks counted")
+        table = Table(title=f"round {idx}: {name} over the pool ({h['scored']} scored, "
+                            f"{h['missing']} without a value); ▇ pool, picks counted")
         for col in ("from", "to", "pool", "", "picks"):
             table.add_column(col, justify="right" if col != "" else "left", no_wrap=True)
-        top = counts.max()
-        for lo, hi, c, k in zip(edges[:-1], edges[1:], counts, picks):
+        top = h["pool"].max()
+        for lo, hi, c, k in zip(h["edges"][:-1], h["edges"][1:], h["pool"], h["picks"]):
             table.add_row(f"{lo:.4g}", f"{hi:.4g}", str(c), "▇" * int(round(width * c / top)),
                           str(k) if k else "")
         console.print(table)
@@ -173,32 +291,25 @@ def plot_rounds(out: Path, rounds: list[dict], only: int | None = None,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    picked_in: dict[int, int] = {}
-    for r in rounds:
-        for p in r["picks"]:
-            picked_in[p["pool_index"]] = r["round"]
-    families = sorted({p["source"].split("/")[0] for r in rounds for p in r["picks"]})
+    picked_in = pick_rounds(rounds)
+    families = sorted({family(p) for r in rounds for p in r["picks"]})
     cmap = plt.get_cmap("viridis", max(2, len(rounds)))
     written = []
     for r in rounds:
         idx = r["round"]
         if only is not None and idx != only:
             continue
-        path = out / "rounds" / f"round_{idx:03d}" / "features.npz"
-        data = np.load(path) if path.is_file() else None
-        names = [k[len("score_"):] for k in data.files if k.startswith("score_")][:max_scores] \
-            if data is not None else []
+        try:
+            features, unreadable = read_features(out, idx), None
+        except ValueError as e:
+            features, unreadable = None, str(e)
+        names = score_names(features)[:max_scores]
         ncols = max(2, len(names))
         fig = plt.figure(figsize=(4.2 * ncols, 8.4 if names else 4.4))
         grid = fig.add_gridspec(2 if names else 1, ncols)
         ax = fig.add_subplot(grid[0, : ncols // 2 + ncols % 2])
-        emb = data["embeddings"].astype(np.float32) if data is not None and \
-            "embeddings" in data.files else None
-        if emb is not None:
-            ok = np.isfinite(emb).all(axis=1)
-            x = emb[ok] - emb[ok].mean(axis=0)
-            xy = x @ np.linalg.svd(x, full_matrices=False)[2][:2].T
-            pos = np.flatnonzero(ok)
+        if features is not None and "embeddings" in features:
+            pos, xy = project(features["embeddings"])
             when = np.array([picked_in.get(int(i), -1) for i in pos])
             later = (when == -1) | (when > idx)
             if later.any():
@@ -210,19 +321,19 @@ def plot_rounds(out: Path, rounds: list[dict], only: int | None = None,
                     ax.scatter(xy[sel, 0], xy[sel, 1], s=28 if k == idx else 12,
                                color=cmap(k), edgecolors="black" if k == idx else "none",
                                linewidths=0.5, label=f"round {k}")
-            ax.set_title(f"pool embeddings in round {idx} (PCA, {int(ok.sum())} rows)")
+            ax.set_title(f"pool embeddings in round {idx} (PCA, {len(pos)} rows)")
             ax.legend(fontsize=7, markerscale=1.2)
         else:
-            ax.text(0.5, 0.5, f"round {idx}: no embeddings saved\n(random round, a selector "
-                              "without embeddings,\nor output.save_features=false)",
-                    ha="center", va="center")
+            ax.text(0.5, 0.5, unreadable or f"round {idx}: no embeddings saved\n(random round, a "
+                    "selector without embeddings,\nor output.save_features=false)",
+                    ha="center", va="center", wrap=True)
             ax.set_axis_off()
         ax = fig.add_subplot(grid[0, ncols // 2 + ncols % 2:])
         upto = [q for q in rounds if q["round"] <= idx]
+        per_family = picks_per(upto, family)
         bottom = np.zeros(len(upto))
         for f_i, fam in enumerate(families):
-            counts = np.array([sum(p["source"].split("/")[0] == fam for p in q["picks"])
-                               for q in upto])
+            counts = np.array(per_family.get(fam, [0] * len(upto)))
             ax.bar([q["round"] for q in upto], counts, bottom=bottom, label=fam,
                    color=plt.get_cmap("tab10")(f_i % 10))
             bottom += counts
@@ -234,15 +345,13 @@ def plot_rounds(out: Path, rounds: list[dict], only: int | None = None,
         mine = [p["pool_index"] for p in r["picks"]]
         for k, name in enumerate(names):
             ax = fig.add_subplot(grid[1, k])
-            values = data[f"score_{name}"]
-            finite = np.isfinite(values)
-            if finite.any():
-                edges = np.histogram_bin_edges(values[finite], bins=20)
-                ax.hist(values[finite], bins=edges, color="lightgrey", label="pool")
-                ax.hist(values[[i for i in mine if finite[i]]], bins=edges, color=cmap(idx),
-                        label=f"round {idx} picks")
+            h = score_histogram(features[f"score_{name}"], mine, bins=20)
+            if h is not None:
+                ax.stairs(h["pool"], h["edges"], fill=True, color="lightgrey", label="pool")
+                ax.stairs(h["picks"], h["edges"], fill=True, color=cmap(idx),
+                          label=f"round {idx} picks")
                 ax.legend(fontsize=7)
-            ax.set_title(f"{name} ({int(finite.sum())} scored)")
+            ax.set_title(f"{name} ({h['scored'] if h else 0} scored)")
         fig.suptitle(f"{out.name}: round {idx} ({len(r['picks'])} picks"
                      + (f" by {r['picks'][0]['selector']}" if r["picks"] else "") + ")")
         fig.tight_layout()

@@ -73,3 +73,43 @@ def test_plot_writes_a_png_per_round_with_and_without_features(tmp_path):
     assert tool.main([str(tmp_path), "--plot", "--round", "0"]) == 0
     with pytest.raises(SystemExit, match="no round 7"):
         tool.main([str(tmp_path), "--plot", "--round", "7"])
+
+
+def test_a_round_cut_short_is_read_as_far_as_it_goes(tmp_path):
+    """A run dir being copied (or a line cut short by a crash): the readers keep what they can
+    read, say what they left out, and do not stop."""
+    rdir = tmp_path / "rounds" / "round_001"
+    rdir.mkdir(parents=True)
+    lines = [json.dumps(p) for p in PICKS]
+    (rdir / "selection.jsonl").write_text(lines[0] + "\n" + lines[1][:25])
+    (rdir / "summary.json").write_text('{"round": 1, "eval_lo')
+    np.savez(rdir / "features.npz", ids=np.array(list("abcd")), score_loss=np.arange(4.0))
+    (rdir / "features.npz").write_bytes((rdir / "features.npz").read_bytes()[:100])
+    tool = load_tool()
+    [r] = tool.rounds_of(tmp_path)
+    assert [p["id"] for p in r["picks"]] == ["a"] and r["summary"] is None
+    assert r["notes"] == ["summary.json is unreadable (Unterminated string starting at: line 1 "
+                          "column 14 (char 13)), left out",
+                          "selection.jsonl: 1 unreadable line(s) left out"]
+    console = Console(record=True, width=200)
+    tool.overview(console, tmp_path, [r])
+    assert "round 1: selection.jsonl: 1 unreadable line(s) left out" in console.export_text()
+    with pytest.raises(SystemExit, match="features.npz is unreadable"):
+        tool.histograms(console, tmp_path, 1)
+    assert [p.name for p in tool.plot_rounds(tmp_path, [r])] == ["round_001.png"]
+
+
+def test_projection_finds_the_direction_the_rows_spread_along():
+    # Rows on the line t * (3, 4, 0) / 5 plus a smaller spread along (0, 0, 1), uncorrelated
+    # with t; one row without an embedding. The first axis recovers t - mean(t) (up to sign), the second the spread.
+    t = np.array([-2.0, -1.0, 0.0, 1.0, 2.0])
+    emb = np.zeros((6, 3))
+    emb[:5] = np.outer(t, [0.6, 0.8, 0.0])
+    emb[:5, 2] = [0.1, -0.2, 0.2, -0.2, 0.1]
+    emb[5] = np.nan
+    pos, xy = load_tool().project(emb)
+    assert pos.tolist() == [0, 1, 2, 3, 4]
+    assert np.abs(xy[:, 0]) == pytest.approx(np.abs(t))
+    assert np.abs(xy[:, 1]) == pytest.approx([0.1, 0.2, 0.2, 0.2, 0.1])
+    pos, xy = load_tool().project(emb[5:])
+    assert len(pos) == 0 and xy.shape == (0, 2)
