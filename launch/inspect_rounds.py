@@ -4,8 +4,11 @@
     python launch/inspect_rounds.py OUT --round 2        # round 2's picks with their numbers
     python launch/inspect_rounds.py OUT --diff 1 3       # what rounds 2..3 added on top of round 1
     python launch/inspect_rounds.py OUT --plot           # a PNG per round, next to its logs
+    python launch/inspect_rounds.py OUT --html           # OUT/report.html: the whole run, one file
 
-Reads only the files the run wrote (summary.json, selection.jsonl, state.json); needs no model.
+Reads only the files the run wrote (summary.json, selection.jsonl, state.json, features.npz;
+metrics.jsonl and config.json for the HTML report); needs no model, and works on a run in
+progress.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import argparse
 import json
 import sys
 import zipfile
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -362,6 +366,153 @@ def plot_rounds(out: Path, rounds: list[dict], only: int | None = None,
     return written
 
 
+def report_data(out: Path, rounds: list[dict], max_points: int = 5000, bins: int = 20) -> dict:
+    """Everything the HTML report shows, as JSON values (a missing or non-finite number is
+    None): the run (``run``), per round its state, losses, accuracy, seconds, a 2-D projection
+    of the pool's embeddings (at most ``max_points`` points: every pick so far, then a fixed
+    sample of the rest) and a ``bins``-bin histogram of each score over the pool with the
+    round's picks (``rounds``), new picks per source and per source family (``composition``),
+    and every pick as one row under ``columns`` (``picks``). Reads the same files as the text
+    views; a file it cannot read becomes a note, not an error."""
+    notes = []
+    config = {}
+    if (out / "config.json").is_file():
+        try:
+            config = json.loads((out / "config.json").read_text(errors="replace"))
+        except json.JSONDecodeError as e:
+            notes.append(f"config.json is unreadable ({e})")
+    metrics, bad = read_jsonl(out / "metrics.jsonl")
+    if bad:
+        notes.append(f"metrics.jsonl: {bad} unreadable line(s) left out")
+    # The last eval line of each round: a round redone after a crash logs its own anew.
+    evals = {m["round"]: m for m in metrics if "round" in m and "eval/loss" in m}
+    picked_in = pick_rounds(rounds)
+    texts, numbers, hidden = pick_columns([p for r in rounds for p in r["picks"]])
+    keys = ["round", "pick_order", "id", "source", "selector", *texts, "tokens", *numbers,
+            "pool_index", "preview"]
+    numeric = {"round", "pick_order", "tokens", *numbers, "pool_index"}
+    data = {
+        "run": {"name": out.resolve().name, "path": str(out.resolve()),
+                "generated": datetime.now().astimezone().isoformat(timespec="seconds"),
+                "model": config.get("model", {}).get("path"),
+                "pool": config.get("data", {}).get("pool"),
+                "eval_set": config.get("eval", {}).get("path"),
+                "selector": config.get("selection", {}).get("selector"),
+                "planned_rounds": config.get("selection", {}).get("rounds"),
+                "notes": notes},
+        "rounds": [],
+        "composition": {"rounds": [r["round"] for r in rounds],
+                        "sources": picks_per(rounds, lambda p: p["source"]),
+                        "families": picks_per(rounds, family)},
+        "columns": [{"key": k, "numeric": k in numeric,
+                     "label": {"pick_order": "#", "pool_index": "pool index"}.get(k, k)}
+                    for k in keys],
+        "hidden_columns": hidden,
+        "picks": [[_json_value(p.get(k)) for k in keys] for r in rounds for p in r["picks"]],
+        "max_points": max_points,
+    }
+    total = 0
+    for r in rounds:
+        s, idx = r["summary"] or {}, r["round"]
+        total += len(r["picks"])
+        entry = {"round": idx, "state": round_state(r), "selector": round_selector(r),
+                 "picks": len(r["picks"]), "total": s.get("total_examples", total),
+                 "train_loss": s.get("train_loss"), "seconds": s.get("seconds") or {},
+                 "candidates": s.get("candidates"), "stopped": s.get("stopped"),
+                 "eval": _round_eval(s, evals.get(idx)), "notes": list(r["notes"]),
+                 "projection": None, "histograms": []}
+        try:
+            features = read_features(out, idx)
+        except ValueError as e:
+            features = None
+            entry["notes"].append(str(e))
+        if features is not None and "embeddings" in features:
+            entry["projection"] = _projection(features["embeddings"], picked_in, idx,
+                                              max_points)
+        mine = [p["pool_index"] for p in r["picks"]]
+        for name in score_names(features):
+            h = score_histogram(features[f"score_{name}"], mine, bins)
+            entry["histograms"].append(
+                {"score": name, "scored": 0, "missing": len(features[f"score_{name}"])}
+                if h is None else
+                {"score": name, "scored": h["scored"], "missing": h["missing"],
+                 "edges": h["edges"].tolist(), "pool": h["pool"].tolist(),
+                 "picks": h["picks"].tolist()})
+        data["rounds"].append(_json_value(entry))
+    return data
+
+
+def _round_eval(summary: dict, line: dict | None) -> dict | None:
+    """A round's held-out loss and accuracy, overall and per source family: from its summary,
+    else from its metrics.jsonl line (a round evaluated but not yet saved); None without."""
+    if summary.get("eval_loss") is not None:
+        return {"loss": summary["eval_loss"], "accuracy": summary.get("eval_accuracy"),
+                "from": "summary.json",
+                "families": {f: {"loss": v.get("loss"), "accuracy": v.get("accuracy")}
+                             for f, v in (summary.get("eval_by_source") or {}).items()}}
+    if line is None:
+        return None
+    families: dict[str, dict] = {}
+    for k, v in line.items():
+        parts = k.split("/")
+        if len(parts) == 3 and parts[0] == "eval" and parts[2] in ("loss", "accuracy"):
+            families.setdefault(parts[1], {"loss": None, "accuracy": None})[parts[2]] = v
+    return {"loss": line["eval/loss"], "accuracy": line.get("eval/accuracy"),
+            "from": "metrics.jsonl", "families": families}
+
+
+def _projection(emb: np.ndarray, picked_in: dict[int, int], idx: int, max_points: int) -> dict:
+    """Round ``idx``'s 2-D PCA of the pool: per shown point ``x``, ``y``, ``pool_index`` and
+    ``round`` (the round that picked it, -1 when not picked by round ``idx``); ``rows`` with
+    an embedding. Over ``max_points`` rows, every pick so far is shown (a fixed sample of
+    them when they alone are too many) and a fixed sample of the others fills the rest, so
+    the same run gives the same page."""
+    pos, xy = project(emb)
+    when = np.array([picked_in.get(int(i), -1) for i in pos], dtype=np.int64)
+    when[when > idx] = -1
+    shown = np.arange(len(pos))
+    if len(pos) > max_points:
+        rng = np.random.default_rng(idx)
+        picked, others = np.flatnonzero(when >= 0), np.flatnonzero(when < 0)
+        shown = np.sort(rng.choice(picked, max_points, replace=False)
+                        if len(picked) >= max_points else
+                        np.concatenate([picked, rng.choice(others, max_points - len(picked),
+                                                           replace=False)]))
+    return {"rows": len(pos), "x": [float(f"{v:.4g}") for v in xy[shown, 0]],
+            "y": [float(f"{v:.4g}") for v in xy[shown, 1]],
+            "pool_index": pos[shown].tolist(), "round": when[shown].tolist()}
+
+
+def _json_value(v):
+    """``v`` with every non-finite float (NaN: a score without a value) replaced by None,
+    which JSON can hold."""
+    if isinstance(v, float):
+        return v if np.isfinite(v) else None
+    if isinstance(v, dict):
+        return {k: _json_value(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_json_value(x) for x in v]
+    return v
+
+
+def write_report(out: Path, rounds: list[dict], target: Path, max_points: int = 5000) -> Path:
+    """The HTML report of the run in ``out``, one self-contained file: the page
+    (launch/inspect_rounds.html: its style and script inline) with ``report_data`` inlined as
+    JSON, so it opens from disk with nothing loaded from anywhere. Returns ``target``."""
+    import html
+    import re
+    page = (Path(__file__).with_name("inspect_rounds.html")).read_text(encoding="utf-8")
+    payload = json.dumps(report_data(out, rounds, max_points), ensure_ascii=False,
+                         allow_nan=False, separators=(",", ":"))
+    # Inside <script> only "</script" (or "<!--") ends or confuses the block: with every "<"
+    # (and ">", "&") escaped, a preview holding them stays data. JSON.parse undoes \u003c.
+    payload = payload.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+    fill = {"TITLE": html.escape(f"{out.resolve().name}: evotune run report"), "DATA": payload}
+    target.write_text(re.sub(r"\{\{(TITLE|DATA)\}\}", lambda m: fill[m[1]], page),
+                      encoding="utf-8")
+    return target
+
+
 def filter_picks(picks: list[dict], where: list[str]) -> list[dict]:
     """Keep picks matching every ``COLUMN<OP>VALUE`` (ops: <, <=, >, >=, =, !=)."""
     import operator
@@ -435,14 +586,26 @@ def main(argv=None) -> int:
     p.add_argument("--plot", action="store_true",
                    help="write rounds/round_XXX/round_XXX.png for every round (or --round N): "
                         "embedding projection by pick round, picks by source, score histograms")
+    p.add_argument("--html", action="store_true",
+                   help="write one self-contained HTML report of every round (rounds, eval, "
+                        "composition, projections, histograms, a searchable table of picks)")
+    p.add_argument("-o", "--output", type=Path, metavar="FILE",
+                   help="with --html: where to write it (default OUT/report.html)")
     args = p.parse_args(argv)
     if not (args.out / "rounds").is_dir():
         print(f"error: {args.out} has no rounds/ folder; is it an evotune output dir?",
               file=sys.stderr)
         return 2
+    if args.output is not None and not args.html:
+        p.error("-o/--output goes with --html")
+    if args.html and args.round is not None:
+        p.error("--html reports every round; leave out --round")
     console = Console()
     rounds = rounds_of(args.out)
-    if args.plot:
+    if args.html:
+        target = write_report(args.out, rounds, args.output or args.out / "report.html")
+        print(f"wrote {target}")
+    elif args.plot:
         if args.round is not None:
             _get(rounds, args.round)
         for path in plot_rounds(args.out, rounds, args.round):

@@ -21,6 +21,16 @@ POOL_TINY = FIXTURES / "pool_tiny.jsonl"      # 40 real rows (see fixtures/ATTRI
 EVAL_TINY = FIXTURES / "eval_tiny.jsonl"      # 10 real held-out rows
 
 
+def load_module(path: Path):
+    """The Python file at ``path`` (a launch script, which is not part of the package) as a
+    module, without running its ``__main__`` block."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def write_config(path: Path, model_dir: Path, out_dir: Path, **sections) -> Path:
     """A small run config for end-to-end tests; ``sections`` update the defaults below."""
     import yaml
@@ -259,3 +269,86 @@ def ifd_scores(model, tokenizer, rows: list, variant: str, max_length: int,
             r.clear()
             r["skipped"] = str(e)
     return out
+
+
+BROWSERS = ("chromium", "chromium-browser", "google-chrome")
+
+
+def find_browser() -> str | None:
+    """A headless-capable Chromium on PATH (Debian: apt-get install chromium), else None."""
+    return next((path for path in map(shutil.which, BROWSERS) if path), None)
+
+
+def render_page(path: Path, fragment: str = "", timeout: int = 180) -> tuple[str, list[str]]:
+    """Open ``path`` (plus ``#fragment``) in headless Chromium with the network cut off (every
+    host unresolvable, a dead proxy): the DOM once its scripts have run, and every message the
+    page wrote to the console (console.log/error, script errors, blocked loads)."""
+    browser = find_browser()
+    if browser is None:
+        raise RuntimeError(f"no browser found (tried {', '.join(BROWSERS)})")
+    with tempfile.TemporaryDirectory(prefix="evotune-browser-") as profile:
+        proc = subprocess.run(
+            [browser, "--headless", "--disable-gpu", "--no-sandbox", "--no-first-run",
+             f"--user-data-dir={profile}", "--proxy-server=127.0.0.1:9",
+             "--host-resolver-rules=MAP * ~NOTFOUND", "--enable-logging=stderr", "--v=0",
+             "--dump-dom", Path(path).resolve().as_uri() + (f"#{fragment}" if fragment else "")],
+            capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0 or "</html>" not in proc.stdout:
+        raise RuntimeError(f"{browser} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return proc.stdout, [line for line in proc.stderr.splitlines() if ":CONSOLE" in line]
+
+
+class Element:
+    """One element of a parsed page: ``tag``, ``attrs``, ``children`` (elements and strings)."""
+
+    def __init__(self, tag: str, attrs: dict):
+        self.tag, self.attrs, self.children = tag, attrs, []
+
+    def text(self) -> str:
+        return "".join(c if isinstance(c, str) else c.text() for c in self.children)
+
+    def iter(self, tag: str | None = None):
+        """This element and every element under it (with ``tag`` only), in document order."""
+        if tag is None or self.tag == tag:
+            yield self
+        for c in self.children:
+            if isinstance(c, Element):
+                yield from c.iter(tag)
+
+    def by_id(self, id_: str) -> Element:
+        found = next((e for e in self.iter() if e.attrs.get("id") == id_), None)
+        if found is None:
+            raise AssertionError(f"no element with id {id_!r} in the page")
+        return found
+
+
+def parse_page(page: str) -> Element:
+    """The element tree of an HTML page (the standard library's tokenizer; void elements such
+    as <input> and <meta> have no children)."""
+    from html.parser import HTMLParser
+    void = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta",
+            "source", "track", "wbr"}
+    root = Element("#document", {})
+    stack = [root]
+
+    class Builder(HTMLParser):
+        def handle_starttag(self, tag, attrs):
+            node = Element(tag, dict(attrs))
+            stack[-1].children.append(node)
+            if tag not in void:
+                stack.append(node)
+
+        def handle_startendtag(self, tag, attrs):
+            stack[-1].children.append(Element(tag, dict(attrs)))
+
+        def handle_endtag(self, tag):
+            for i in range(len(stack) - 1, 0, -1):
+                if stack[i].tag == tag:
+                    del stack[i:]
+                    break
+
+        def handle_data(self, data):
+            stack[-1].children.append(data)
+
+    Builder(convert_charrefs=True).feed(page)
+    return root

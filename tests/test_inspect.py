@@ -1,6 +1,5 @@
 """inspect_rounds on a hand-made run dir: filters, sorting, histograms."""
 
-import importlib.util
 import json
 import re
 
@@ -8,15 +7,11 @@ import numpy as np
 import pytest
 from rich.console import Console
 
-from helpers import REPO
+from helpers import REPO, load_module
 
 
 def load_tool():
-    spec = importlib.util.spec_from_file_location("inspect_rounds",
-                                                  REPO / "launch" / "inspect_rounds.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_module(REPO / "launch" / "inspect_rounds.py")
 
 
 PICKS = [{"id": "a", "source": "gsm8k", "round": 1, "pick_order": 0, "selector": "weighted",
@@ -101,7 +96,8 @@ def test_a_round_cut_short_is_read_as_far_as_it_goes(tmp_path):
 
 def test_projection_finds_the_direction_the_rows_spread_along():
     # Rows on the line t * (3, 4, 0) / 5 plus a smaller spread along (0, 0, 1), uncorrelated
-    # with t; one row without an embedding. The first axis recovers t - mean(t) (up to sign), the second the spread.
+    # with t; one row without an embedding. The first axis recovers t - mean(t) (up to sign),
+    # the second the spread.
     t = np.array([-2.0, -1.0, 0.0, 1.0, 2.0])
     emb = np.zeros((6, 3))
     emb[:5] = np.outer(t, [0.6, 0.8, 0.0])

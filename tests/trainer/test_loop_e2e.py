@@ -16,8 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import (REPO, assert_no_shm_leak, run_train, shm_buffers, start_run,
-                     write_config)
+from helpers import (REPO, assert_no_shm_leak, find_browser, parse_page, render_page, run_train,
+                     shm_buffers, start_run, write_config)
 
 pytestmark = pytest.mark.e2e
 
@@ -416,6 +416,42 @@ def test_inspect_rounds_shows_rounds_picks_and_diffs(baseline):
     assert "round_002.png" in show("--plot").replace("\n", "")
     assert all((out / "rounds" / f"round_{r:03d}" / f"round_{r:03d}.png").is_file()
                for r in range(3))
+
+
+@pytest.mark.skipif(find_browser() is None, reason="no chromium, chromium-browser or "
+                    "google-chrome on PATH (Debian: apt-get install chromium)")
+def test_html_report_of_a_real_run_and_of_one_in_progress(baseline, tmp_path):
+    """The page on the baseline's real run dir, rendered by headless Chromium: every pick in
+    the table, each selecting round's projection, no problem; then on a copy whose last round
+    is cut back to what the loop has written just after selecting (no summary, no state)."""
+    import shutil
+    out, _, _ = baseline
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("checkpoint", "adapter", "final"))
+    for name in ("summary.json", "state.json"):
+        (copy / "rounds" / "round_002" / name).unlink()
+    for run, last in ((out, "done"), (copy, "picked")):
+        proc = subprocess.run([sys.executable, str(REPO / "launch" / "inspect_rounds.py"),
+                               str(run), "--html", "-o", str(tmp_path / f"{run.name}.html")],
+                              capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        dom, console = render_page(tmp_path / f"{run.name}.html")
+        root = parse_page(dom)
+        assert [li.text() for li in root.by_id("problems").iter("li")] == [] and console == []
+        cells = [[td.text() for td in tr.iter("td")]
+                 for tr in next(root.by_id("picks-table").iter("tbody")).iter("tr")]
+        picks = [json.loads(line) for r in range(3) for line in
+                 (out / "rounds" / f"round_{r:03d}" / "selection.jsonl").read_text().splitlines()]
+        assert sorted((c[0], c[2]) for c in cells) == sorted((str(p["round"]), p["id"])
+                                                             for p in picks)
+        states = [[td.text() for td in tr.iter("td")][1]
+                  for tr in next(root.by_id("rounds-table").iter("tbody")).iter("tr")]
+        assert states == ["done", "done", last]
+        for r in (1, 2):   # k-center rounds: embeddings of the whole (tiny) pool
+            circles = list(next(root.by_id(f"round-{r}").iter("svg")).iter("circle"))
+            assert len(circles) == len(np.load(out / "rounds" / f"round_{r:03d}" /
+                                               "features.npz")["ids"])
+        assert len(list(root.by_id("eval").iter("svg"))) >= 1
 
 
 @pytest.mark.parametrize("zero_stage, ranks", [(1, None), (3, 2)])
