@@ -50,18 +50,26 @@ def read_jsonl(path: Path) -> tuple[list[dict], int]:
     return rows, bad
 
 
+def read_json(path: Path, notes: list[str]):
+    """A JSON file's content; None when there is no file, or when it cannot be read (cut
+    short by a copy under way), which adds a line to ``notes``."""
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(errors="replace"))
+    except json.JSONDecodeError as e:
+        notes.append(f"{path.name} is unreadable ({e}), left out")
+        return None
+
+
 def rounds_of(out: Path) -> list[dict]:
     """Every round folder: its index, whether it is complete (state.json written), its summary
     (None until the round writes it), its picks, and ``notes`` on files that could not be read
     (a round being copied): the readers show what is there instead of stopping."""
     rounds = []
     for d in sorted((out / "rounds").glob("round_[0-9][0-9][0-9]")):
-        notes, summary = [], None
-        if (d / "summary.json").is_file():
-            try:
-                summary = json.loads((d / "summary.json").read_text(errors="replace"))
-            except json.JSONDecodeError as e:
-                notes.append(f"summary.json is unreadable ({e}), left out")
+        notes = []
+        summary = read_json(d / "summary.json", notes)
         picks, bad = read_jsonl(d / "selection.jsonl")
         if bad:
             notes.append(f"selection.jsonl: {bad} unreadable line(s) left out")
@@ -375,12 +383,7 @@ def report_data(out: Path, rounds: list[dict], max_points: int = 5000, bins: int
     and every pick as one row under ``columns`` (``picks``). Reads the same files as the text
     views; a file it cannot read becomes a note, not an error."""
     notes = []
-    config = {}
-    if (out / "config.json").is_file():
-        try:
-            config = json.loads((out / "config.json").read_text(errors="replace"))
-        except json.JSONDecodeError as e:
-            notes.append(f"config.json is unreadable ({e})")
+    config = read_json(out / "config.json", notes) or {}
     metrics, bad = read_jsonl(out / "metrics.jsonl")
     if bad:
         notes.append(f"metrics.jsonl: {bad} unreadable line(s) left out")

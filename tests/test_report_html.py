@@ -175,14 +175,21 @@ def problems(root):
     return [li.text() for li in root.by_id("problems").iter("li")]
 
 
+def render_report(out, fragment=""):
+    """The report of the run in ``out`` as headless Chromium renders it (opened at
+    ``#fragment``), checked to list no problem and to log nothing to the console."""
+    tool = load_tool()
+    path = tool.write_report(out, tool.rounds_of(out), out / "report.html")
+    dom, console = render_page(path, fragment)
+    root = parse_page(dom)
+    assert problems(root) == [] and console == []
+    return root
+
+
 @needs_browser
 def test_every_pick_is_in_the_rendered_table_and_the_page_reports_no_problem(tmp_path):
     picks = make_run(tmp_path)
-    tool = load_tool()
-    path = tool.write_report(tmp_path, tool.rounds_of(tmp_path), tmp_path / "report.html")
-    dom, console = render_page(path)
-    root = parse_page(dom)
-    assert problems(root) == [] and console == []
+    root = render_report(tmp_path)
     heads, rows = picks_table(root)
     assert heads == ["round", "#", "id", "source", "selector", "tokens", "loss", "objective",
                      "pool index", "preview"]
@@ -208,11 +215,7 @@ def test_every_pick_is_in_the_rendered_table_and_the_page_reports_no_problem(tmp
 @needs_browser
 def test_a_run_that_has_not_picked_yet(tmp_path):
     (tmp_path / "rounds" / "round_000").mkdir(parents=True)
-    tool = load_tool()
-    assert tool.main([str(tmp_path), "--html"]) == 0
-    dom, console = render_page(tmp_path / "report.html")
-    root = parse_page(dom)
-    assert problems(root) == [] and console == []
+    root = render_report(tmp_path)
     assert picks_table(root)[1] == [] and root.by_id("count").text() == "0 picks"
     assert "No selection yet" in root.by_id("round-0").text()
     assert "No eval set" in root.by_id("eval").text()
@@ -222,23 +225,19 @@ def test_a_run_that_has_not_picked_yet(tmp_path):
 @needs_browser
 def test_the_address_filters_and_sorts_the_table(tmp_path):
     make_run(tmp_path)
-    tool = load_tool()
-    path = tool.write_report(tmp_path, tool.rounds_of(tmp_path), tmp_path / "report.html")
     # Numbers largest first, a blank (no value) last whichever the direction.
     for fragment, order in [("sort=loss&desc=1", ["ex-05", "ex-03"]),
                             ("sort=loss", ["ex-03", "ex-05"])]:
-        _, rows = picks_table(parse_page(render_page(path, fragment)[0]))
+        _, rows = picks_table(render_report(tmp_path, fragment))
         ids = [cells[2] for _, cells in rows]
         assert ids[:2] == order and len(ids) == 8
         assert set(ids[2:]) == {"ex-00", "ex-01", "ex-02", "ex-04", "ex-06", "ex-07"}
     # Two words: rows holding both, in any cell (the source and the selector here).
-    dom, console = render_page(path, "q=T0/A%20weighted&sort=objective&desc=1")
-    root = parse_page(dom)
+    root = render_report(tmp_path, "q=T0/A%20weighted&sort=objective&desc=1")
     _, rows = picks_table(root)
     assert [cells[2] for hidden, cells in rows if not hidden] == ["ex-04", "ex-06", "ex-07"]
     assert sum(hidden for hidden, _ in rows) == 5
     assert root.by_id("count").text() == "3 of 8 picks match"
-    assert problems(root) == [] and console == []
 
 
 @needs_browser
@@ -280,11 +279,7 @@ def test_a_large_run_renders_every_pick_and_samples_the_projection(tmp_path):
         if r:
             np.savez(rdir / "features.npz", ids=np.arange(25_000).astype(str),
                      embeddings=rng.standard_normal((25_000, 8)).astype(np.float16))
-    tool = load_tool()
-    path = tool.write_report(tmp_path, tool.rounds_of(tmp_path), tmp_path / "report.html")
-    dom, console = render_page(path)
-    root = parse_page(dom)
-    assert problems(root) == [] and console == []
+    root = render_report(tmp_path)
     _, rows = picks_table(root)
     assert len(rows) == 20_000 and len({cells[2] for _, cells in rows}) == 20_000
     assert sum(not hidden for hidden, _ in rows) == 1000
