@@ -265,16 +265,17 @@ def test_a_script_error_or_a_load_from_the_web_is_caught(tmp_path):
 @needs_browser
 def test_a_large_run_renders_every_pick_and_samples_the_projection(tmp_path):
     """20,000 picks over 4 rounds of a 25,000-row pool: the table holds every one (the first
-    1,000 displayed), the projections show 5,000 points each and say so."""
+    1,000 displayed), the projections show 5,000 points each and say which."""
     rng = np.random.default_rng(0)
     order = rng.permutation(25_000)
+    bounds = np.cumsum([0, 2000, 2000, 8000, 8000])
     for r in range(4):
         rdir = tmp_path / "rounds" / f"round_{r:03d}"
         rdir.mkdir(parents=True)
         rows = [{"id": f"row-{i}", "source": f"src{i % 7}/t{i % 3}", "round": r, "pick_order": k,
                  "selector": "kcenter" if r else "random", "pool_index": int(i), "tokens": 50,
                  "kcenter_distance": float(rng.random()) if r else None, "preview": f"text {i}"}
-                for k, i in enumerate(order[r * 5000:(r + 1) * 5000])]
+                for k, i in enumerate(order[bounds[r]:bounds[r + 1]])]
         (rdir / "selection.jsonl").write_text("".join(json.dumps(p) + "\n" for p in rows))
         if r:
             np.savez(rdir / "features.npz", ids=np.arange(25_000).astype(str),
@@ -284,7 +285,13 @@ def test_a_large_run_renders_every_pick_and_samples_the_projection(tmp_path):
     assert len(rows) == 20_000 and len({cells[2] for _, cells in rows}) == 20_000
     assert sum(not hidden for hidden, _ in rows) == 1000
     assert root.by_id("count").text() == "20000 picks, showing the first 1000"
-    for r in (1, 2, 3):
+    # By round 1, 4,000 picks: all of them and 1,000 other rows (grey); from round 2 on the
+    # picks alone are over 5,000: a sample of them, nothing grey.
+    for r, grey, caption in ((1, 1000, "every pick so far and a fixed sample of the rest"),
+                             (2, 0, "a fixed sample of the picks so far"),
+                             (3, 0, "a fixed sample of the picks so far")):
         card = root.by_id(f"round-{r}")
-        assert len(list(next(card.iter("svg")).iter("circle"))) == 5000
-        assert "Showing 5000 of 25000 rows" in card.text()
+        circles = list(next(card.iter("svg")).iter("circle"))
+        assert len(circles) == 5000
+        assert sum(c.attrs["fill"] == "#c8ccd4" for c in circles) == grey
+        assert f"Showing 5000 of 25000 rows (over 5000): {caption}" in card.text()
