@@ -455,16 +455,19 @@ def is_rule_key(key: str) -> bool:
 
 
 def _content(path: Path) -> str | list | None:
-    """What a file (sha256) or a model dir (config and the weight files' names and sizes) holds;
-    None when it does not exist."""
-    if path.is_file():
-        return file_hash(path)
-    if path.is_dir():
-        config = path / "config.json"
-        return [file_hash(config) if config.is_file() else None,
+    """What a model dir (config and the weight files' names and sizes) or a data input (a file,
+    a folder of shards, a pattern: :func:`~evotune.trainer.sources.input_hash`) holds; None
+    when it is neither."""
+    from evotune.trainer.sources import DataError, input_hash     # sources imports this module
+    config = path / "config.json"
+    if config.is_file():
+        return [file_hash(config),
                 sorted([p.name, p.stat().st_size] for p in path.iterdir() if p.is_file()
                        and p.suffix in (".safetensors", ".bin", ".gguf"))]
-    return None
+    try:
+        return input_hash(path)
+    except (OSError, DataError):
+        return None
 
 
 def same_input(a, b) -> bool:

@@ -36,7 +36,7 @@ from evotune.trainer.data import (IGNORE_INDEX, DataError, Encoded, Example, Loa
                                   assemble, bos_prefix, segments)
 from evotune.trainer.state import cache_root, fsync_dir, fsync_tree
 
-VERSION = 1
+VERSION = 2          # 2 (2026-12-01): ShareGPT rows and Alpaca system/history are parsed
 BATCH_ROWS = 256
 
 

@@ -219,3 +219,23 @@ def test_nulls_are_absent_row_fields_but_other_columns_keep_them(tmp_path):
     assert ex.id.startswith("h") and ex.extra == {"label": None}
     rows = list(read_rows(MIXED))
     assert rows[0] == (f"{MIXED}:1", rows_of(MIXED)[0])
+
+
+def test_a_moved_folder_is_the_same_input_and_another_folder_is_not(tmp_path):
+    """A resume accepts an input path that changed when the content is the same (a copied
+    project); two folders of different shards are not the same input."""
+    import shutil
+    from evotune.trainer.state import same_input
+    rows = rows_of(POOL_TINY)
+    a = tmp_path / "a"
+    a.mkdir()
+    pq.write_table(table(rows[:20]), a / "part-0.parquet")
+    pq.write_table(table(rows[20:]), a / "part-1.parquet")
+    shutil.copytree(a, tmp_path / "copy")
+    other = tmp_path / "other"
+    other.mkdir()
+    pq.write_table(table(rows[:20]), other / "part-0.parquet")
+    assert same_input(str(a), str(tmp_path / "copy"))
+    assert not same_input(str(a), str(other))
+    assert same_input(f"{a}/*.parquet", str(tmp_path / "copy"))
+    assert not same_input(str(POOL_TINY), str(MIXED))

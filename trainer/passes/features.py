@@ -45,7 +45,7 @@ from evotune.trainer.passes.ifd import IfdPass
 from evotune.trainer.passes.influence import InfluencePass
 from evotune.trainer.passes.reward import RewardPass
 from evotune.trainer.scores import SCORES, with_inputs
-from evotune.trainer.state import file_hash
+from evotune.trainer.sources import input_hash
 from evotune.trainer.targets import load_targets
 
 
@@ -186,7 +186,7 @@ class FeaturePass:
                 cache.model_fingerprint(resolve_model_path(sc.model)) if sc.model else None],
             "derived": {n: dataclasses.asdict(getattr(sc, n)) if hasattr(sc, n) else None
                         for n in self.derived},
-            "targets": {n: [file_hash(Path(getattr(sc, n).targets)),
+            "targets": {n: [input_hash(getattr(sc, n).targets),
                             dataclasses.asdict(getattr(sc, n))] for n in self.targets},
             "reward": None if self.reward is None else [
                 cache.model_fingerprint(resolve_model_path(sc.reward.model)), sc.reward.label]}
