@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 
 from evotune.selectors.base import Selection
-from evotune.selectors.kcenter import kcenter_greedy
-from evotune.selectors.sharded import top_k_mask
+from evotune.selectors.kcenter import KCenterSelector, kcenter_greedy
+from evotune.selectors.sharded import top_k_mask, values_at
 
 
 def score_filter(scores: np.ndarray, candidates: np.ndarray, max_value: float | None,
@@ -170,10 +170,44 @@ class ScoredFirst:
         more, dists = kcenter_greedy(features.embeddings,
                                      np.concatenate([labeled, first.positions]).astype(np.int64),
                                      rest, n - len(scored), self.chunk_size)
+        return self._filled(first, more, dists,
+                            features.scores[self.score][np.concatenate([first.positions, more])])
+
+    @property
+    def sharded(self) -> bool:
+        """Sharded when the rule inside is (LIFT with a score)."""
+        return bool(getattr(self.inner, "sharded", False))
+
+    def select_sharded(self, shard, labeled: np.ndarray, candidates: np.ndarray, n: int,
+                       rng: np.random.Generator, comm):
+        """:meth:`select` over every rank's own rows: the rule's ``select_sharded``, and the
+        fill by sharded k-center (:class:`~evotune.selectors.kcenter.KCenterSelector`'s
+        ``select_sharded``): the same picks. Only the scored candidates' positions are
+        gathered, and only when they are too few."""
+        shard.require(self.name, self.score)
+        candidates = np.sort(np.asarray(candidates, dtype=np.int64))
+        pos = np.asarray(shard.positions, dtype=np.int64)
+        values = shard.scores[self.score]
+        mine = pos[np.isin(pos, candidates) & np.isfinite(values)]
+        if comm.sum_int64(len(mine)) >= n:
+            return self.inner.select_sharded(shard, labeled, candidates, n, rng, comm)
+        scored = np.sort(np.concatenate(comm.all_gather_rows(mine)))
+        first = self.inner.select_sharded(shard, labeled, scored, len(scored), rng, comm)
+        fill = KCenterSelector(KCenterSelector.Options(chunk_size=self.chunk_size))
+        more = fill.select_sharded(shard, np.concatenate([labeled, first.positions]).astype(
+            np.int64), np.setdiff1d(candidates, scored), n - len(scored), rng, comm)
+        picks = np.concatenate([first.positions, more.positions])
+        return self._filled(first, more.positions, more.numbers["kcenter_distance"],
+                            values_at(values, pos, picks, comm))
+
+    def _filled(self, first: Selection, more: np.ndarray, dists: np.ndarray,
+                score_values: np.ndarray) -> Selection:
+        """The rule's picks and the k-center fill's as one selection: the rule's numbers
+        (NaN for the fill), the score for all, ``kcenter_distance``, and ``scored``."""
         k = len(first.positions)
         numbers = {name: np.concatenate([v, np.full(len(more), np.nan)])
                    for name, v in first.numbers.items()}
-        numbers[self.score] = features.scores[self.score][np.concatenate([first.positions, more])]
+        numbers[self.score] = score_values
         numbers["kcenter_distance"] = np.concatenate(
             [first.numbers.get("kcenter_distance", np.full(k, np.nan)), dists])
         numbers["scored"] = np.concatenate([np.ones(k), np.zeros(len(more))])

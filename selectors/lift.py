@@ -8,7 +8,9 @@ centroid rank high); for quality, it scores the kept rows (GPT-4 ratings in the 
 keeps the best.
 
 Here, over the round's candidates: standardise each dimension (mean 0, population std 1; a
-constant dimension stays 0) → principal components by SVD, the fewest whose cumulative share of
+constant dimension stays 0) → principal components (the eigenvectors of the standardised
+rows' D × D Gram matrix, which sums over ranks: the rows stay where they were embedded), the
+fewest whose cumulative share of
 the variance exceeds ``variance`` (scikit-learn's rule) → each row's variance over its
 coordinates on them; the ``keep`` fraction of the candidates with the highest row variance (at
 least the round's budget) passes; among those, the highest ``score`` (any evotune score), or
@@ -35,23 +37,39 @@ from typing import Optional
 import numpy as np
 
 from evotune.selectors.base import Features, Selection, option, options_dict
+from evotune.selectors.sharded import SingleProcess, top_k, top_k_mask, values_at
 
 
-def row_variance(embeddings: np.ndarray, variance: float = 0.95) -> np.ndarray:
-    """(N,) each row's variance over its coordinates on the principal components that keep
-    ``variance`` of the variance of the standardised rows. Raises ValueError on fewer than two
-    rows or a fraction outside (0, 1]."""
+def row_variance(embeddings: np.ndarray, variance: float = 0.95, comm=None) -> np.ndarray:
+    """Each row's variance over its coordinates on the principal components that keep
+    ``variance`` of the variance of the standardised rows.
+
+    The rows may be spread over ranks: every rank calls this with its own rows and ``comm``
+    (``selectors/sharded.py``; default: one process holding all of them) and gets its rows'
+    values. What crosses ranks is three sums: the column sums, the column sums of squares
+    about the mean (two passes, for accuracy) and the D × D Gram matrix of the standardised
+    rows, whose eigenvectors are the principal axes (the right singular vectors of the SVD of
+    the rows). Memory per rank: its rows as float64 twice and one D × D float64 matrix.
+
+    Raises ValueError (alike on every rank) on fewer than two rows in all or a fraction
+    outside (0, 1]."""
+    comm = comm or SingleProcess()
     x = np.asarray(embeddings, dtype=np.float64)
-    if x.ndim != 2 or len(x) < 2:
-        raise ValueError(f"LIFT needs at least 2 embedded rows, got shape {x.shape}")
+    if x.ndim != 2:
+        raise ValueError(f"LIFT needs a 2-d array of embeddings, got shape {x.shape}")
+    total = comm.sum_int64(len(x))
+    if total < 2:
+        raise ValueError(f"LIFT needs at least 2 embedded rows, got {total}")
     if not 0 < variance <= 1:
         raise ValueError(f"variance must be in (0, 1], got {variance}")
-    std = x.std(axis=0)
-    z = (x - x.mean(axis=0)) / np.where(std > 0, std, 1.0)
-    _, s, vt = np.linalg.svd(z, full_matrices=False)
-    share = np.cumsum(s ** 2) / max(float(np.sum(s ** 2)), 1e-300)
-    k = len(s) if variance >= 1 else int(np.searchsorted(share, variance, side="right")) + 1
-    vt = vt[:k]
+    centred = x - comm.sum_float64(x.sum(axis=0)) / total
+    std = np.sqrt(comm.sum_float64(np.square(centred).sum(axis=0)) / total)
+    z = centred / np.where(std > 0, std, 1.0)
+    eigenvalues, axes = np.linalg.eigh(comm.sum_float64(z.T @ z))   # ascending
+    eigenvalues, axes = np.clip(eigenvalues[::-1], 0.0, None), axes[:, ::-1]
+    share = np.cumsum(eigenvalues) / max(float(eigenvalues.sum()), 1e-300)
+    k = len(share) if variance >= 1 else int(np.searchsorted(share, variance, side="right")) + 1
+    vt = axes[:, :k].T
     top = np.abs(vt).argmax(axis=1)
     vt = vt * np.sign(vt[np.arange(k), top])[:, None]     # largest loading positive
     return (z @ vt.T).var(axis=1)
@@ -60,16 +78,20 @@ def row_variance(embeddings: np.ndarray, variance: float = 0.95) -> np.ndarray:
 class LiftSelector:
     """LIFT's diversity-then-quality curation over the round's candidates.
 
-    Needs the whole matrix: the candidates' (N, D) embeddings on rank 0, standardised float64
-    copies (8·N·D bytes each) and numpy's thin SVD of them. scikit-learn's IncrementalPCA
-    would stream the rows but still read the gathered matrix, and its components are an
-    approximation of the exact ones; not used."""
+    Sharded (:meth:`select_sharded`): each rank keeps its own rows; the PCA is three sums over
+    ranks (:func:`row_variance`: a D × D float64 matrix per rank, 134 MB at D = 4096) and the
+    two rankings are distributed top-k's. The picks are the one-process picks up to the order
+    in which the sums add up: a rank count changes a row variance in its last digits (about
+    1e-13 relative), so two rows whose variances agree that closely may swap. (scikit-learn's
+    IncrementalPCA would stream the rows but approximates the components, and still reads
+    them in one process; not used.)"""
     name = "lift"
     doc = ("LIFT: the candidates' embeddings standardised and PCA-projected (keeping "
            "`variance` of it); the `keep` fraction with the highest row variance (far from "
            "the centroid), then the best `score` among them (or the highest row variance)")
     logs = "`row_variance`, the score"
-    scale = "rank 0: the N × D embeddings, standardised float64 copies and numpy's thin SVD"
+    scale = ("sharded: each rank standardises its own rows (float64) and adds a D × D Gram "
+             "matrix to the other ranks' (one all-reduce); distributed top-k's")
     needs_embeddings = True
 
     @dataclass
@@ -117,6 +139,44 @@ class LiftSelector:
             numbers[o.score] = features.scores[o.score][picks]
         return Selection(picks, numbers, {"kept_by_variance": int(keep),
                                           "unembedded": int((~ok).sum())})
+
+    sharded = True
+
+    def select_sharded(self, shard: Features, labeled: np.ndarray, candidates: np.ndarray,
+                       n: int, rng: np.random.Generator, comm) -> Selection:
+        """:meth:`select` with the embeddings and scores spread over ranks (every rank calls
+        this with its shard): the row variances from sums over ranks, then a distributed top
+        ``keep`` by row variance and a distributed top ``n`` by the score among those (class
+        docstring: the same picks up to summation order). Bad input raises the same
+        ValueError on every rank."""
+        o = self.options
+        shard.require(self.name, o.score)
+        pos = np.asarray(shard.positions, dtype=np.int64)
+        dim = comm.max_int64(shard.embeddings.shape[1] if len(pos) else 0)
+        here = np.isin(pos, candidates)
+        held = comm.sum_int64(int(here.sum()))
+        if held != len(candidates):
+            raise ValueError(f"the ranks' shards hold {held} of {len(candidates)} candidates")
+        emb = np.asarray(shard.embeddings, dtype=np.float64).reshape(len(pos), dim)[here]
+        ok = np.isfinite(emb).all(axis=1)
+        if o.score:
+            ok &= np.isfinite(shard.scores[o.score][here])
+        rows = pos[here][ok]
+        usable = comm.sum_int64(len(rows))
+        if not 0 <= n <= usable:
+            raise ValueError(f"cannot pick {n}: only {usable} of {len(candidates)} "
+                             f"candidates have a finite embedding"
+                             + (f" and {o.score!r}" if o.score else ""))
+        rv = row_variance(emb[ok], o.variance, comm)
+        keep = min(usable, max(n, math.ceil(o.keep * usable)))
+        kept = top_k_mask(rv, rows, keep, comm)
+        ranked = shard.scores[o.score][here][ok] if o.score else rv
+        picks, _ = top_k(np.where(kept, ranked, np.nan), rows, n, comm)
+        numbers = {"row_variance": values_at(rv, rows, picks, comm)}
+        if o.score:
+            numbers[o.score] = values_at(shard.scores[o.score], pos, picks, comm)
+        return Selection(picks, numbers, {"kept_by_variance": int(keep),
+                                          "unembedded": int(len(candidates) - usable)})
 
     def state_dict(self) -> dict:
         return {"name": self.name, **options_dict(self.options)}

@@ -11,6 +11,7 @@ gathers just those k rows, in ranking order, on every rank. The order is the one
 lowest position; NaN never ranked), so a sharded rule picks what the one-process rule picks.
 
 The collectives come from ``comm`` (``rank``, ``world_size``, ``sum_int64``, ``max_int64``,
+``sum_float64`` (an element-wise sum of a float64 array),
 ``all_gather_rows`` and the broadcasts of :func:`~evotune.selectors.kcenter.kcenter_sharded`):
 :class:`SingleProcess` here, or the run's ranks (:class:`evotune.trainer.engine.TorchComm`).
 """
@@ -31,6 +32,9 @@ class SingleProcess:
 
     def sum_int64(self, value: int) -> int:
         return int(value)
+
+    def sum_float64(self, array: np.ndarray) -> np.ndarray:
+        return np.array(array, dtype=np.float64)
 
     def broadcast_row(self, row: np.ndarray | None, src: int, size: int) -> np.ndarray:
         return row

@@ -48,6 +48,11 @@ class TorchComm:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return int(t.item())
 
+    def sum_float64(self, array: np.ndarray) -> np.ndarray:
+        t = torch.from_numpy(np.array(array, dtype=np.float64)).to(self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t.cpu().numpy()
+
     def broadcast_row(self, row: np.ndarray | None, src: int, size: int) -> np.ndarray:
         t = torch.from_numpy(np.ascontiguousarray(row, dtype=np.float32)).to(self.device) \
             if self.rank == src else torch.empty(size, dtype=torch.float32, device=self.device)

@@ -1,7 +1,9 @@
 """Score-ranked rules over rows spread across real torch.distributed ranks (gloo, 1, 2 and 3
 processes): the distributed top-k, the score filter (with k-center after it), rds and
-influence pick exactly what the one-process rules pick on the whole pool, on every rank. The references are
-the one-process functions and ``np.lexsort`` over the whole pool."""
+influence pick exactly what the one-process rules pick on the whole pool, on every rank; LIFT
+(with and without a score, and with the k-center fill of unscored candidates) picks the same
+rows, its row variances equal to summation order. The references are the one-process
+functions and ``np.lexsort`` over the whole pool."""
 
 from __future__ import annotations
 
@@ -13,9 +15,10 @@ import pytest
 from helpers import _free_port, shard_rows
 
 from evotune.selectors.base import Features
-from evotune.selectors.filters import ScoreFiltered, score_filter
+from evotune.selectors.filters import ScoredFirst, ScoreFiltered, score_filter
 from evotune.selectors.influence import InfluenceSelector
 from evotune.selectors.kcenter import KCenterSelector
+from evotune.selectors.lift import LiftSelector
 from evotune.selectors.rds import RdsSelector
 
 TIES = np.array([0.0, -0.0, 1.5, -2.0, np.inf, -np.inf, np.nan, 3.0, 1e-300, -1e-300, 1.5, 1.5])
@@ -82,6 +85,29 @@ def _influence_features(per: np.ndarray, sampled: np.ndarray) -> Features:
     return Features(scores=scores)
 
 
+def lift_cases() -> list[dict]:
+    """Correlated embeddings with a few far rows, exact duplicates (equal row variances: ties
+    to the lowest position) and a score with ties and NaN."""
+    rng = np.random.default_rng(5)
+    emb = rng.normal(size=(70, 6)) @ rng.normal(size=(6, 6))
+    emb[[4, 33, 61]] *= 6.0
+    emb[[10, 40, 50]] = emb[25]
+    score = rng.choice([0.1, 0.5, 0.5, 0.9, np.nan], size=70)
+    features = Features(emb.astype(np.float32), {"q": score})
+    return [{"f": features, "options": {"keep": 0.5}, "labeled": [1, 2], "n": 12},
+            {"f": features, "options": {"keep": 0.3, "score": "q"}, "labeled": [0], "n": 15},
+            # enough scored candidates in all, fewer than n on each of 3 ranks
+            {"f": features, "options": {"keep": 0.6, "score": "q"}, "labeled": [], "n": 40},
+            {"f": features, "options": {"keep": 0.2, "variance": 1.0}, "labeled": [], "n": 30},
+            # 55 picks, fewer candidates scored: the fill is k-center over the unscored ones
+            {"f": features, "options": {"keep": 0.5, "score": "q"}, "labeled": [3], "n": 60}]
+
+
+def _lift_rule(options: dict):
+    lift = LiftSelector(LiftSelector.Options(**options))
+    return ScoredFirst(lift, options["score"]) if "score" in options else lift
+
+
 def _part(features: Features, rows: list[int]) -> Features:
     rows = np.array(rows, dtype=np.int64)
     emb = None if features.embeddings is None else features.embeddings[rows]
@@ -140,6 +166,19 @@ def _work(rank: int, world: int, port: int, out) -> None:
                                                  case["n"], rng, comm)
         got["influence"].append((sel.positions.tolist(), sel.numbers["influence"].tolist(),
                                  sel.info, sel.labels))
+    got["lift"] = []
+    for case in lift_cases():
+        mine = shard_rows(len(case["f"].embeddings), rank, world)
+        cands = np.setdiff1d(np.arange(len(case["f"].embeddings)), case["labeled"])
+        sel = _lift_rule(case["options"]).select_sharded(
+            _part(case["f"], mine), np.array(case["labeled"]), cands, case["n"], rng, comm)
+        got["lift"].append((sel.positions.tolist(), {k: v.tolist() for k, v in
+                                                     sel.numbers.items()}, sel.info))
+    try:
+        LiftSelector().select_sharded(_part(lift_cases()[0]["f"], shard_rows(70, rank, world)),
+                                      np.array([], dtype=np.int64), np.arange(70), 71, rng, comm)
+    except ValueError as e:
+        got["lift_error"] = str(e)
     try:                                     # too many picks: the same error on every rank
         per = _unscorable()
         RdsSelector().select_sharded(_part(_rds_features(per), shard_rows(len(per), rank, world)),
@@ -224,3 +263,25 @@ def test_sharded_influence_picks_what_one_process_picks(ranks):
             assert positions == sel.positions.tolist(), i
             assert values == sel.numbers["influence"].tolist(), i
             assert info == sel.info and labels == sel.labels, i
+
+
+def test_sharded_lift_picks_what_one_process_picks(ranks):
+    rng = np.random.default_rng(0)
+    for i, case in enumerate(lift_cases()):
+        cands = np.setdiff1d(np.arange(len(case["f"].embeddings)), case["labeled"])
+        sel = _lift_rule(case["options"]).select(case["f"], np.array(case["labeled"]), cands,
+                                                 case["n"], rng)
+        for got in ranks:
+            positions, numbers, info = got["lift"][i]
+            assert positions == sel.positions.tolist(), i
+            assert info == sel.info, i
+            assert numbers.keys() == sel.numbers.keys(), i
+            for name, values in sel.numbers.items():
+                np.testing.assert_allclose(numbers[name], values, rtol=1e-9, atol=0,
+                                           equal_nan=True, err_msg=f"case {i}: {name}")
+    assert ranks[0]["lift"][4][2]["unscored_fill"] > 0                  # the fill was reached
+    assert len({tuple(ranks[0]["lift"][0][0])} | {tuple(g["lift"][0][0]) for g in ranks}) == 1
+    with pytest.raises(ValueError) as one:
+        LiftSelector().select(lift_cases()[0]["f"], np.array([], dtype=np.int64),
+                              np.arange(70), 71, rng)
+    assert [got["lift_error"] for got in ranks] == [str(one.value)] * len(ranks)

@@ -345,11 +345,12 @@ def test_mods_preset_with_a_reward_model_filters_by_it(tmp_path, tiny_model_dir)
         assert all(x["passed_filter"] == 1 for x in rows)
 
 
-@pytest.mark.parametrize("rule", ["rds", "filtered_kcenter"])
+@pytest.mark.parametrize("rule", ["rds", "filtered_kcenter", "lift"])
 def test_sharded_score_rules_on_two_ranks_pick_like_one_rank(tmp_path, tiny_model_dir, rule):
-    """rds and a forward-score filter over k-center select on every rank over its own rows
-    (nothing gathered for the selection): the same picks, scores and skip reasons as one rank,
-    with a sampled round (selection.candidates) for rds."""
+    """rds, a forward-score filter over k-center and LIFT with a forward score select on every
+    rank over its own rows (nothing gathered for the selection): the same picks, scores and
+    skip reasons as one rank, with a sampled round (selection.candidates) for rds. LIFT's row
+    variances come from sums over ranks: equal to their last digits."""
     targets = tmp_path / "targets.jsonl"
     rows = [json.loads(line) for line in (POOL_TINY.parent / "eval_tiny.jsonl").read_text()
             .splitlines()][:3]
@@ -358,7 +359,9 @@ def test_sharded_score_rules_on_two_ranks_pick_like_one_rank(tmp_path, tiny_mode
     sections = {"selection": {"selector": "rds", "rounds": 2, "candidates": 0.6},
                 "scoring": {"rds": {"targets": str(targets)}}} if rule == "rds" else \
         {"selection": {"selector": "kcenter", "rounds": 2, "filter_score": "entropy",
-                       "filter_top_fraction": 0.5}}
+                       "filter_top_fraction": 0.5}} if rule == "filtered_kcenter" else \
+        {"selection": {"selector": "lift", "rounds": 2, "lift": {"score": "entropy",
+                                                                 "keep": 0.6}}}
     runs = {}
     for ranks in (1, 2):
         runs[ranks] = tmp_path / f"out{ranks}"
@@ -370,7 +373,8 @@ def test_sharded_score_rules_on_two_ranks_pick_like_one_rank(tmp_path, tiny_mode
     for r1, r2 in zip(one, two):                         # every logged number of every pick
         assert sorted(r1) == sorted(r2)
         for key in r1:
-            assert r1[key] == r2[key], (r1["pick_order"], key, r1[key], r2[key])
+            same = pytest.approx(r2[key], rel=1e-9) if key == "row_variance" else r2[key]
+            assert r1[key] == same, (r1["pick_order"], key, r1[key], r2[key])
     score = "rds" if rule == "rds" else "entropy"
     assert all(np.isfinite(r[score]) for r in one)
     a, b = npz(runs[1]), npz(runs[2])
@@ -385,5 +389,7 @@ def test_sharded_score_rules_on_two_ranks_pick_like_one_rank(tmp_path, tiny_mode
         assert s1["score_skipped"]["rds"]["count"] >= 0.3 * (len(a["ids"]) - len(one))
         assert {r["rds_subtask"] for r in one} <= {"qa", "math"}
         assert all(f"rds:{t}" in r for r in one for t in ("qa", "math"))
-    else:
+    elif rule == "filtered_kcenter":
         assert s1["selection_info"]["passed"] > 0
+    else:
+        assert all(np.isfinite(r["row_variance"]) for r in one)
