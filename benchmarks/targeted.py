@@ -21,7 +21,8 @@ Arms (``ARMS``): one-shot arms choose the whole budget in round 0 (random, or wi
 model: ``first_round: selector``); in-loop arms train on a seeded random half first (one
 warm-up run per budget and seed, shared: each arm resumes from its round 0) and choose the
 other half with that model. ``rds_ifd`` is RDS+ behind Cherry's IFD ≤ 1 filter (the filter
-removes answers that do not fit their prompt); ``ifd_mix`` is ``configs/ifd_mix.yaml``'s rule;
+removes answers that do not fit their prompt); ``kcenter_ifd`` is k-center behind the
+same filter (filter-then-diversify); ``ifd_mix`` is ``configs/ifd_mix.yaml``'s rule;
 ``evotune`` is whatever ``configs/evotune.yaml`` says when the script runs (the runs recorded
 in RESULTS.md as ``ifd_mix`` ran as ``evotune``, when the default was that rule). The base
 model's features are computed once and reused across arms, budgets and seeds
@@ -76,6 +77,7 @@ ARMS = {
     "longest": (False, {"selector": "weighted", "weighted": {"score": "length", "alpha": 1.0}},
                 {}, {}),
     "kcenter": (True, {"selector": "kcenter"}, {}, {}),
+    "kcenter_ifd": (True, {"selector": "kcenter", **IFD_FILTER}, {}, {}),
     "ifd_loop": (True, {"selector": "weighted", "weighted": {"score": "ifd_cherry", "alpha": 1.0},
                         **IFD_FILTER}, {}, {}),
     "less": (True, {"selector": "influence"}, {},
@@ -88,8 +90,8 @@ ARMS = {
 }
 SUITES = {"targeted": ["random", "longest", "kcenter", "ifd_loop", "less", "rds_once",
                        "rds_loop", "rds_ifd", "ifd_mix", "evotune"],
-          "quality": ["random", "longest", "kcenter", "ifd_loop", "rds_once", "rds_ifd",
-                      "ifd_mix", "evotune"]}
+          "quality": ["random", "longest", "kcenter", "kcenter_ifd", "ifd_loop", "rds_once",
+                      "rds_ifd", "ifd_mix", "evotune"]}
 BUDGETS = {"targeted": [0.05, 0.1], "quality": [0.1]}
 
 
