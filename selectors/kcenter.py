@@ -170,21 +170,7 @@ def kcenter_sharded(cand: np.ndarray, positions: np.ndarray, labeled: np.ndarray
     positions = np.asarray(positions, dtype=np.int64)
     if len(positions) > 1 and not (np.diff(positions) > 0).all():
         raise ValueError("positions must be ascending")
-    cand, lab = np.asarray(cand, dtype=np.float32), np.asarray(labeled, dtype=np.float32)
-    if comm.world_size == 1:
-        held = [positions]
-        nearest = NearestCentre(cand, lab, chunk_size)
-    else:
-        held = comm.all_gather_rows(positions)    # who holds what: to find a pick's owner
-        counts = [int(c[0]) for c in comm.all_gather_rows(np.array([len(lab)]))]
-        nearest = NearestCentre(cand, lab[:0], chunk_size)
-        # The initial centres, streamed from their ranks a block at a time: no rank ever
-        # holds more than one block of another rank's rows.
-        for src, count in enumerate(counts):
-            for t in range(0, count, chunk_size):
-                block = lab[t: t + chunk_size] if comm.rank == src else None
-                nearest.add_centres(comm.broadcast_block(
-                    block, src, (min(chunk_size, count - t), cand.shape[1])))
+    held, nearest = sharded_centres(cand, positions, labeled, comm, chunk_size)
     picks = np.empty(n, dtype=np.int64)
     dists = np.empty(n, dtype=np.float64)
     for k in range(n):
@@ -194,18 +180,44 @@ def kcenter_sharded(cand: np.ndarray, positions: np.ndarray, labeled: np.ndarray
         if best < 0:
             raise ValueError(f"cannot pick {n} of the candidates: only {k} left")
         sq, position = _unkey(best)
-        # The owner sends the row with its norm, so every rank measures against exactly the
-        # values the owner has.
-        owner = next(r for r, h in enumerate(held)
-                     if len(h) and h[min(np.searchsorted(h, position), len(h) - 1)] == position)
-        row = None
         if best == mine:
-            row = np.append(nearest.cand[j], nearest.norms[j]).astype(np.float32)
             nearest.sq[j] = -np.inf   # picked: never the maximum again
-        row = comm.broadcast_row(row, owner, nearest.cand.shape[1] + 1)
-        nearest.add_centre(row[:-1], row[-1])
+        add_pick(nearest, held, position, j if best == mine else None, comm)
         picks[k], dists[k] = position, float(np.sqrt(sq))
     return picks, dists
+
+
+def sharded_centres(cand: np.ndarray, positions: np.ndarray, labeled: np.ndarray, comm,
+                    chunk_size: int) -> tuple[list[np.ndarray], NearestCentre]:
+    """Every rank's positions (to find a pick's owner) and this rank's :class:`NearestCentre`
+    over its own candidates ``cand`` with every rank's ``labeled`` rows as centres, streamed
+    from their ranks a block at a time: no rank ever holds more than one block of another
+    rank's rows."""
+    cand, lab = np.asarray(cand, dtype=np.float32), np.asarray(labeled, dtype=np.float32)
+    if comm.world_size == 1:
+        return [positions], NearestCentre(cand, lab, chunk_size)
+    held = comm.all_gather_rows(positions)
+    counts = [int(c[0]) for c in comm.all_gather_rows(np.array([len(lab)]))]
+    nearest = NearestCentre(cand, lab[:0], chunk_size)
+    for src, count in enumerate(counts):
+        for t in range(0, count, chunk_size):
+            block = lab[t: t + chunk_size] if comm.rank == src else None
+            nearest.add_centres(comm.broadcast_block(
+                block, src, (min(chunk_size, count - t), cand.shape[1])))
+    return held, nearest
+
+
+def add_pick(nearest: NearestCentre, held: list[np.ndarray], position: int, j: int | None,
+             comm) -> None:
+    """Make the picked candidate at pool ``position`` a centre on every rank: its owner (``j``,
+    its row here; None elsewhere) sends the row with its norm, so every rank measures against
+    exactly the values the owner has."""
+    owner = next(r for r, h in enumerate(held)
+                 if len(h) and h[min(np.searchsorted(h, position), len(h) - 1)] == position)
+    row = np.append(nearest.cand[j], nearest.norms[j]).astype(np.float32) if j is not None \
+        else None
+    row = comm.broadcast_row(row, owner, nearest.cand.shape[1] + 1)
+    nearest.add_centre(row[:-1], row[-1])
 
 
 class KCenterSelector:

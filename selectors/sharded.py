@@ -55,6 +55,19 @@ def order_keys(values: np.ndarray) -> np.ndarray:
     return np.where(bits >= 0, bits, bits ^ np.int64(_INT64_MAX))
 
 
+def from_key(key: int) -> float:
+    """The float64 whose :func:`order_keys` key is ``key``."""
+    bits = np.int64(key)
+    return float((bits if bits >= 0 else bits ^ np.int64(_INT64_MAX)).view(np.float64))
+
+
+def global_max(values: np.ndarray, comm) -> float:
+    """The largest of every rank's ``values`` (float64, no NaN; -inf where no rank has one):
+    one int64 all-reduce, exact."""
+    mine = int(order_keys(np.max(values))) if len(values) else int(order_keys(-np.inf))
+    return from_key(comm.max_int64(mine))
+
+
 def _smallest(lo: int, hi: int, enough) -> int:
     """The smallest t in [lo, hi] with ``enough(t)``, for a predicate that, once true, stays
     true as t grows and holds at ``hi`` (a bisection: one ``enough`` call per halving)."""

@@ -1,6 +1,7 @@
 """Score-ranked rules over rows spread across real torch.distributed ranks (gloo, 1, 2 and 3
-processes): the distributed top-k, the score filter (with k-center after it), rds and
-influence pick exactly what the one-process rules pick on the whole pool, on every rank; LIFT
+processes): the distributed top-k, the score filter (with k-center after it), rds, influence
+and the weighted score/diversity greedy pick exactly what the one-process rules pick on the
+whole pool, on every rank; LIFT
 (with and without a score, and with the k-center fill of unscored candidates) picks the same
 rows, its row variances equal to summation order. The references are the one-process
 functions and ``np.lexsort`` over the whole pool."""
@@ -20,6 +21,7 @@ from evotune.selectors.influence import InfluenceSelector
 from evotune.selectors.kcenter import KCenterSelector
 from evotune.selectors.lift import LiftSelector
 from evotune.selectors.rds import RdsSelector
+from evotune.selectors.weighted import WeightedSelector
 
 TIES = np.array([0.0, -0.0, 1.5, -2.0, np.inf, -np.inf, np.nan, 3.0, 1e-300, -1e-300, 1.5, 1.5])
 
@@ -83,6 +85,26 @@ def _influence_features(per: np.ndarray, sampled: np.ndarray) -> Features:
     scores = {"influence": per.max(axis=1)}
     scores.update({f"influence:t{s}": per[:, s] for s in range(per.shape[1])})
     return Features(scores=scores)
+
+
+def weighted_cases() -> list[dict]:
+    """Integer embeddings (many equal distances), tied and NaN scores; alpha 0 (k-center), 1
+    (top score) and between; no labeled row (every distance infinite at first); a constant
+    score (no spread)."""
+    rng = np.random.default_rng(6)
+    emb = rng.integers(0, 3, size=(45, 3)).astype(np.float32)
+    score = rng.choice([0.0, 0.5, 0.5, 2.0, -1.0, np.nan], size=45)
+    return [{"emb": emb, "score": score, "alpha": 0.5, "labeled": [0, 9], "n": 12},
+            {"emb": emb, "score": score, "alpha": 0.0, "labeled": [3], "n": 20},
+            {"emb": emb, "score": score, "alpha": 1.0, "labeled": [3], "n": 20},
+            {"emb": emb, "score": score, "alpha": 0.3, "labeled": [], "n": 25},
+            {"emb": emb, "score": np.full(45, 0.7), "alpha": 0.8, "labeled": [1], "n": 30},
+            # more picks than scored candidates: the k-center fill
+            {"emb": emb, "score": score, "alpha": 0.5, "labeled": [2], "n": 42}]
+
+
+def _weighted_rule(alpha: float):
+    return ScoredFirst(WeightedSelector(WeightedSelector.Options(score="s", alpha=alpha)), "s")
 
 
 def lift_cases() -> list[dict]:
@@ -166,6 +188,15 @@ def _work(rank: int, world: int, port: int, out) -> None:
                                                  case["n"], rng, comm)
         got["influence"].append((sel.positions.tolist(), sel.numbers["influence"].tolist(),
                                  sel.info, sel.labels))
+    got["weighted"] = []
+    for case in weighted_cases():
+        mine = shard_rows(len(case["emb"]), rank, world)
+        cands = np.setdiff1d(np.arange(len(case["emb"])), case["labeled"])
+        sel = _weighted_rule(case["alpha"]).select_sharded(
+            _part(Features(case["emb"], {"s": case["score"]}), mine), np.array(case["labeled"]),
+            cands, case["n"], rng, comm)
+        got["weighted"].append((sel.positions.tolist(), {k: v.tolist() for k, v in
+                                                         sel.numbers.items()}, sel.info))
     got["lift"] = []
     for case in lift_cases():
         mine = shard_rows(len(case["f"].embeddings), rank, world)
@@ -285,3 +316,20 @@ def test_sharded_lift_picks_what_one_process_picks(ranks):
         LiftSelector().select(lift_cases()[0]["f"], np.array([], dtype=np.int64),
                               np.arange(70), 71, rng)
     assert [got["lift_error"] for got in ranks] == [str(one.value)] * len(ranks)
+
+
+def test_sharded_weighted_greedy_picks_what_one_process_picks(ranks):
+    rng = np.random.default_rng(0)
+    for i, case in enumerate(weighted_cases()):
+        cands = np.setdiff1d(np.arange(len(case["emb"])), case["labeled"])
+        sel = _weighted_rule(case["alpha"]).select(Features(case["emb"], {"s": case["score"]}),
+                                                   np.array(case["labeled"]), cands, case["n"],
+                                                   rng)
+        for got in ranks:
+            positions, numbers, info = got["weighted"][i]
+            assert positions == sel.positions.tolist(), i
+            assert numbers.keys() == sel.numbers.keys(), i
+            for name, values in sel.numbers.items():       # bit for bit, NaN where filled
+                np.testing.assert_array_equal(numbers[name], values, err_msg=f"{i}: {name}")
+            assert info == sel.info, i
+    assert any(info.get("unscored_fill") for _, _, info in ranks[0]["weighted"])

@@ -345,10 +345,10 @@ def test_mods_preset_with_a_reward_model_filters_by_it(tmp_path, tiny_model_dir)
         assert all(x["passed_filter"] == 1 for x in rows)
 
 
-@pytest.mark.parametrize("rule", ["rds", "filtered_kcenter", "lift"])
+@pytest.mark.parametrize("rule", ["rds", "filtered_kcenter", "lift", "weighted"])
 def test_sharded_score_rules_on_two_ranks_pick_like_one_rank(tmp_path, tiny_model_dir, rule):
-    """rds, a forward-score filter over k-center and LIFT with a forward score select on every
-    rank over its own rows (nothing gathered for the selection): the same picks, scores and
+    """rds, a forward-score filter over k-center, LIFT and the weighted greedy with a forward
+    score select on every rank over its own rows (nothing gathered for the selection): the same picks, scores and
     skip reasons as one rank, with a sampled round (selection.candidates) for rds. LIFT's row
     variances come from sums over ranks: equal to their last digits."""
     targets = tmp_path / "targets.jsonl"
@@ -361,7 +361,10 @@ def test_sharded_score_rules_on_two_ranks_pick_like_one_rank(tmp_path, tiny_mode
         {"selection": {"selector": "kcenter", "rounds": 2, "filter_score": "entropy",
                        "filter_top_fraction": 0.5}} if rule == "filtered_kcenter" else \
         {"selection": {"selector": "lift", "rounds": 2, "lift": {"score": "entropy",
-                                                                 "keep": 0.6}}}
+                                                                 "keep": 0.6}}} \
+        if rule == "lift" else \
+        {"selection": {"selector": "weighted", "rounds": 2, "weighted": {"score": "entropy",
+                                                                         "alpha": 0.5}}}
     runs = {}
     for ranks in (1, 2):
         runs[ranks] = tmp_path / f"out{ranks}"
@@ -391,5 +394,7 @@ def test_sharded_score_rules_on_two_ranks_pick_like_one_rank(tmp_path, tiny_mode
         assert all(f"rds:{t}" in r for r in one for t in ("qa", "math"))
     elif rule == "filtered_kcenter":
         assert s1["selection_info"]["passed"] > 0
-    else:
+    elif rule == "lift":
         assert all(np.isfinite(r["row_variance"]) for r in one)
+    else:
+        assert all(np.isfinite(r["objective"]) for r in one)
