@@ -29,8 +29,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from evotune.selectors.base import (Features, Selection, option, options_dict,
-                                    scored_candidates)
+from evotune.selectors.base import Features, Selection, option, options_dict
+from evotune.selectors.sharded import SingleProcess
 
 
 def _unit_rows(x: np.ndarray) -> tuple[np.ndarray, int]:
@@ -84,95 +84,166 @@ def repr_filter(embeddings: np.ndarray, scores: np.ndarray, labeled: np.ndarray,
     """
     emb = np.asarray(embeddings)
     scores = np.asarray(scores, dtype=np.float64)
-    labeled = np.asarray(labeled, dtype=np.int64)
-    candidates = np.sort(np.asarray(candidates, dtype=np.int64))
     if emb.ndim != 2:
         raise ValueError(f"embeddings must be 2-D (N, D), got shape {emb.shape}")
     if scores.shape != (len(emb),):
         raise ValueError(f"scores must have shape ({len(emb)},), got {scores.shape}")
+    return repr_filter_sharded(emb, scores, np.arange(len(emb)), labeled, candidates, n,
+                               SingleProcess(), threshold, block_size, chunk_size)
+
+
+def repr_filter_sharded(embeddings: np.ndarray, scores: np.ndarray, positions: np.ndarray,
+                        labeled: np.ndarray, candidates: np.ndarray, n: int, comm,
+                        threshold: float = 0.9, block_size: int = 256,
+                        chunk_size: int = 4096) -> Selection:
+    """:func:`repr_filter` with the rows spread over ranks; every rank calls this with its own
+    ``embeddings`` and ``scores`` at pool ``positions`` (ascending) and gets the same Selection.
+
+    Each rank sorts its own scored candidates once; each block of the walk is merged from
+    every rank's next ``block_size`` (positions and scores gathered), and only the block's
+    rows travel, from their ranks. Every rank then holds the kept set, (len(labeled) + n) × D,
+    and walks the block itself. The blocks, the kept set and every matrix product are those
+    of one process, so the picks and numbers are the same bit for bit. A fill reads the rows
+    it takes from their ranks; the walk's rejected positions (8 bytes each) are kept for it.
+    """
+    emb, values = np.asarray(embeddings), np.asarray(scores, dtype=np.float64)
+    pos = np.asarray(positions, dtype=np.int64)
+    labeled = np.asarray(labeled, dtype=np.int64)
+    candidates = np.sort(np.asarray(candidates, dtype=np.int64))
     if np.isnan(threshold):
         raise ValueError("threshold is NaN")
     if not 0 <= n <= len(candidates):
         raise ValueError(f"cannot pick {n} of {len(candidates)} candidates")
     if np.intersect1d(labeled, candidates).size:
         raise ValueError("labeled and candidate positions overlap")
-    scored, n_nan = scored_candidates(scores, candidates, n)
-    used = np.concatenate([labeled, scored])
-    bad = ~np.isfinite(emb[used]).all(axis=1)
-    if bad.any():
-        raise ValueError(f"{int(bad.sum())} embeddings are NaN or inf (first at pool position "
-                         f"{int(used[bad][0])}); the repr filter needs finite embeddings")
+    dim = comm.max_int64(emb.shape[1] if len(pos) else 0)
+    emb = emb.reshape(len(pos), dim)
+    is_cand, is_lab = np.isin(pos, candidates), np.isin(pos, labeled)
+    scored = is_cand & ~np.isnan(values)
+    bad = np.zeros(len(pos), dtype=bool)
+    for s in range(0, len(pos), 65536):                          # no N × D copy
+        rows = slice(s, s + 65536)
+        bad[rows] = (scored[rows] | is_lab[rows]) & ~np.isfinite(emb[rows]).all(axis=1)
+    found = np.stack(comm.all_gather_rows(np.array(
+        [int(is_cand.sum()), int(scored.sum()), int(bad.sum())])))
+    held, n_scored, n_bad = (int(v) for v in found.sum(axis=0))
+    if held != len(candidates):
+        raise ValueError(f"the ranks' shards hold {held} of {len(candidates)} candidates")
+    if n_scored < n:
+        raise ValueError(f"cannot pick {n}: only {n_scored} of {len(candidates)} candidates have "
+                         f"a score ({held - n_scored} are NaN)")
+    if n_bad:
+        # The first bad one as one process reports it: the labeled rows in their order, then
+        # the scored candidates in pool order.
+        bad_pos = np.concatenate(comm.all_gather_rows(pos[bad]))
+        bad_lab = labeled[np.isin(labeled, bad_pos)]
+        first = int(bad_lab[0]) if len(bad_lab) else int(bad_pos.min())
+        raise ValueError(f"{n_bad} embeddings are NaN or inf (first at pool position {first}); "
+                         f"the repr filter needs finite embeddings")
 
-    # Descending score; lexsort's last key is primary, and the stable sort leaves equal scores
-    # in ascending pool order, so ties go to the lowest index.
-    order = scored[np.lexsort((scored, -scores[scored]))]
-    cand_unit, zero_c = _unit_rows(emb[order])
-    lab_unit, zero_l = _unit_rows(emb[labeled])
-    # The kept set: labeled rows first, then each pick as it is made (no N×N matrix anywhere).
-    kept = np.empty((len(labeled) + n, emb.shape[1]), dtype=np.float32)
-    kept[:len(labeled)] = lab_unit
+    # The kept set: labeled rows first (in the given order), then each pick as it is made.
+    lab_unit, zero_l = _unit_rows(emb[is_lab])
+    lab_rows = _rows_in_order(labeled, pos[is_lab], lab_unit, dim, comm)
+    kept = np.empty((len(labeled) + n, dim), dtype=np.float32)
+    kept[:len(labeled)] = lab_rows
     n_kept = len(labeled)
+    zero_c = sum(int((emb[s: s + 65536][scored[s: s + 65536]] == 0).all(axis=1).sum())
+                 for s in range(0, len(pos), 65536))
+    zeros = comm.sum_int64(zero_l + zero_c)
 
-    walk_admit: list[int] = []          # indices into ``order``
+    # This rank's scored candidates by descending score, ties to the lowest pool index.
+    mine = np.flatnonzero(scored)
+    mine = mine[np.lexsort((pos[mine], -values[mine]))]
+    cursor = 0
+    walk_pos: list[int] = []
+    walk_score: list[float] = []
     walk_cos: list[float] = []
-    examined = 0
-    for s in range(0, len(order), block_size):
-        if len(walk_admit) == n:
-            break
-        block = cand_unit[s:s + block_size]
+    rejected: list[tuple[int, float]] = []       # (position, score), in walk order
+    while len(walk_pos) < n:
+        offer = mine[cursor: cursor + block_size]
+        merged = np.concatenate(comm.all_gather_rows(
+            np.stack([pos[offer].astype(np.float64), values[offer]], axis=1)))
+        order = np.lexsort((merged[:, 0], -merged[:, 1]))[:block_size]
+        if not len(order):
+            break                                # the walk ran out
+        block_pos = merged[order, 0].astype(np.int64)
+        block_score = merged[order, 1]
+        taken = int(np.isin(pos[offer], block_pos).sum())    # a prefix of this rank's offer
+        unit, _ = _unit_rows(emb[offer[:taken]])
+        block = _rows_in_order(block_pos, pos[offer[:taken]], unit, dim, comm)
+        cursor += taken
         before = _max_cosine(block, kept[:n_kept], chunk_size)   # kept before this block
         gram = block @ block.T                                   # within the block
         new: list[int] = []                                      # admitted in this block
         for k in range(len(block)):
-            if len(walk_admit) == n:
+            if len(walk_pos) == n:
                 break
-            examined += 1
             c = before[k]
             if new:
                 c = max(c, gram[k, new].max())
             if c <= threshold:
                 new.append(k)
-                walk_admit.append(s + k)
+                walk_pos.append(int(block_pos[k]))
+                walk_score.append(float(block_score[k]))
                 walk_cos.append(float(c))
+            else:
+                rejected.append((int(block_pos[k]), float(block_score[k])))
         kept[n_kept:n_kept + len(new)] = block[new]
         n_kept += len(new)
 
     # Fill-ins: the walk examined every scored candidate, so the rest are rejected ones; take the
     # best of them, each compared with the labeled set and every earlier pick for the report.
-    admitted = np.zeros(len(order), dtype=bool)
-    admitted[walk_admit] = True
-    fill = np.flatnonzero(~admitted)[:n - len(walk_admit)]
+    fill = rejected[:n - len(walk_pos)]
+    fill_pos = np.array([p for p, _ in fill], dtype=np.int64)
+    here = np.isin(pos, fill_pos)
+    unit, _ = _unit_rows(emb[here])
+    fill_rows = _rows_in_order(fill_pos, pos[here], unit, dim, comm)
     fill_cos = []
-    for j in fill:
-        fill_cos.append(float(_max_cosine(cand_unit[j:j + 1], kept[:n_kept], chunk_size)[0]))
-        kept[n_kept] = cand_unit[j]
+    for row in fill_rows:
+        fill_cos.append(float(_max_cosine(row[None, :], kept[:n_kept], chunk_size)[0]))
+        kept[n_kept] = row
         n_kept += 1
 
-    idx = np.array(walk_admit + fill.tolist(), dtype=np.int64)
-    picks = order[idx]
+    picks = np.array(walk_pos + fill_pos.tolist(), dtype=np.int64)
     max_cos = np.array(walk_cos + fill_cos, dtype=np.float64)
     max_cos[np.isneginf(max_cos)] = np.nan        # nothing to compare with: no labeled, first pick
-    numbers = {"score": scores[picks],
+    numbers = {"score": np.array(walk_score + [v for _, v in fill], dtype=np.float64),
                "max_cosine": max_cos,
-               "admitted": np.r_[np.ones(len(walk_admit)), np.zeros(len(fill))]}
-    info = {"nan_scores": n_nan,
-            "rejected_by_threshold": examined - len(walk_admit),
+               "admitted": np.r_[np.ones(len(walk_pos)), np.zeros(len(fill))]}
+    info = {"nan_scores": held - n_scored,
+            "rejected_by_threshold": len(rejected),
             "filled": len(fill),
-            "zero_embeddings": zero_c + zero_l}
+            "zero_embeddings": zeros}
     return Selection(picks, numbers, info)
+
+
+def _rows_in_order(wanted: np.ndarray, mine: np.ndarray, rows: np.ndarray, dim: int,
+                   comm) -> np.ndarray:
+    """The rows of pool positions ``wanted`` (every rank: the same array), in that order, each
+    from the rank that holds it (``mine``: this rank's positions among them, ``rows`` their
+    rows)."""
+    parts_pos = comm.all_gather_rows(np.asarray(mine, dtype=np.int64))
+    parts_rows = comm.all_gather_rows(np.asarray(rows, dtype=np.float32).reshape(-1, dim))
+    got_pos, got_rows = np.concatenate(parts_pos), np.concatenate(parts_rows)
+    by_pos = np.argsort(got_pos, kind="stable")
+    return got_rows[by_pos[np.searchsorted(got_pos[by_pos], wanted)]] if len(wanted) else \
+        np.zeros((0, dim), dtype=np.float32)
 
 
 class RepresentationFilterSelector:
     """DEITA's score-first, near-duplicate-skipping rule over the round's embeddings.
 
-    Runs on rank 0 over the gathered (N, D) embeddings (unit-normalised float32 copy of the
-    candidates and of the selected rows)."""
+    One process or sharded (:meth:`select_sharded`, with a forward-pass or IFD score): each
+    rank keeps its own rows; every rank holds the kept set ((selected + n) × D float32) and
+    one block of the walk; the blocks come from every rank's own sorted candidates."""
     name = "repr_filter"
     doc = ("DEITA's representation filter: candidates by descending score, each admitted only "
            "if its max cosine similarity to everything selected (earlier rounds and this one) is "
            "≤ `threshold`; if too few pass, the best rejected fill the budget (`admitted: 0`)")
     logs = "the score, `max_cosine`, `admitted`"
-    scale = "rank 0: the N × D embeddings (gathered)"
+    scale = ("sharded with a forward-pass or IFD score (else rank 0, gathered): each rank its "
+             "own rows; every rank the kept set ((selected + n) × D) and one block of 256 rows; "
+             "3 gathers a block")
     needs_embeddings = True
 
     @dataclass
@@ -197,6 +268,17 @@ class RepresentationFilterSelector:
         features.require(self.name, o.score)
         return repr_filter(features.embeddings, features.scores[o.score], labeled,
                            candidates, n, float(o.threshold))
+
+    sharded = True
+
+    def select_sharded(self, shard: Features, labeled: np.ndarray, candidates: np.ndarray,
+                       n: int, rng: np.random.Generator, comm) -> Selection:
+        """:meth:`select` with the rows spread over ranks (every rank calls this with its
+        shard): :func:`repr_filter_sharded`, the same picks and numbers."""
+        o = self.options
+        shard.require(self.name, o.score)
+        return repr_filter_sharded(shard.embeddings, shard.scores[o.score], shard.positions,
+                                   labeled, candidates, n, comm, float(o.threshold))
 
     def state_dict(self) -> dict:
         return {"name": self.name, **options_dict(self.options)}

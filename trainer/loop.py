@@ -2,8 +2,9 @@
 
 Read :func:`run` top to bottom to follow a whole run; each phase is one function below it.
 Every rank runs the same code; model work is sharded, selection runs on rank 0 and is
-broadcast (a sharded rule — k-center, rds, LIFT, weighted, a filter score over k-center —
-selects on every rank over its own rows), and only rank 0 writes files.
+broadcast (a sharded rule — k-center, rds, LIFT, weighted, DEITA's repr filter, a filter
+score over k-center — selects on every rank over its own rows), and only rank 0 writes
+files.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Score-ranked rules over rows spread across real torch.distributed ranks (gloo, 1, 2 and 3
 processes): the distributed top-k, the score filter (with k-center after it), rds, influence
-and the weighted score/diversity greedy pick exactly what the one-process rules pick on the
-whole pool, on every rank; LIFT
+the weighted score/diversity greedy and DEITA's repr filter pick exactly what the one-process
+rules pick on the whole pool, on every rank; LIFT
 (with and without a score, and with the k-center fill of unscored candidates) picks the same
 rows, its row variances equal to summation order. The references are the one-process
 functions and ``np.lexsort`` over the whole pool."""
@@ -21,6 +21,7 @@ from evotune.selectors.influence import InfluenceSelector
 from evotune.selectors.kcenter import KCenterSelector
 from evotune.selectors.lift import LiftSelector
 from evotune.selectors.rds import RdsSelector
+from evotune.selectors.repr_filter import RepresentationFilterSelector, repr_filter
 from evotune.selectors.weighted import WeightedSelector
 
 TIES = np.array([0.0, -0.0, 1.5, -2.0, np.inf, -np.inf, np.nan, 3.0, 1e-300, -1e-300, 1.5, 1.5])
@@ -107,6 +108,20 @@ def _weighted_rule(alpha: float):
     return ScoredFirst(WeightedSelector(WeightedSelector.Options(score="s", alpha=alpha)), "s")
 
 
+def repr_cases() -> list[dict]:
+    """Near-duplicates (a few directions with noise), tied and NaN scores, a zero row, blocks
+    smaller than the walk (block_size 4), a walk that runs out (fill-ins) and one that stops."""
+    rng = np.random.default_rng(7)
+    emb = (rng.integers(0, 4, size=(50, 1)) == np.arange(4)).astype(np.float32) * 3 \
+        + rng.normal(scale=0.4, size=(50, 4)).astype(np.float32)
+    emb[17] = 0.0
+    score = rng.choice([1.0, 2.0, 2.0, 3.0, np.inf, np.nan], size=50)
+    return [{"emb": emb, "score": score, "labeled": [0, 5], "n": 6, "threshold": 0.9, "block": 4},
+            {"emb": emb, "score": score, "labeled": [], "n": 30, "threshold": 0.5, "block": 4},
+            {"emb": emb, "score": score, "labeled": [2], "n": 12, "threshold": 0.97,
+             "block": 256}]
+
+
 def lift_cases() -> list[dict]:
     """Correlated embeddings with a few far rows, exact duplicates (equal row variances: ties
     to the lowest position) and a score with ties and NaN."""
@@ -149,6 +164,7 @@ def _work(rank: int, world: int, port: int, out) -> None:
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     import torch.distributed as dist
     from evotune.selectors.filters import score_filter_sharded
+    from evotune.selectors.repr_filter import repr_filter_sharded
     from evotune.selectors.sharded import top_k
     from evotune.trainer.engine import TorchComm
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -197,6 +213,23 @@ def _work(rank: int, world: int, port: int, out) -> None:
             cands, case["n"], rng, comm)
         got["weighted"].append((sel.positions.tolist(), {k: v.tolist() for k, v in
                                                          sel.numbers.items()}, sel.info))
+    got["repr"] = []
+    for case in repr_cases():
+        mine = shard_rows(len(case["emb"]), rank, world)
+        cands = np.setdiff1d(np.arange(len(case["emb"])), case["labeled"])
+        part = _part(Features(case["emb"], {"s": case["score"]}), mine)
+        sel = repr_filter_sharded(part.embeddings, part.scores["s"], part.positions,
+                                  np.array(case["labeled"]), cands, case["n"], comm,
+                                  case["threshold"], case["block"])
+        got["repr"].append((sel.positions.tolist(), {k: v.tolist() for k, v in
+                                                     sel.numbers.items()}, sel.info))
+    rule = ScoredFirst(RepresentationFilterSelector(RepresentationFilterSelector.Options("s")),
+                       "s")
+    case = repr_cases()[0]
+    sel = rule.select_sharded(_part(Features(case["emb"], {"s": case["score"]}),
+                                    shard_rows(50, rank, world)), np.array([1]),
+                              np.arange(2, 50), 45, rng, comm)
+    got["repr_fill"] = (sel.positions.tolist(), sel.info)
     got["lift"] = []
     for case in lift_cases():
         mine = shard_rows(len(case["f"].embeddings), rank, world)
@@ -333,3 +366,28 @@ def test_sharded_weighted_greedy_picks_what_one_process_picks(ranks):
                 np.testing.assert_array_equal(numbers[name], values, err_msg=f"{i}: {name}")
             assert info == sel.info, i
     assert any(info.get("unscored_fill") for _, _, info in ranks[0]["weighted"])
+
+
+def test_sharded_repr_filter_picks_what_one_process_picks(ranks):
+    for i, case in enumerate(repr_cases()):
+        cands = np.setdiff1d(np.arange(len(case["emb"])), case["labeled"])
+        sel = repr_filter(case["emb"], case["score"], case["labeled"], cands, case["n"],
+                          case["threshold"], case["block"])
+        for got in ranks:
+            positions, numbers, info = got["repr"][i]
+            assert positions == sel.positions.tolist(), i
+            assert numbers.keys() == sel.numbers.keys(), i
+            for name, values in sel.numbers.items():       # bit for bit
+                np.testing.assert_array_equal(numbers[name], values, err_msg=f"{i}: {name}")
+            assert info == sel.info, i
+    infos = [info for _, _, info in ranks[0]["repr"]]
+    assert infos[1]["filled"] > 0 and infos[0]["rejected_by_threshold"] > 0
+    assert all(info["zero_embeddings"] == 1 for info in infos)
+    rule = ScoredFirst(RepresentationFilterSelector(RepresentationFilterSelector.Options("s")),
+                       "s")
+    case = repr_cases()[0]
+    sel = rule.select(Features(case["emb"], {"s": case["score"]}), np.array([1]),
+                      np.arange(2, 50), 45, np.random.default_rng(0))
+    assert sel.info["unscored_fill"] > 0
+    for got in ranks:                        # more picks than scored rows: k-center fills
+        assert got["repr_fill"] == (sel.positions.tolist(), sel.info)

@@ -345,10 +345,13 @@ def test_mods_preset_with_a_reward_model_filters_by_it(tmp_path, tiny_model_dir)
         assert all(x["passed_filter"] == 1 for x in rows)
 
 
-@pytest.mark.parametrize("rule", ["rds", "filtered_kcenter", "lift", "weighted"])
+@pytest.mark.parametrize("rule", ["rds", "filtered_kcenter", "lift", "weighted", "ifd_mix",
+                                  "deita"])
 def test_sharded_score_rules_on_two_ranks_pick_like_one_rank(tmp_path, tiny_model_dir, rule):
-    """rds, a forward-score filter over k-center, LIFT and the weighted greedy with a forward
-    score select on every rank over its own rows (nothing gathered for the selection): the same picks, scores and
+    """rds, a forward-score filter over k-center, LIFT, the weighted greedy with a forward
+    score, the IFD mix (configs/ifd_mix.yaml's rule, on a sample of the pool: IFD is computed
+    on rank 0 and sent back) and DEITA's repr filter by IFD select on every rank over its own
+    rows (nothing gathered for the selection): the same picks, scores and
     skip reasons as one rank, with a sampled round (selection.candidates) for rds. LIFT's row
     variances come from sums over ranks: equal to their last digits."""
     targets = tmp_path / "targets.jsonl"
@@ -364,7 +367,14 @@ def test_sharded_score_rules_on_two_ranks_pick_like_one_rank(tmp_path, tiny_mode
                                                                  "keep": 0.6}}} \
         if rule == "lift" else \
         {"selection": {"selector": "weighted", "rounds": 2, "weighted": {"score": "entropy",
-                                                                         "alpha": 0.5}}}
+                                                                         "alpha": 0.5}}} \
+        if rule == "weighted" else \
+        {"selection": {"selector": "repr_filter", "rounds": 2,
+                       "repr_filter": {"score": "ifd_cherry", "threshold": 0.9}}} \
+        if rule == "deita" else \
+        {"selection": {"selector": "weighted", "rounds": 2, "candidates": 0.7,
+                       "weighted": {"score": "ifd_cherry", "alpha": 0.5},
+                       "filter_score": "ifd_cherry", "filter_max": 1.0}}
     runs = {}
     for ranks in (1, 2):
         runs[ranks] = tmp_path / f"out{ranks}"
@@ -378,7 +388,8 @@ def test_sharded_score_rules_on_two_ranks_pick_like_one_rank(tmp_path, tiny_mode
         for key in r1:
             same = pytest.approx(r2[key], rel=1e-9) if key == "row_variance" else r2[key]
             assert r1[key] == same, (r1["pick_order"], key, r1[key], r2[key])
-    score = "rds" if rule == "rds" else "entropy"
+    score = "rds" if rule == "rds" else "ifd_cherry" if rule in ("ifd_mix", "deita") else \
+        "entropy"
     assert all(np.isfinite(r[score]) for r in one)
     a, b = npz(runs[1]), npz(runs[2])
     assert sorted(a) == sorted(b) and f"score_{score}" in a
@@ -396,5 +407,10 @@ def test_sharded_score_rules_on_two_ranks_pick_like_one_rank(tmp_path, tiny_mode
         assert s1["selection_info"]["passed"] > 0
     elif rule == "lift":
         assert all(np.isfinite(r["row_variance"]) for r in one)
+    elif rule == "deita":
+        assert all(r["admitted"] in (0, 1) and "max_cosine" in r for r in one)
+    elif rule == "ifd_mix":
+        assert s1["selection_info"]["passed"] > 0
+        assert all(r["ifd_cherry"] <= 1.0 for r in one if r["passed_filter"] == 1)
     else:
         assert all(np.isfinite(r["objective"]) for r in one)

@@ -14,11 +14,12 @@
   pass (``trainer/passes/influence.py``);
 - ``derived`` scores: computed on rank 0 from the rest, inputs first.
 
-A sharded rule (``select_sharded``: k-center, rds, a filter score over k-center, influence)
-whose scores all come from the forward pass and the targets, or all from the gradient pass,
-gets each rank's own rows (``Features.positions``): the target rows' embeddings (a few) or the
-validation gradients reach every rank and each scores its own rows. Everything else is
-gathered on rank 0. ``selection.candidates`` restricts the passes to a seeded sample of the
+A sharded rule (``select_sharded``: k-center, rds, LIFT, weighted, repr_filter, a filter
+score over k-center, influence) whose scores all come from the forward pass, IFD's passes and the
+targets, or all from the gradient pass, gets each rank's own rows (``Features.positions``):
+the target rows' embeddings (a few) or the validation gradients reach every rank and each
+scores its own rows; IFD is computed on rank 0 from the forward losses (gathered: 8 bytes a
+row) and its values go back to every rank. Everything else is gathered on rank 0. ``selection.candidates`` restricts the passes to a seeded sample of the
 candidates and the selected rows.
 
 Infinite or NaN values from the model become skips with a reason (a selector never picks them).
@@ -40,7 +41,8 @@ from evotune.trainer.data import IGNORE_INDEX, Encoded, Rows
 from evotune.trainer.logs import log
 from evotune.trainer.model import resolve_model_path
 from evotune.trainer.passes import cache
-from evotune.trainer.passes.forward import PassStats, compute_features, merge_stats
+from evotune.trainer.passes.forward import (PassStats, compute_features, gather_shards,
+                                            merge_stats)
 from evotune.trainer.passes.ifd import IfdPass
 from evotune.trainer.passes.influence import InfluencePass
 from evotune.trainer.passes.reward import RewardPass
@@ -139,7 +141,7 @@ class FeaturePass:
         # selects together.
         sources = {SCORES[n].source for n in wanted}
         hidden_only = self.needs_embeddings and not self.gradient_embeddings and \
-            sources <= {"forward", "targets"}
+            sources <= {"forward", "targets", "ifd"}
         influence_only = not self.needs_embeddings and sources == {"influence"}
         self.sharded = bool(getattr(selector, "sharded", False) and (hidden_only or
                                                                      influence_only))
@@ -170,9 +172,11 @@ class FeaturePass:
 
     def base_cache_key(self, model_path, pool_hash: str, template: str, dtype) -> str | None:
         """The key of these features for the base model at ``model_path`` in the base-model
-        cache (``trainer/passes/cache.py``), or None when they cannot be cached (gradients, or
-        sharded features: the cache is one file on rank 0)."""
-        if self.influence is not None or self.sharded:
+        cache (``trainer/passes/cache.py``), or None when they cannot be cached (gradients). A
+        cached pass runs gathered even for a sharded rule: the cache is one whole-pool file on
+        rank 0, and the rule then selects there, with the same picks (``scoring.base_cache:
+        false`` keeps a large pool's round 0 sharded)."""
+        if self.influence is not None:
             return None
         cfg, sc = self.cfg, self.cfg.scoring
         spec = {
@@ -216,13 +220,14 @@ class FeaturePass:
                              f"({cache.cache_dir() / cache_key}.npz)")
                 features, stats = found if found is not None else (None, {})
                 return PassResult(features, stats, candidates)
-        result = self._run(model, logger, r, engine, candidates, labeled, run_dir, measured)
+        result = self._run(model, logger, r, engine, candidates, labeled, run_dir, measured,
+                           self.sharded and cache_key is None)
         if cache_key is not None and result.features is not None:
             cache.save(cache_key, result.features, result.stats)
         return result
 
-    def _run(self, model, logger, r, engine, candidates, labeled, run_dir, measured
-             ) -> PassResult:
+    def _run(self, model, logger, r, engine, candidates, labeled, run_dir, measured,
+             sharded: bool) -> PassResult:
         stats: dict[str, PassStats] = {}
         features = Features() if self.strategy.is_rank0 else None
         hidden = self.needs_embeddings and not self.gradient_embeddings
@@ -232,15 +237,17 @@ class FeaturePass:
                 features, stats["features"] = compute_features(
                     model, Rows(self.pool_enc, rows), self.strategy, self.pad_id,
                     self.cfg.selection.batch_size, hidden, self.forward_scores, advance,
-                    self.cfg.selection.pooling, gather=not self.sharded)
-            if self.sharded:                      # positions of the measured rows, not of 0..k
+                    self.cfg.selection.pooling, gather=not sharded)
+            if sharded:                           # positions of the measured rows, not of 0..k
                 features.positions = rows[features.positions]
-                self._score_targets(model, logger, r, features, stats)
+                self._score_targets(model, logger, r, features, stats, sharded)
+                if self.ifd is not None:
+                    self._ifd_sharded(model, features, logger, r, measured, stats)
                 self._warn_non_finite_shard(features, r)
                 return PassResult(features, stats, candidates)
             if features is not None and measured is not None:
                 features = _spread(features, measured, len(self.pool_enc))
-        self._score_targets(model, logger, r, features, stats)
+        self._score_targets(model, logger, r, features, stats, sharded)
         if self.reward is not None:
             reward_stats = self.reward.run(self.cfg.selection.batch_size, logger, r)
             if reward_stats is not None:
@@ -257,8 +264,8 @@ class FeaturePass:
                 raise ValueError("influence selection runs inside a training run only")
             found, stats["influence"] = self.influence.run(
                 engine, candidates, r, logger, labeled, self.gradient_embeddings, run_dir,
-                sharded=self.sharded)
-            if self.sharded:                      # this rank's sampled candidates only
+                sharded=sharded)
+            if sharded:                           # this rank's sampled candidates only
                 self._warn_non_finite_shard(found, r)
                 return PassResult(found, stats, candidates)
             if features is not None:
@@ -277,8 +284,26 @@ class FeaturePass:
             _warn_non_finite(features, r)
         return PassResult(features, stats, candidates)
 
+    def _ifd_sharded(self, model, shard: Features, logger, r, measured,
+                     stats: dict[str, PassStats]) -> None:
+        """The IFD scores of sharded features: every rank's forward-pass scores (8 bytes a row,
+        nothing N × D) go to rank 0, IFD runs there as for gathered features, and every rank
+        gets the values and skip reasons back (O(N) numbers per variant) and keeps its own
+        rows': the same values as one process, bit for bit."""
+        whole = gather_shards(self.strategy, shard, len(self.pool_enc), embeddings=False)
+        ifd_stats = self.ifd.run(model, whole, logger, r, measured)
+        if ifd_stats is not None:
+            stats["ifd"] = ifd_stats
+        found = {v: (whole.scores[v], whole.skipped[v]) for v in self.ifd.variants} \
+            if whole is not None else None
+        found = self.strategy.broadcast_from_rank0(found)
+        mine = set(shard.positions.tolist())
+        for name, (values, skipped) in found.items():
+            shard.scores[name] = values[shard.positions]
+            shard.skipped[name] = {p: why for p, why in skipped.items() if p in mine}
+
     def _score_targets(self, model, logger, r, features: Features | None,
-                       stats: dict[str, PassStats]) -> None:
+                       stats: dict[str, PassStats], sharded: bool) -> None:
         """The ``targets`` scores (rds): the target rows through the same model and pooling,
         then each pool row's score. Sharded features: the targets' embeddings (a few rows)
         go to every rank, which scores its own rows."""
@@ -289,7 +314,7 @@ class FeaturePass:
                                             advance, self.cfg.selection.pooling)
             stats["features"] = merge_stats(stats["features"], s)
             targets = found.embeddings if found is not None else None
-            if self.sharded:
+            if sharded:
                 targets = self.strategy.broadcast_from_rank0(targets)
             if features is not None:
                 scores = SCORES[name].compute(features.embeddings, targets,

@@ -33,8 +33,9 @@ def test_kcenter_needs_only_embeddings_and_random_needs_no_pass(tokenizer):
     assert fp.needs_embeddings and fp.forward_scores == () and fp.ifd is None
     assert fp.derived == [] and fp.needed
     assert not plan(tokenizer, "selection.selector=random").needed
-    # k-center alone keeps its embeddings sharded over the ranks; base-model cache: none
-    assert fp.sharded and fp.base_cache_key("m", "h", "chat", "bf16") is None
+    # k-center alone keeps its embeddings sharded over the ranks (a round 0 read from the
+    # base-model cache runs gathered: test_loop_e2e's cache test)
+    assert fp.sharded
 
 
 def test_a_filter_score_is_computed_too(tokenizer):
@@ -42,9 +43,14 @@ def test_a_filter_score_is_computed_too(tokenizer):
     assert fp.forward_scores == ("entropy",) and fp.needs_embeddings
     # a forward score to filter k-center by: each rank scores and keeps its own rows
     assert fp.sharded
-    # a score only rank 0 computes (IFD) or a rule without a sharded form: gathered
-    assert not plan(tokenizer, "selection.filter_score=ifd_cherry").sharded
-    assert not plan(tokenizer, "selection.selector=weighted").sharded
+    # IFD: computed on rank 0 from the gathered losses and sent back; the rules stay sharded
+    ifd = plan(tokenizer, "selection.filter_score=ifd_cherry")
+    assert ifd.sharded and ifd.ifd.needs_forward_loss and ifd.forward_scores == ("loss",)
+    assert plan(tokenizer, "selection.selector=weighted").sharded
+    assert plan(tokenizer, "selection.selector=repr_filter").sharded
+    # a derived score (rank 0 only) or a rule without a sharded form: gathered
+    assert not plan(tokenizer, "selection.filter_score=knn_k").sharded
+    assert not plan(tokenizer, "selection.selector=cluster_quota").sharded
 
 
 def test_mark_non_finite_turns_inf_into_nan_with_a_reason_once():
