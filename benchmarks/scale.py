@@ -11,6 +11,12 @@ size are checked to be the same.
 Then, from the measured per-pick cost, the estimate for a 10M × 4096 pool on 64 ranks (printed
 with its arithmetic).
 
+``--parts lift weighted repr``: the rules that ran on rank 0 over gathered embeddings until
+2026-12-01 and now select sharded (``selectors/lift.py`` LIFT's PCA as sums over ranks,
+``selectors/weighted.py`` the score/diversity greedy, ``selectors/repr_filter.py`` DEITA's
+walk) over the same synthetic rows with a synthetic score, ``--picks`` picks, 1 and 2 ranks:
+peak RSS per rank, time, and whether the picks match one rank's.
+
 ``--parts tokens``: a pool of N chat rows (the quickstart pool's rows cycled, each made
 distinct by its row number) loaded and tokenised into the token cache (``trainer/tokens.py``)
 by one process, as rank 0 does: wall time and peak RSS; then 1 and 2 ranks each map the cache
@@ -24,7 +30,8 @@ cached pool, on 1 and 2 ranks set up by the run's own ``Strategy`` (gloo): wall 
 RSS per rank. The model is tiny, so this measures evotune's own overhead per row (batching,
 collation, the cache reads), not a real model's compute.
 
-    python benchmarks/scale.py --parts kcenter tokens features --sizes 100000 1000000
+    python benchmarks/scale.py --parts kcenter lift weighted repr tokens features \
+        --sizes 100000 1000000
 """
 
 from __future__ import annotations
@@ -72,15 +79,22 @@ def peak_mib() -> float:
     return float("nan")
 
 
-def _kcenter_rank(rank, world, port, n, labeled, picks, out):
+def _join(rank: int, world: int, port: int):
+    """This spawned process as rank ``rank`` of a gloo group of ``world``, one thread; returns
+    torch.distributed."""
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
                        "OMP_NUM_THREADS": "1"})
     import torch
     import torch.distributed as dist
     torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    return dist
+
+
+def _kcenter_rank(rank, world, port, n, labeled, picks, out):
+    dist = _join(rank, world, port)
     from evotune.selectors.kcenter import kcenter_sharded
     from evotune.trainer.engine import TorchComm
-    dist.init_process_group("gloo", rank=rank, world_size=world)
     pos = rows_of(rank, world, n)
     emb = synthetic(pos, DIM)
     is_lab = pos < labeled                   # the first `labeled` rows are the selected set
@@ -97,6 +111,56 @@ def _kcenter_rank(rank, world, port, n, labeled, picks, out):
              "setup_s": t1 - t0, "per_pick_s": ((t2 - t1) - (t1 - t0)) / max(picks - 1, 1),
              "picks": [int(v) for v in got[:20]]})
     dist.destroy_process_group()
+
+
+def _rule_rank(rank, world, port, rule, n, labeled, picks, out):
+    """One rank of ``--parts lift`` / ``weighted`` / ``repr``: its own synthetic rows and scores, the
+    rule's ``select_sharded`` on them (one thread)."""
+    dist = _join(rank, world, port)
+    from evotune.selectors.base import Features
+    from evotune.selectors.lift import LiftSelector
+    from evotune.selectors.repr_filter import RepresentationFilterSelector
+    from evotune.selectors.weighted import WeightedSelector
+    from evotune.trainer.engine import TorchComm
+    pos = rows_of(rank, world, n)
+    emb = synthetic(pos, DIM)
+    score = np.abs(emb[:, 0]).astype(np.float64)      # any score: the same rows on any rank
+    shard = Features(emb, {"s": score}, positions=pos)
+    selector = {"lift": lambda: LiftSelector(LiftSelector.Options(score="s")),
+                "weighted": lambda: WeightedSelector(WeightedSelector.Options(score="s",
+                                                                              alpha=0.5)),
+                "repr": lambda: RepresentationFilterSelector(
+                    RepresentationFilterSelector.Options(score="s", threshold=0.9))}[rule]()
+    comm = TorchComm()
+    dist.barrier()
+    t0 = time.perf_counter()
+    sel = selector.select_sharded(shard, np.arange(labeled), np.arange(labeled, n), picks,
+                                  np.random.default_rng(0), comm)
+    seconds = time.perf_counter() - t0
+    out.put({"rank": rank, "peak_mib": peak_mib(), "own_mib": emb.nbytes / 2**20,
+             "seconds": seconds, "picks": [int(v) for v in sel.positions]})
+    dist.destroy_process_group()
+
+
+def part_rule(args, rule: str) -> str:
+    what = {"lift": "LIFT (PCA keeping 95% of the variance, keep 0.5, then a score)",
+            "weighted": "weighted (alpha 0.5: score + k-center distance)",
+            "repr": "repr_filter (DEITA's walk by score, cosine threshold 0.9)"}[rule]
+    lines = [f"{what}: D = {DIM}, {args.labeled} selected rows, {args.picks} picks, synthetic "
+             f"fp32 embeddings, one thread per rank\n",
+             "| N | ranks | own embeddings per rank | peak RSS per rank | selection | same picks "
+             "as 1 rank |", "|---|---|---|---|---|---|"]
+    for n in args.sizes:
+        first = None
+        for world in args.ranks:
+            res = _in_process(_rule_rank, rule, n, args.labeled, args.picks, world=world)
+            same = "–" if first is None else ("yes" if res[0]["picks"] == first else "NO")
+            first = first or res[0]["picks"]
+            lines.append(f"| {n:,} | {world} | {max(r['own_mib'] for r in res):,.0f} MiB | "
+                         f"{max(r['peak_mib'] for r in res):,.0f} MiB | "
+                         f"{max(r['seconds'] for r in res):.1f} s | {same} |")
+            print(lines[-1], flush=True)
+    return "\n".join(lines)
 
 
 def _free_port() -> int:
@@ -315,7 +379,7 @@ def part_features(args, work: Path) -> str:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--parts", nargs="+", default=["kcenter"],
-                   choices=["kcenter", "tokens", "features"])
+                   choices=["kcenter", "lift", "weighted", "repr", "tokens", "features"])
     p.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
     p.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
     p.add_argument("--labeled", type=int, default=1000)
@@ -332,6 +396,9 @@ def main() -> int:
         work.mkdir(parents=True, exist_ok=True)
         if "kcenter" in args.parts:
             report.append(part_kcenter(args))
+        for rule in ("lift", "weighted", "repr"):
+            if rule in args.parts:
+                report.append(part_rule(args, rule))
         if "tokens" in args.parts:
             report.append(part_tokens(args, work))
         if "features" in args.parts:

@@ -88,8 +88,8 @@ ARMS = {
     "ifd_mix": (True, "PRESET", "ifd_mix", {}),       # the old default
     "evotune": (True, "PRESET", "evotune", {}),
 }
-SUITES = {"targeted": ["random", "longest", "kcenter", "ifd_loop", "less", "rds_once",
-                       "rds_loop", "rds_ifd", "ifd_mix", "evotune"],
+SUITES = {"targeted": ["random", "longest", "kcenter", "kcenter_ifd", "ifd_loop", "less",
+                       "rds_once", "rds_loop", "rds_ifd", "ifd_mix", "evotune"],
           "quality": ["random", "longest", "kcenter", "kcenter_ifd", "ifd_loop", "rds_once",
                       "rds_ifd", "ifd_mix", "evotune"]}
 BUDGETS = {"targeted": [0.05, 0.1], "quality": [0.1]}

@@ -49,12 +49,12 @@ def row_variance(embeddings: np.ndarray, variance: float = 0.95, comm=None) -> n
     values. What crosses ranks is three sums: the column sums, the column sums of squares
     about the mean (two passes, for accuracy) and the D × D Gram matrix of the standardised
     rows, whose eigenvectors are the principal axes (the right singular vectors of the SVD of
-    the rows). Memory per rank: its rows as float64 twice and one D × D float64 matrix.
+    the rows). Memory per rank: one float64 copy of its rows and one D × D float64 matrix.
 
     Raises ValueError (alike on every rank) on fewer than two rows in all or a fraction
     outside (0, 1]."""
     comm = comm or SingleProcess()
-    x = np.asarray(embeddings, dtype=np.float64)
+    x = np.asarray(embeddings)
     if x.ndim != 2:
         raise ValueError(f"LIFT needs a 2-d array of embeddings, got shape {x.shape}")
     total = comm.sum_int64(len(x))
@@ -62,9 +62,10 @@ def row_variance(embeddings: np.ndarray, variance: float = 0.95, comm=None) -> n
         raise ValueError(f"LIFT needs at least 2 embedded rows, got {total}")
     if not 0 < variance <= 1:
         raise ValueError(f"variance must be in (0, 1], got {variance}")
-    centred = x - comm.sum_float64(x.sum(axis=0)) / total
-    std = np.sqrt(comm.sum_float64(np.square(centred).sum(axis=0)) / total)
-    z = centred / np.where(std > 0, std, 1.0)
+    z = np.array(x, dtype=np.float64)               # one float64 copy, standardised in place
+    z -= comm.sum_float64(z.sum(axis=0)) / total
+    std = np.sqrt(comm.sum_float64(np.einsum("ij,ij->j", z, z)) / total)
+    z /= np.where(std > 0, std, 1.0)
     eigenvalues, axes = np.linalg.eigh(comm.sum_float64(z.T @ z))   # ascending
     eigenvalues, axes = np.clip(eigenvalues[::-1], 0.0, None), axes[:, ::-1]
     share = np.cumsum(eigenvalues) / max(float(eigenvalues.sum()), 1e-300)
@@ -157,20 +158,20 @@ class LiftSelector:
         held = comm.sum_int64(int(here.sum()))
         if held != len(candidates):
             raise ValueError(f"the ranks' shards hold {held} of {len(candidates)} candidates")
-        emb = np.asarray(shard.embeddings, dtype=np.float64).reshape(len(pos), dim)[here]
-        ok = np.isfinite(emb).all(axis=1)
+        emb = np.asarray(shard.embeddings).reshape(len(pos), dim)
+        ok = here & np.isfinite(emb).all(axis=1)
         if o.score:
-            ok &= np.isfinite(shard.scores[o.score][here])
-        rows = pos[here][ok]
+            ok &= np.isfinite(shard.scores[o.score])
+        rows = pos[ok]
         usable = comm.sum_int64(len(rows))
         if not 0 <= n <= usable:
             raise ValueError(f"cannot pick {n}: only {usable} of {len(candidates)} "
                              f"candidates have a finite embedding"
                              + (f" and {o.score!r}" if o.score else ""))
-        rv = row_variance(emb[ok], o.variance, comm)
+        rv = row_variance(emb if ok.all() else emb[ok], o.variance, comm)   # no copy if all
         keep = min(usable, max(n, math.ceil(o.keep * usable)))
         kept = top_k_mask(rv, rows, keep, comm)
-        ranked = shard.scores[o.score][here][ok] if o.score else rv
+        ranked = shard.scores[o.score][ok] if o.score else rv
         picks, _ = top_k(np.where(kept, ranked, np.nan), rows, n, comm)
         numbers = {"row_variance": values_at(rv, rows, picks, comm)}
         if o.score:
