@@ -40,6 +40,9 @@ from evotune.selectors.base import Features, Selection, option, options_dict
 from evotune.selectors.sharded import SingleProcess, top_k, top_k_mask, values_at
 
 
+_CHUNK = 16384        # rows converted to float64 at a time
+
+
 def row_variance(embeddings: np.ndarray, variance: float = 0.95, comm=None) -> np.ndarray:
     """Each row's variance over its coordinates on the principal components that keep
     ``variance`` of the variance of the standardised rows.
@@ -49,7 +52,8 @@ def row_variance(embeddings: np.ndarray, variance: float = 0.95, comm=None) -> n
     values. What crosses ranks is three sums: the column sums, the column sums of squares
     about the mean (two passes, for accuracy) and the D × D Gram matrix of the standardised
     rows, whose eigenvectors are the principal axes (the right singular vectors of the SVD of
-    the rows). Memory per rank: one float64 copy of its rows and one D × D float64 matrix.
+    the rows). The rows are read in blocks of 16,384, each standardised in float64 on the way,
+    so beyond the rows themselves a rank holds one block and one D × D float64 matrix.
 
     Raises ValueError (alike on every rank) on fewer than two rows in all or a fraction
     outside (0, 1]."""
@@ -62,25 +66,47 @@ def row_variance(embeddings: np.ndarray, variance: float = 0.95, comm=None) -> n
         raise ValueError(f"LIFT needs at least 2 embedded rows, got {total}")
     if not 0 < variance <= 1:
         raise ValueError(f"variance must be in (0, 1], got {variance}")
-    z = np.array(x, dtype=np.float64)               # one float64 copy, standardised in place
-    z -= comm.sum_float64(z.sum(axis=0)) / total
-    std = np.sqrt(comm.sum_float64(np.einsum("ij,ij->j", z, z)) / total)
-    z /= np.where(std > 0, std, 1.0)
-    eigenvalues, axes = np.linalg.eigh(comm.sum_float64(z.T @ z))   # ascending
+    dim = x.shape[1]
+
+    def blocks(shift=None, scale=None):
+        for s in range(0, len(x), _CHUNK):
+            b = np.array(x[s: s + _CHUNK], dtype=np.float64)
+            if shift is not None:
+                b -= shift
+            if scale is not None:
+                b /= scale
+            yield s, b
+
+    mean = comm.sum_float64(sum((b.sum(axis=0) for _, b in blocks()), np.zeros(dim))) / total
+    std = np.sqrt(comm.sum_float64(sum((np.einsum("ij,ij->j", b, b) for _, b in blocks(mean)),
+                                       np.zeros(dim))) / total)
+    scale = np.where(std > 0, std, 1.0)
+    gram = comm.sum_float64(sum((b.T @ b for _, b in blocks(mean, scale)), np.zeros((dim, dim))))
+    eigenvalues, axes = np.linalg.eigh(gram)                        # ascending
     eigenvalues, axes = np.clip(eigenvalues[::-1], 0.0, None), axes[:, ::-1]
     share = np.cumsum(eigenvalues) / max(float(eigenvalues.sum()), 1e-300)
     k = len(share) if variance >= 1 else int(np.searchsorted(share, variance, side="right")) + 1
     vt = axes[:, :k].T
     top = np.abs(vt).argmax(axis=1)
     vt = vt * np.sign(vt[np.arange(k), top])[:, None]     # largest loading positive
-    return (z @ vt.T).var(axis=1)
+    out = np.empty(len(x))
+    for s, z in blocks(mean, scale):
+        out[s: s + len(z)] = (z @ vt.T).var(axis=1)
+    return out
+
+
+def finite_rows(x: np.ndarray) -> np.ndarray:
+    """(N,) whether each row of ``x`` is all finite, read in blocks (no N × D temporary)."""
+    return np.concatenate([np.isfinite(x[s: s + _CHUNK]).all(axis=1)
+                           for s in range(0, len(x), _CHUNK)] or [np.zeros(0, dtype=bool)])
 
 
 class LiftSelector:
     """LIFT's diversity-then-quality curation over the round's candidates.
 
     Sharded (:meth:`select_sharded`): each rank keeps its own rows; the PCA is three sums over
-    ranks (:func:`row_variance`: a D × D float64 matrix per rank, 134 MB at D = 4096) and the
+    ranks (:func:`row_variance`: rows read in float64 blocks, a D × D float64 matrix per rank,
+    134 MB at D = 4096) and the
     two rankings are distributed top-k's. The picks are the one-process picks up to the order
     in which the sums add up: a rank count changes a row variance in its last digits (about
     1e-13 relative), so two rows whose variances agree that closely may swap. (scikit-learn's
@@ -91,8 +117,9 @@ class LiftSelector:
            "`variance` of it); the `keep` fraction with the highest row variance (far from "
            "the centroid), then the best `score` among them (or the highest row variance)")
     logs = "`row_variance`, the score"
-    scale = ("sharded: each rank standardises its own rows (float64) and adds a D × D Gram "
-             "matrix to the other ranks' (one all-reduce); distributed top-k's")
+    scale = ("sharded with no score, a forward-pass or an IFD score (else rank 0, gathered): "
+             "each rank reads its own rows in float64 blocks and adds a D × D Gram matrix to "
+             "the other ranks' (one all-reduce); distributed top-k's")
     needs_embeddings = True
 
     @dataclass
@@ -118,7 +145,7 @@ class LiftSelector:
         features.require(self.name, o.score)
         candidates = np.sort(np.asarray(candidates, dtype=np.int64))
         emb = np.asarray(features.embeddings)[candidates]
-        ok = np.isfinite(emb).all(axis=1)
+        ok = finite_rows(emb)
         if o.score:
             ok &= np.isfinite(features.scores[o.score][candidates])
         rows = candidates[ok]
@@ -126,7 +153,7 @@ class LiftSelector:
             raise ValueError(f"cannot pick {n}: only {len(rows)} of {len(candidates)} "
                              f"candidates have a finite embedding"
                              + (f" and {o.score!r}" if o.score else ""))
-        rv = row_variance(emb[ok], o.variance)
+        rv = row_variance(emb if ok.all() else emb[ok], o.variance)
         keep = min(len(rows), max(n, math.ceil(o.keep * len(rows))))
         by_variance = np.lexsort((rows, -rv))[:keep]          # ties: lowest pool index
         if o.score:
@@ -159,7 +186,7 @@ class LiftSelector:
         if held != len(candidates):
             raise ValueError(f"the ranks' shards hold {held} of {len(candidates)} candidates")
         emb = np.asarray(shard.embeddings).reshape(len(pos), dim)
-        ok = here & np.isfinite(emb).all(axis=1)
+        ok = here & finite_rows(emb)
         if o.score:
             ok &= np.isfinite(shard.scores[o.score])
         rows = pos[ok]

@@ -34,6 +34,18 @@ def test_row_variance_matches_an_svd_by_hand():
         row_variance(x[:1])
 
 
+def test_row_variance_read_in_blocks_is_the_same(monkeypatch):
+    """The rows are standardised and projected a block at a time: blocks of 7 rows (the last
+    one short) give the figures of scikit-learn's PCA on the whole matrix."""
+    import evotune.selectors.lift as lift
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(50, 5)) @ rng.normal(size=(5, 5))
+    monkeypatch.setattr(lift, "_CHUNK", 7)
+    assert row_variance(x, 0.9) == pytest.approx(by_hand(x, 0.9), rel=1e-6, abs=1e-9)
+    x[3, 2] = np.nan
+    assert lift.finite_rows(x).tolist() == [i != 3 for i in range(50)]
+
+
 def test_keep_the_spread_out_rows_then_the_best_scored_of_them():
     rng = np.random.default_rng(1)
     emb = rng.normal(scale=0.1, size=(10, 3))
