@@ -43,7 +43,8 @@ from evotune.selectors.sharded import SingleProcess, top_k, top_k_mask, values_a
 _CHUNK = 16384        # rows converted to float64 at a time
 
 
-def row_variance(embeddings: np.ndarray, variance: float = 0.95, comm=None) -> np.ndarray:
+def row_variance(embeddings: np.ndarray, variance: float = 0.95, comm=None,
+                 rows: np.ndarray | None = None) -> np.ndarray:
     """Each row's variance over its coordinates on the principal components that keep
     ``variance`` of the variance of the standardised rows.
 
@@ -55,13 +56,17 @@ def row_variance(embeddings: np.ndarray, variance: float = 0.95, comm=None) -> n
     the rows). The rows are read in blocks of 16,384, each standardised in float64 on the way,
     so beyond the rows themselves a rank holds one block and one D × D float64 matrix.
 
+    ``rows``: a bool mask of the rows to use (the others are neither read nor returned), so
+    that a selection of rows costs no copy of them.
+
     Raises ValueError (alike on every rank) on fewer than two rows in all or a fraction
     outside (0, 1]."""
     comm = comm or SingleProcess()
     x = np.asarray(embeddings)
     if x.ndim != 2:
         raise ValueError(f"LIFT needs a 2-d array of embeddings, got shape {x.shape}")
-    total = comm.sum_int64(len(x))
+    use = np.ones(len(x), dtype=bool) if rows is None else np.asarray(rows, dtype=bool)
+    total = comm.sum_int64(int(use.sum()))
     if total < 2:
         raise ValueError(f"LIFT needs at least 2 embedded rows, got {total}")
     if not 0 < variance <= 1:
@@ -69,13 +74,15 @@ def row_variance(embeddings: np.ndarray, variance: float = 0.95, comm=None) -> n
     dim = x.shape[1]
 
     def blocks(shift=None, scale=None):
+        at = 0                               # where the block's rows go in the output
         for s in range(0, len(x), _CHUNK):
-            b = np.array(x[s: s + _CHUNK], dtype=np.float64)
+            b = np.array(x[s: s + _CHUNK][use[s: s + _CHUNK]], dtype=np.float64)
             if shift is not None:
                 b -= shift
             if scale is not None:
                 b /= scale
-            yield s, b
+            yield at, b
+            at += len(b)
 
     mean = comm.sum_float64(sum((b.sum(axis=0) for _, b in blocks()), np.zeros(dim))) / total
     std = np.sqrt(comm.sum_float64(sum((np.einsum("ij,ij->j", b, b) for _, b in blocks(mean)),
@@ -89,7 +96,7 @@ def row_variance(embeddings: np.ndarray, variance: float = 0.95, comm=None) -> n
     vt = axes[:, :k].T
     top = np.abs(vt).argmax(axis=1)
     vt = vt * np.sign(vt[np.arange(k), top])[:, None]     # largest loading positive
-    out = np.empty(len(x))
+    out = np.empty(int(use.sum()))
     for s, z in blocks(mean, scale):
         out[s: s + len(z)] = (z @ vt.T).var(axis=1)
     return out
@@ -153,7 +160,7 @@ class LiftSelector:
             raise ValueError(f"cannot pick {n}: only {len(rows)} of {len(candidates)} "
                              f"candidates have a finite embedding"
                              + (f" and {o.score!r}" if o.score else ""))
-        rv = row_variance(emb if ok.all() else emb[ok], o.variance)
+        rv = row_variance(emb, o.variance, rows=ok)
         keep = min(len(rows), max(n, math.ceil(o.keep * len(rows))))
         by_variance = np.lexsort((rows, -rv))[:keep]          # ties: lowest pool index
         if o.score:
@@ -195,7 +202,7 @@ class LiftSelector:
             raise ValueError(f"cannot pick {n}: only {usable} of {len(candidates)} "
                              f"candidates have a finite embedding"
                              + (f" and {o.score!r}" if o.score else ""))
-        rv = row_variance(emb if ok.all() else emb[ok], o.variance, comm)   # no copy if all
+        rv = row_variance(emb, o.variance, comm, rows=ok)          # no copy of the rows
         keep = min(usable, max(n, math.ceil(o.keep * usable)))
         kept = top_k_mask(rv, rows, keep, comm)
         ranked = shard.scores[o.score][ok] if o.score else rv

@@ -36,12 +36,16 @@ def test_row_variance_matches_an_svd_by_hand():
 
 def test_row_variance_read_in_blocks_is_the_same(monkeypatch):
     """The rows are standardised and projected a block at a time: blocks of 7 rows (the last
-    one short) give the figures of scikit-learn's PCA on the whole matrix."""
+    one short), all rows or a masked subset, give the figures of scikit-learn's PCA on the
+    whole matrix."""
     import evotune.selectors.lift as lift
     rng = np.random.default_rng(3)
     x = rng.normal(size=(50, 5)) @ rng.normal(size=(5, 5))
     monkeypatch.setattr(lift, "_CHUNK", 7)
     assert row_variance(x, 0.9) == pytest.approx(by_hand(x, 0.9), rel=1e-6, abs=1e-9)
+    mask = np.arange(50) % 3 != 1                        # a row mask: no copy, same figures
+    assert row_variance(x, 0.9, rows=mask) == pytest.approx(by_hand(x[mask], 0.9), rel=1e-6,
+                                                            abs=1e-9)
     x[3, 2] = np.nan
     assert lift.finite_rows(x).tolist() == [i != 3 for i in range(50)]
 
