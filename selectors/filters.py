@@ -175,7 +175,7 @@ class ScoredFirst:
 
     @property
     def sharded(self) -> bool:
-        """Sharded when the rule inside is (LIFT with a score)."""
+        """Sharded when the rule inside is (LIFT, weighted, the repr filter)."""
         return bool(getattr(self.inner, "sharded", False))
 
     def select_sharded(self, shard, labeled: np.ndarray, candidates: np.ndarray, n: int,

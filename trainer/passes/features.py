@@ -15,12 +15,14 @@
 - ``derived`` scores: computed on rank 0 from the rest, inputs first.
 
 A sharded rule (``select_sharded``: k-center, rds, LIFT, weighted, repr_filter, a filter
-score over k-center, influence) whose scores all come from the forward pass, IFD's passes and the
-targets, or all from the gradient pass, gets each rank's own rows (``Features.positions``):
-the target rows' embeddings (a few) or the validation gradients reach every rank and each
-scores its own rows; IFD is computed on rank 0 from the forward losses (gathered: 8 bytes a
-row) and its values go back to every rank. Everything else is gathered on rank 0. ``selection.candidates`` restricts the passes to a seeded sample of the
-candidates and the selected rows.
+score over k-center, influence) whose scores all come from the forward pass, IFD's passes
+and the targets, or all from the gradient pass, gets each rank's own rows
+(``Features.positions``): the target rows' embeddings (a few) or the validation gradients
+reach every rank and each scores its own rows; IFD is computed on rank 0 from the forward
+losses (gathered: 8 bytes a row) and its values go back to every rank. Everything else is
+gathered on rank 0, and so is a round 0 read from or written to the base-model cache.
+``selection.candidates`` restricts the passes to a seeded sample of the candidates and the
+selected rows.
 
 Infinite or NaN values from the model become skips with a reason (a selector never picks them).
 For Cherry's pre-experienced round 0, :meth:`FeaturePass.run_instructions` embeds the prompts
