@@ -148,32 +148,13 @@ class LiftSelector:
 
     def select(self, features: Features, labeled: np.ndarray, candidates: np.ndarray, n: int,
                rng: np.random.Generator) -> Selection:
-        o = self.options
-        features.require(self.name, o.score)
-        candidates = np.sort(np.asarray(candidates, dtype=np.int64))
-        emb = np.asarray(features.embeddings)[candidates]
-        ok = finite_rows(emb)
-        if o.score:
-            ok &= np.isfinite(features.scores[o.score][candidates])
-        rows = candidates[ok]
-        if not 0 <= n <= len(rows):
-            raise ValueError(f"cannot pick {n}: only {len(rows)} of {len(candidates)} "
-                             f"candidates have a finite embedding"
-                             + (f" and {o.score!r}" if o.score else ""))
-        rv = row_variance(emb, o.variance, rows=ok)
-        keep = min(len(rows), max(n, math.ceil(o.keep * len(rows))))
-        by_variance = np.lexsort((rows, -rv))[:keep]          # ties: lowest pool index
-        if o.score:
-            s = features.scores[o.score][rows[by_variance]]
-            chosen = by_variance[np.lexsort((rows[by_variance], -s))[:n]]
-        else:
-            chosen = by_variance[:n]
-        picks = rows[chosen]
-        numbers = {"row_variance": rv[chosen]}
-        if o.score:
-            numbers[o.score] = features.scores[o.score][picks]
-        return Selection(picks, numbers, {"kept_by_variance": int(keep),
-                                          "unembedded": int((~ok).sum())})
+        """One process: :meth:`select_sharded` over the whole pool as one shard (no copy of
+        the rows)."""
+        features.require(self.name, self.options.score)
+        whole = Features(features.embeddings, features.scores,
+                         positions=np.arange(len(features.embeddings)))
+        return self.select_sharded(whole, labeled, np.sort(np.asarray(candidates, np.int64)),
+                                   n, rng, SingleProcess())
 
     sharded = True
 
