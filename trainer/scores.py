@@ -13,8 +13,11 @@ one :class:`Score` entry in :data:`SCORES`; its ``source`` says which pass calls
   response tokens;
 - ``ifd``: IFD's passes (``trainer/passes/ifd.py``): ``compute(loss_cond, loss_direct) ->
   float`` from the answer's two mean losses (nats/token); ValueError = no value, with its reason;
-- ``derived``: after the passes, on rank 0: ``compute(features, options) -> (values,
-  skipped)`` from the embeddings and the other scores (``inputs`` names the scores it reads);
+- ``derived``: after the passes: ``compute(features, options) -> (values, skipped)`` from the
+  embeddings and the other scores (``inputs`` names the scores it reads), on rank 0 over the
+  gathered features; a score with ``sharded=True`` is ``compute(features, options, comm)``
+  and also runs on every rank over its own rows (``features.positions``; skip reasons keyed
+  by pool position), with ``comm``'s collectives where it needs other ranks' rows (knn_k);
 - ``targets``: from the pool's embeddings and those of a target set, embedded by the same
   model with the same pooling (``trainer/passes/features.py``): ``compute(pool_embeddings,
   target_embeddings, subtasks, options) -> {name: values}``, the score and one
@@ -40,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from evotune.selectors.base import Features, option, require_positive
+from evotune.selectors.sharded import SingleProcess
 from evotune.trainer.data import IGNORE_INDEX
 
 SOURCES = ("forward", "ifd", "derived", "targets", "reward", "influence")
@@ -56,6 +60,7 @@ class Score:
     needs_embeddings: bool = False
     inputs: Callable[[Any], tuple[str, ...]] = lambda options: ()   # scores it is made from
     check: Callable[[Any], None] = lambda cfg: None    # raise ValueError: cannot be computed
+    sharded: bool = False          # derived: computes over each rank's own rows (above)
 
 
 # ----------------------------------------------------------------------------- forward
@@ -122,63 +127,84 @@ def _ifd_superfilter(loss_cond: float, loss_direct: float) -> float:
 @dataclass
 class KnnOptions:
     k: int = option(6, "the neighbour whose distance is the score (Instruction Mining: 6)")
-    chunk_size: int = option(4096, "most rows per distance block", safe=True)
-    block_mb: int = option(256, "memory bound of one distance block (block rows × pool × 4 "
-                                "bytes × 3 temporaries): fewer rows per block on a large pool",
-                           safe=True)
+    chunk_size: int = option(4096, "most rows per side of a distance tile", safe=True)
+    block_mb: int = option(256, "memory bound of one distance tile (rows × rows × 20 bytes: "
+                                "float64 products, float32 distances, the merge's copies): "
+                                "smaller tiles under a smaller bound", safe=True)
 
     def check(self) -> None:
         require_positive(self, "k", "chunk_size", "block_mb")
 
 
-# float32 values alive per block cell: the distances, the partition's copy, one temporary
-_KNN_TEMPORARIES = 3
+# bytes alive per tile cell: the float64 products, their float32 rounding, the running k
+# smallest concatenated with them, and the partition's copy of that
+_KNN_TILE_BYTES = 8 + 4 + 4 + 4
 
 
-def knn_block_rows(n: int, chunk_size: int, block_mb: float) -> int:
-    """Rows per distance block over an ``n``-row pool: at most ``chunk_size``, and few enough
-    that a block with its temporaries stays within ``block_mb`` MiB (at least one row)."""
-    fits = int(block_mb * 2**20 // (max(n, 1) * 4 * _KNN_TEMPORARIES))
+def knn_tile_rows(chunk_size: int, block_mb: float) -> int:
+    """Rows per side of a distance tile: at most ``chunk_size``, and few enough that a tile
+    with its temporaries stays within ``block_mb`` MiB (at least one row). It depends on the
+    settings only, so every rank tiles alike whatever its number of rows."""
+    fits = math.isqrt(int(block_mb * 2**20 // _KNN_TILE_BYTES))
     return max(1, min(chunk_size, fits))
 
 
 def knn_distance(embeddings: np.ndarray, k: int, chunk_size: int = 4096,
-                 block_mb: float = 256) -> np.ndarray:
-    """(N,) distance of each row to its k-th nearest other row (Euclidean, float64 result).
+                 block_mb: float = 256, comm=None) -> np.ndarray:
+    """(n,) distance of each of this rank's rows to its k-th nearest other row of the pool
+    (Euclidean, float64 result), every rank calling this with its own rows.
 
-    Exact, in blocks of rows against all rows (:func:`knn_block_rows`): O(N² D) time; memory
-    one float32 copy of the embeddings plus a block of at most ``block_mb`` MiB. It needs the
-    whole (N, D) matrix in one process. Rows with a non-finite value get NaN and are nobody's
-    neighbour. Raises ValueError when fewer than k other finite rows exist or k < 1.
+    Exact, O(N² D) time. Every rank's rows travel to every other rank in tiles of
+    :func:`knn_tile_rows` rows (``comm.broadcast_block``, from each rank in turn); each rank
+    measures its own rows against each tile and keeps each row's k smallest distances so far.
+    So a rank holds its rows, their k smallest distances and one tile of at most ``block_mb``
+    MiB: nothing N × D, and one process (``comm`` None) is the case of one rank. A squared
+    distance is ``|a|² + |b|² − 2ab`` summed in float64 from the float32 rows and rounded to
+    float32 (as k-center's initial distances), so which rows share a tile, and hence the number
+    of ranks, can change a value only at a float32 rounding boundary. Rows with a non-finite
+    value get NaN and are nobody's neighbour. Raises ValueError (on every rank alike) when the
+    pool has k or fewer finite rows, or k < 1.
     """
+    comm = comm or SingleProcess()
     if k < 1:
         raise ValueError(f"knn_k must be >= 1, got {k}")
     emb = np.asarray(embeddings, dtype=np.float32)
-    ok = np.isfinite(emb).all(axis=1)
-    idx = np.flatnonzero(ok)
+    idx = np.flatnonzero(np.isfinite(emb).all(axis=1))
+    x = emb[idx]                                          # this rank's finite rows
+    counts = [int(c[0]) for c in comm.all_gather_rows(np.array([len(x)], dtype=np.int64))]
+    if sum(counts) <= k:
+        raise ValueError(f"knn_k={k} needs more than {k} embedded examples, got {sum(counts)}")
+    norms = np.einsum("ij,ij->i", x, x).astype(np.float64)
+    best = np.full((len(x), k), np.inf, dtype=np.float32)     # each row's k smallest so far
+    side = knn_tile_rows(chunk_size, block_mb)
+    for src, count in enumerate(counts):
+        for s in range(0, count, side):
+            tile = comm.broadcast_block(x[s: s + side] if comm.rank == src else None, src,
+                                        (min(side, count - s), emb.shape[1])).astype(np.float64)
+            tile_norms = np.einsum("ij,ij->i", tile, tile)
+            for t in range(0, len(x), side):
+                mine = slice(t, t + side)
+                d = norms[mine, None] + tile_norms[None, :] \
+                    - 2.0 * (x[mine].astype(np.float64) @ tile.T)
+                d = np.maximum(d, 0.0).astype(np.float32)
+                if comm.rank == src:                      # a row is not its own neighbour
+                    own = np.arange(max(t, s), min(t + side, s + len(tile), len(x)))
+                    d[own - t, own - s] = np.inf
+                best[mine] = np.partition(np.concatenate([best[mine], d], axis=1), k - 1,
+                                          axis=1)[:, :k]
     out = np.full(len(emb), np.nan)
-    if len(idx) <= k:
-        raise ValueError(f"knn_k={k} needs more than {k} embedded examples, got {len(idx)}")
-    x = emb[idx]
-    norms = np.einsum("ij,ij->i", x, x)
-    rows_per_block = knn_block_rows(len(x), chunk_size, block_mb)
-    for s in range(0, len(x), rows_per_block):
-        block = slice(s, s + rows_per_block)
-        d = norms[block, None] + norms[None, :] - 2.0 * (x[block] @ x.T)
-        np.maximum(d, 0.0, out=d)
-        rows = np.arange(d.shape[0])
-        d[rows, rows + s] = np.inf                       # not its own neighbour
-        kth = np.partition(d, k - 1, axis=1)[:, k - 1]
-        out[idx[block]] = np.sqrt(kth.astype(np.float64))
+    out[idx] = np.sqrt(best.max(axis=1).astype(np.float64))
     return out
 
 
-def _knn_k(features: Features, options: KnnOptions):
+def _knn_k(features: Features, options: KnnOptions, comm=None):
     if features.embeddings is None:
         raise ValueError("knn_k needs embeddings; the feature pass computed none")
     values = knn_distance(features.embeddings, options.k, options.chunk_size,
-                          options.block_mb)
-    return values, {int(i): "no embedding" for i in np.flatnonzero(np.isnan(values))}
+                          options.block_mb, comm)
+    where = features.positions
+    return values, {int(i if where is None else where[i]): "no embedding"
+                    for i in np.flatnonzero(np.isnan(values))}
 
 
 @dataclass
@@ -225,7 +251,7 @@ def parse_linear(text: str, known: tuple[str, ...] | None = None) -> dict[str, f
     return terms
 
 
-def _linear(features: Features, options: LinearOptions):
+def _linear(features: Features, options: LinearOptions, comm=None):
     total = 0.0
     skipped: dict[int, str] = {}
     for name, coef in parse_linear(options.rule).items():
@@ -330,10 +356,11 @@ SCORES: dict[str, Score] = {s.name: s for s in (
           "the perplexity ratio (arXiv 2402.00530)", _ifd_superfilter),
     Score("knn_k", "derived", "distance to the k-th nearest pool neighbour in the current "
           "embedding space (Instruction Mining's knn6)", _knn_k, KnnOptions,
-          needs_embeddings=True),
+          needs_embeddings=True, sharded=True),
     Score("linear", "derived", "a linear rule over other scores (Instruction Mining, arXiv "
           "2307.06290)", _linear, LinearOptions,
-          inputs=lambda o: tuple(parse_linear(o.rule)) if o.rule else (), check=_check_linear),
+          inputs=lambda o: tuple(parse_linear(o.rule)) if o.rule else (), check=_check_linear,
+          sharded=True),
     Score("rds", "targets", "RDS+: cosine of the pooled embedding to the target examples, max "
           "over each subtask's targets, then max over subtasks (arXiv 2503.01807)", rds_scores,
           RdsOptions, needs_embeddings=True, check=_check_rds),

@@ -140,6 +140,18 @@ def lift_cases() -> list[dict]:
             {"f": features, "options": {"keep": 0.5, "score": "q"}, "labeled": [3], "n": 60}]
 
 
+def knn_cases() -> list[dict]:
+    """knn_k over ranks: duplicates (distance 0, many ties), NaN rows, tiles of 2 and 4 rows
+    (several per rank), and a k too large for the pool's finite rows."""
+    rng = np.random.default_rng(6)
+    grid = rng.integers(0, 3, size=(40, 2)).astype(np.float32)
+    grid[[4, 17]] = np.nan
+    dense = rng.normal(size=(35, 6)).astype(np.float32)
+    return [{"emb": grid, "k": 1, "chunk": 4}, {"emb": grid, "k": 6, "chunk": 2},
+            {"emb": dense, "k": 3, "chunk": 4}, {"emb": dense, "k": 34, "chunk": 1000},
+            {"emb": dense[:5], "k": 5, "chunk": 4}]
+
+
 def _lift_rule(options: dict):
     lift = LiftSelector(LiftSelector.Options(**options))
     return ScoredFirst(lift, options["score"]) if "score" in options else lift
@@ -251,6 +263,15 @@ def _work(rank: int, world: int, port: int, out) -> None:
         got["error"] = None
     except ValueError as e:
         got["error"] = str(e)
+    from evotune.trainer.scores import knn_distance
+    got["knn"] = []
+    for case in knn_cases():
+        mine = shard_rows(len(case["emb"]), rank, world)
+        try:
+            got["knn"].append(knn_distance(case["emb"][mine], case["k"], case["chunk"],
+                                           comm=comm).tolist())
+        except ValueError as e:
+            got["knn"].append(str(e))
     out.put((rank, got))
     dist.destroy_process_group()
 
@@ -391,3 +412,28 @@ def test_sharded_repr_filter_picks_what_one_process_picks(ranks):
     assert sel.info["unscored_fill"] > 0
     for got in ranks:                        # more picks than scored rows: k-center fills
         assert got["repr_fill"] == (sel.positions.tolist(), sel.info)
+
+
+def test_sharded_knn_distance_is_one_process_and_brute_force(ranks):
+    """knn_k over ranks: each rank's rows get the values one process gives them (bit for bit:
+    squared distances summed in float64, rounded to float32), which are the k-th smallest
+    distances to the pool's other finite rows; too large a k fails on every rank alike."""
+    from evotune.trainer.scores import knn_distance
+    for i, case in enumerate(knn_cases()):
+        emb, k = case["emb"], case["k"]
+        ok = np.isfinite(emb).all(axis=1)
+        if ok.sum() <= k:
+            for got in ranks:
+                assert got["knn"][i] == f"knn_k={k} needs more than {k} embedded examples, " \
+                                        f"got {int(ok.sum())}"
+            continue
+        one = knn_distance(emb, k, case["chunk"])
+        x = emb.astype(np.float64)
+        full = np.sqrt(((x[:, None, :] - x[None]) ** 2).sum(-1))
+        full[:, ~ok] = np.inf
+        np.fill_diagonal(full, np.inf)
+        brute = np.where(ok, np.sort(full, axis=1)[:, k - 1], np.nan)
+        assert one == pytest.approx(brute, rel=1e-6, abs=1e-6, nan_ok=True), i
+        for rank, got in enumerate(ranks):
+            mine = shard_rows(len(emb), rank, len(ranks))
+            assert np.array_equal(got["knn"][i], one[mine], equal_nan=True), (i, rank)

@@ -12,7 +12,7 @@ from evotune.selectors.base import Features
 from evotune.trainer import scores as registry
 from evotune.trainer.data import IGNORE_INDEX as X
 from evotune.trainer.scores import (SCORES, KnnOptions, LinearOptions, RdsOptions, Score,
-                                    knn_block_rows, knn_distance, names, parse_linear, rds_scores,
+                                    knn_distance, knn_tile_rows, names, parse_linear, rds_scores,
                                     response_scores, with_inputs)
 
 FORWARD = names("forward")
@@ -92,11 +92,12 @@ def test_knn_distance_matches_brute_force_and_is_chunk_independent():
                                                                             abs=1e-4)
 
 
-def test_knn_block_rows_bound_the_block_memory():
-    # 1M rows, 256 MiB: 256·2^20 / (1e6·4·3) = 22 rows of 1M float32 with 3 temporaries
-    assert knn_block_rows(1_000_000, 4096, 256) == 22
-    assert knn_block_rows(1_000, 4096, 256) == 4096          # small pools: the chunk size
-    assert knn_block_rows(10**9, 4096, 1) == 1               # never zero rows
+def test_knn_tile_rows_bound_the_tile_memory():
+    # 256 MiB at 20 bytes a cell: isqrt(256·2^20 / 20) = 3663 rows a side
+    assert knn_tile_rows(4096, 256) == 3663
+    assert knn_tile_rows(1000, 256) == 1000                   # at most the chunk size
+    assert knn_tile_rows(4096, 1e-6) == 1                     # never zero rows
+    assert 3663**2 * 20 <= 256 * 2**20 < 3664**2 * 20
 
 
 def test_knn_distance_hand_made_line():

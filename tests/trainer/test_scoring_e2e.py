@@ -346,13 +346,15 @@ def test_mods_preset_with_a_reward_model_filters_by_it(tmp_path, tiny_model_dir)
 
 
 @pytest.mark.parametrize("rule", ["rds", "filtered_kcenter", "lift", "weighted", "ifd_mix",
-                                  "deita"])
+                                  "deita", "reward", "linear"])
 def test_sharded_score_rules_on_two_ranks_pick_like_one_rank(tmp_path, tiny_model_dir, rule):
     """rds, a forward-score filter over k-center, LIFT, the weighted greedy with a forward
     score, the IFD mix (configs/ifd_mix.yaml's rule, on a sample of the pool: IFD is computed
-    on rank 0 and sent back) and DEITA's repr filter by IFD select on every rank over its own
-    rows (nothing gathered for the selection): the same picks, scores and
-    skip reasons as one rank, with a sampled round (selection.candidates) for rds. LIFT's row
+    on rank 0 and sent back), DEITA's repr filter by IFD, MoDS's reward filter over k-center
+    (the reward model's values sent to every rank) and the weighted greedy by Instruction
+    Mining's linear rule over knn_k (computed over ranks in tiles) select on every rank over
+    its own rows (nothing gathered for the selection): the same picks, scores and skip
+    reasons as one rank, with a sampled round (selection.candidates) for rds. LIFT's row
     variances come from sums over ranks: equal to their last digits."""
     targets = tmp_path / "targets.jsonl"
     rows = [json.loads(line) for line in (POOL_TINY.parent / "eval_tiny.jsonl").read_text()
@@ -372,6 +374,16 @@ def test_sharded_score_rules_on_two_ranks_pick_like_one_rank(tmp_path, tiny_mode
         {"selection": {"selector": "repr_filter", "rounds": 2,
                        "repr_filter": {"score": "ifd_cherry", "threshold": 0.9}}} \
         if rule == "deita" else \
+        {"selection": {"selector": "kcenter", "rounds": 2, "filter_score": "reward",
+                       "filter_top_fraction": 0.5},
+         "scoring": {"reward": {"model": str(_tiny_classifier(tmp_path / "rm", tiny_model_dir,
+                                                              1))}}} \
+        if rule == "reward" else \
+        {"selection": {"selector": "weighted", "rounds": 2, "candidates": 0.8,
+                       "weighted": {"score": "linear", "alpha": 0.5}},
+         "scoring": {"linear": {"rule": "1.0*knn_k - 0.5*entropy"}, "knn_k": {"k": 3,
+                                                                             "chunk_size": 4}}} \
+        if rule == "linear" else \
         {"selection": {"selector": "weighted", "rounds": 2, "candidates": 0.7,
                        "weighted": {"score": "ifd_cherry", "alpha": 0.5},
                        "filter_score": "ifd_cherry", "filter_max": 1.0}}
@@ -389,7 +401,7 @@ def test_sharded_score_rules_on_two_ranks_pick_like_one_rank(tmp_path, tiny_mode
             same = pytest.approx(r2[key], rel=1e-9) if key == "row_variance" else r2[key]
             assert r1[key] == same, (r1["pick_order"], key, r1[key], r2[key])
     score = "rds" if rule == "rds" else "ifd_cherry" if rule in ("ifd_mix", "deita") else \
-        "entropy"
+        rule if rule in ("reward", "linear") else "entropy"
     assert all(np.isfinite(r[score]) for r in one)
     a, b = npz(runs[1]), npz(runs[2])
     assert sorted(a) == sorted(b) and f"score_{score}" in a
@@ -403,8 +415,13 @@ def test_sharded_score_rules_on_two_ranks_pick_like_one_rank(tmp_path, tiny_mode
         assert s1["score_skipped"]["rds"]["count"] >= 0.3 * (len(a["ids"]) - len(one))
         assert {r["rds_subtask"] for r in one} <= {"qa", "math"}
         assert all(f"rds:{t}" in r for r in one for t in ("qa", "math"))
-    elif rule == "filtered_kcenter":
+    elif rule in ("filtered_kcenter", "reward"):
         assert s1["selection_info"]["passed"] > 0
+    elif rule == "linear":             # knn_k over the round's sample only (0.8 of the rest)
+        sampled = np.isfinite(a["score_knn_k"])
+        assert a["score_linear"][sampled] == pytest.approx(
+            a["score_knn_k"][sampled] - 0.5 * a["score_entropy"][sampled])
+        assert 0 < sampled.sum() < len(sampled)
     elif rule == "lift":
         assert all(np.isfinite(r["row_variance"]) for r in one)
     elif rule == "deita":

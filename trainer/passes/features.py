@@ -12,14 +12,16 @@
 - ``reward``: a reward model over the pool, once per run (``trainer/passes/reward.py``);
 - ``influence`` scores and gradient embeddings (``selection.embedding: gradient``): the gradient
   pass (``trainer/passes/influence.py``);
-- ``derived`` scores: computed on rank 0 from the rest, inputs first.
+- ``derived`` scores: computed from the rest, inputs first.
 
 A sharded rule (``select_sharded``: k-center, rds, LIFT, weighted, repr_filter, a filter
-score over k-center, influence) whose scores all come from the forward pass, IFD's passes
-and the targets, or all from the gradient pass, gets each rank's own rows
-(``Features.positions``): the target rows' embeddings (a few) or the validation gradients
-reach every rank and each scores its own rows; IFD is computed on rank 0 from the forward
-losses (gathered: 8 bytes a row) and its values go back to every rank. Everything else is
+score over k-center, influence) whose scores all come from the forward pass, IFD's passes,
+the targets, the reward model and derived scores with a sharded form (``linear``, ``knn_k``),
+or all from the gradient pass, gets each rank's own rows (``Features.positions``): the
+target rows' embeddings (a few) or the validation gradients reach every rank and each scores
+its own rows; IFD is computed on rank 0 from the forward losses (gathered: 8 bytes a row)
+and its values go back to every rank, as do the reward model's (computed once per run);
+``knn_k`` passes every rank's rows past every other rank in tiles. Everything else is
 gathered on rank 0, and so is a round 0 read from or written to the base-model cache.
 ``selection.candidates`` restricts the passes to a seeded sample of the candidates and the
 selected rows.
@@ -142,8 +144,10 @@ class FeaturePass:
         # stay on the ranks that computed them (nothing N x D on one rank) and every rank
         # selects together.
         sources = {SCORES[n].source for n in wanted}
+        per_rank = {"forward", "targets", "ifd", "reward"} | \
+            ({"derived"} if all(SCORES[n].sharded for n in self.derived) else set())
         hidden_only = self.needs_embeddings and not self.gradient_embeddings and \
-            sources <= {"forward", "targets", "ifd"}
+            sources <= per_rank
         influence_only = not self.needs_embeddings and sources == {"influence"}
         self.sharded = bool(getattr(selector, "sharded", False) and (hidden_only or
                                                                      influence_only))
@@ -243,20 +247,18 @@ class FeaturePass:
             if sharded:                           # positions of the measured rows, not of 0..k
                 features.positions = rows[features.positions]
                 self._score_targets(model, logger, r, features, stats, sharded)
+                self._score_reward(features, logger, r, stats)
                 if self.ifd is not None:
                     self._ifd_sharded(model, features, logger, r, measured, stats)
+                for name in self.derived:
+                    features.scores[name], features.skipped[name] = SCORES[name].compute(
+                        features, getattr(self.cfg.scoring, name, None), self.strategy.comm)
                 self._warn_non_finite_shard(features, r)
                 return PassResult(features, stats, candidates)
             if features is not None and measured is not None:
                 features = _spread(features, measured, len(self.pool_enc))
         self._score_targets(model, logger, r, features, stats, sharded)
-        if self.reward is not None:
-            reward_stats = self.reward.run(self.cfg.selection.batch_size, logger, r)
-            if reward_stats is not None:
-                stats["reward"] = reward_stats
-            if features is not None:
-                features.scores["reward"] = self.reward.values.copy()
-                features.skipped["reward"] = {}
+        self._score_reward(features, logger, r, stats)
         if self.ifd is not None:
             ifd_stats = self.ifd.run(model, features, logger, r, measured)
             if ifd_stats is not None:
@@ -285,6 +287,23 @@ class FeaturePass:
                 mark_unsampled(features, measured)
             _warn_non_finite(features, r)
         return PassResult(features, stats, candidates)
+
+    def _score_reward(self, features: Features | None, logger, r,
+                      stats: dict[str, PassStats]) -> None:
+        """The ``reward`` score: the reward pass runs once per run (sharded over the ranks,
+        its values gathered on rank 0); sharded features get their rows' values (the pool's
+        values go to every rank: 8 bytes a row)."""
+        if self.reward is None:
+            return
+        reward_stats = self.reward.run(self.cfg.selection.batch_size, logger, r)
+        if reward_stats is not None:
+            stats["reward"] = reward_stats
+        values = self.reward.values
+        if features is not None and features.positions is not None:
+            values = self.strategy.broadcast_from_rank0(values)[features.positions]
+        if features is not None:
+            features.scores["reward"] = values.copy()
+            features.skipped["reward"] = {}
 
     def _ifd_sharded(self, model, shard: Features, logger, r, measured,
                      stats: dict[str, PassStats]) -> None:

@@ -48,9 +48,19 @@ def test_a_filter_score_is_computed_too(tokenizer):
     assert ifd.sharded and ifd.ifd.needs_forward_loss and ifd.forward_scores == ("loss",)
     assert plan(tokenizer, "selection.selector=weighted").sharded
     assert plan(tokenizer, "selection.selector=repr_filter").sharded
-    # a derived score (rank 0 only) or a rule without a sharded form: gathered
-    assert not plan(tokenizer, "selection.filter_score=knn_k").sharded
+    # knn_k and the linear rule have sharded forms; a rule without one is gathered
+    assert plan(tokenizer, "selection.filter_score=knn_k").sharded
+    assert plan(tokenizer, "selection.selector=weighted", "selection.weighted.score=linear",
+                "scoring.linear.rule=1*knn_k - 1*ifd_cherry").sharded
     assert not plan(tokenizer, "selection.selector=cluster_quota").sharded
+    # a derived score registered without a sharded form is computed on rank 0: gathered
+    from evotune.trainer.scores import SCORES, Score, register
+    register(Score("half_length", "derived", "length / 2",
+                   lambda f, o: (f.scores["length"] / 2, {}), inputs=lambda o: ("length",)))
+    try:
+        assert not plan(tokenizer, "selection.filter_score=half_length").sharded
+    finally:
+        del SCORES["half_length"]
 
 
 def test_mark_non_finite_turns_inf_into_nan_with_a_reason_once():
