@@ -12,7 +12,8 @@ lowest position; NaN never ranked), so a sharded rule picks what the one-process
 
 The collectives come from ``comm`` (``rank``, ``world_size``, ``sum_int64``, ``max_int64``,
 ``sum_float64`` (an element-wise sum of a float64 array),
-``all_gather_rows`` and the broadcasts of :func:`~evotune.selectors.kcenter.kcenter_sharded`):
+``all_gather_rows``, ``gather_rows`` (every rank's object on rank 0, None elsewhere)
+and the broadcasts of :func:`~evotune.selectors.kcenter.kcenter_sharded`):
 :class:`SingleProcess` here, or the run's ranks (:class:`evotune.trainer.engine.TorchComm`).
 """
 
@@ -43,6 +44,9 @@ class SingleProcess:
         return block
 
     def all_gather_rows(self, rows: np.ndarray) -> list[np.ndarray]:
+        return [rows]
+
+    def gather_rows(self, rows):
         return [rows]
 
 

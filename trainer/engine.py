@@ -71,6 +71,12 @@ class TorchComm:
         dist.all_gather_object(out, array)
         return out
 
+    def gather_rows(self, obj):
+        """Every rank's ``obj`` on rank 0 (a list by rank); None on the other ranks."""
+        out = [None] * self.world_size if self.rank == 0 else None
+        dist.gather_object(obj, out, dst=0)
+        return out
+
 
 class Strategy:
     """Distributed setup and every DeepSpeed call of a run."""

@@ -1,4 +1,5 @@
-"""Cluster quotas: separated blobs with known answers, the rounding rule, surplus, NaN, errors."""
+"""Cluster quotas: separated blobs with known answers, the rounding rule, surplus, NaN, errors;
+the streamed mini-batch clustering against full KMeans where the clusters are unambiguous."""
 
 import numpy as np
 import pytest
@@ -154,7 +155,9 @@ def test_selector_seeds_kmeans_from_rng():
     sel = make("ifd", n_clusters=3)
     assert sel.name == "cluster_quota" and sel.needs_embeddings and sel.scores == ("ifd",)
     assert sel.state_dict() == {"name": "cluster_quota", "score": "ifd", "n_clusters": 3,
-                                "quota": "proportional", "n_init": 10, "pick": "score"}
+                                "quota": "proportional", "n_init": 10, "pick": "score",
+                                "kmeans": "full", "batch_size": 4096, "passes": 3}
+    assert not sel.sharded and make("ifd", kmeans="minibatch").sharded
     a = sel.select(feats, np.array([], np.int64), np.arange(12), 4, np.random.default_rng(7))
     b = sel.select(feats, np.array([], np.int64), np.arange(12), 4, np.random.default_rng(7))
     assert a.positions.tolist() == b.positions.tolist() == [1, 6, 10, 3]
@@ -189,3 +192,88 @@ def test_centroid_pick_takes_the_most_central_members_without_a_score():
     assert sorted(sel.positions.tolist()) == [1, 3]   # means (1, -0.07) and (-0.1, 1)
     assert "centroid_cosine" in sel.numbers and sel.info["nan_scores"] == 1
     assert make("loss", pick="centroid").scores == ()
+
+
+# ----------------------------------------------------------------------------- kmeans: minibatch
+
+class Spy:
+    """One process's collectives, recording the rows rank 0 receives per gather."""
+    from evotune.selectors.sharded import SingleProcess as _base
+    rank, world_size = 0, 1
+
+    def __init__(self):
+        self.gathered = []
+
+    def __getattr__(self, name):
+        return getattr(self._base(), name)
+
+    def gather_rows(self, rows):
+        self.gathered.append(len(rows[0]))
+        return [rows]
+
+
+@pytest.mark.parametrize("batch_size", [8, 16, 4096])
+@pytest.mark.parametrize("pick", ["score", "centroid"])
+@pytest.mark.parametrize("quota", ["proportional", "equal"])
+def test_minibatch_on_separated_blobs_picks_what_full_kmeans_picks(batch_size, pick, quota):
+    """Where the clusters are unambiguous (four far-apart blobs), the streamed mini-batch
+    clustering finds full KMeans' clusters, so the quotas, picks, order and logged numbers are
+    the full rule's; NaN scores are neither clustered nor picked; a small budget with equal
+    quotas exercises the surplus fill."""
+    emb = blobs([30, 20, 10, 40], seed=3)
+    order = np.random.default_rng(4).permutation(len(emb))     # blobs interleaved in the pool
+    emb = emb[order]
+    scores = np.random.default_rng(5).normal(size=len(emb))
+    scores[[3, 50, 77]] = NAN
+    cand = np.setdiff1d(np.arange(len(emb)), [0, 1, 2, 60])
+    for n in (4, 21, 60):
+        full = make("s", n_clusters=4, pick=pick, quota=quota).select(
+            Features(emb, {"s": scores}), np.array([0, 1, 2, 60]), cand, n,
+            np.random.default_rng(6))
+        mini = make("s", n_clusters=4, pick=pick, quota=quota, kmeans="minibatch",
+                    batch_size=batch_size).select(
+            Features(emb, {"s": scores}), np.array([0, 1, 2, 60]), cand, n,
+            np.random.default_rng(6))
+        assert mini.positions.tolist() == full.positions.tolist(), n
+        assert mini.info == full.info, n
+        for key, values in full.numbers.items():
+            assert mini.numbers[key] == pytest.approx(values, rel=1e-6), (n, key)
+        assert mini.positions.dtype == np.int64
+
+
+def test_minibatch_streams_a_batch_at_a_time_in_a_seeded_order():
+    """Rank 0 receives the rows a block at a time (about batch_size rows, never the pool),
+    ``passes`` times; the seed decides the order, so the same rng draw picks the same rows."""
+    from evotune.selectors.cluster_quota import cluster_quota_sharded
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(1000, 4)).astype(np.float32)
+    feats = Features(emb, {"s": rng.normal(size=1000)}, positions=np.arange(1000))
+    spy = Spy()
+    sel = cluster_quota_sharded(feats, "s", np.array([], np.int64), np.arange(1000), 30, spy,
+                                n_clusters=5, batch_size=64, passes=2, random_state=9)
+    assert sum(spy.gathered) == 2 * 1000 and len(spy.gathered) == 2 * 16   # ceil(1000 / 64)
+    assert max(spy.gathered) < 3 * 64
+    again = cluster_quota_sharded(feats, "s", np.array([], np.int64), np.arange(1000), 30,
+                                  Spy(), n_clusters=5, batch_size=64, passes=2, random_state=9)
+    assert again.positions.tolist() == sel.positions.tolist()
+    assert sum(map(int, sel.info["quotas"].split(","))) == 30 and sel.info["n_clusters"] == 5
+
+
+@pytest.mark.parametrize("case, match", [
+    ("too_many", "cannot pick 12: only 11 of 12 candidates have a score"),
+    ("inf_embedding", "1 embeddings are NaN or inf .first at pool position 4."),
+    ("small_batch", "batch_size: 2 rows cannot seed 3 clusters"),
+])
+def test_minibatch_errors(case, match):
+    emb, scores = blobs([6, 3, 3]), SCORES.copy()
+    if case == "inf_embedding":
+        emb[4, 0] = np.inf
+    if case == "too_many":
+        scores[5] = NAN
+    options = {"n_clusters": 3, "kmeans": "minibatch", "batch_size": 2 if case == "small_batch"
+               else 4}
+    with pytest.raises(ValueError, match=match):
+        rule = make("s", **options)
+        rule.options.check()
+        rule.select(Features(emb, {"s": scores}), np.array([], np.int64), np.arange(12),
+                    12 if case == "too_many" else 4, np.random.default_rng(0))

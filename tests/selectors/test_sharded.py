@@ -16,6 +16,7 @@ import pytest
 from helpers import _free_port, shard_rows
 
 from evotune.selectors.base import Features
+from evotune.selectors.cluster_quota import ClusterQuotaSelector
 from evotune.selectors.filters import ScoredFirst, ScoreFiltered, score_filter
 from evotune.selectors.influence import InfluenceSelector
 from evotune.selectors.kcenter import KCenterSelector
@@ -152,6 +153,29 @@ def knn_cases() -> list[dict]:
             {"emb": dense[:5], "k": 5, "chunk": 4}]
 
 
+def cluster_cases() -> list[dict]:
+    """The streamed mini-batch cluster quotas: tied scores, NaN scores, an unembedded row
+    (centroid pick), equal quotas with a surplus, small batches (many gathers)."""
+    rng = np.random.default_rng(7)
+    emb = rng.normal(size=(80, 3)).astype(np.float32)
+    emb[:40] += 4.0
+    score = rng.choice([0.1, 0.5, 0.5, 0.9, np.nan], size=80)
+    centroid = emb.copy()
+    centroid[11] = np.nan
+    return [{"emb": emb, "score": score, "pick": "score", "quota": "proportional",
+             "labeled": [0, 5], "n": 17, "batch": 8},
+            {"emb": emb, "score": score, "pick": "score", "quota": "equal", "labeled": [],
+             "n": 50, "batch": 16},
+            {"emb": centroid, "score": score, "pick": "centroid", "quota": "proportional",
+             "labeled": [3], "n": 12, "batch": 8}]
+
+
+def _cluster_rule(case: dict):
+    return ClusterQuotaSelector(ClusterQuotaSelector.Options(
+        "s", n_clusters=5, quota=case["quota"], pick=case["pick"], kmeans="minibatch",
+        batch_size=case["batch"], passes=2))
+
+
 def _lift_rule(options: dict):
     lift = LiftSelector(LiftSelector.Options(**options))
     return ScoredFirst(lift, options["score"]) if "score" in options else lift
@@ -263,6 +287,15 @@ def _work(rank: int, world: int, port: int, out) -> None:
         got["error"] = None
     except ValueError as e:
         got["error"] = str(e)
+    got["cluster"] = []
+    for case in cluster_cases():
+        mine = shard_rows(len(case["emb"]), rank, world)
+        cands = np.setdiff1d(np.arange(len(case["emb"])), case["labeled"])
+        sel = _cluster_rule(case).select_sharded(
+            _part(Features(case["emb"], {"s": case["score"]}), mine), np.array(case["labeled"]),
+            cands, case["n"], np.random.default_rng(2), comm)
+        got["cluster"].append((sel.positions.tolist(), {k: v.tolist() for k, v in
+                                                        sel.numbers.items()}, sel.info))
     from evotune.trainer.scores import knn_distance
     got["knn"] = []
     for case in knn_cases():
@@ -437,3 +470,22 @@ def test_sharded_knn_distance_is_one_process_and_brute_force(ranks):
         for rank, got in enumerate(ranks):
             mine = shard_rows(len(emb), rank, len(ranks))
             assert np.array_equal(got["knn"][i], one[mine], equal_nan=True), (i, rank)
+
+
+def test_sharded_minibatch_cluster_quota_picks_what_one_process_picks(ranks):
+    """kmeans: minibatch over ranks: the rows reach rank 0's MiniBatchKMeans in the same
+    batches for any rank count, so the clusters, quotas, picks and logged numbers are one
+    process's (the centroid cosines to summation order of the cluster sums)."""
+    for i, case in enumerate(cluster_cases()):
+        cands = np.setdiff1d(np.arange(len(case["emb"])), case["labeled"])
+        one = _cluster_rule(case).select(Features(case["emb"], {"s": case["score"]}),
+                                         np.array(case["labeled"]), cands, case["n"],
+                                         np.random.default_rng(2))
+        for got in ranks:
+            positions, numbers, info = got["cluster"][i]
+            assert positions == one.positions.tolist(), i
+            assert info == one.info, i
+            for key, values in one.numbers.items():
+                assert numbers[key] == pytest.approx(values.tolist(), rel=1e-12), (i, key)
+    assert any(info["filled"] for _, _, info in ranks[0]["cluster"])
+    assert ranks[0]["cluster"][2][2]["nan_scores"] == 1          # the unembedded row

@@ -346,16 +346,17 @@ def test_mods_preset_with_a_reward_model_filters_by_it(tmp_path, tiny_model_dir)
 
 
 @pytest.mark.parametrize("rule", ["rds", "filtered_kcenter", "lift", "weighted", "ifd_mix",
-                                  "deita", "reward", "linear"])
+                                  "deita", "reward", "linear", "cluster"])
 def test_sharded_score_rules_on_two_ranks_pick_like_one_rank(tmp_path, tiny_model_dir, rule):
     """rds, a forward-score filter over k-center, LIFT, the weighted greedy with a forward
     score, the IFD mix (configs/ifd_mix.yaml's rule, on a sample of the pool: IFD is computed
     on rank 0 and sent back), DEITA's repr filter by IFD, MoDS's reward filter over k-center
-    (the reward model's values sent to every rank) and the weighted greedy by Instruction
-    Mining's linear rule over knn_k (computed over ranks in tiles) select on every rank over
-    its own rows (nothing gathered for the selection): the same picks, scores and skip
-    reasons as one rank, with a sampled round (selection.candidates) for rds. LIFT's row
-    variances come from sums over ranks: equal to their last digits."""
+    (the reward model's values sent to every rank), the weighted greedy by Instruction
+    Mining's linear rule over knn_k (computed over ranks in tiles) and the cluster quotas with
+    the streamed mini-batch KMeans select on every rank over its own rows (nothing gathered
+    for the selection): the same picks, scores and skip reasons as one rank, with a sampled
+    round (selection.candidates) for rds. LIFT's row variances come from sums over ranks:
+    equal to their last digits."""
     targets = tmp_path / "targets.jsonl"
     rows = [json.loads(line) for line in (POOL_TINY.parent / "eval_tiny.jsonl").read_text()
             .splitlines()][:3]
@@ -384,6 +385,9 @@ def test_sharded_score_rules_on_two_ranks_pick_like_one_rank(tmp_path, tiny_mode
          "scoring": {"linear": {"rule": "1.0*knn_k - 0.5*entropy"}, "knn_k": {"k": 3,
                                                                              "chunk_size": 4}}} \
         if rule == "linear" else \
+        {"selection": {"selector": "cluster_quota", "rounds": 2, "cluster_quota": {
+            "score": "entropy", "n_clusters": 3, "kmeans": "minibatch", "batch_size": 8}}} \
+        if rule == "cluster" else \
         {"selection": {"selector": "weighted", "rounds": 2, "candidates": 0.7,
                        "weighted": {"score": "ifd_cherry", "alpha": 0.5},
                        "filter_score": "ifd_cherry", "filter_max": 1.0}}
@@ -417,6 +421,9 @@ def test_sharded_score_rules_on_two_ranks_pick_like_one_rank(tmp_path, tiny_mode
         assert all(f"rds:{t}" in r for r in one for t in ("qa", "math"))
     elif rule in ("filtered_kcenter", "reward"):
         assert s1["selection_info"]["passed"] > 0
+    elif rule == "cluster":
+        assert s1["selection_info"]["n_clusters"] == 3
+        assert {r["cluster"] for r in one} == {0, 1, 2}
     elif rule == "linear":             # knn_k over the round's sample only (0.8 of the rest)
         sampled = np.isfinite(a["score_knn_k"])
         assert a["score_linear"][sampled] == pytest.approx(

@@ -53,6 +53,8 @@ def test_a_filter_score_is_computed_too(tokenizer):
     assert plan(tokenizer, "selection.selector=weighted", "selection.weighted.score=linear",
                 "scoring.linear.rule=1*knn_k - 1*ifd_cherry").sharded
     assert not plan(tokenizer, "selection.selector=cluster_quota").sharded
+    assert plan(tokenizer, "selection.selector=cluster_quota",
+                "selection.cluster_quota.kmeans=minibatch").sharded
     # a derived score registered without a sharded form is computed on rank 0: gathered
     from evotune.trainer.scores import SCORES, Score, register
     register(Score("half_length", "derived", "length / 2",
