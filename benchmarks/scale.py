@@ -15,7 +15,10 @@ with its arithmetic).
 2026-12-01 and now select sharded (``selectors/lift.py`` LIFT's PCA as sums over ranks,
 ``selectors/weighted.py`` the score/diversity greedy, ``selectors/repr_filter.py`` DEITA's
 walk) over the same synthetic rows with a synthetic score, ``--picks`` picks, 1 and 2 ranks:
-peak RSS per rank, time, and whether the picks match one rank's.
+peak RSS per rank, time, and whether the picks match one rank's. ``--parts cluster``: the same
+for ``cluster_quota`` with ``kmeans: minibatch`` (MiniBatchKMeans fed on rank 0 from the
+streamed rows; until 2026-12-02 the rule gathered N × D on rank 0 for full KMeans, which
+``kmeans: full`` still does).
 
 ``--parts tokens``: a pool of N chat rows (the quickstart pool's rows cycled, each made
 distinct by its row number) loaded and tokenised into the token cache (``trainer/tokens.py``)
@@ -114,10 +117,11 @@ def _kcenter_rank(rank, world, port, n, labeled, picks, out):
 
 
 def _rule_rank(rank, world, port, rule, n, labeled, picks, out):
-    """One rank of ``--parts lift`` / ``weighted`` / ``repr``: its own synthetic rows and scores, the
-    rule's ``select_sharded`` on them (one thread)."""
+    """One rank of ``--parts lift`` / ``weighted`` / ``repr`` / ``cluster``: its own synthetic
+    rows and scores, the rule's ``select_sharded`` on them (one thread)."""
     dist = _join(rank, world, port)
     from evotune.selectors.base import Features
+    from evotune.selectors.cluster_quota import ClusterQuotaSelector
     from evotune.selectors.lift import LiftSelector
     from evotune.selectors.repr_filter import RepresentationFilterSelector
     from evotune.selectors.weighted import WeightedSelector
@@ -130,7 +134,9 @@ def _rule_rank(rank, world, port, rule, n, labeled, picks, out):
                 "weighted": lambda: WeightedSelector(WeightedSelector.Options(score="s",
                                                                               alpha=0.5)),
                 "repr": lambda: RepresentationFilterSelector(
-                    RepresentationFilterSelector.Options(score="s", threshold=0.9))}[rule]()
+                    RepresentationFilterSelector.Options(score="s", threshold=0.9)),
+                "cluster": lambda: ClusterQuotaSelector(ClusterQuotaSelector.Options(
+                    score="s", n_clusters=8, kmeans="minibatch"))}[rule]()
     comm = TorchComm()
     dist.barrier()
     t0 = time.perf_counter()
@@ -145,7 +151,9 @@ def _rule_rank(rank, world, port, rule, n, labeled, picks, out):
 def part_rule(args, rule: str) -> str:
     what = {"lift": "LIFT (PCA keeping 95% of the variance, keep 0.5, then a score)",
             "weighted": "weighted (alpha 0.5: score + k-center distance)",
-            "repr": "repr_filter (DEITA's walk by score, cosine threshold 0.9)"}[rule]
+            "repr": "repr_filter (DEITA's walk by score, cosine threshold 0.9)",
+            "cluster": "cluster_quota, kmeans: minibatch (8 clusters, batches of 4,096, 3 "
+                       "passes, the best score in each)"}[rule]
     lines = [f"{what}: D = {DIM}, {args.labeled} selected rows, {args.picks} picks, synthetic "
              f"fp32 embeddings, one thread per rank\n",
              "| N | ranks | own embeddings per rank | peak RSS per rank | selection | same picks "
@@ -379,7 +387,8 @@ def part_features(args, work: Path) -> str:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--parts", nargs="+", default=["kcenter"],
-                   choices=["kcenter", "lift", "weighted", "repr", "tokens", "features"])
+                   choices=["kcenter", "lift", "weighted", "repr", "cluster", "tokens",
+                            "features"])
     p.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
     p.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
     p.add_argument("--labeled", type=int, default=1000)
@@ -396,7 +405,7 @@ def main() -> int:
         work.mkdir(parents=True, exist_ok=True)
         if "kcenter" in args.parts:
             report.append(part_kcenter(args))
-        for rule in ("lift", "weighted", "repr"):
+        for rule in ("lift", "weighted", "repr", "cluster"):
             if rule in args.parts:
                 report.append(part_rule(args, rule))
         if "tokens" in args.parts:
