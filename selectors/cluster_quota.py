@@ -271,15 +271,16 @@ def cluster_quota_sharded(shard: Features, score: str | None, labeled: np.ndarra
     The clustering is scikit-learn's MiniBatchKMeans (``partial_fit`` on rank 0, the rows
     streamed to it in a seeded random order, ``batch_size`` at a time, ``passes`` times: random
     mini-batches, as its ``fit`` draws, where pool order would start it on one source); its
-    centres go to
-    every rank, which labels its own rows by the nearest centre. Then, as in
+    centres go to every rank, which labels its own rows by the nearest centre. Then, as in
     :func:`cluster_quota`: canonical cluster ids (by lowest pool position), quotas, and inside
     each cluster the best scores (or cosines to the cluster's mean, ``score=None``), each
     cluster's best found by a distributed top-k, round-robin over clusters, the surplus by a
-    last distributed top-k. No rank holds more than its rows and one batch. The picks do not
-    depend on the rank count (the centroid cosines up to the summation order of the cluster
-    sums); they differ from full KMeans' (:func:`cluster_quota`), as mini-batch centres do.
-    ``labeled`` is unused (as in :func:`cluster_quota`).
+    last distributed top-k. No rank holds more than its rows and one batch (rank 0: and the
+    model). The picks do not depend on the rank count, up to float rounding: the centroid
+    cosines follow the summation order of the cluster sums, and a row equidistant from two
+    centres to within float64 rounding may be labelled either way. They differ from full
+    KMeans' (:func:`cluster_quota`), as mini-batch centres do. ``labeled`` is unused (as in
+    :func:`cluster_quota`).
     """
     pos = np.asarray(shard.positions, dtype=np.int64)
     dim = comm.max_int64(shard.embeddings.shape[1] if len(pos) else 0)
