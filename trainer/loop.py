@@ -168,6 +168,8 @@ class RunData:
                     log.warning(f"eval choices: skipped {where}: {reason}")
         log.info(f"budget per round: {self.budget} = {sum(self.budget)} of {len(self.pool)} "
                  f"examples ({100 * sum(self.budget) / len(self.pool):.1f}%)")
+        if len(self.budget) > 1:
+            log.info(self.feature_pass.where_selected(cfg.selection.selector))
 
 
 def prepare(cfg: Config, strategy: Strategy, bars: ProgressBars | None = None) -> RunData:

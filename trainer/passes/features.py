@@ -165,6 +165,18 @@ class FeaturePass:
                         f"{skipped[0][1]})")
         return items
 
+    def where_selected(self, rule: str) -> str:
+        """One line for the run's log: where rule ``rule`` selects (README, Large pools)."""
+        if not self.needed:
+            return f"selection ({rule}): reads no model features"
+        if self.sharded:
+            return (f"selection ({rule}): on every rank over its own rows (nothing N × D on "
+                    f"one rank)")
+        why = "gradient embeddings" if self.gradient_embeddings else \
+            "no sharded form with these scores"
+        return (f"selection ({rule}): on rank 0 over the features gathered there ({why}; "
+                f"README, Large pools)")
+
     @property
     def needed(self) -> bool:
         """False when the selector reads nothing a model computes (e.g. random)."""

@@ -28,6 +28,15 @@ def test_a_linear_rule_brings_its_terms_and_their_passes(tokenizer):
     assert fp.influence is None and fp.needed and not fp.needs_optimizer_state
 
 
+def test_the_log_says_where_a_rule_selects(tokenizer):
+    assert plan(tokenizer).where_selected("kcenter") == \
+        "selection (kcenter): on every rank over its own rows (nothing N × D on one rank)"
+    gathered = plan(tokenizer, "selection.selector=cluster_quota").where_selected("x")
+    assert "on rank 0" in gathered and "no sharded form" in gathered
+    assert "reads no model features" in plan(tokenizer, "selection.selector=random") \
+        .where_selected("random")
+
+
 def test_kcenter_needs_only_embeddings_and_random_needs_no_pass(tokenizer):
     fp = plan(tokenizer)
     assert fp.needs_embeddings and fp.forward_scores == () and fp.ifd is None
