@@ -27,6 +27,10 @@ and read their shard's rows (as the feature pass does): peak RSS per rank. For c
 same rows encoded as Python lists (``encode_all``, what every rank did before the cache), at
 the smallest N only.
 
+``--parts examples``: what the pool's rows themselves cost every rank (``data.pool`` loads
+every row's text on every rank; the token cache holds only the tokens): RSS held after
+``load_examples`` over N cycled chat rows.
+
 ``--parts features``: the feature pass (``compute_features``, hidden-state embeddings kept on
 their ranks as a sharded rule gets them) with the tiny 2-layer, 32-wide test model over the
 cached pool, on 1 and 2 ranks set up by the run's own ``Strategy`` (gloo): wall time and peak
@@ -306,6 +310,38 @@ def _lists_rank(rank, world, port, pool, out):
     out.put({"rank": rank, "encode_s": time.perf_counter() - t0, "peak_mib": peak_mib()})
 
 
+def _rss_mib() -> float:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _examples_rank(rank, world, port, pool, out):
+    from evotune.trainer.data import load_examples
+    before = _rss_mib()
+    t0 = time.perf_counter()
+    examples, _ = load_examples(pool)
+    out.put({"rank": rank, "rows": len(examples), "load_s": time.perf_counter() - t0,
+             "held_mib": _rss_mib() - before})
+
+
+def part_examples(args, work: Path) -> str:
+    lines = ["The pool's rows as ``data.pool`` loads them on every rank (``load_examples``: one "
+             "``Example`` with its messages per row), the quickstart pool cycled; held = the "
+             "process's RSS after the load minus before\n",
+             "| N | file | load | held per rank | per row |", "|---|---|---|---|---|"]
+    for n in args.sizes:
+        pool = work / f"pool{n}.jsonl"
+        if not pool.is_file():
+            write_pool(pool, n)
+        got = _in_process(_examples_rank, str(pool))[0]
+        lines.append(f"| {n:,} | {pool.stat().st_size / 2**20:,.0f} MiB | {got['load_s']:.1f} s"
+                     f" | {got['held_mib']:,.0f} MiB | {got['held_mib'] * 2**20 / n:,.0f} B |")
+        print(lines[-1], flush=True)
+    return "\n".join(lines)
+
+
 def part_tokens(args, work: Path) -> str:
     lines = ["Chat rows (the quickstart pool cycled), SmolLM2's tokenizer, max_length 512; peak = "
              "each process's peak RSS\n",
@@ -387,8 +423,8 @@ def part_features(args, work: Path) -> str:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--parts", nargs="+", default=["kcenter"],
-                   choices=["kcenter", "lift", "weighted", "repr", "cluster", "tokens",
-                            "features"])
+                   choices=["kcenter", "lift", "weighted", "repr", "cluster", "examples",
+                            "tokens", "features"])
     p.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
     p.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
     p.add_argument("--labeled", type=int, default=1000)
@@ -408,6 +444,8 @@ def main() -> int:
         for rule in ("lift", "weighted", "repr", "cluster"):
             if rule in args.parts:
                 report.append(part_rule(args, rule))
+        if "examples" in args.parts:
+            report.append(part_examples(args, work))
         if "tokens" in args.parts:
             report.append(part_tokens(args, work))
         if "features" in args.parts:
