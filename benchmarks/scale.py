@@ -27,9 +27,9 @@ and read their shard's rows (as the feature pass does): peak RSS per rank. For c
 same rows encoded as Python lists (``encode_all``, what every rank did before the cache), at
 the smallest N only.
 
-``--parts examples``: what the pool's rows themselves cost every rank (``data.pool`` loads
-every row's text on every rank; the token cache holds only the tokens): RSS held after
-``load_examples`` over N cycled chat rows.
+``--parts examples``: what the pool's rows themselves cost every rank: loaded as Python
+objects on every rank (``load_examples``, before 2026-12-02) against mapped from the token
+cache (``tokens.CachedExamples``, now), over N cycled chat rows.
 
 ``--parts features``: the feature pass (``compute_features``, hidden-state embeddings kept on
 their ranks as a sharded rule gets them) with the tiny 2-layer, 32-wide test model over the
@@ -310,34 +310,63 @@ def _lists_rank(rank, world, port, pool, out):
     out.put({"rank": rank, "encode_s": time.perf_counter() - t0, "peak_mib": peak_mib()})
 
 
-def _rss_mib() -> float:
+def _status_mib(key: str) -> float:
     for line in open("/proc/self/status"):
-        if line.startswith("VmRSS:"):
+        if line.startswith(key + ":"):
             return int(line.split()[1]) / 1024
     return float("nan")
 
 
 def _examples_rank(rank, world, port, pool, out):
+    """What ``data.pool`` held per rank before the rows were cached: every row loaded."""
     from evotune.trainer.data import load_examples
-    before = _rss_mib()
+    before = _status_mib("VmRSS")
     t0 = time.perf_counter()
     examples, _ = load_examples(pool)
     out.put({"rank": rank, "rows": len(examples), "load_s": time.perf_counter() - t0,
-             "held_mib": _rss_mib() - before})
+             "held_mib": _status_mib("VmRSS") - before})
+
+
+def _rows_rank(rank, world, port, rows_dir, out):
+    """What it holds now: the cached rows mapped, every row decoded once (as a reward pass
+    reads them), the ids read at once (as a resume does). RssAnon: this process's own memory;
+    the mapped file's pages are the shared page cache."""
+    from evotune.trainer.tokens import CachedExamples
+    before = _status_mib("RssAnon")
+    t0 = time.perf_counter()
+    rows = CachedExamples(Path(rows_dir))
+    chars = sum(len(ex.messages[-1]["content"]) for ex in rows)
+    ids = rows.ids()
+    out.put({"rank": rank, "rows": len(rows), "read_s": time.perf_counter() - t0,
+             "chars": chars, "ids": len(ids), "held_mib": _status_mib("RssAnon") - before,
+             "peak_mib": peak_mib()})
 
 
 def part_examples(args, work: Path) -> str:
-    lines = ["The pool's rows as ``data.pool`` loads them on every rank (``load_examples``: one "
-             "``Example`` with its messages per row), the quickstart pool cycled; held = the "
-             "process's RSS after the load minus before\n",
-             "| N | file | load | held per rank | per row |", "|---|---|---|---|---|"]
+    lines = ["The pool's rows on every rank: before 2026-12-02, ``data.pool`` loaded every row "
+             "(``load_examples``: an ``Example`` with its messages per row) on every rank; now "
+             "rank 0 writes them into the token cache once and every rank maps them "
+             "(``tokens.CachedExamples``). Held = the process's memory after minus before "
+             "(RSS for the load; anonymous RSS for the mapped rows, whose file pages are the "
+             "shared page cache, while its ids list is still alive); the quickstart pool "
+             "cycled\n",
+             "| N | file | before: load, held per rank | cache rows on disk | now: decode every "
+             "row + ids, held per rank |", "|---|---|---|---|---|"]
+    from evotune.trainer.data import load_examples
+    from evotune.trainer.tokens import write_rows
     for n in args.sizes:
         pool = work / f"pool{n}.jsonl"
         if not pool.is_file():
             write_pool(pool, n)
         got = _in_process(_examples_rank, str(pool))[0]
-        lines.append(f"| {n:,} | {pool.stat().st_size / 2**20:,.0f} MiB | {got['load_s']:.1f} s"
-                     f" | {got['held_mib']:,.0f} MiB | {got['held_mib'] * 2**20 / n:,.0f} B |")
+        rows_dir = work / f"rows{n}"
+        rows_dir.mkdir(exist_ok=True)
+        write_rows(rows_dir, load_examples(pool)[0])
+        disk = sum(f.stat().st_size for f in rows_dir.iterdir()) / 2**20
+        now = _in_process(_rows_rank, str(rows_dir))[0]
+        lines.append(f"| {n:,} | {pool.stat().st_size / 2**20:,.0f} MiB | {got['load_s']:.1f} s,"
+                     f" {got['held_mib']:,.0f} MiB ({got['held_mib'] * 2**20 / n:,.0f} B a row) "
+                     f"| {disk:,.0f} MiB | {now['read_s']:.1f} s, {now['held_mib']:,.0f} MiB |")
         print(lines[-1], flush=True)
     return "\n".join(lines)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -121,7 +122,7 @@ class RunData:
     model_path: Path
     tokenizer: Any
     template: str
-    pool: list[Example]
+    pool: Sequence[Example]             # tokens.CachedExamples: rows decoded one at a time
     pool_enc: TokenizedPool
     pool_report: LoadReport
     pool_hash: str
@@ -236,12 +237,11 @@ def check_feasible(cfg: Config, budget: list[int], pool_size: int,
 
 def load_pool(cfg: Config, tokenizer, template: str, pool_hash: str, strategy: Strategy,
               bars: ProgressBars | None = None
-              ) -> tuple[list[Example], TokenizedPool, LoadReport]:
-    """The pool's examples and their encodings from the token cache (``trainer/tokens.py``),
-    which rank 0 builds first when it has no entry for these inputs. Every rank reads the rows
-    (ids, sources and previews for the logs); the tokens are memory-mapped."""
-    examples, report = load_examples(cfg.data.pool, cfg.data.on_error, cfg.data.max_examples,
-                                     cfg.data.columns.mapping())
+              ) -> tuple[tokens.CachedExamples, TokenizedPool, LoadReport]:
+    """The pool's rows and their encodings from the token cache (``trainer/tokens.py``), which
+    rank 0 builds first (reading the pool file) when it has no entry for these inputs. Every
+    rank then maps the cache: the rows are decoded one at a time where they are read (ids,
+    sources, previews for the logs, a reward model's text), never held as a list."""
     d = cfg.data
     where = tokens.tokens_dir() / tokens.cache_key(pool_hash, tokenizer, template, d.max_length,
                                                    d.on_error, d.max_examples)
@@ -250,14 +250,16 @@ def load_pool(cfg: Config, tokenizer, template: str, pool_hash: str, strategy: S
         if (where / "meta.json").is_file():
             log.info(f"pool tokens: reused from the cache ({where})")
             return
+        examples, report = load_examples(d.pool, d.on_error, d.max_examples,
+                                         d.columns.mapping())
         with (bars or ProgressBars(False, None)).progress("tokenise pool",
                                                          len(examples)) as advance:
-            tokens.build(where, examples, tokenizer, template, d.max_length, d.on_error, advance)
+            tokens.build(where, examples, tokenizer, template, d.max_length, d.on_error, advance,
+                         load_skipped=report.skipped)
         log.info(f"pool tokens: cached in {where}")
     _agree(strategy, ensure)
-    kept, encoded, enc_report = tokens.open_cached(where, examples)
-    report.skipped += enc_report.skipped
-    if not kept:
+    kept, encoded, report = tokens.open_cached(where)
+    if not len(kept):
         raise StartError(f"{cfg.data.pool}: no usable rows after encoding "
                          f"({len(report.skipped)} skipped)")
     return kept, encoded, report
@@ -417,7 +419,7 @@ def resume_progress(plan: ResumePlan, data: RunData, model: RoundModel, out: Pat
     state = plan.state
     if state is None or plan.start_round >= cfg.selection.rounds:
         return Progress()
-    id_to_pos = {ex.id: i for i, ex in enumerate(data.pool)}
+    id_to_pos = {ex_id: i for i, ex_id in enumerate(data.pool.ids())}
     missing = [i for i in state.selected_ids if i not in id_to_pos]
     if missing:
         raise StartError(f"{len(missing)} selected ids are not in the pool (e.g. "
@@ -571,7 +573,7 @@ def write_selection(rdir: Path, r: int, choice: Choice, data: RunData,
         if features.embeddings is not None:
             arrays["embeddings"] = features.embeddings.astype(np.float16)
         arrays.update(features.extra)
-        ids = np.array([ex.id for ex in data.pool])
+        ids = np.array(data.pool.ids())
         write_bytes_atomic(rdir / "features.npz", lambda tmp: np.savez(tmp, ids=ids, **arrays))
 
 

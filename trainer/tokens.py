@@ -10,18 +10,26 @@ rows — into four arrays under ``$EVOTUNE_CACHE/tokens/<key>/`` (default ``~/.c
 - ``offsets.npy``: row ``i`` is ``tokens[offsets[i]:offsets[i + 1]]`` (int64, N + 1);
 - ``truncated.npy``: the row was cut to ``max_length`` (uint8);
 
-plus ``meta.json`` (which loaded rows were kept, and why the others were skipped). That is 5
-bytes per token, shared by every rank of a machine through the page cache (``np.load`` with
-``mmap_mode="r"``). A resume, or any run with the same inputs, reuses the cache; a changed
+- ``rows.npy`` and ``row_offsets.npy``: every kept row itself (its :class:`Example`: id,
+  source, messages, where it came from) as one JSON line, back to back (uint8), and where each
+  starts (int64, N + 1); ``ids.json``, the rows' ids alone;
+
+plus ``meta.json`` (why the rows left out were skipped, at loading or at encoding). That is 5
+bytes per token and the rows' JSON, shared by every rank of a machine through the page cache
+(``np.load`` with ``mmap_mode="r"``): no rank holds the pool as Python objects (about 2.2 KB a
+row on every rank before: ``benchmarks/RESULTS.md``), and only rank 0 ever reads the pool file,
+when it builds the cache. A resume, or any run with the same inputs, reuses the cache; a changed
 pool file, tokenizer, chat template or setting gets a new key. Rank 0 builds it (atomically:
 a temporary folder renamed into place) while the others wait; then every rank maps it.
 
 :class:`TokenizedPool` is a read-only sequence of :class:`~evotune.trainer.data.Encoded`,
-materialised one row at a time, so code written for a list of encodings reads it unchanged.
+and :class:`CachedExamples` one of :class:`~evotune.trainer.data.Example`, each materialised
+one row at a time, so code written for lists reads them unchanged.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -34,9 +42,11 @@ import numpy as np
 
 from evotune.trainer.data import (IGNORE_INDEX, DataError, Encoded, Example, LoadReport,
                                   assemble, bos_prefix, segments)
+from evotune.trainer.sources import to_json
 from evotune.trainer.state import cache_root, fsync_dir, fsync_tree
 
-VERSION = 2          # 2 (2026-12-01): ShareGPT rows and Alpaca system/history are parsed
+VERSION = 3          # 2 (2026-12-01): ShareGPT rows and Alpaca system/history are parsed;
+                     # 3 (2026-12-02): the rows themselves are cached too
 BATCH_ROWS = 256
 
 
@@ -89,6 +99,41 @@ class TokenizedPool(Sequence):
         return Encoded(ids.tolist(), labels.tolist(), bool(self.truncated[i]))
 
 
+class CachedExamples(Sequence):
+    """The kept pool rows as :class:`Example` objects, decoded from the cache one at a time
+    (see the module docstring)."""
+
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+        self.rows = np.load(self.directory / "rows.npy", mmap_mode="r")
+        self.offsets = np.load(self.directory / "row_offsets.npy", mmap_mode="r")
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(len(self)))]
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        a, b = int(self.offsets[i]), int(self.offsets[i + 1])
+        return Example(**json.loads(self.rows[a:b].tobytes()))
+
+    def ids(self) -> list[str]:
+        """Every kept row's id, in pool order (read from ``ids.json``, not kept: call it where
+        they are all needed at once, rather than decoding every row)."""
+        return json.loads((self.directory / "ids.json").read_text())
+
+
+def _row_json(ex: Example) -> bytes:
+    """One cached row: the Example's fields as a JSON line (values JSON has no type for, in
+    ``extra``, as text)."""
+    return (json.dumps(dataclasses.asdict(ex), ensure_ascii=False, default=to_json)
+            + "\n").encode()
+
+
 def encode_batched(examples: list[Example], tokenizer, template: str, max_length: int,
                    advance=lambda n=1, **_: None):
     """Yield each example's :class:`Encoded` or its :class:`DataError`, in order; the pieces
@@ -119,18 +164,22 @@ def encode_batched(examples: list[Example], tokenizer, template: str, max_length
 
 
 def build(directory: Path, examples: list[Example], tokenizer, template: str, max_length: int,
-          on_error: str, advance=lambda n=1, **_: None) -> None:
-    """Tokenise ``examples`` into the cache folder ``directory`` (atomically). Raises the first
-    row's DataError with ``on_error="error"``; with ``"skip"`` the row is left out and listed."""
+          on_error: str, advance=lambda n=1, **_: None,
+          load_skipped: list[tuple[str, str]] = ()) -> None:
+    """Tokenise ``examples`` into the cache folder ``directory`` (atomically), with the kept
+    rows themselves. Raises the first row's DataError with ``on_error="error"``; with
+    ``"skip"`` the row is left out and listed, after ``load_skipped`` (the rows the loading
+    skipped, ``(where, reason)``)."""
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
         tokens = open(tmp / "tokens.bin", "wb")
         labels = open(tmp / "labels.bin", "wb")
-        offsets, truncated, kept, skipped = [0], [], [], []
+        offsets, truncated, skipped = [0], [], [list(s) for s in load_skipped]
+        kept = []
         with tokens, labels:
-            for index, (ex, enc) in enumerate(zip(examples, encode_batched(
-                    examples, tokenizer, template, max_length, advance))):
+            for ex, enc in zip(examples, encode_batched(
+                    examples, tokenizer, template, max_length, advance)):
                 if isinstance(enc, DataError):
                     if on_error != "skip":
                         raise enc
@@ -143,13 +192,13 @@ def build(directory: Path, examples: list[Example], tokenizer, template: str, ma
                 labels.write((np.asarray(enc.labels) != IGNORE_INDEX).astype(np.uint8).tobytes())
                 offsets.append(offsets[-1] + len(ids))
                 truncated.append(enc.truncated)
-                kept.append(index)
+                kept.append(ex)
         for name, dtype in (("tokens", np.int32), ("labels", np.uint8)):
             _bin_to_npy(tmp / f"{name}.bin", tmp / f"{name}.npy", np.dtype(dtype))
         np.save(tmp / "offsets.npy", np.asarray(offsets, dtype=np.int64))
         np.save(tmp / "truncated.npy", np.asarray(truncated, dtype=np.uint8))
-        (tmp / "meta.json").write_text(json.dumps({"version": VERSION, "kept": kept,
-                                                   "skipped": skipped}))
+        write_rows(tmp, kept)
+        (tmp / "meta.json").write_text(json.dumps({"version": VERSION, "skipped": skipped}))
         fsync_tree(tmp)
         try:
             os.rename(tmp, directory)
@@ -159,6 +208,20 @@ def build(directory: Path, examples: list[Example], tokenizer, template: str, ma
         fsync_dir(directory.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_rows(directory: Path, examples: list[Example]) -> None:
+    """The rows :class:`CachedExamples` reads: ``rows.npy``, ``row_offsets.npy``, ``ids.json``
+    (module docstring), streamed to disk."""
+    offsets = [0]
+    with open(directory / "rows.bin", "wb") as rows:
+        for ex in examples:
+            line = _row_json(ex)
+            rows.write(line)
+            offsets.append(offsets[-1] + len(line))
+    _bin_to_npy(directory / "rows.bin", directory / "rows.npy", np.dtype(np.uint8))
+    np.save(directory / "row_offsets.npy", np.asarray(offsets, dtype=np.int64))
+    (directory / "ids.json").write_text(json.dumps([ex.id for ex in examples]))
 
 
 def _bin_to_npy(raw: Path, npy: Path, dtype: np.dtype) -> None:
@@ -172,12 +235,12 @@ def _bin_to_npy(raw: Path, npy: Path, dtype: np.dtype) -> None:
     raw.unlink()
 
 
-def open_cached(directory: Path, examples: list[Example]
-                ) -> tuple[list[Example], TokenizedPool, LoadReport]:
-    """The kept examples, their cached encodings and the rows the encoding skipped."""
+def open_cached(directory: Path) -> tuple[CachedExamples, TokenizedPool, LoadReport]:
+    """The kept examples, their cached encodings and the rows left out (loading's, then
+    encoding's)."""
     meta = json.loads((directory / "meta.json").read_text())
     pool = TokenizedPool(directory)
-    kept = [examples[i] for i in meta["kept"]]
+    kept = CachedExamples(directory)
     if len(kept) != len(pool):
         raise ValueError(f"token cache {directory} is inconsistent ({len(pool)} rows for "
                          f"{len(kept)} kept examples); delete it")

@@ -37,13 +37,18 @@ def test_the_cache_reads_back_what_encode_all_gives(tokenizer, pool, tmp_path):
     kept, encoded, report = encode_all(examples, tokenizer, "chat", 96, "skip")
     assert report.skipped                                   # the test covers skipped rows
     where = tmp_path / "cache"
-    tokens.build(where, examples, tokenizer, "chat", 96, "skip")
-    got_kept, pool_tokens, got_report = tokens.open_cached(where, examples)
-    assert [e.id for e in got_kept] == [e.id for e in kept]
+    tokens.build(where, examples, tokenizer, "chat", 96, "skip",
+                 load_skipped=[("elsewhere:1", "a row the loading skipped")])
+    got_kept, pool_tokens, got_report = tokens.open_cached(where)
+    # the rows themselves come back from the cache, every field as loaded
+    assert len(got_kept) == len(kept) and list(got_kept) == kept
+    assert got_kept[-1] == kept[-1] and got_kept[1:3] == kept[1:3]
+    assert got_kept.ids() == [e.id for e in kept]
     assert len(pool_tokens) == len(encoded)
     assert list(pool_tokens) == encoded
     assert pool_tokens.lengths.tolist() == [len(e.input_ids) for e in encoded]
-    assert got_report.skipped == report.skipped
+    assert got_report.skipped == [("elsewhere:1", "a row the loading skipped"),
+                                  *report.skipped]
     assert pool_tokens[-1] == encoded[-1]
     assert pool_tokens.tokens.dtype == np.int32 and pool_tokens.is_label.dtype == np.uint8
     # 5 bytes per token on disk (plus the offsets and flags)
