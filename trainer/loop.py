@@ -182,7 +182,9 @@ def prepare(cfg: Config, strategy: Strategy, bars: ProgressBars | None = None) -
         if cfg.lora.enabled:
             check_lora_targets(model_path, cfg.lora.target_modules)
         template = resolve_template(cfg.data.template, tokenizer)
-        pool_hash = input_hash(cfg.data.pool, cfg.data.columns.mapping())
+        # rank 0 reads the pool file (its hash, and the rows when the token cache has none)
+        pool_hash = _agree(strategy, lambda: input_hash(cfg.data.pool,
+                                                        cfg.data.columns.mapping()))
         pool, pool_enc, pool_report = load_pool(cfg, tokenizer, template, pool_hash, strategy,
                                                 bars)
         eval_set = None
