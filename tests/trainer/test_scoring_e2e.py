@@ -292,21 +292,25 @@ def test_reward_model_scores_once_and_matches_one_example_at_a_time(tmp_path, ti
     out = tmp_path / "out"
     cfg = write_config(tmp_path / "cfg.yaml", tiny_model_dir, out, selection={
         "selector": "weighted", "weighted": {"score": "reward", "alpha": 1.0}},
-        scoring={"reward": {"model": str(rm), "label": 0}})
-    run_train(["--config", str(cfg)])
+        scoring={"reward": {"model": str(rm), "label": 0}}, data={"max_length": 100})
+    proc = run_train(["--config", str(cfg)])
     f = npz(out)
     # one at a time, no padding: the conversation under the classifier's chat template
     tok = AutoTokenizer.from_pretrained(rm)
     model = AutoModelForSequenceClassification.from_pretrained(rm).eval()
     examples, _ = load_examples(POOL_TINY)
     kept = [ex for ex in examples if ex.id in set(f["ids"].tolist())]
-    expected = []
+    expected, cut = [], 0
     with torch.no_grad():
         for ex in kept:
             ids = tok(tok.apply_chat_template(ex.messages, tokenize=False),
-                      add_special_tokens=False).input_ids[:160]
-            logits = model(input_ids=torch.tensor([ids])).logits[0]
+                      add_special_tokens=False).input_ids
+            cut += len(ids) > 100
+            logits = model(input_ids=torch.tensor([ids[:100]])).logits[0]
             expected.append(float(logits[0] if num_labels == 1 else logits.softmax(-1)[0]))
+    # the rows the reward model saw cut, counted over every rank's batches, in one warning
+    assert cut > 0 and f"scoring.reward.model: {cut} pool rows cut to data.max_length=100" \
+        in " ".join(proc.stderr.split())
     assert f["score_reward"] == pytest.approx(np.array(expected), rel=1e-4, abs=1e-6)
     # alpha = 1: the top rewards among the round's candidates
     first = {r["pool_index"] for r in picks(out, 0)}

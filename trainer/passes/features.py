@@ -41,7 +41,7 @@ import numpy as np
 
 from evotune.selectors.base import Features
 from evotune.selectors.pre_experienced import SCORE as INSTRUCTION_PERPLEXITY
-from evotune.trainer.data import IGNORE_INDEX, Encoded, Rows
+from evotune.trainer.data import IGNORE_INDEX, Encoded, Rows, lengths
 from evotune.trainer.logs import log
 from evotune.trainer.model import resolve_model_path
 from evotune.trainer.passes import cache
@@ -119,11 +119,8 @@ class FeaturePass:
         wanted = with_inputs(selector.scores, lambda name: getattr(cfg.scoring, name, None))
         of = {source: [n for n in wanted if SCORES[n].source == source]
               for source in ("forward", "ifd", "derived", "targets", "reward", "influence")}
-        self.reward = RewardPass(cfg.scoring.reward, pool, strategy, cfg.data.max_length) \
-            if of["reward"] else None
-        if self.reward is not None and self.reward.truncated:
-            log.warning(f"scoring.reward.model: {self.reward.truncated} pool rows cut to "
-                        f"data.max_length={cfg.data.max_length} tokens for the reward model")
+        self.reward = RewardPass(cfg.scoring.reward, pool, strategy, cfg.data.max_length,
+                                 lengths(pool_enc)) if of["reward"] else None
         self.targets = {name: self._load_targets(name, tokenizer, template)
                         for name in of["targets"]}
         self.derived = of["derived"]                          # inputs before their readers
@@ -310,6 +307,10 @@ class FeaturePass:
         reward_stats = self.reward.run(self.cfg.selection.batch_size, logger, r)
         if reward_stats is not None:
             stats["reward"] = reward_stats
+            if self.reward.truncated and self.strategy.is_rank0:
+                log.warning(f"scoring.reward.model: {self.reward.truncated} pool rows cut to "
+                            f"data.max_length={self.cfg.data.max_length} tokens for the reward "
+                            f"model")
         values = self.reward.values
         if features is not None and features.positions is not None:
             values = self.strategy.broadcast_from_rank0(values)[features.positions]

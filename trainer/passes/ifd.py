@@ -60,6 +60,8 @@ Departures from the references:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from evotune.trainer.data import (ALPACA_NO_INPUT, ALPACA_WITH_INPUT, IGNORE_INDEX, Encoded,
@@ -240,24 +242,34 @@ class IfdPass:
             self.proxy = load_model(path, strategy.dtype).to(strategy.device).eval()
             if self.mode == "train":
                 template = resolve_template(cfg.data.template, tok)
-                enc = []
-                for ex in pool:
+
+                def proxy_encoded(i: int, tok=tok, template=template):
                     try:
-                        enc.append(encode(ex, tok, template, cfg.data.max_length))
+                        return encode(pool[i], tok, template, cfg.data.max_length)
                     except ValueError as e:       # no response token fits with this tokenizer
-                        enc.append(f"proxy tokenizer: {e}")
+                        return f"proxy tokenizer: {e}"
+                enc = Lazy(len(pool), proxy_encoded)
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+        # Each row's inputs are made when read, never kept for the whole pool: the pool's
+        # encodings as Python lists would cost ~40 bytes a token on every rank.
         if self.mode == "reference":
             for v in self.variants:
                 _check_variant(v)
-            self.inputs = {v: [ifd_inputs(ex.alpaca, tok, v, cfg.scoring.max_length)
-                               if ex.alpaca else "chat row: the reference IFD templates need "
-                               "instruction/input/output (scoring.template=train scores it)"
-                               for ex in pool] for v in self.variants}
+
+            def reference(i: int, v: str, tok=tok):
+                ex = pool[i]
+                return ifd_inputs(ex.alpaca, tok, v, cfg.scoring.max_length) if ex.alpaca \
+                    else ("chat row: the reference IFD templates need instruction/input/output "
+                          "(scoring.template=train scores it)")
+            self.inputs = {v: Lazy(len(pool), lambda i, v=v: reference(i, v))
+                           for v in self.variants}
         else:
             header, bos = response_header(tok, template), tok.bos_token_id
-            self.inputs = {"shared": [e if isinstance(e, str) else
-                                      (e, direct_pass(e, header, bos)) for e in enc]}
+
+            def shared(i: int):
+                e = enc[i]
+                return e if isinstance(e, str) else (e, direct_pass(e, header, bos))
+            self.inputs = {"shared": Lazy(len(enc), shared)}
         self.cache: dict[str, tuple] = {}         # a proxy's losses, computed in an earlier round
 
     @property
@@ -304,17 +316,33 @@ class IfdPass:
         label = key if key != "shared" else "IFD direct pass"
         with logger.progress(f"{_round(r)}{label}", len(scored) * (1 + need_cond)) as advance:
             cond = None
+            part = lambda j: Lazy(len(scored), lambda k: inputs[scored[k]][j])  # noqa: E731
             if need_cond:
-                cond, s1 = compute_features(model, [inputs[i][0] for i in scored], self.strategy,
-                                            pad, bs, False, ("loss",), advance)
-            direct, stats = compute_features(model, [inputs[i][1] for i in scored],
-                                             self.strategy, pad, bs, False, ("loss",), advance)
+                cond, s1 = compute_features(model, part(0), self.strategy, pad, bs, False,
+                                            ("loss",), advance)
+            direct, stats = compute_features(model, part(1), self.strategy, pad, bs, False,
+                                             ("loss",), advance)
         if need_cond:
             stats = merge_stats(s1, stats)
         if not self.strategy.is_rank0:
             return None, stats
         cond_loss = cond.scores["loss"] if need_cond else features.scores["loss"][scored]
         return (scored, cond_loss, direct.scores["loss"]), stats
+
+
+class Lazy(Sequence):
+    """``n`` rows, row ``i`` made by ``make(i)`` each time it is read (nothing kept)."""
+
+    def __init__(self, n: int, make):
+        self.n, self.make = n, make
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        return self.make(i)
 
 
 def _values(variant, inputs, scored, cond_loss, direct_loss):

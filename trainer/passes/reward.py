@@ -13,7 +13,10 @@ prompt and response, and its output is the ``reward`` score (higher = preferred)
   the same alone or in a batch.
 
 The model never changes during a run, so the pass runs once (sharded over ranks, gathered on
-rank 0) and later rounds reuse the values, as a proxy IFD model's. MoDS uses such a score for
+rank 0) and later rounds reuse the values, as a proxy IFD model's. Batches are planned by the
+rows' lengths in the training tokenizer (the token cache knows them), the same on any number
+of ranks, and each rank tokenises only its own batches' rows, as it reaches them: no rank
+holds an encoding of the whole pool. MoDS uses such a score for
 its quality step (``configs/mods_like.yaml``), DEITA for its quality scorer.
 """
 
@@ -39,7 +42,7 @@ def reward_text(messages: list[dict], tokenizer) -> str:
 class RewardPass:
     """Loads the reward model once (every rank) and scores the pool on first use."""
 
-    def __init__(self, options, pool, strategy, max_length: int):
+    def __init__(self, options, pool, strategy, max_length: int, plan_lengths):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         path = resolve_model_path(options.model)
@@ -60,17 +63,20 @@ class RewardPass:
         if n_labels > 1 and not -n_labels <= self.label < n_labels:
             raise ValueError(f"scoring.reward.label: {self.label} is not a label of {path} "
                              f"({n_labels} labels)")
-        self.encoded = []
-        self.truncated = 0
-        for ex in pool:
-            ids = tokenizer(reward_text(ex.messages, tokenizer),
-                            add_special_tokens=not getattr(tokenizer, "chat_template", None)
-                            ).input_ids
-            self.truncated += len(ids) > max_length
-            ids = ids[:max_length]
-            self.encoded.append(Encoded(ids, list(ids), False))
+        self.tokenizer, self.pool, self.max_length = tokenizer, pool, max_length
+        self.plan_lengths = plan_lengths
         self.values: np.ndarray | None = None       # rank 0, after the first run
+        self.truncated: int | None = None           # rows cut to max_length, after the run
         self._done = False
+
+    def encode(self, positions: list[int]) -> tuple[list[Encoded], int]:
+        """The rows at ``positions`` as the reward model reads them (one tokenizer call), and
+        how many were cut to ``max_length``."""
+        tok = self.tokenizer
+        texts = [reward_text(self.pool[i].messages, tok) for i in positions]
+        ids = tok(texts, add_special_tokens=not getattr(tok, "chat_template", None)).input_ids
+        cut = sum(len(row) > self.max_length for row in ids)
+        return [Encoded(row[:self.max_length], row[:self.max_length], False) for row in ids], cut
 
     @torch.no_grad()
     def run(self, batch_size: int, logger, r: int | None) -> PassStats | None:
@@ -78,12 +84,13 @@ class RewardPass:
         if self._done:
             return None
         st, start = self.strategy, time.perf_counter()
-        rows, real, padded = [], 0, 0
-        batches = plan_batches([len(e.input_ids) for e in self.encoded], batch_size)
+        rows, real, padded, cut = [], 0, 0, 0
+        batches = plan_batches(self.plan_lengths, batch_size)
         label = "" if r is None else f"round {r}: "
-        with logger.progress(f"{label}reward model", len(self.encoded)) as advance:
+        with logger.progress(f"{label}reward model", len(self.pool)) as advance:
             for positions, is_padding in shard_batches(batches, st.rank, st.world_size):
-                batch = collate([self.encoded[i] for i in positions], self.pad_id)
+                encoded, n_cut = self.encode(positions)
+                batch = collate(encoded, self.pad_id)
                 logits = self.model(input_ids=batch["input_ids"].to(st.device),
                                     attention_mask=batch["attention_mask"].to(st.device)
                                     ).logits.float()
@@ -92,14 +99,15 @@ class RewardPass:
                 values = logits[:, 0] if logits.shape[1] == 1 else \
                     torch.softmax(logits, dim=-1)[:, self.label]
                 rows.append((positions, values.double().cpu().numpy()))
+                cut += n_cut
                 real += int(batch["attention_mask"].sum())
                 padded += batch["attention_mask"].numel()
                 advance(len(positions) * st.world_size)
-        real, padded = (int(v) for v in st.all_reduce_sum([real, padded]))
+        real, padded, self.truncated = (int(v) for v in st.all_reduce_sum([real, padded, cut]))
         gathered = st.gather_to_rank0(rows)
         self._done = True
         if st.is_rank0:
-            self.values = np.full(len(self.encoded), np.nan)
+            self.values = np.full(len(self.pool), np.nan)
             for part in gathered:
                 for positions, values in part:
                     self.values[positions] = values
