@@ -73,7 +73,28 @@ def cache_key(pool_hash: str, tokenizer, template: str, max_length: int, on_erro
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
-class TokenizedPool(Sequence):
+class _Mapped(Sequence):
+    """Rows stored back to back in memory-mapped arrays, ``offsets`` (N + 1) saying where each
+    starts; a subclass makes row ``i`` from its span ``a:b`` (``row``), one row at a time."""
+    offsets: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(len(self)))]
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        return self.row(i, int(self.offsets[i]), int(self.offsets[i + 1]))
+
+    def row(self, i: int, a: int, b: int):
+        raise NotImplementedError
+
+
+class TokenizedPool(_Mapped):
     """The cached encodings of the kept pool rows, memory-mapped (see the module docstring)."""
 
     def __init__(self, directory: Path):
@@ -83,23 +104,13 @@ class TokenizedPool(Sequence):
         self.offsets, self.truncated = load("offsets"), load("truncated")
         self.lengths = np.diff(np.asarray(self.offsets))
 
-    def __len__(self) -> int:
-        return len(self.offsets) - 1
-
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [self[k] for k in range(*i.indices(len(self)))]
-        if i < 0:
-            i += len(self)
-        if not 0 <= i < len(self):
-            raise IndexError(i)
-        a, b = int(self.offsets[i]), int(self.offsets[i + 1])
+    def row(self, i: int, a: int, b: int) -> Encoded:
         ids = np.asarray(self.tokens[a:b], dtype=np.int64)
         labels = np.where(self.is_label[a:b].astype(bool), ids, IGNORE_INDEX)
         return Encoded(ids.tolist(), labels.tolist(), bool(self.truncated[i]))
 
 
-class CachedExamples(Sequence):
+class CachedExamples(_Mapped):
     """The kept pool rows as :class:`Example` objects, decoded from the cache one at a time
     (see the module docstring)."""
 
@@ -108,17 +119,7 @@ class CachedExamples(Sequence):
         self.rows = np.load(self.directory / "rows.npy", mmap_mode="r")
         self.offsets = np.load(self.directory / "row_offsets.npy", mmap_mode="r")
 
-    def __len__(self) -> int:
-        return len(self.offsets) - 1
-
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [self[k] for k in range(*i.indices(len(self)))]
-        if i < 0:
-            i += len(self)
-        if not 0 <= i < len(self):
-            raise IndexError(i)
-        a, b = int(self.offsets[i]), int(self.offsets[i + 1])
+    def row(self, i: int, a: int, b: int) -> Example:
         return Example(**json.loads(self.rows[a:b].tobytes()))
 
     def ids(self) -> list[str]:
