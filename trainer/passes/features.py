@@ -121,6 +121,7 @@ class FeaturePass:
               for source in ("forward", "ifd", "derived", "targets", "reward", "influence")}
         self.reward = RewardPass(cfg.scoring.reward, pool, strategy, cfg.data.max_length,
                                  lengths(pool_enc)) if of["reward"] else None
+        self._reward_everywhere: np.ndarray | None = None   # sharded runs: every rank
         self.targets = {name: self._load_targets(name, tokenizer, template)
                         for name in of["targets"]}
         self.derived = of["derived"]                          # inputs before their readers
@@ -313,7 +314,9 @@ class FeaturePass:
                             f"model")
         values = self.reward.values
         if features is not None and features.positions is not None:
-            values = self.strategy.broadcast_from_rank0(values)[features.positions]
+            if self._reward_everywhere is None:     # once per run: the values never change
+                self._reward_everywhere = self.strategy.broadcast_from_rank0(values)
+            values = self._reward_everywhere[features.positions]
         if features is not None:
             features.scores["reward"] = values.copy()
             features.skipped["reward"] = {}
