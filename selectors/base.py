@@ -83,6 +83,12 @@ class Features:
     extra: dict[str, np.ndarray] = field(default_factory=dict)   # saved with the round only
     positions: np.ndarray | None = None
 
+    def as_one_shard(self) -> "Features":
+        """The whole pool as one rank's shard (no copy of the rows): how a sharded rule's
+        one-process ``select`` calls its ``select_sharded``."""
+        return Features(self.embeddings, self.scores, self.skipped, self.extra,
+                        np.arange(len(self.embeddings)))
+
     def require(self, selector: str, score: str | None = None) -> None:
         """Raise ValueError naming what ``selector`` needs that the feature pass did not make."""
         if self.embeddings is None:

@@ -422,9 +422,7 @@ class ClusterQuotaSelector:
         o = self.options
         features.require(self.name, o.score if o.pick == "score" else None)
         if self.sharded:               # one process: the whole pool as one shard
-            whole = Features(features.embeddings, features.scores,
-                             positions=np.arange(len(features.embeddings)))
-            return self.select_sharded(whole, labeled,
+            return self.select_sharded(features.as_one_shard(), labeled,
                                        np.sort(np.asarray(candidates, np.int64)), n, rng,
                                        SingleProcess())
         scores = features.scores[o.score] if o.pick == "score" else None

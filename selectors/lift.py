@@ -151,9 +151,7 @@ class LiftSelector:
         """One process: :meth:`select_sharded` over the whole pool as one shard (no copy of
         the rows)."""
         features.require(self.name, self.options.score)
-        whole = Features(features.embeddings, features.scores,
-                         positions=np.arange(len(features.embeddings)))
-        return self.select_sharded(whole, labeled, np.sort(np.asarray(candidates, np.int64)),
+        return self.select_sharded(features.as_one_shard(), labeled, np.sort(np.asarray(candidates, np.int64)),
                                    n, rng, SingleProcess())
 
     sharded = True
