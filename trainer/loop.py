@@ -245,8 +245,8 @@ def load_pool(cfg: Config, tokenizer, template: str, pool_hash: str, strategy: S
     rank then maps the cache: the rows are decoded one at a time where they are read (ids,
     sources, previews for the logs, a reward model's text), never held as a list."""
     d = cfg.data
-    where = tokens.tokens_dir() / tokens.cache_key(pool_hash, tokenizer, template, d.max_length,
-                                                   d.on_error, d.max_examples)
+    where = tokens.tokens_dir() / tokens.cache_key(pool_hash, d.pool, tokenizer, template,
+                                                   d.max_length, d.on_error, d.max_examples)
 
     def ensure() -> None:
         if (where / "meta.json").is_file():

@@ -1,9 +1,9 @@
 """The pool's token cache: tokenised once, memory-mapped by every rank.
 
 Tokenising the pool as Python lists on every rank at every start costs time and about 40 bytes
-per token per rank (two lists of ints). Here the pool is tokenised once per (pool content,
-tokenizer, template, max_length, data settings) — in batches, one tokenizer call per batch of
-rows — into four arrays under ``$EVOTUNE_CACHE/tokens/<key>/`` (default ``~/.cache/evotune``):
+per token per rank (two lists of ints). Here the pool is tokenised once per (pool file and its
+content, tokenizer, template, max_length, data settings) — in batches, one tokenizer call per
+batch of rows — into four arrays under ``$EVOTUNE_CACHE/tokens/<key>/`` (default ``~/.cache/evotune``):
 
 - ``tokens.npy``: every kept row's token ids back to back (int32);
 - ``labels.npy``: 1 where the token is a training target (a response token), else 0 (uint8);
@@ -19,7 +19,7 @@ bytes per token and the rows' JSON, shared by every rank of a machine through th
 (``np.load`` with ``mmap_mode="r"``): no rank holds the pool as Python objects (about 2.2 KB a
 row on every rank before: ``benchmarks/RESULTS.md``), and only rank 0 ever reads the pool file,
 when it builds the cache. A resume, or any run with the same inputs, reuses the cache; a changed
-pool file, tokenizer, chat template or setting gets a new key. Rank 0 builds it (atomically:
+or moved pool file, tokenizer, chat template or setting gets a new key. Rank 0 builds it (atomically:
 a temporary folder renamed into place) while the others wait; then every rank maps it.
 
 :class:`TokenizedPool` is a read-only sequence of :class:`~evotune.trainer.data.Encoded`,
@@ -66,10 +66,14 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256((state + extra).encode()).hexdigest()
 
 
-def cache_key(pool_hash: str, tokenizer, template: str, max_length: int, on_error: str,
-              max_examples: int) -> str:
-    blob = json.dumps([VERSION, pool_hash, tokenizer_fingerprint(tokenizer), template,
-                       max_length, on_error, max_examples])
+def cache_key(pool_hash: str, pool_path: str | Path, tokenizer, template: str, max_length: int,
+              on_error: str, max_examples: int) -> str:
+    """The entry's name. The pool file's absolute path is part of it as well as its content:
+    the cached rows and skip messages name the file they came from (``file:line``), which a
+    copy of the pool elsewhere must not inherit."""
+    blob = json.dumps([VERSION, pool_hash, str(Path(pool_path).resolve()),
+                       tokenizer_fingerprint(tokenizer), template, max_length, on_error,
+                       max_examples])
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 

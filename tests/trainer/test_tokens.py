@@ -4,6 +4,8 @@ memory-mapped pool reads back what was written, and a run builds the cache once 
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -67,17 +69,19 @@ def test_a_bad_row_is_refused_as_encode_all_refuses_it(tokenizer, tmp_path):
 
 
 def test_the_key_follows_every_input(tokenizer):
-    base = tokens.cache_key("h", tokenizer, "chat", 256, "skip", 0)
-    assert base == tokens.cache_key("h", tokenizer, "chat", 256, "skip", 0)
-    assert len({base, tokens.cache_key("h2", tokenizer, "chat", 256, "skip", 0),
-                tokens.cache_key("h", tokenizer, "alpaca", 256, "skip", 0),
-                tokens.cache_key("h", tokenizer, "chat", 128, "skip", 0),
-                tokens.cache_key("h", tokenizer, "chat", 256, "error", 0),
-                tokens.cache_key("h", tokenizer, "chat", 256, "skip", 10)}) == 6
+    base = tokens.cache_key("h", "p", tokenizer, "chat", 256, "skip", 0)
+    assert base == tokens.cache_key("h", "p", tokenizer, "chat", 256, "skip", 0)
+    assert len({base, tokens.cache_key("h2", "p", tokenizer, "chat", 256, "skip", 0),
+                tokens.cache_key("h", "p", tokenizer, "alpaca", 256, "skip", 0),
+                tokens.cache_key("h", "p", tokenizer, "chat", 128, "skip", 0),
+                tokens.cache_key("h", "p", tokenizer, "chat", 256, "error", 0),
+                tokens.cache_key("h", "p", tokenizer, "chat", 256, "skip", 10),
+                tokens.cache_key("h", "elsewhere/p", tokenizer, "chat", 256, "skip", 0)}) == 7
+    assert base == tokens.cache_key("h", Path("p").resolve(), tokenizer, "chat", 256, "skip", 0)
     original = tokenizer.chat_template
     try:
         tokenizer.chat_template = original + " "
-        assert tokens.cache_key("h", tokenizer, "chat", 256, "skip", 0) != base
+        assert tokens.cache_key("h", "p", tokenizer, "chat", 256, "skip", 0) != base
     finally:
         tokenizer.chat_template = original
 
@@ -97,3 +101,13 @@ def test_a_run_builds_the_cache_once_and_the_next_reuses_it(tmp_path, tiny_model
     # the same rows and picks either way
     report = [json.loads((tmp_path / d / "data_report.json").read_text()) for d in ("out", "out2")]
     assert report[0] == report[1]
+    # the same rows in another file: a new entry, whose rows name that file (selected.jsonl is
+    # written from them)
+    moved = Path(shutil.copy(POOL_TINY, tmp_path / "moved.jsonl"))
+    third = run_train(["--config", str(cfg), f"output.dir={tmp_path / 'out3'}",
+                       f"data.pool={moved}"], env=env)
+    assert "pool tokens: cached in" in third.stderr
+    assert len(list((tmp_path / "cache" / "tokens").iterdir())) == 2
+    skipped = json.loads((tmp_path / "out3" / "data_report.json").read_text())
+    assert str(moved) in json.dumps(skipped) and str(POOL_TINY) not in json.dumps(skipped)
+    assert (tmp_path / "out3" / "selected.jsonl").is_file()
