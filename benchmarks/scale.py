@@ -31,6 +31,12 @@ the smallest N only.
 objects on every rank (``load_examples``, before 2026-12-02) against mapped from the token
 cache (``tokens.CachedExamples``, now), over N cycled chat rows.
 
+``--parts save``: writing a sharded round's embeddings to one whole-pool file on rank 0
+(``features.npz``, the base-model cache) from N synthetic rows held by 1 and 2 ranks: gathered
+to rank 0 first (``gather_shards``, then ``np.savez``: how it was done until 2026-12-02)
+against streamed a block at a time (``trainer/passes/streamed.py``), and read back into
+shards (``read_shard``): peak RSS per rank and wall time; the files are checked to be equal.
+
 ``--parts features``: the feature pass (``compute_features``, hidden-state embeddings kept on
 their ranks as a sharded rule gets them) with the tiny 2-layer, 32-wide test model over the
 cached pool, on 1 and 2 ranks set up by the run's own ``Strategy`` (gloo): wall time and peak
@@ -247,6 +253,66 @@ def part_kcenter(args) -> str:
 
 
 
+def _save_rank(rank, world, port, n, mode, path, out):
+    """One rank of ``--parts save``: its synthetic rows written to ``path`` by ``mode``."""
+    dist = _join(rank, world, port)
+    from evotune.selectors.base import Features
+    from evotune.trainer.config import Config
+    from evotune.trainer.engine import Strategy
+    from evotune.trainer.passes.forward import gather_shards
+    from evotune.trainer.passes.streamed import read_shard, save_pool_array
+    strategy = Strategy(Config())
+    strategy.rank, strategy.world_size = rank, world
+    pos = rows_of(rank, world, n)
+    shard = Features(synthetic(pos, DIM), positions=pos)
+    dist.barrier()
+    t0 = time.perf_counter()
+    if mode == "gathered":
+        whole = gather_shards(strategy, shard, n)
+        if whole is not None:
+            np.savez(path, embeddings=whole.embeddings.astype(np.float16))
+        del whole
+    elif mode == "streamed":
+        error = save_pool_array(strategy, path, {}, "embeddings", pos, shard.embeddings, n,
+                                np.float16)
+        assert error is None, error
+    else:                                     # read back: a contiguous run of rows per rank
+        mine = np.arange(n * rank // world, n * (rank + 1) // world)
+        got = read_shard(strategy, path, "embeddings", mine)
+        assert got is not None and len(got) == len(mine)
+    dist.barrier()
+    out.put({"rank": rank, "peak_mib": peak_mib(), "own_mib": shard.embeddings.nbytes / 2**20,
+             "seconds": time.perf_counter() - t0})
+    dist.destroy_process_group()
+
+
+def part_save(args, work: Path) -> str:
+    lines = [f"A sharded round's embeddings (D = {DIM}, synthetic fp32, written as fp16) to one "
+             f"file on rank 0, one thread per rank; peak = each rank's peak RSS (Python, torch, "
+             f"its own rows)\n",
+             "| N | ranks | how | own rows per rank | peak RSS rank 0 | peak RSS other ranks | "
+             "wall |", "|---|---|---|---|---|---|---|"]
+    for n in args.sizes:
+        for world in args.ranks:
+            files = {}
+            for mode in ("gathered", "streamed", "read back"):
+                path = work / f"save-{n}-{world}-{mode if mode != 'read back' else 'streamed'}.npz"
+                files[mode] = path
+                res = _in_process(_save_rank, n, mode, str(path), world=world)
+                others = [r["peak_mib"] for r in res[1:]]
+                lines.append(f"| {n:,} | {world} | {mode} | {res[0]['own_mib']:,.0f} MiB | "
+                             f"{res[0]['peak_mib']:,.0f} MiB | "
+                             f"{f'{max(others):,.0f} MiB' if others else '–'} | "
+                             f"{max(r['seconds'] for r in res):.1f} s |")
+                print(lines[-1], flush=True)
+            with np.load(files["gathered"]) as a, np.load(files["streamed"]) as b:
+                same = np.array_equal(a["embeddings"], b["embeddings"], equal_nan=True)
+            lines.append(f"| | | files equal | {'yes' if same else 'NO'} | | | |")
+            for path in files.values():
+                path.unlink(missing_ok=True)
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------- tokens, features
 
 def write_pool(path: Path, n: int) -> None:
@@ -453,7 +519,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--parts", nargs="+", default=["kcenter"],
                    choices=["kcenter", "lift", "weighted", "repr", "cluster", "examples",
-                            "tokens", "features"])
+                            "tokens", "save", "features"])
     p.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
     p.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
     p.add_argument("--labeled", type=int, default=1000)
@@ -477,6 +543,8 @@ def main() -> int:
             report.append(part_examples(args, work))
         if "tokens" in args.parts:
             report.append(part_tokens(args, work))
+        if "save" in args.parts:
+            report.append(part_save(args, work))
         if "features" in args.parts:
             report.append(part_features(args, work))
     text = "\n".join(report)

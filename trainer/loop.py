@@ -37,6 +37,7 @@ from evotune.trainer.model import (build_trainable_model, check_lora_targets, ex
                                    resolve_model_path)
 from evotune.trainer.passes.features import FeaturePass, PassResult, mark_unsampled
 from evotune.trainer.passes.forward import PassStats, gather_shards
+from evotune.trainer.passes.streamed import save_pool_array
 from evotune.trainer.selected import write_selected
 from evotune.trainer.state import (STATE_FILE, ResumePlan, RoundState, capture_rng, crash_point,
                                    derive_seed, fsync_tree, last_completed_round,
@@ -509,9 +510,11 @@ def choose(r: int, cfg: Config, data: RunData, model: RoundModel, progress: Prog
                                                 strategy.comm)
         except ValueError as e:                    # raised alike on every rank
             raise StartError(f"ValueError: {e}") from e
-        features = gather_shards(strategy, shard, len(data.pool), cfg.output.save_features)
+        features = gather_shards(strategy, shard, len(data.pool), embeddings=False)
         if features is not None and measured is not None:
             mark_unsampled(features, measured)
+        if cfg.output.save_features:
+            save_features_sharded(round_dir(out, r), features, shard, data, strategy)
     else:
         def select() -> Selection:
             found = result.features or Features()
@@ -570,13 +573,30 @@ def write_selection(rdir: Path, r: int, choice: Choice, data: RunData,
         rows.append(json.dumps(row, ensure_ascii=False))
     write_text_atomic(rdir / "selection.jsonl", "".join(line + "\n" for line in rows))
     write_json_atomic(rdir / "selector_state.json", choice.selector.state_dict())
-    if features is not None and features.positions is None and save_features:
-        arrays = {f"score_{k}": v for k, v in features.scores.items()}
+    if features is not None and save_features and not choice.sharded:
+        arrays = _features_arrays(features, data)
         if features.embeddings is not None:
             arrays["embeddings"] = features.embeddings.astype(np.float16)
-        arrays.update(features.extra)
-        ids = np.array(data.pool.ids())
-        write_bytes_atomic(rdir / "features.npz", lambda tmp: np.savez(tmp, ids=ids, **arrays))
+        write_bytes_atomic(rdir / "features.npz", lambda tmp: np.savez(tmp, **arrays))
+
+
+def _features_arrays(features: Features, data: RunData) -> dict[str, np.ndarray]:
+    """``features.npz`` but the embeddings: the pool's ids, ``score_<name>``, the extras."""
+    return {"ids": np.array(data.pool.ids()),
+            **{f"score_{k}": v for k, v in features.scores.items()}, **features.extra}
+
+
+def save_features_sharded(rdir: Path, features: Features | None, shard: Features,
+                          data: RunData, strategy: Strategy) -> None:
+    """Every rank, for sharded features: the round's ``features.npz`` as ``write_selection``
+    writes it for gathered ones (``features``: the gathered scores on rank 0), its embeddings
+    sent to rank 0 a block of rows at a time (``passes/streamed.py``), so no rank holds N × D.
+    Raises OSError on every rank when rank 0 cannot write it."""
+    arrays = _features_arrays(features, data) if strategy.is_rank0 else None
+    error = save_pool_array(strategy, rdir / "features.npz", arrays, "embeddings",
+                            shard.positions, shard.embeddings, len(data.pool), np.float16)
+    if error is not None:
+        raise OSError(f"{rdir / 'features.npz'}: {error}")
 
 
 # ----------------------------------------------------------------------------- train, evaluate

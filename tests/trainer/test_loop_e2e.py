@@ -696,31 +696,39 @@ def test_every_preset_runs(preset, tmp_path, tiny_model_dir):
 def test_base_model_features_are_reused_across_runs_and_keyed_by_their_settings(
         tmp_path, tiny_model_dir):
     """Round 0 chosen by the base model: a second run (another seed) on the same pool reads the
-    first run's features from the cache; a changed pass setting computes them again."""
+    first run's features from the cache; a changed pass setting computes them again. The rule
+    (weighted) selects sharded: a 2-rank run reads a 1-rank run's entry, and writes one that a
+    1-rank run reads, each rank's rows streamed through rank 0 (passes/streamed.py)."""
     env = {"EVOTUNE_CACHE": str(tmp_path / "cache")}
     selection = {"selector": "weighted", "weighted": {"score": "length", "alpha": 1.0},
                  "first_round": "selector", "rounds": 1, "init_size": 6}
 
-    def run(name, seed, **extra):
+    def run(name, seed, ranks=None, **extra):
         cfg = write_config(tmp_path / f"{name}.yaml", tiny_model_dir, tmp_path / name,
                            seed=seed, selection={**selection, **extra})
-        proc = run_train(["--config", str(cfg)], env=env)
+        proc = run_train(["--config", str(cfg)], env=env, ranks=ranks)
         rdir = tmp_path / name / "rounds" / "round_000"
         with np.load(rdir / "features.npz") as f:
             arrays = {k: f[k] for k in f.files}
+        arrays["picks"] = [json.loads(line)["pool_index"] for line in
+                           (rdir / "selection.jsonl").read_text().splitlines()]
         return proc, json.loads((rdir / "summary.json").read_text()), arrays
 
     _, first, a = run("a", 1)
-    proc, second, b = run("b", 2)
+    proc, second, b = run("b", 2, ranks=2)
     assert first["cached_passes"] == [] and second["cached_passes"] == ["features"]
     assert "reused from the cache" in proc.stderr
     assert second["tokens"]["features"] == first["tokens"]["features"] > 0
-    for key in ("embeddings", "score_length"):
+    for key in ("embeddings", "score_length", "ids", "picks"):
         assert np.array_equal(a[key], b[key])
     assert len(list((tmp_path / "cache" / "features").glob("*.npz"))) == 1
-    _, third, c = run("c", 1, pooling="last")
+    _, third, c = run("c", 1, ranks=2, pooling="last")
     assert third["cached_passes"] == [] and not np.array_equal(a["embeddings"], c["embeddings"])
     assert len(list((tmp_path / "cache" / "features").glob("*.npz"))) == 2
+    _, fourth, d = run("d", 3, pooling="last")
+    assert fourth["cached_passes"] == ["features"]
+    for key in ("embeddings", "score_length", "picks"):
+        assert np.array_equal(c[key], d[key])
 
 
 # ----------------------------------------------------------------------------- refused at the door

@@ -18,12 +18,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import zipfile
 from pathlib import Path
 
 import numpy as np
 
 from evotune.selectors.base import Features
-from evotune.trainer.passes.forward import PassStats
+from evotune.trainer.passes.forward import PassStats, gather_shards
+from evotune.trainer.passes.streamed import read_shard, save_pool_array, write_npz
 from evotune.trainer.state import cache_root, write_bytes_atomic, write_json_atomic
 
 VERSION = 1
@@ -51,38 +53,106 @@ def features_key(spec: dict) -> str:
     return hashlib.sha256(blob).hexdigest()[:32]
 
 
-def load(key: str) -> tuple[Features, dict[str, PassStats]] | None:
-    """The cached features and the statistics of the passes that made them, or None."""
+def _paths(key: str) -> tuple[Path, Path]:
     base = cache_dir() / key
-    npz, meta = base.with_suffix(".npz"), base.with_suffix(".json")
+    return base.with_suffix(".npz"), base.with_suffix(".json")
+
+
+def _arrays(features: Features) -> dict[str, np.ndarray]:
+    """The entry's arrays other than the embeddings."""
+    arrays = {f"score:{k}": v for k, v in features.scores.items()}
+    arrays.update({f"extra:{k}": v for k, v in features.extra.items()})
+    return arrays
+
+
+def _meta(features: Features, stats: dict[str, PassStats]) -> dict:
+    return {"skipped": {name: {str(i): why for i, why in reasons.items()}
+                        for name, reasons in features.skipped.items()},
+            "stats": {name: [s.seconds, s.tokens, s.padded_tokens] for name, s in stats.items()}}
+
+
+def _read(key: str, embeddings: bool) -> tuple[Features, dict[str, PassStats], bool] | None:
+    """The entry's features (with the embeddings when asked), its pass statistics and whether
+    it holds embeddings; None when there is none or it cannot be read."""
+    npz, meta = _paths(key)
     if not (npz.is_file() and meta.is_file()):
         return None
     try:
         info = json.loads(meta.read_text())
         with np.load(npz) as f:
+            has = "embeddings" in f.files
             features = Features(
-                embeddings=f["embeddings"] if "embeddings" in f.files else None,
+                embeddings=f["embeddings"] if has and embeddings else None,
                 scores={k[6:]: f[k] for k in f.files if k.startswith("score:")},
                 extra={k[6:]: f[k] for k in f.files if k.startswith("extra:")})
-    except (OSError, ValueError, KeyError):        # torn or foreign: compute again
+        features.skipped = {name: {int(i): why for i, why in reasons.items()}
+                            for name, reasons in info["skipped"].items()}
+        stats = {name: PassStats(*s, cached=True) for name, s in info["stats"].items()}
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):  # torn or foreign: compute again
         return None
-    features.skipped = {name: {int(i): why for i, why in reasons.items()}
-                        for name, reasons in info["skipped"].items()}
-    stats = {name: PassStats(*s, cached=True) for name, s in info["stats"].items()}
-    return features, stats
+    return features, stats, has
+
+
+def load(key: str) -> tuple[Features, dict[str, PassStats]] | None:
+    """The cached features and the statistics of the passes that made them, or None."""
+    found = _read(key, embeddings=True)
+    return None if found is None else found[:2]
 
 
 def save(key: str, features: Features, stats: dict[str, PassStats]) -> None:
     """Store features atomically (the arrays first, the description last: a reader that finds
     the description finds whole arrays)."""
-    base = cache_dir() / key
-    base.parent.mkdir(parents=True, exist_ok=True)
-    arrays = {f"score:{k}": v for k, v in features.scores.items()}
-    arrays.update({f"extra:{k}": v for k, v in features.extra.items()})
+    npz, meta = _paths(key)
+    npz.parent.mkdir(parents=True, exist_ok=True)
+    arrays = _arrays(features)
     if features.embeddings is not None:
         arrays["embeddings"] = features.embeddings
-    write_bytes_atomic(base.with_suffix(".npz"), lambda tmp: np.savez(tmp, **arrays))
-    write_json_atomic(base.with_suffix(".json"), {
-        "skipped": {name: {str(i): why for i, why in reasons.items()}
-                    for name, reasons in features.skipped.items()},
-        "stats": {name: [s.seconds, s.tokens, s.padded_tokens] for name, s in stats.items()}})
+    write_bytes_atomic(npz, lambda tmp: write_npz(tmp, arrays))
+    write_json_atomic(meta, _meta(features, stats))
+
+
+def load_shard(key: str, strategy, n: int) -> tuple[Features, dict[str, PassStats]] | None:
+    """Every rank: its shard of the cached features of an ``n``-row pool — a contiguous run of
+    positions, ``n / ranks`` rows — or None on every rank when rank 0 finds no readable entry.
+    Rank 0 reads the entry and sends the scores and skip reasons (O(N) numbers) and the
+    embeddings a block at a time (``streamed.py``): no rank holds N × D. ``extra`` arrays stay
+    on rank 0, as with a sharded pass."""
+    found = _read(key, embeddings=False) if strategy.is_rank0 else None
+    head = None if found is None else (found[0].scores, found[0].skipped, found[1], found[2])
+    head = strategy.broadcast_from_rank0(head)
+    if head is None:
+        return None
+    scores, skipped, stats, has_embeddings = head
+    rank, world = strategy.rank, strategy.world_size
+    positions = np.arange(n * rank // world, n * (rank + 1) // world, dtype=np.int64)
+    a, b = (int(positions[0]), int(positions[-1]) + 1) if len(positions) else (0, 0)
+    shard = Features(scores={k: v[a:b].copy() for k, v in scores.items()},
+                     skipped={name: {i: why for i, why in reasons.items() if a <= i < b}
+                              for name, reasons in skipped.items()},
+                     extra=found[0].extra if found is not None else {}, positions=positions)
+    if has_embeddings:
+        shard.embeddings = read_shard(strategy, _paths(key)[0], "embeddings", positions)
+        if shard.embeddings is None:
+            return None
+    return shard, stats
+
+
+def save_shard(key: str, shard: Features, stats: dict[str, PassStats], strategy,
+               n: int) -> str | None:
+    """Every rank: store sharded features like :func:`save`, rank 0 writing the entry while
+    every rank sends its rows a block at a time (``streamed.py``: no rank holds N × D). Returns
+    why the entry could not be written (on every rank), or None."""
+    whole = gather_shards(strategy, shard, n, embeddings=False)
+    npz, meta = _paths(key)
+    arrays = None
+    if strategy.is_rank0:
+        npz.parent.mkdir(parents=True, exist_ok=True)
+        arrays = _arrays(whole)
+    error = save_pool_array(strategy, npz, arrays, "embeddings", shard.positions,
+                            shard.embeddings, n)
+    if error is None and strategy.is_rank0:
+        try:
+            write_json_atomic(meta, _meta(whole, stats))
+        except OSError as e:
+            error = f"{type(e).__name__}: {e}"
+    return strategy.broadcast_from_rank0(error)

@@ -189,9 +189,8 @@ class FeaturePass:
     def base_cache_key(self, model_path, pool_hash: str, template: str, dtype) -> str | None:
         """The key of these features for the base model at ``model_path`` in the base-model
         cache (``trainer/passes/cache.py``), or None when they cannot be cached (gradients). A
-        cached pass runs gathered even for a sharded rule: the cache is one whole-pool file on
-        rank 0, and the rule then selects there, with the same picks (``scoring.base_cache:
-        false`` keeps a large pool's round 0 sharded)."""
+        sharded rule's features go to and come from the cache sharded: rank 0 writes and reads
+        the one whole-pool file a block of rows at a time (``streamed.py``)."""
         if self.influence is not None:
             return None
         cfg, sc = self.cfg, self.cfg.scoring
@@ -228,19 +227,47 @@ class FeaturePass:
         IFD proxy score the whole pool anyway (once per run).
         """
         if cache_key is not None:
-            found = cache.load(cache_key) if self.strategy.is_rank0 else None
-            if self.strategy.broadcast_from_rank0(found is not None if self.strategy.is_rank0
-                                                  else None):
-                if found is not None:
-                    log.info(f"{_round(r)}features of the base model reused from the cache "
-                             f"({cache.cache_dir() / cache_key}.npz)")
-                features, stats = found if found is not None else (None, {})
-                return PassResult(features, stats, candidates)
+            found = self._from_cache(cache_key, r)
+            if found is not None:
+                return PassResult(*found, candidates)
         result = self._run(model, logger, r, engine, candidates, labeled, run_dir, measured,
-                           self.sharded and cache_key is None)
-        if cache_key is not None and result.features is not None:
-            cache.save(cache_key, result.features, result.stats)
+                           self.sharded)
+        if cache_key is not None:
+            self._to_cache(cache_key, result)
         return result
+
+    def _from_cache(self, key: str, r: int | None):
+        """(features, stats) of the base model from the cache, or None on every rank (no entry,
+        or a torn one). Sharded: every rank gets a shard (``cache.load_shard``); else rank 0
+        the whole pool's features and the other ranks None."""
+        path = f"{cache.cache_dir() / key}.npz"
+        if self.sharded:
+            found = cache.load_shard(key, self.strategy, len(self.pool_enc))
+        else:
+            found = cache.load(key) if self.strategy.is_rank0 else None
+            if not self.strategy.broadcast_from_rank0(found is not None
+                                                      if self.strategy.is_rank0 else None):
+                return None
+            found = found if found is not None else (None, {})
+        if found is not None:
+            log.info(f"{_round(r)}features of the base model reused from the cache ({path})")
+        return found
+
+    def _to_cache(self, key: str, result: PassResult) -> None:
+        """Keep the base model's features (sharded: every rank takes part and no rank holds
+        N × D). A failed write is a warning: the run has its features either way."""
+        error = None
+        if self.sharded:
+            error = cache.save_shard(key, result.features, result.stats, self.strategy,
+                                     len(self.pool_enc))
+        elif result.features is not None:
+            try:
+                cache.save(key, result.features, result.stats)
+            except OSError as e:
+                error = f"{type(e).__name__}: {e}"
+        if error is not None and self.strategy.is_rank0:
+            log.warning(f"base-model features not cached ({cache.cache_dir() / key}.npz): "
+                        f"{error}")
 
     def _run(self, model, logger, r, engine, candidates, labeled, run_dir, measured,
              sharded: bool) -> PassResult:
