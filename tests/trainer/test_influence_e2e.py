@@ -178,6 +178,35 @@ def test_gradient_embeddings_feed_the_diversity_rules(tmp_path, tiny_model_dir, 
     assert {p["pool_index"] for p in picks(out, 1)} <= set(f["grad_sample"].tolist())
 
 
+def test_gradient_embeddings_stay_sharded_and_pick_like_one_rank(tmp_path, tiny_model_dir):
+    """Without a validation set a sharded rule keeps each rank's projected gradients there
+    (cluster_quota's mini-batch KMeans, TAGCOS's centroid pick): 2 ranks pick what 1 rank picks,
+    and features.npz (its embeddings streamed to rank 0) holds the same gradient rows."""
+    runs = {}
+    for ranks in (1, 2):
+        runs[ranks] = tmp_path / f"out{ranks}"
+        cfg = write_config(tmp_path / f"cfg{ranks}.yaml", tiny_model_dir, runs[ranks],
+                           selection={"selector": "cluster_quota", "embedding": "gradient",
+                                      "rounds": 2, "cluster_quota": {
+                                          "pick": "centroid", "n_clusters": 3,
+                                          "kmeans": "minibatch", "batch_size": 8}},
+                           influence={"dim": 256, "candidates": 0.5})
+        run_train(["--config", str(cfg)], ranks=ranks if ranks > 1 else None)
+    assert [p["pool_index"] for p in picks(runs[1], 1)] == \
+        [p["pool_index"] for p in picks(runs[2], 1)]
+    a, b = (np.load(o / "rounds" / "round_001" / "features.npz") for o in runs.values())
+    assert np.array_equal(a["grad_sample"], b["grad_sample"])
+    ea, eb = a["embeddings"].astype(np.float32), b["embeddings"].astype(np.float32)
+    assert np.array_equal(np.isfinite(ea), np.isfinite(eb))
+    assert np.allclose(ea[np.isfinite(ea)], eb[np.isfinite(eb)], atol=2e-3)   # fp16 in the file
+    labeled = [p["pool_index"] for p in picks(runs[2], 0)]
+    assert sorted(np.flatnonzero(np.isfinite(eb).all(axis=1))) == \
+        sorted(set(b["grad_sample"]) | set(labeled))
+    for o in runs.values():
+        summary = json.loads((o / "rounds" / "round_001" / "summary.json").read_text())
+        assert summary["selected_on"] == "every rank"
+
+
 def test_explicit_reference_model_with_label_smoothing(tmp_path, tiny_model_dir):
     """With label smoothing the DPO gradient's sign depends on the reference model: each pair's
     saved direction is the reference-free one times -sign(coef), coef = d loss / d margin =

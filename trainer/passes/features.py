@@ -147,8 +147,11 @@ class FeaturePass:
         hidden_only = self.needs_embeddings and not self.gradient_embeddings and \
             sources <= per_rank
         influence_only = not self.needs_embeddings and sources == {"influence"}
-        self.sharded = bool(getattr(selector, "sharded", False) and (hidden_only or
-                                                                     influence_only))
+        # Gradient embeddings alone (TAGCOS's features; no score, no validation set): each
+        # rank keeps the projected gradients it computed.
+        gradient_only = self.gradient_embeddings and not sources and not self.influence.val
+        self.sharded = bool(getattr(selector, "sharded", False) and (
+            hidden_only or influence_only or gradient_only))
 
     def _load_targets(self, name: str, tokenizer, template: str):
         """The target rows of score ``name`` (its ``targets`` file), encoded like the pool."""
@@ -170,8 +173,8 @@ class FeaturePass:
         if self.sharded:
             return (f"selection ({rule}): on every rank over its own rows (nothing N × D on "
                     f"one rank)")
-        why = "gradient embeddings" if self.gradient_embeddings else \
-            "no sharded form with these scores"
+        why = "gradient embeddings with scores or a validation set, or a rule without a " \
+            "sharded form" if self.gradient_embeddings else "no sharded form with these scores"
         return (f"selection ({rule}): on rank 0 over the features gathered there ({why}; "
                 f"README, Large pools)")
 
@@ -306,8 +309,11 @@ class FeaturePass:
             found, stats["influence"] = self.influence.run(
                 engine, candidates, r, logger, labeled, self.gradient_embeddings, run_dir,
                 sharded=sharded)
-            if sharded:                           # this rank's sampled candidates only
+            if sharded:                  # this rank's sampled candidates (and selected rows)
                 self._warn_non_finite_shard(found, r)
+                if self.gradient_embeddings:         # only the sample has embeddings
+                    candidates = np.intersect1d(candidates, self.strategy.broadcast_from_rank0(
+                        found.extra.get("grad_sample")))
                 return PassResult(found, stats, candidates)
             if features is not None:
                 features.scores.update(found.scores)

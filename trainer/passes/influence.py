@@ -20,8 +20,9 @@ The validation features (a few rows) reach every rank; with the influence rule (
 each rank scores its own candidates and keeps them (the rule ranks them with a distributed
 top-k): rank 0 gathers only the scores (S + 1 numbers per candidate) and, with
 ``output.save_features``, the projected features for the round's ``features.npz``
-(``grad_train``, ``grad_val``, fp16). Gradient embeddings (TAGCOS) are gathered on rank 0 for
-the whole-matrix rules that read them. Every finished batch is also written to
+(``grad_train``, ``grad_val``, fp16). Gradient embeddings (TAGCOS) stay on their ranks for a
+sharded rule without a validation set (k-center, ``cluster_quota`` with ``kmeans: minibatch``)
+and are gathered on rank 0 for the others. Every finished batch is also written to
 ``OUT/partial/round_XXX/`` until the round completes, so a resumed round reuses it.
 
 Departures from LESS: the checkpoints are the loop's rounds (LESS sums the four epoch
@@ -115,18 +116,21 @@ class InfluencePass:
         positions as (N, dim) ``embeddings`` (NaN rows elsewhere); and the pass statistics
         (tokens forwarded and backpropagated, all ranks).
 
-        ``sharded`` (the influence rule; not with ``embeddings``): every rank returns its shard
-        instead — the scores of its own sampled candidates (``Features.positions``); rank 0's
-        also holds the skip reasons of the rows outside the sample and the ``extra`` arrays
-        (``grad_train`` of every rank only with ``output.save_features``).
+        ``sharded`` (the influence rule, or a sharded rule on gradient embeddings without a
+        validation set): every rank returns its shard instead — the scores of its own sampled
+        candidates (``Features.positions``), or its rows' gradient embeddings (sampled and
+        ``labeled``); rank 0's also holds the skip reasons of the rows outside the sample and
+        the ``extra`` arrays (``grad_train`` of every rank only with ``output.save_features``
+        and no embeddings: sharded embeddings reach ``features.npz`` themselves, streamed).
 
         ``run_dir``: the run's output dir, where the pass keeps its finished batches until the
         round is complete (``partial/``, see :meth:`_features`), reads the earlier rounds'
         terms (``influence.checkpoints: all``) and writes this round's (``influence_terms.npz``,
         rank 0). Without it (outside a run) the pass keeps nothing and scores with this model
         only."""
-        if sharded and embeddings:
-            raise ValueError("gradient embeddings are gathered on rank 0; no sharded pass")
+        if sharded and embeddings and self.val:
+            raise ValueError("sharded gradient embeddings are computed without a validation "
+                             "set; with one they are gathered on rank 0")
         self._round = r
         shard_dir = partial_dir(run_dir, r) if run_dir is not None else None
         st, icfg = self.strategy, self.icfg
@@ -164,10 +168,10 @@ class InfluencePass:
         if sharded:
             mine = np.array(sorted(item for item, _ in train_rows), dtype=np.int64)
             train = _assemble([train_rows], mine)
-            save = self.cfg.output.save_features
+            save = self.cfg.output.save_features and not embeddings
             gathered = st.gather_to_rank0((mine, train.astype(np.float16)) if save else None)
             val = st.broadcast_from_rank0(val)             # V x dim: a few rows, every rank
-            shard = Features(positions=mine)
+            shard = Features(embeddings=train if embeddings else None, positions=mine)
             if st.is_rank0:
                 shard.extra = {"grad_sample": sample}
                 if save:

@@ -2,7 +2,7 @@
 of non-finite values."""
 
 import numpy as np
-from helpers import POOL_TINY
+from helpers import EVAL_TINY, POOL_TINY
 
 from evotune.selectors.base import Features
 from evotune.selectors.registry import build
@@ -43,8 +43,20 @@ def test_kcenter_needs_only_embeddings_and_random_needs_no_pass(tokenizer):
     assert fp.derived == [] and fp.needed
     assert not plan(tokenizer, "selection.selector=random").needed
     # k-center alone keeps its embeddings sharded over the ranks (a round 0 read from the
-    # base-model cache runs gathered: test_loop_e2e's cache test)
+    # base-model cache too: test_loop_e2e's cache test)
     assert fp.sharded
+
+
+def test_gradient_embeddings_stay_sharded_without_scores_or_a_validation_set(tokenizer):
+    grad = "selection.embedding=gradient"
+    fp = plan(tokenizer, grad)
+    assert fp.gradient_embeddings and fp.influence is not None and fp.sharded
+    centroid = ("selection.selector=cluster_quota", "selection.cluster_quota.pick=centroid")
+    assert plan(tokenizer, grad, *centroid, "selection.cluster_quota.kmeans=minibatch").sharded
+    # TAGCOS's full KMeans has no sharded form; a validation set's scores are gathered
+    tagcos = plan(tokenizer, grad, *centroid)
+    assert not tagcos.sharded and "gradient embeddings" in tagcos.where_selected("x")
+    assert not plan(tokenizer, grad, f"influence.validation={EVAL_TINY}").sharded
 
 
 def test_a_filter_score_is_computed_too(tokenizer):
