@@ -173,6 +173,38 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def spawn_ranks(work, world: int, *args, timeout: int = 180) -> list:
+    """``work(rank, world, port, *args)`` in ``world`` spawned processes, the ranks of a gloo
+    group that ``work`` joins on ``port`` (a module-level function, so the children can import
+    it); their return values by rank. A rank that raises fails the test with its traceback
+    rather than leaving the others to time out."""
+    import multiprocessing as mp
+    ctx = mp.get_context("spawn")
+    out, port = ctx.Queue(), _free_port()
+    procs = [ctx.Process(target=_rank_main, args=(work, r, world, port, args, out))
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    got = {}
+    while len(got) < world:
+        rank, crash, value = out.get(timeout=timeout)
+        assert crash is None, f"rank {rank}: {crash}"
+        got[rank] = value
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    return [got[r] for r in range(world)]
+
+
+def _rank_main(work, rank: int, world: int, port: int, args: tuple, out) -> None:
+    try:
+        out.put((rank, None, work(rank, world, port, *args)))
+    except BaseException:
+        import traceback
+        out.put((rank, traceback.format_exc(), None))
+        raise
+
+
 def build_tiny_model(out_dir, tokenizer_dir) -> Path:
     """Save a tiny randomly initialised Llama (hidden 32, 2 layers) and a real tokenizer, for tests.
 

@@ -3,12 +3,11 @@ and distances are exactly those of the single-process rule on the same embedding
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 
 import numpy as np
 import pytest
-from helpers import _free_port, shard_rows
+from helpers import shard_rows, spawn_ranks
 
 from evotune.selectors.kcenter import kcenter_greedy
 
@@ -29,7 +28,7 @@ def cases() -> list[dict]:
     ]
 
 
-def _worker(rank: int, world: int, port: int, out) -> None:
+def _work(rank: int, world: int, port: int) -> list:
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     import torch.distributed as dist
     from evotune.selectors.kcenter import kcenter_sharded
@@ -46,22 +45,13 @@ def _worker(rank: int, world: int, port: int, out) -> None:
                                        emb[lab].reshape(len(lab), emb.shape[1]), case["n"],
                                        TorchComm(), case["chunk"])
         results.append((picks.tolist(), dists.tolist()))
-    out.put((rank, results))
     dist.destroy_process_group()
+    return results
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_sharded_kcenter_picks_what_one_process_picks(world):
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, out)) for r in range(world)]
-    for p in procs:
-        p.start()
-    got = dict(out.get(timeout=120) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    got = spawn_ranks(_work, world, timeout=120)
     for k, case in enumerate(cases()):
         labeled = np.array(case["labeled"], dtype=np.int64)
         candidates = np.setdiff1d(np.arange(len(case["emb"])), labeled)

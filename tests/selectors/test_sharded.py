@@ -8,12 +8,11 @@ functions and ``np.lexsort`` over the whole pool."""
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 
 import numpy as np
 import pytest
-from helpers import _free_port, shard_rows
+from helpers import shard_rows, spawn_ranks
 
 from evotune.selectors.base import Features
 from evotune.selectors.cluster_quota import ClusterQuotaSelector
@@ -187,16 +186,7 @@ def _part(features: Features, rows: list[int]) -> Features:
     return Features(emb, {k: v[rows] for k, v in features.scores.items()}, positions=rows)
 
 
-def _worker(rank: int, world: int, port: int, out) -> None:
-    try:
-        _work(rank, world, port, out)
-    except BaseException:                    # the test reports it instead of timing out
-        import traceback
-        out.put((rank, {"crash": traceback.format_exc()}))
-        raise
-
-
-def _work(rank: int, world: int, port: int, out) -> None:
+def _work(rank: int, world: int, port: int) -> dict:
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     import torch.distributed as dist
     from evotune.selectors.filters import score_filter_sharded
@@ -305,26 +295,13 @@ def _work(rank: int, world: int, port: int, out) -> None:
                                            comm=comm).tolist())
         except ValueError as e:
             got["knn"].append(str(e))
-    out.put((rank, got))
     dist.destroy_process_group()
+    return got
 
 
 @pytest.fixture(scope="module", params=[1, 2, 3])
 def ranks(request):
-    ctx = mp.get_context("spawn")
-    out, port, world = ctx.Queue(), _free_port(), request.param
-    procs = [ctx.Process(target=_worker, args=(r, world, port, out)) for r in range(world)]
-    for p in procs:
-        p.start()
-    got = {}
-    while len(got) < world:
-        rank, found = out.get(timeout=180)
-        assert "crash" not in found, f"rank {rank}: {found['crash']}"
-        got[rank] = found
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
-    return [got[r] for r in range(world)]
+    return spawn_ranks(_work, request.param)
 
 
 def test_distributed_top_k_is_the_whole_pool_lexsort(ranks):

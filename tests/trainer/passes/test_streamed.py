@@ -3,13 +3,12 @@ cache's sharded form, on 1, 2 and 3 gloo ranks, checked against the arrays they 
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 import zipfile
 
 import numpy as np
 import pytest
-from helpers import _free_port
+from helpers import spawn_ranks
 
 from evotune.selectors.base import Features
 from evotune.trainer.passes import streamed
@@ -30,15 +29,6 @@ def held(rank: int, world: int) -> np.ndarray:
 
 def contiguous(rank: int, world: int) -> np.ndarray:
     return np.arange(N * rank // world, N * (rank + 1) // world)
-
-
-def _worker(rank: int, world: int, port: int, tmp: str, out) -> None:
-    try:
-        out.put((rank, _work(rank, world, port, tmp)))
-    except BaseException:                    # the test reports it instead of timing out
-        import traceback
-        out.put((rank, {"crash": traceback.format_exc()}))
-        raise
 
 
 def _work(rank: int, world: int, port: int, tmp: str) -> dict:
@@ -96,21 +86,7 @@ def ranks(request, tmp_path_factory):
     tmp = tmp_path_factory.mktemp(f"streamed{request.param}")
     (tmp / "a_file").write_text("not a folder")
     (tmp / "torn.npz").write_bytes(b"PK\x03\x04 torn")
-    ctx = mp.get_context("spawn")
-    out, port, world = ctx.Queue(), _free_port(), request.param
-    procs = [ctx.Process(target=_worker, args=(r, world, port, str(tmp), out))
-             for r in range(world)]
-    for p in procs:
-        p.start()
-    got = {}
-    while len(got) < world:
-        rank, found = out.get(timeout=180)
-        assert "crash" not in found, f"rank {rank}: {found['crash']}"
-        got[rank] = found
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
-    return tmp, [got[r] for r in range(len(got))]
+    return tmp, spawn_ranks(_work, request.param, str(tmp))
 
 
 def test_the_written_file_is_the_pool_in_order_with_nan_where_no_rank_has_a_row(ranks):
