@@ -264,7 +264,9 @@ def _save_rank(rank, world, port, n, mode, path, out):
     strategy = Strategy(Config())
     strategy.rank, strategy.world_size = rank, world
     pos = rows_of(rank, world, n)
-    shard = Features(synthetic(pos, DIM), positions=pos)
+    # the rows this rank holds: its shard to write, or the rows it reads back
+    shard = Features(synthetic(pos, DIM) if mode != "read back" else None, positions=pos)
+    own_mib = len(pos) * DIM * 4 / 2**20
     dist.barrier()
     t0 = time.perf_counter()
     if mode == "gathered":
@@ -281,7 +283,7 @@ def _save_rank(rank, world, port, n, mode, path, out):
         got = read_shard(strategy, path, "embeddings", mine)
         assert got is not None and len(got) == len(mine)
     dist.barrier()
-    out.put({"rank": rank, "peak_mib": peak_mib(), "own_mib": shard.embeddings.nbytes / 2**20,
+    out.put({"rank": rank, "peak_mib": peak_mib(), "own_mib": own_mib,
              "seconds": time.perf_counter() - t0})
     dist.destroy_process_group()
 
