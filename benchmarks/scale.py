@@ -25,7 +25,7 @@ distinct by its row number) loaded and tokenised into the token cache (``trainer
 by one process, as rank 0 does: wall time and peak RSS; then 1 and 2 ranks each map the cache
 and read their shard's rows (as the feature pass does): peak RSS per rank. For contrast, the
 same rows encoded as Python lists (``encode_all``, what every rank did before the cache), at
-the smallest N only.
+the smallest N only, and only up to 100k rows.
 
 ``--parts examples``: what the pool's rows themselves cost every rank: loaded as Python
 objects on every rank (``load_examples``, before 2026-12-02) against mapped from the token
@@ -260,7 +260,7 @@ def _save_rank(rank, world, port, n, mode, path, out):
     from evotune.trainer.config import Config
     from evotune.trainer.engine import Strategy
     from evotune.trainer.passes.forward import gather_shards
-    from evotune.trainer.passes.streamed import read_shard, save_pool_array
+    from evotune.trainer.passes.streamed import RowsPart, read_shard, save_parts
     strategy = Strategy(Config())
     strategy.rank, strategy.world_size = rank, world
     pos = rows_of(rank, world, n)
@@ -275,8 +275,8 @@ def _save_rank(rank, world, port, n, mode, path, out):
             np.savez(path, embeddings=whole.embeddings.astype(np.float16))
         del whole
     elif mode == "streamed":
-        error = save_pool_array(strategy, path, {}, "embeddings", pos, shard.embeddings, n,
-                                np.float16)
+        error = save_parts(strategy, path, {}, {"embeddings": RowsPart(pos, shard.embeddings, n)},
+                           np.float16)
         assert error is None, error
     else:                                     # read back: a contiguous run of rows per rank
         mine = np.arange(n * rank // world, n * (rank + 1) // world)
@@ -458,7 +458,7 @@ def part_tokens(args, work: Path) -> str:
             + " / ".join(f"{max(r['peak_mib'] for r in reads[w]):,.0f} MiB" for w in args.ranks)
             + " |")
         print(lines[-1], flush=True)
-        if contrast is None:
+        if contrast is None and n <= 100_000:     # Python lists of 1M rows: ~13 GB, an hour
             lists = _in_process(_lists_rank, str(pool))[0]
             contrast = (f"\nBefore the cache, every rank encoded the pool into Python lists: at "
                         f"{n:,} rows that took {lists['encode_s']:.1f} s and peaked at "

@@ -37,7 +37,7 @@ from evotune.trainer.model import (build_trainable_model, check_lora_targets, ex
                                    resolve_model_path)
 from evotune.trainer.passes.features import FeaturePass, PassResult, mark_unsampled
 from evotune.trainer.passes.forward import PassStats, gather_shards
-from evotune.trainer.passes.streamed import save_pool_array
+from evotune.trainer.passes.streamed import RowsPart, save_parts
 from evotune.trainer.selected import write_selected
 from evotune.trainer.state import (STATE_FILE, ResumePlan, RoundState, capture_rng, crash_point,
                                    derive_seed, fsync_tree, last_completed_round,
@@ -590,11 +590,15 @@ def save_features_sharded(rdir: Path, features: Features | None, shard: Features
                           data: RunData, strategy: Strategy) -> None:
     """Every rank, for sharded features: the round's ``features.npz`` as ``write_selection``
     writes it for gathered ones (``features``: the gathered scores on rank 0), its embeddings
-    sent to rank 0 a block of rows at a time (``passes/streamed.py``), so no rank holds N × D.
+    sent to rank 0 a block of rows at a time (``passes/streamed.py``), so no rank holds N × D;
+    so are the shard's other per-rank rows (``RowsPart`` in ``extra``: influence's
+    ``grad_train``).
     Raises OSError on every rank when rank 0 cannot write it."""
     arrays = _features_arrays(features, data) if strategy.is_rank0 else None
-    error = save_pool_array(strategy, rdir / "features.npz", arrays, "embeddings",
-                            shard.positions, shard.embeddings, len(data.pool), np.float16)
+    parts = {"embeddings": None if shard.embeddings is None else
+             RowsPart(shard.positions, shard.embeddings, len(data.pool)),
+             **{k: v for k, v in shard.extra.items() if isinstance(v, RowsPart)}}
+    error = save_parts(strategy, rdir / "features.npz", arrays, parts, np.float16)
     if error is not None:
         raise OSError(f"{rdir / 'features.npz'}: {error}")
 

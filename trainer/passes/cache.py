@@ -25,7 +25,7 @@ import numpy as np
 
 from evotune.selectors.base import Features
 from evotune.trainer.passes.forward import PassStats, gather_shards
-from evotune.trainer.passes.streamed import read_shard, save_pool_array, write_npz
+from evotune.trainer.passes.streamed import RowsPart, read_shard, save_parts, write_npz
 from evotune.trainer.state import cache_root, write_bytes_atomic, write_json_atomic
 
 VERSION = 1
@@ -148,8 +148,8 @@ def save_shard(key: str, shard: Features, stats: dict[str, PassStats], strategy,
     if strategy.is_rank0:
         npz.parent.mkdir(parents=True, exist_ok=True)
         arrays = _arrays(whole)
-    error = save_pool_array(strategy, npz, arrays, "embeddings", shard.positions,
-                            shard.embeddings, n)
+    rows = None if shard.embeddings is None else RowsPart(shard.positions, shard.embeddings, n)
+    error = save_parts(strategy, npz, arrays, {"embeddings": rows})
     if error is None and strategy.is_rank0:
         try:
             write_json_atomic(meta, _meta(whole, stats))

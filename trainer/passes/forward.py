@@ -24,6 +24,7 @@ from evotune.selectors.base import Features
 from evotune.trainer.data import Encoded, collate, lengths, plan_batches, shard_batches
 from evotune.trainer.fit import logits_window
 from evotune.trainer.model import backbone, lm_head
+from evotune.trainer.passes.streamed import RowsPart
 from evotune.trainer.scores import response_scores
 
 
@@ -155,14 +156,17 @@ def gather_shards(strategy, shard: Features, n: int, embeddings: bool = True
                   ) -> Features | None:
     """The whole pool's features on rank 0 from every rank's shard (NaN where no rank has a
     row), with every rank's skip reasons and rank 0's ``extra`` (a shard keeps whole-pool
-    arrays there, on rank 0 only); None on the other ranks. ``embeddings=False``: the scores
+    arrays there, on rank 0 only, and per-rank rows to be streamed into ``features.npz``,
+    :class:`~evotune.trainer.passes.streamed.RowsPart`, left out here); None on the other
+    ranks. ``embeddings=False``: the scores
     and reasons only (O(N) numbers per score, nothing N × D)."""
     part = Features(shard.embeddings if embeddings else None, shard.scores, shard.skipped,
                     positions=shard.positions)
     parts = strategy.gather_to_rank0(part)
     if not strategy.is_rank0:
         return None
-    features = Features(extra=dict(shard.extra))
+    features = Features(extra={k: v for k, v in shard.extra.items()     # rank 0's whole
+                               if not isinstance(v, RowsPart)})          # arrays only
     dims = [p.embeddings.shape[1] for p in parts if p.embeddings is not None and len(p.positions)]
     if dims:
         features.embeddings = np.full((n, dims[0]), np.nan, dtype=np.float32)

@@ -18,9 +18,10 @@ Each round, with the current adapter and the optimizer's live Adam moments:
 Both passes are sharded over ranks (every rank runs the same number of forward/backward calls).
 The validation features (a few rows) reach every rank; with the influence rule (``sharded``),
 each rank scores its own candidates and keeps them (the rule ranks them with a distributed
-top-k): rank 0 gathers only the scores (S + 1 numbers per candidate) and, with
-``output.save_features``, the projected features for the round's ``features.npz``
-(``grad_train``, ``grad_val``, fp16). Gradient embeddings (TAGCOS) stay on their ranks for a
+top-k): rank 0 gathers only the scores (S + 1 numbers per candidate); with
+``output.save_features`` the projected features go to the round's ``features.npz``
+(``grad_train``, ``grad_val``, fp16), ``grad_train`` streamed to rank 0 a block of rows at a
+time as the file is written (``streamed.py``). Gradient embeddings (TAGCOS) stay on their ranks for a
 sharded rule without a validation set (k-center, ``cluster_quota`` with ``kmeans: minibatch``)
 and are gathered on rank 0 for the others. Every finished batch is also written to
 ``OUT/partial/round_XXX/`` until the round completes, so a resumed round reuses it.
@@ -52,6 +53,7 @@ from evotune.trainer.fit import lr_at
 from evotune.trainer.logs import log
 from evotune.trainer.model import load_model, resolve_model_path
 from evotune.trainer.passes.forward import PassStats
+from evotune.trainer.passes.streamed import RowsPart
 from evotune.trainer.passes.gradients import (SparseProjector, adam_direction, aggregate,
                                               answer_logprob, answer_loss, dpo_coefficient,
                                               example_grad, influence, normalize_rows,
@@ -120,8 +122,9 @@ class InfluencePass:
         validation set): every rank returns its shard instead — the scores of its own sampled
         candidates (``Features.positions``), or its rows' gradient embeddings (sampled and
         ``labeled``); rank 0's also holds the skip reasons of the rows outside the sample and
-        the ``extra`` arrays (``grad_train`` of every rank only with ``output.save_features``
-        and no embeddings: sharded embeddings reach ``features.npz`` themselves, streamed).
+        the ``extra`` arrays; with ``output.save_features`` and no embeddings, every rank's
+        ``extra`` holds its rows of ``grad_train`` (a ``RowsPart``, streamed into
+        ``features.npz``; sharded embeddings are saved as themselves).
 
         ``run_dir``: the run's output dir, where the pass keeps its finished batches until the
         round is complete (``partial/``, see :meth:`_features`), reads the earlier rounds'
@@ -167,19 +170,19 @@ class InfluencePass:
         val = _assemble(val_all, np.arange(len(self.val))) if st.is_rank0 and self.val else None
         if sharded:
             mine = np.array(sorted(item for item, _ in train_rows), dtype=np.int64)
-            train = _assemble([train_rows], mine)
-            save = self.cfg.output.save_features and not embeddings
-            gathered = st.gather_to_rank0((mine, train.astype(np.float16)) if save else None)
+            train = _assemble([train_rows], mine) if len(mine) else \
+                np.zeros((0, icfg.dim), dtype=np.float32)
             val = st.broadcast_from_rank0(val)             # V x dim: a few rows, every rank
             shard = Features(embeddings=train if embeddings else None, positions=mine)
+            if self.cfg.output.save_features and not embeddings:
+                # grad_train (the sample's rows, in pool order) streamed to rank 0 when the
+                # round's features.npz is written; sharded embeddings are saved as themselves
+                shard.extra["grad_train"] = RowsPart(np.searchsorted(sample, mine), train,
+                                                     len(sample))
+                if st.is_rank0:
+                    shard.extra["grad_positions"] = sample
             if st.is_rank0:
-                shard.extra = {"grad_sample": sample}
-                if save:
-                    computed = np.concatenate([rows for _, rows in gathered])
-                    positions = np.concatenate([p for p, _ in gathered])
-                    order = np.argsort(positions)
-                    shard.extra.update({"grad_positions": positions[order],
-                                        "grad_train": computed[order]})
+                shard.extra["grad_sample"] = sample
             if not self.val:
                 return shard, stats
             self._score(shard, mine, train, val, candidates, sample, r, run_dir, st)

@@ -11,6 +11,7 @@ holds one block whatever N is. The files are ordinary uncompressed ``.npz`` file
 from __future__ import annotations
 
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -47,53 +48,63 @@ def pool_blocks(strategy, positions: np.ndarray, rows: np.ndarray, n: int, dim: 
         yield a, out
 
 
-def write_npz(path: str | Path, arrays: dict[str, np.ndarray], name: str | None = None,
-              shape: tuple[int, int] | None = None,
-              blocks: Iterator[tuple[int, np.ndarray]] | None = None,
+@dataclass
+class RowsPart:
+    """This rank's rows of a whole array that rank 0 writes (a ``features.npz`` entry): row k
+    of ``rows`` is row ``index[k]`` (ascending) of the ``length``-row array. In a shard's
+    ``Features.extra`` every rank holds one under the same name (rank 0's whole-pool arrays sit
+    beside it)."""
+    index: np.ndarray
+    rows: np.ndarray
+    length: int
+
+
+Stream = tuple[str, tuple[int, int], Iterator[tuple[int, np.ndarray | None]]]
+
+
+def write_npz(path: str | Path, arrays: dict[str, np.ndarray], streams: list[Stream] = (),
               dtype=np.float32) -> None:
-    """``np.savez(path, **arrays)``, plus (``name``) one ``shape`` array of ``dtype`` written
-    from ``blocks`` — ``(start, rows)`` in pool order — as they come: one block in memory.
-    Raises ValueError when the blocks do not fill the array exactly."""
+    """``np.savez(path, **arrays)``, plus one array per stream ``(name, shape, blocks)``
+    written from its ``blocks`` — ``(start, rows)`` in row order — as they come, as ``dtype``:
+    one block in memory. Raises ValueError when the blocks do not fill an array exactly."""
     with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
         for key, value in arrays.items():
             with z.open(f"{key}.npy", "w", force_zip64=True) as f:
                 np.lib.format.write_array(f, np.asanyarray(value), allow_pickle=False)
-        if name is None:
-            return
-        with z.open(f"{name}.npy", "w", force_zip64=True) as f:
-            np.lib.format.write_array_header_1_0(f, {
-                "descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
-                "fortran_order": False, "shape": tuple(shape)})
-            done = 0
-            for start, rows in blocks:
-                if start != done or rows.shape[1:] != tuple(shape[1:]):
-                    raise ValueError(f"{name}: block at row {start} of shape {rows.shape} "
-                                     f"does not follow row {done} of {tuple(shape)}")
-                f.write(np.ascontiguousarray(rows, dtype=dtype).tobytes())
-                done += len(rows)
-            if done != shape[0]:
-                raise ValueError(f"{name}: {done} rows written of {shape[0]}")
+        for name, shape, blocks in streams:
+            with z.open(f"{name}.npy", "w", force_zip64=True) as f:
+                np.lib.format.write_array_header_1_0(f, {
+                    "descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                    "fortran_order": False, "shape": tuple(shape)})
+                done = 0
+                for start, rows in blocks:
+                    if start != done or rows.shape[1:] != tuple(shape[1:]):
+                        raise ValueError(f"{name}: block at row {start} of shape {rows.shape} "
+                                         f"does not follow row {done} of {tuple(shape)}")
+                    f.write(np.ascontiguousarray(rows, dtype=dtype).tobytes())
+                    done += len(rows)
+                if done != shape[0]:
+                    raise ValueError(f"{name}: {done} rows written of {shape[0]}")
 
 
-def save_streamed(strategy, path: Path, arrays: dict[str, np.ndarray] | None, name: str | None,
-                  blocks: Iterator[tuple[int, np.ndarray | None]], shape: tuple[int, int],
-                  dtype=np.float32) -> str | None:
-    """Every rank: rank 0 writes ``path`` atomically (:func:`write_npz`: ``arrays`` and
-    ``name`` from ``blocks``, a :func:`pool_blocks`) while the others feed the blocks. Returns
+def save_streamed(strategy, path: Path, arrays: dict[str, np.ndarray] | None,
+                  streams: list[Stream], dtype=np.float32) -> str | None:
+    """Every rank: rank 0 writes ``path`` atomically (:func:`write_npz`: ``arrays`` and the
+    ``streams``, each from a :func:`pool_blocks`) while the others feed the blocks. Returns
     rank 0's error as text on every rank (None once written); rank 0 keeps feeding after an
     error, so no rank is left waiting in a gather. A bug (not OSError or ValueError) is raised
     on rank 0 and reported as RuntimeError on the others."""
     error, crash = None, None
     if strategy.is_rank0:
         try:
-            write_bytes_atomic(path, lambda tmp: write_npz(tmp, arrays, name, shape, blocks,
-                                                           dtype))
+            write_bytes_atomic(path, lambda tmp: write_npz(tmp, arrays, streams, dtype))
         except (OSError, ValueError) as e:
             error = f"{type(e).__name__}: {e}"
         except Exception as e:                     # noqa: BLE001  (re-raised below)
             error, crash = f"{type(e).__name__}: {e}", e
-    for _ in blocks:                               # the others' steps; rank 0's after an error
-        pass
+    for _, _, blocks in streams:                   # the others' steps; rank 0's after an error
+        for _ in blocks:
+            pass
     status = strategy.broadcast_from_rank0((error, crash is not None))
     if crash is not None:
         raise crash
@@ -102,17 +113,20 @@ def save_streamed(strategy, path: Path, arrays: dict[str, np.ndarray] | None, na
     return status[0]
 
 
-def save_pool_array(strategy, path: Path, arrays: dict[str, np.ndarray] | None, name: str,
-                    positions: np.ndarray, rows: np.ndarray | None, n: int,
-                    dtype=np.float32) -> str | None:
-    """Every rank: :func:`save_streamed` of ``arrays`` (rank 0's) and the ``n`` × D array
-    ``name`` made of every rank's ``rows`` at its ``positions`` (:func:`pool_blocks`);
-    without it when ``rows`` is None (on every rank). Returns rank 0's error or None."""
-    comm = strategy.comm
-    has = comm.max_int64(int(rows is not None))
-    dim = comm.max_int64(rows.shape[1]) if has else 0
-    blocks = pool_blocks(strategy, positions, rows, n, dim, block_rows(dim)) if has else iter(())
-    return save_streamed(strategy, path, arrays, name if has else None, blocks, (n, dim), dtype)
+def save_parts(strategy, path: Path, arrays: dict[str, np.ndarray] | None,
+               parts: dict[str, RowsPart | None], dtype=np.float32) -> str | None:
+    """Every rank: :func:`save_streamed` of ``arrays`` (rank 0's) and one array per entry of
+    ``parts`` (the same names on every rank) made of every rank's :class:`RowsPart`; an entry
+    that is None on every rank is left out. Returns rank 0's error or None."""
+    comm, streams = strategy.comm, []
+    for name in sorted(parts):
+        part = parts[name]
+        if not comm.max_int64(int(part is not None)):
+            continue
+        dim = comm.max_int64(part.rows.shape[1] if part.rows.ndim == 2 else 0)
+        streams.append((name, (part.length, dim), pool_blocks(
+            strategy, part.index, part.rows, part.length, dim, block_rows(dim))))
+    return save_streamed(strategy, path, arrays, streams, dtype)
 
 
 def _member_header(z: zipfile.ZipFile, name: str) -> tuple[zipfile.ZipInfo, tuple, np.dtype]:

@@ -15,6 +15,7 @@ from evotune.trainer.passes import streamed
 
 N, D, BLOCK = 37, 5, 4             # 4 rows a block: blocks cut through every rank's rows
 NOBODY = 5                         # the row no rank holds (a row the pass did not measure)
+SAMPLE = np.array([1, 4, 6, 7, 12, 20, 21, 22, 30, 36])
 
 
 def pool() -> tuple[np.ndarray, np.ndarray]:
@@ -55,16 +56,21 @@ def _work(rank: int, world: int, port: int, tmp: str) -> dict:
     mine = held(rank, world)
     arrays = {"ids": np.array([f"r{i}" for i in range(N)])} if rank == 0 else None
     got = {}
+    whole = streamed.RowsPart(mine, emb[mine], N)
+    # a second array of another length: the rows of the sample, in sample order
+    in_sample = mine[np.isin(mine, SAMPLE)]
+    sampled = streamed.RowsPart(np.searchsorted(SAMPLE, in_sample), 2 * emb[in_sample],
+                                len(SAMPLE))
     for dtype in ("float16", "float32"):
-        got[dtype] = streamed.save_pool_array(strategy, os.path.join(tmp, f"{dtype}.npz"), arrays,
-                                              "embeddings", mine, emb[mine], N, dtype)
+        got[dtype] = streamed.save_parts(strategy, os.path.join(tmp, f"{dtype}.npz"), arrays,
+                                         {"embeddings": whole, "sampled": sampled}, dtype)
     strategy.gather_to_rank0 = gather
     got["most_rows_at_once"] = max(sizes) if sizes else None
-    got["no_embeddings"] = streamed.save_pool_array(strategy, os.path.join(tmp, "none.npz"),
-                                                    arrays, "embeddings", mine, None, N)
+    got["no_embeddings"] = streamed.save_parts(strategy, os.path.join(tmp, "none.npz"), arrays,
+                                               {"embeddings": None})
     blocked = os.path.join(tmp, "a_file")
-    got["error"] = streamed.save_pool_array(strategy, os.path.join(blocked, "x.npz"), arrays,
-                                            "embeddings", mine, emb[mine], N)
+    got["error"] = streamed.save_parts(strategy, os.path.join(blocked, "x.npz"), arrays,
+                                       {"embeddings": whole})
     part = contiguous(rank, world)
     got["read"] = streamed.read_shard(strategy, os.path.join(tmp, "float32.npz"), "embeddings",
                                       part).tolist()
@@ -95,13 +101,14 @@ def test_the_written_file_is_the_pool_in_order_with_nan_where_no_rank_has_a_row(
     for dtype in ("float16", "float32"):
         assert all(g[dtype] is None for g in got)
         with np.load(tmp / f"{dtype}.npz") as f:
-            assert sorted(f.files) == ["embeddings", "ids"]
+            assert sorted(f.files) == ["embeddings", "ids", "sampled"]
             assert f["ids"].tolist() == [f"r{i}" for i in range(N)]
-            written = f["embeddings"]
+            written, sampled = f["embeddings"], f["sampled"]
         assert written.dtype == np.dtype(dtype) and written.shape == (N, D)
         want = emb.astype(dtype)
         want[NOBODY] = np.nan
         assert np.array_equal(written, want, equal_nan=True)
+        assert np.array_equal(sampled, (2 * emb[SAMPLE]).astype(dtype))
     with np.load(tmp / "none.npz") as f:
         assert f.files == ["ids"]
 
@@ -157,11 +164,11 @@ def test_the_base_model_cache_round_trips_sharded(ranks, monkeypatch):
 def test_write_npz_refuses_blocks_that_do_not_fill_the_array(tmp_path):
     rows = np.ones((3, 2), dtype=np.float32)
     with pytest.raises(ValueError, match="2 rows written of 3"):
-        streamed.write_npz(tmp_path / "a.npz", {}, "x", (3, 2), iter([(0, rows[:2])]))
+        streamed.write_npz(tmp_path / "a.npz", {}, [("x", (3, 2), iter([(0, rows[:2])]))])
     with pytest.raises(ValueError, match="does not follow row 0"):
-        streamed.write_npz(tmp_path / "b.npz", {}, "x", (3, 2), iter([(1, rows)]))
-    streamed.write_npz(tmp_path / "c.npz", {"y": np.arange(3)}, "x", (3, 2),
-                       iter([(0, rows[:1]), (1, rows[1:])]))
+        streamed.write_npz(tmp_path / "b.npz", {}, [("x", (3, 2), iter([(1, rows)]))])
+    streamed.write_npz(tmp_path / "c.npz", {"y": np.arange(3)},
+                       [("x", (3, 2), iter([(0, rows[:1]), (1, rows[1:])]))])
     with np.load(tmp_path / "c.npz") as f:
         assert np.array_equal(f["x"], rows) and np.array_equal(f["y"], np.arange(3))
     with zipfile.ZipFile(tmp_path / "c.npz") as z:      # stored, as np.savez stores
