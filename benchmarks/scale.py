@@ -366,7 +366,7 @@ def _read_rank(rank, world, port, cache, out):
     for positions, _ in shard_batches(plan_batches(lengths(pool), 64), rank, world):
         seen += sum(len(pool[i].input_ids) for i in positions)
     out.put({"rank": rank, "read_s": time.perf_counter() - t0, "peak_mib": peak_mib(),
-             "tokens": seen})
+             "anon_mib": _status_mib("RssAnon"), "tokens": seen})
 
 
 def _lists_rank(rank, world, port, pool, out):
@@ -441,10 +441,13 @@ def part_examples(args, work: Path) -> str:
 
 def part_tokens(args, work: Path) -> str:
     lines = ["Chat rows (the quickstart pool cycled), SmolLM2's tokenizer, max_length 512; peak = "
-             "each process's peak RSS\n",
+             "each process's peak RSS, which counts the mapped cache's pages a rank touched (the "
+             "page cache, shared by the ranks of a machine); private = its own memory at the "
+             "end\n",
              "| N | tokens | load rows | tokenise + write cache | cache on disk | peak RSS, "
-             "building | peak RSS per rank reading its shard, 1 rank / 2 ranks |",
-             "|---|---|---|---|---|---|---|"]
+             "building | peak RSS per rank reading its shard, 1 rank / 2 ranks | of which "
+             "private (RssAnon), 1 rank / 2 ranks |",
+             "|---|---|---|---|---|---|---|---|"]
     contrast = None
     for n in args.sizes:
         cache = work / f"cache{n}"
@@ -456,6 +459,8 @@ def part_tokens(args, work: Path) -> str:
             f"| {n:,} | {built['tokens']:,} | {built['load_s']:.1f} s | {built['build_s']:.1f} s "
             f"| {built['disk_mib']:,.0f} MiB | {built['peak_mib']:,.0f} MiB | "
             + " / ".join(f"{max(r['peak_mib'] for r in reads[w]):,.0f} MiB" for w in args.ranks)
+            + " | "
+            + " / ".join(f"{max(r['anon_mib'] for r in reads[w]):,.0f} MiB" for w in args.ranks)
             + " |")
         print(lines[-1], flush=True)
         if contrast is None and n <= 100_000:     # Python lists of 1M rows: ~13 GB, an hour
