@@ -21,8 +21,9 @@ streamed rows; until 2026-12-02 the rule gathered N × D on rank 0 for full KMea
 ``kmeans: full`` still does).
 
 ``--parts tokens``: a pool of N chat rows (the quickstart pool's rows cycled, each made
-distinct by its row number) loaded and tokenised into the token cache (``trainer/tokens.py``)
-by one process, as rank 0 does: wall time and peak RSS; then 1 and 2 ranks each map the cache
+distinct by its row number) read and tokenised into the token cache (``trainer/tokens.py``)
+by one process, as rank 0 does (a batch of rows at a time, since 2026-12-02: before, the rows
+were all loaded first): wall time and peak RSS; then 1 and 2 ranks each map the cache
 and read their shard's rows (as the feature pass does): peak RSS per rank. For contrast, the
 same rows encoded as Python lists (``encode_all``, what every rank did before the cache), at
 the smallest N only, and only up to 100k rows.
@@ -344,15 +345,15 @@ def _tokenizer():
 def _build_rank(rank, world, port, pool, cache, out):
     tok = _tokenizer()                # before the clock: the tokenizer load is not the cache's
     from evotune.trainer import tokens
-    from evotune.trainer.data import load_examples
+    from evotune.trainer.data import LoadReport, iter_examples
     t0 = time.perf_counter()
-    examples, _ = load_examples(pool)
-    t1 = time.perf_counter()
     directory = Path(cache) / "bench-tokens"
-    tokens.build(directory, examples, tok, "chat", 512, "skip")
-    t2 = time.perf_counter()
+    report = LoadReport()             # as a run builds it: the rows streamed from the file
+    tokens.build(directory, iter_examples(pool, "skip", report=report), tok, "chat", 512,
+                 "skip", load_skipped=report.skipped)
+    t1 = time.perf_counter()
     pool_tokens = tokens.TokenizedPool(directory)
-    out.put({"rank": rank, "load_s": t1 - t0, "build_s": t2 - t1, "peak_mib": peak_mib(),
+    out.put({"rank": rank, "build_s": t1 - t0, "peak_mib": peak_mib(),
              "tokens": int(pool_tokens.offsets[-1]),
              "disk_mib": sum(f.stat().st_size for f in directory.iterdir()) / 2**20})
 
@@ -444,10 +445,10 @@ def part_tokens(args, work: Path) -> str:
              "each process's peak RSS, which counts the mapped cache's pages a rank touched (the "
              "page cache, shared by the ranks of a machine); private = its own memory at the "
              "end\n",
-             "| N | tokens | load rows | tokenise + write cache | cache on disk | peak RSS, "
+             "| N | tokens | read rows, tokenise, write cache | cache on disk | peak RSS, "
              "building | peak RSS per rank reading its shard, 1 rank / 2 ranks | of which "
              "private (RssAnon), 1 rank / 2 ranks |",
-             "|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|"]
     contrast = None
     for n in args.sizes:
         cache = work / f"cache{n}"
@@ -456,7 +457,7 @@ def part_tokens(args, work: Path) -> str:
         built = _in_process(_build_rank, str(pool), str(cache))[0]
         reads = {w: _in_process(_read_rank, str(cache), world=w) for w in args.ranks}
         lines.append(
-            f"| {n:,} | {built['tokens']:,} | {built['load_s']:.1f} s | {built['build_s']:.1f} s "
+            f"| {n:,} | {built['tokens']:,} | {built['build_s']:.1f} s "
             f"| {built['disk_mib']:,.0f} MiB | {built['peak_mib']:,.0f} MiB | "
             + " / ".join(f"{max(r['peak_mib'] for r in reads[w]):,.0f} MiB" for w in args.ranks)
             + " | "

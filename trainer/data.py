@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -237,12 +237,22 @@ def load_examples(path: str | Path, on_error: str = "error", limit: int = 0,
     rows raises DataError.
     """
     report = LoadReport()
-    examples: list[Example] = []
+    return list(iter_examples(path, on_error, limit, columns, report)), report
+
+
+def iter_examples(path: str | Path, on_error: str = "error", limit: int = 0,
+                  columns: dict[str, str] | None = None, report: LoadReport | None = None
+                  ) -> Iterator[Example]:
+    """:func:`load_examples` one row at a time (what builds the token cache: the pool is never
+    a list of rows). ``report`` gets the skipped rows as they are met; the errors are
+    :func:`load_examples`' (an input without usable rows: at the end). Holds each row's id and
+    where it came from, to name duplicates."""
+    report = report if report is not None else LoadReport()
     seen: dict[str, str] = {}
     source = name_of(path)
     id_column = (columns or {}).get("id", "id")
     for where, row in read_rows(path):
-        if limit and len(examples) >= limit:
+        if limit and len(seen) >= limit:
             break
         try:
             if isinstance(row, DataError):
@@ -260,11 +270,10 @@ def load_examples(path: str | Path, on_error: str = "error", limit: int = 0,
             raise DataError(f"duplicate rows: {where} has the same content as {seen[ex.id]} "
                             f"(content hash {ex.id}); remove one of them or give each an 'id'")
         seen[ex.id] = where
-        examples.append(ex)
-    if not examples:
+        yield ex
+    if not seen:
         raise DataError(f"{path}: no usable rows"
                         + (f" ({len(report.skipped)} skipped)" if report.skipped else ""))
-    return examples, report
 
 
 # ----------------------------------------------------------------------------- templates

@@ -48,8 +48,9 @@ class ProgressBars:
         self.console = console
 
     @contextmanager
-    def progress(self, description: str, total: int):
-        """A rich progress bar on rank 0; yields ``advance(n)``."""
+    def progress(self, description: str, total: int | None):
+        """A rich progress bar on rank 0; yields ``advance(n)``. ``total`` None: a count
+        without an end (rows read from a file not counted beforehand)."""
         if not self.enabled:
             yield lambda n=1, **_: None
             return

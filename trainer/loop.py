@@ -25,7 +25,8 @@ from evotune.selectors.registry import build, build_first_round
 from evotune.selectors.sharded import SingleProcess
 from evotune.trainer.config import Config, resolve_budget
 from evotune.trainer.data import (ChoiceSet, Encoded, Example, LoadReport, choice_set,
-                                  encode_all, load_examples, resolve_template)
+                                  encode_all, iter_examples, load_examples,
+                                  resolve_template)
 from evotune.trainer.engine import Strategy
 from evotune.trainer.sources import input_hash
 from evotune.trainer import tokens
@@ -242,7 +243,8 @@ def load_pool(cfg: Config, tokenizer, template: str, pool_hash: str, strategy: S
               bars: ProgressBars | None = None
               ) -> tuple[tokens.CachedExamples, TokenizedPool, LoadReport]:
     """The pool's rows and their encodings from the token cache (``trainer/tokens.py``), which
-    rank 0 builds first (reading the pool file) when it has no entry for these inputs. Every
+    rank 0 builds first when it has no entry for these inputs (reading the pool file once, a
+    batch of rows at a time: the pool is never a list of rows, on any rank). Every
     rank then maps the cache: the rows are decoded one at a time where they are read (ids,
     sources, previews for the logs, a reward model's text), never held as a list."""
     d = cfg.data
@@ -253,10 +255,10 @@ def load_pool(cfg: Config, tokenizer, template: str, pool_hash: str, strategy: S
         if (where / "meta.json").is_file():
             log.info(f"pool tokens: reused from the cache ({where})")
             return
-        examples, report = load_examples(d.pool, d.on_error, d.max_examples,
-                                         d.columns.mapping())
-        with (bars or ProgressBars(False, None)).progress("tokenise pool",
-                                                         len(examples)) as advance:
+        report = LoadReport()                  # filled as the rows are read
+        examples = iter_examples(d.pool, d.on_error, d.max_examples, d.columns.mapping(),
+                                 report)
+        with (bars or ProgressBars(False, None)).progress("tokenise pool", None) as advance:
             tokens.build(where, examples, tokenizer, template, d.max_length, d.on_error, advance,
                          load_skipped=report.skipped)
         log.info(f"pool tokens: cached in {where}")

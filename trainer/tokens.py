@@ -31,11 +31,12 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -139,14 +140,15 @@ def _row_json(ex: Example) -> bytes:
             + "\n").encode()
 
 
-def encode_batched(examples: list[Example], tokenizer, template: str, max_length: int,
-                   advance=lambda n=1, **_: None):
-    """Yield each example's :class:`Encoded` or its :class:`DataError`, in order; the pieces
-    of ``BATCH_ROWS`` rows go through one tokenizer call (the same ids as one call each:
+def encode_batched(examples: Iterable[Example], tokenizer, template: str, max_length: int,
+                   advance=lambda n=1, **_: None) -> Iterator[tuple[Example, Encoded | DataError]]:
+    """Yield each example with its :class:`Encoded` or its :class:`DataError`, in order,
+    reading ``examples`` (any iterable) ``BATCH_ROWS`` rows at a time; a batch's pieces go
+    through one tokenizer call (the same ids as one call each:
     :func:`evotune.trainer.data.encode`)."""
     prefix = bos_prefix(tokenizer, template)
-    for start in range(0, len(examples), BATCH_ROWS):
-        batch = examples[start: start + BATCH_ROWS]
+    rows = iter(examples)
+    while batch := list(itertools.islice(rows, BATCH_ROWS)):
         parts: list[list[tuple[str, bool]] | DataError] = []
         for ex in batch:
             try:
@@ -158,33 +160,32 @@ def encode_batched(examples: list[Example], tokenizer, template: str, max_length
         k = 0
         for ex, p in zip(batch, parts):
             if isinstance(p, DataError):
-                yield p
+                yield ex, p
                 continue
             pieces, k = ids[k: k + len(p)], k + len(p)
             try:
-                yield assemble(ex, prefix, pieces, [r for _, r in p], max_length)
+                yield ex, assemble(ex, prefix, pieces, [r for _, r in p], max_length)
             except DataError as e:
-                yield e
+                yield ex, e
         advance(len(batch))
 
 
-def build(directory: Path, examples: list[Example], tokenizer, template: str, max_length: int,
-          on_error: str, advance=lambda n=1, **_: None,
-          load_skipped: list[tuple[str, str]] = ()) -> None:
-    """Tokenise ``examples`` into the cache folder ``directory`` (atomically), with the kept
-    rows themselves. Raises the first row's DataError with ``on_error="error"``; with
-    ``"skip"`` the row is left out and listed, after ``load_skipped`` (the rows the loading
-    skipped, ``(where, reason)``)."""
+def build(directory: Path, examples: Iterable[Example], tokenizer, template: str,
+          max_length: int, on_error: str, advance=lambda n=1, **_: None,
+          load_skipped: Sequence[tuple[str, str]] = ()) -> None:
+    """Tokenise ``examples`` (any iterable: they are read once, a batch at a time, and never
+    held) into the cache folder ``directory`` (atomically), with the kept rows themselves.
+    Raises the first row's DataError with ``on_error="error"``; with ``"skip"`` the row is left
+    out and listed, after ``load_skipped`` (the rows the loading skipped, ``(where, reason)``;
+    read when the examples are exhausted, so a loader may fill it as it goes)."""
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
         tokens = open(tmp / "tokens.bin", "wb")
         labels = open(tmp / "labels.bin", "wb")
-        offsets, truncated, skipped = [0], [], [list(s) for s in load_skipped]
-        kept = []
-        with tokens, labels:
-            for ex, enc in zip(examples, encode_batched(
-                    examples, tokenizer, template, max_length, advance)):
+        offsets, truncated, skipped = [0], [], []
+        with tokens, labels, _RowsWriter(tmp) as rows:
+            for ex, enc in encode_batched(examples, tokenizer, template, max_length, advance):
                 if isinstance(enc, DataError):
                     if on_error != "skip":
                         raise enc
@@ -197,12 +198,12 @@ def build(directory: Path, examples: list[Example], tokenizer, template: str, ma
                 labels.write((np.asarray(enc.labels) != IGNORE_INDEX).astype(np.uint8).tobytes())
                 offsets.append(offsets[-1] + len(ids))
                 truncated.append(enc.truncated)
-                kept.append(ex)
+                rows.add(ex)
         for name, dtype in (("tokens", np.int32), ("labels", np.uint8)):
             _bin_to_npy(tmp / f"{name}.bin", tmp / f"{name}.npy", np.dtype(dtype))
         np.save(tmp / "offsets.npy", np.asarray(offsets, dtype=np.int64))
         np.save(tmp / "truncated.npy", np.asarray(truncated, dtype=np.uint8))
-        write_rows(tmp, kept)
+        skipped = [list(s) for s in load_skipped] + skipped
         (tmp / "meta.json").write_text(json.dumps({"version": VERSION, "skipped": skipped}))
         fsync_tree(tmp)
         try:
@@ -215,18 +216,39 @@ def build(directory: Path, examples: list[Example], tokenizer, template: str, ma
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def write_rows(directory: Path, examples: list[Example]) -> None:
-    """The rows :class:`CachedExamples` reads: ``rows.npy``, ``row_offsets.npy``, ``ids.json``
-    (module docstring), streamed to disk."""
-    offsets = [0]
-    with open(directory / "rows.bin", "wb") as rows:
+class _RowsWriter:
+    """Writes the rows :class:`CachedExamples` reads (``rows.npy``, ``row_offsets.npy``,
+    ``ids.json``: the module docstring) one row at a time, completed on a clean exit."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        self.file = open(directory / "rows.bin", "wb")
+        self.offsets, self.ids = [0], []
+
+    def add(self, ex: Example) -> None:
+        line = _row_json(ex)
+        self.file.write(line)
+        self.offsets.append(self.offsets[-1] + len(line))
+        self.ids.append(ex.id)
+
+    def __enter__(self) -> "_RowsWriter":
+        return self
+
+    def __exit__(self, kind, *_) -> None:
+        self.file.close()
+        if kind is not None:
+            return
+        _bin_to_npy(self.directory / "rows.bin", self.directory / "rows.npy",
+                    np.dtype(np.uint8))
+        np.save(self.directory / "row_offsets.npy", np.asarray(self.offsets, dtype=np.int64))
+        (self.directory / "ids.json").write_text(json.dumps(self.ids))
+
+
+def write_rows(directory: Path, examples: Iterable[Example]) -> None:
+    """The rows :class:`CachedExamples` reads (module docstring), streamed to disk."""
+    with _RowsWriter(directory) as rows:
         for ex in examples:
-            line = _row_json(ex)
-            rows.write(line)
-            offsets.append(offsets[-1] + len(line))
-    _bin_to_npy(directory / "rows.bin", directory / "rows.npy", np.dtype(np.uint8))
-    np.save(directory / "row_offsets.npy", np.asarray(offsets, dtype=np.int64))
-    (directory / "ids.json").write_text(json.dumps([ex.id for ex in examples]))
+            rows.add(ex)
 
 
 def _bin_to_npy(raw: Path, npy: Path, dtype: np.dtype) -> None:

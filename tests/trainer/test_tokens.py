@@ -12,7 +12,8 @@ import pytest
 from helpers import FIXTURES, POOL_TINY, run_train, write_config
 
 from evotune.trainer import tokens
-from evotune.trainer.data import DataError, encode, encode_all, load_examples
+from evotune.trainer.data import (DataError, LoadReport, encode, encode_all, iter_examples,
+                                  load_examples)
 
 POOLS = [POOL_TINY, FIXTURES / "pool_mixed.jsonl"]
 
@@ -23,8 +24,9 @@ def test_batched_encoding_is_the_per_row_encoding(tokenizer, pool, template, max
                                                    monkeypatch):
     monkeypatch.setattr(tokens, "BATCH_ROWS", 7)          # several batches, a short last one
     examples, _ = load_examples(pool, "skip")
-    for ex, got in zip(examples, tokens.encode_batched(examples, tokenizer, template,
-                                                       max_length), strict=True):
+    pairs = list(tokens.encode_batched(iter(examples), tokenizer, template, max_length))
+    assert [ex for ex, _ in pairs] == examples              # every row, in order, once
+    for ex, got in pairs:
         try:
             want = encode(ex, tokenizer, template, max_length)
         except DataError as e:
@@ -66,6 +68,26 @@ def test_a_bad_row_is_refused_as_encode_all_refuses_it(tokenizer, tmp_path):
         tokens.build(tmp_path / "cache", examples, tokenizer, "chat", 60, "error")
     assert str(got.value) == str(want.value)
     assert not (tmp_path / "cache").exists() and not list(tmp_path.iterdir())   # nothing left
+
+
+def test_the_cache_builds_from_rows_read_as_they_come(tokenizer, tmp_path):
+    """What a run does: the rows streamed from the file into the cache, the loader's skips
+    reported as it meets them; the same entry as from a loaded list."""
+    lines = POOL_TINY.read_text().splitlines()
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text("\n".join(lines[:3] + ['{"broken": '] + lines[3:]) + "\n")
+    examples, loaded = load_examples(pool, "skip")
+    tokens.build(tmp_path / "a", examples, tokenizer, "chat", 96, "skip",
+                 load_skipped=loaded.skipped)
+    report = LoadReport()
+    rows = iter_examples(pool, "skip", report=report)
+    tokens.build(tmp_path / "b", rows, tokenizer, "chat", 96, "skip",
+                 load_skipped=report.skipped)
+    a, b = tokens.open_cached(tmp_path / "a"), tokens.open_cached(tmp_path / "b")
+    assert list(a[0]) == list(b[0]) == [ex for ex in examples if ex in list(b[0])]
+    assert list(a[1]) == list(b[1]) and a[2].skipped == b[2].skipped
+    assert b[2].skipped[0][0] == f"{pool}:4" and len(b[2].skipped) > 1   # loading's, then more
+    assert next(rows, None) is None                                      # read once
 
 
 def test_the_key_follows_every_input(tokenizer):
