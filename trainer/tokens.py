@@ -2,8 +2,9 @@
 
 Tokenising the pool as Python lists on every rank at every start costs time and about 40 bytes
 per token per rank (two lists of ints). Here the pool is tokenised once per (pool file and its
-content, tokenizer, template, max_length, data settings) — in batches, one tokenizer call per
-batch of rows — into four arrays under ``$EVOTUNE_CACHE/tokens/<key>/`` (default ``~/.cache/evotune``):
+content, tokenizer, template, max_length, data settings) — read and tokenised in batches, one
+tokenizer call per batch of rows, never all in memory — into four arrays under
+``$EVOTUNE_CACHE/tokens/<key>/`` (default ``~/.cache/evotune``):
 
 - ``tokens.npy``: every kept row's token ids back to back (int32);
 - ``labels.npy``: 1 where the token is a training target (a response token), else 0 (uint8);
@@ -18,9 +19,10 @@ plus ``meta.json`` (why the rows left out were skipped, at loading or at encodin
 bytes per token and the rows' JSON, shared by every rank of a machine through the page cache
 (``np.load`` with ``mmap_mode="r"``): no rank holds the pool as Python objects (about 2.2 KB a
 row on every rank before: ``benchmarks/RESULTS.md``), and only rank 0 ever reads the pool file,
-when it builds the cache. A resume, or any run with the same inputs, reuses the cache; a changed
-or moved pool file, tokenizer, chat template or setting gets a new key. Rank 0 builds it (atomically:
-a temporary folder renamed into place) while the others wait; then every rank maps it.
+when it builds the cache. A resume, or any run with the same inputs, reuses the cache; a
+changed or moved pool file, tokenizer, chat template or setting gets a new key. Rank 0 builds
+it (atomically: a temporary folder renamed into place) while the others wait; then every rank
+maps it.
 
 :class:`TokenizedPool` is a read-only sequence of :class:`~evotune.trainer.data.Encoded`,
 and :class:`CachedExamples` one of :class:`~evotune.trainer.data.Example`, each materialised

@@ -143,11 +143,8 @@ def save_shard(key: str, shard: Features, stats: dict[str, PassStats], strategy,
     every rank sends its rows a block at a time (``streamed.py``: no rank holds N × D). Returns
     why the entry could not be written (on every rank), or None."""
     whole = gather_shards(strategy, shard, n, embeddings=False)
-    npz, meta = _paths(key)
-    arrays = None
-    if strategy.is_rank0:
-        npz.parent.mkdir(parents=True, exist_ok=True)
-        arrays = _arrays(whole)
+    npz, meta = _paths(key)           # (the folder is made by the atomic write, on rank 0)
+    arrays = _arrays(whole) if strategy.is_rank0 else None
     rows = None if shard.embeddings is None else RowsPart(shard.positions, shard.embeddings, n)
     error = save_parts(strategy, npz, arrays, {"embeddings": rows})
     if error is None and strategy.is_rank0:

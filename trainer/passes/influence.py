@@ -21,10 +21,11 @@ each rank scores its own candidates and keeps them (the rule ranks them with a d
 top-k): rank 0 gathers only the scores (S + 1 numbers per candidate); with
 ``output.save_features`` the projected features go to the round's ``features.npz``
 (``grad_train``, ``grad_val``, fp16), ``grad_train`` streamed to rank 0 a block of rows at a
-time as the file is written (``streamed.py``). Gradient embeddings (TAGCOS) stay on their ranks for a
-sharded rule without a validation set (k-center, ``cluster_quota`` with ``kmeans: minibatch``)
-and are gathered on rank 0 for the others. Every finished batch is also written to
-``OUT/partial/round_XXX/`` until the round completes, so a resumed round reuses it.
+time as the file is written (``streamed.py``). Gradient embeddings (TAGCOS) stay on their
+ranks for a sharded rule without a validation set (k-center, ``cluster_quota`` with
+``kmeans: minibatch``) and are gathered on rank 0 for the others. Every finished batch is
+also written to ``OUT/partial/round_XXX/`` until the round completes, so a resumed round
+reuses it.
 
 Departures from LESS: the checkpoints are the loop's rounds (LESS sums the four epoch
 checkpoints of one warm-up run and selects once; ``checkpoints: current`` scores with the
@@ -53,11 +54,11 @@ from evotune.trainer.fit import lr_at
 from evotune.trainer.logs import log
 from evotune.trainer.model import load_model, resolve_model_path
 from evotune.trainer.passes.forward import PassStats
-from evotune.trainer.passes.streamed import RowsPart
 from evotune.trainer.passes.gradients import (SparseProjector, adam_direction, aggregate,
                                               answer_logprob, answer_loss, dpo_coefficient,
                                               example_grad, influence, normalize_rows,
                                               trainable_params)
+from evotune.trainer.passes.streamed import RowsPart
 from evotune.trainer.state import (crash_point, derive_seed, partial_dir, round_dir,
                                    seeded_sample, write_bytes_atomic)
 from evotune.trainer.targets import load_targets
