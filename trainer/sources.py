@@ -185,8 +185,10 @@ def read_rows(path: str | os.PathLike):
 
 
 def _json_rows(path: Path):
-    text = read_text(path)
-    if text.lstrip().startswith("["):
+    """A JSON list (parsed whole: it is one value) or JSON lines, read one line at a time (a
+    pool of millions of rows is never one string in memory)."""
+    if _first_byte(path) == b"[":
+        text = read_text(path)
         try:
             items = json.loads(text)
         except json.JSONDecodeError as e:
@@ -194,13 +196,37 @@ def _json_rows(path: Path):
         for i, item in enumerate(items):
             yield f"{path}: item {i}", item
         return
-    for lineno, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            yield f"{path}:{lineno}", json.loads(line)
-        except json.JSONDecodeError as e:
-            yield f"{path}:{lineno}", DataError(f"{path}:{lineno}: malformed JSON ({e.msg})")
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            if lineno == 1 and raw.startswith(BOM):
+                raw = raw[len(BOM):]
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[e.start]:02x} at "
+                                f"column {e.start + 1}); save the file as UTF-8") from None
+            if not line.strip():
+                continue
+            try:
+                yield f"{path}:{lineno}", json.loads(line)
+            except json.JSONDecodeError as e:
+                yield f"{path}:{lineno}", DataError(f"{path}:{lineno}: malformed JSON ({e.msg})")
+
+
+BOM = b"\xef\xbb\xbf"
+
+
+def _first_byte(path: Path) -> bytes:
+    """The first byte of a file after a byte-order mark and whitespace (b"" if none)."""
+    with open(path, "rb") as f:
+        head = f.read(len(BOM))
+        if head != BOM:
+            f.seek(0)
+        while chunk := f.read(1 << 16):
+            rest = chunk.lstrip()
+            if rest:
+                return rest[:1]
+    return b""
 
 
 def _csv_rows(path: Path, delimiter: str):

@@ -466,6 +466,8 @@ def test_a_byte_order_mark_and_crlf_line_ends_lose_no_row(tmp_path):
     listed = tmp_path / "bom.json"
     listed.write_bytes(b"\xef\xbb\xbf" + json.dumps(rows).encode())
     assert len(load_examples(listed)[0]) == 2
+    listed.write_bytes(b"\xef\xbb\xbf\n \r\n\t" + json.dumps(rows).encode())   # a list after blanks
+    assert len(load_examples(listed)[0]) == 2
 
 
 def test_bytes_that_are_not_utf8_name_the_file_and_line(tmp_path):
