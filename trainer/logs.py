@@ -59,10 +59,14 @@ class ProgressBars:
                        TimeRemainingColumn(), console=self.console, transient=False)
         with bar:
             task = bar.add_task(description, total=total, info="")
+            done = [0]
 
             def advance(n: int = 1, info: str | None = None):
+                done[0] += n
                 bar.update(task, advance=n, **({"info": info} if info is not None else {}))
             yield advance
+            if total is None:                      # the count is known now: a full bar
+                bar.update(task, total=done[0])
 
 
 class RunLogger(ProgressBars):
