@@ -226,7 +226,7 @@ class KCenterSelector:
     doc = ("DiverseEvol's greedy k-center: the candidate furthest (Euclidean, current-model "
            "embedding) from everything selected so far, one at a time.")
     logs = "`kcenter_distance`"
-    scale = ("sharded (also behind a filter by any score but influence): each rank keeps its own "
+    scale = ("sharded (also behind a filter by any score): each rank keeps its own "
              "rows and 4 bytes per candidate; a pick is 2 collectives")
     needs_embeddings = True
     scores = ()

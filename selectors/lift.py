@@ -124,9 +124,10 @@ class LiftSelector:
            "`variance` of it); the `keep` fraction with the highest row variance (far from "
            "the centroid), then the best `score` among them (or the highest row variance)")
     logs = "`row_variance`, the score"
-    scale = ("sharded with no score or any score but influence (else rank 0, gathered): "
-             "each rank reads its own rows in float64 blocks and adds a D × D Gram matrix to "
-             "the other ranks' (one all-reduce); distributed top-k's")
+    scale = ("sharded with no score or any score (a derived score you register without a "
+             "sharded form: rank 0, gathered): each rank reads its own rows in float64 blocks "
+             "and adds a D × D Gram matrix to the other ranks' (one all-reduce); distributed "
+             "top-k's")
     needs_embeddings = True
 
     @dataclass

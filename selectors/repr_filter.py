@@ -233,7 +233,7 @@ def _rows_in_order(wanted: np.ndarray, mine: np.ndarray, rows: np.ndarray, dim: 
 class RepresentationFilterSelector:
     """DEITA's score-first, near-duplicate-skipping rule over the round's embeddings.
 
-    One process or sharded (:meth:`select_sharded`, with any score but influence): each
+    One process or sharded (:meth:`select_sharded`, with any score): each
     rank keeps its own rows; every rank holds the kept set ((selected + n) × D float32) and
     one block of the walk; the blocks come from every rank's own sorted candidates."""
     name = "repr_filter"
@@ -241,9 +241,9 @@ class RepresentationFilterSelector:
            "if its max cosine similarity to everything selected (earlier rounds and this one) is "
            "≤ `threshold`; if too few pass, the best rejected fill the budget (`admitted: 0`)")
     logs = "the score, `max_cosine`, `admitted`"
-    scale = ("sharded with any score but influence (else rank 0, gathered): each rank its "
-             "own rows; every rank the kept set ((selected + n) × D) and one block of 256 rows; "
-             "3 gathers a block")
+    scale = ("sharded with any score (a derived score you register without a sharded form: "
+             "rank 0, gathered): each rank its own rows; every rank the kept set ((selected + "
+             "n) × D) and one block of 256 rows; 3 gathers a block")
     needs_embeddings = True
 
     @dataclass

@@ -113,15 +113,16 @@ class WeightedSelector:
     """``alpha`` · normalised score + (1 − ``alpha``) · normalised k-center distance.
 
     One process: a float32 copy of the candidates' rows and O(N) float64 work per pick.
-    Sharded (:meth:`select_sharded`, with any score but influence): each rank its own rows
+    Sharded (:meth:`select_sharded`, with any score): each rank its own rows
     and O(rows) work per pick, four collectives per pick."""
     name = "weighted"
     doc = ("greedy on `alpha · score + (1 − alpha) · distance`: the score min-max normalised "
            "over the candidates, the k-center distance divided by the largest remaining one; "
            "`alpha` 0 is k-center, 1 is top-score (`configs/ifd_mix.yaml`)")
     logs = "the score, `kcenter_distance`, `objective`"
-    scale = ("sharded with any score but influence (else rank 0, gathered): each rank keeps "
-             "its own rows and 4 bytes per candidate; a pick is 4 collectives")
+    scale = ("sharded with any score (a derived score you register without a sharded form: "
+             "rank 0, gathered): each rank keeps its own rows and 4 bytes per candidate; a "
+             "pick is 4 collectives")
     needs_embeddings = True
 
     @dataclass

@@ -207,6 +207,47 @@ def test_gradient_embeddings_stay_sharded_and_pick_like_one_rank(tmp_path, tiny_
         assert summary["selected_on"] == "every rank"
 
 
+@pytest.mark.parametrize("embedding, score", [
+    ("hidden", "influence"),      # the influence scores go to the forward pass's rows
+    ("gradient", "loss"),         # the loss goes to the gradient rows, scored there too
+])
+def test_scores_of_the_other_pass_follow_the_embeddings(tmp_path, tiny_model_dir, embedding,
+                                                        score):
+    """k-center behind a filter on a score of the other pass (the forward pass and the
+    gradient pass deal different rows to a rank) stays sharded: 2 ranks pick what 1 rank
+    picks, and every pick that passed the filter is in its top half by that score."""
+    runs = {}
+    for ranks in (1, 2):
+        runs[ranks] = tmp_path / f"out{ranks}"
+        cfg = write_config(tmp_path / f"cfg{ranks}.yaml", tiny_model_dir, runs[ranks],
+                           selection={"selector": "kcenter", "embedding": embedding,
+                                      "rounds": 2, "filter_score": score,
+                                      "filter_top_fraction": 0.5},
+                           influence={"dim": 256, "candidates": 0.5,
+                                      "validation": str(EVAL_TINY)})
+        run_train(["--config", str(cfg)], ranks=ranks if ranks > 1 else None)
+    one, two = picks(runs[1], 1), picks(runs[2], 1)
+    assert [p["pool_index"] for p in one] == [p["pool_index"] for p in two]
+    a, b = (np.load(o / "rounds" / "round_001" / "features.npz") for o in runs.values())
+    for name in (f"score_{score}", "score_influence"):
+        assert np.array_equal(np.isnan(a[name]), np.isnan(b[name]))
+        assert np.allclose(a[name], b[name], atol=1e-5, equal_nan=True)
+    labeled = {p["pool_index"] for p in picks(runs[2], 0)}
+    values = b[f"score_{score}"]
+    candidates = [i for i in range(len(values)) if i not in labeled]
+    if embedding == "gradient":                       # only the sample has embeddings
+        candidates = sorted(set(candidates) & set(b["grad_sample"].tolist()))
+        assert np.isfinite(b["embeddings"].astype(np.float32)[candidates]).all()
+    scored = np.sort(values[candidates][np.isfinite(values[candidates])])[::-1]
+    cut = scored[int(len(scored) * 0.5) - 1]
+    passed = [p["pool_index"] for p in two if p["passed_filter"] == 1]
+    assert passed and all(values[i] >= cut for i in passed)
+    assert {p["pool_index"] for p in two} <= set(candidates)
+    for o in runs.values():
+        summary = json.loads((o / "rounds" / "round_001" / "summary.json").read_text())
+        assert summary["selected_on"] == "every rank"
+
+
 def test_explicit_reference_model_with_label_smoothing(tmp_path, tiny_model_dir):
     """With label smoothing the DPO gradient's sign depends on the reference model: each pair's
     saved direction is the reference-free one times -sign(coef), coef = d loss / d margin =

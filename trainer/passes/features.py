@@ -15,14 +15,17 @@
 - ``derived`` scores: computed from the rest, inputs first.
 
 A sharded rule (``select_sharded``: k-center, rds, LIFT, weighted, repr_filter, a filter
-score over k-center, influence) whose scores all come from the forward pass, IFD's passes,
-the targets, the reward model and derived scores with a sharded form (``linear``, ``knn_k``),
-or all from the gradient pass, gets each rank's own rows (``Features.positions``): the
-target rows' embeddings (a few) or the validation gradients reach every rank and each scores
-its own rows; IFD is computed on rank 0 from the forward losses (gathered: 8 bytes a row)
-and its values go back to every rank, as do the reward model's (computed once per run);
-``knn_k`` passes every rank's rows past every other rank in tiles. Everything else is
-gathered on rank 0, and so is a round 0 read from or written to the base-model cache.
+score over k-center, cluster_quota with ``kmeans: minibatch``, influence) whose scores all
+come from the forward pass, IFD's passes, the targets, the reward model, the gradient pass and
+derived scores with a sharded form (``linear``, ``knn_k``) gets each rank's own rows
+(``Features.positions``): the target rows' embeddings (a few) or the validation gradients
+reach every rank and each scores its own rows; IFD is computed on rank 0 from the forward
+losses (gathered: 8 bytes a row) and its values go back to every rank, as do the reward
+model's (computed once per run); ``knn_k`` passes every rank's rows past every other rank in
+tiles. The forward pass and the gradient pass deal different rows to a rank: the scores of
+the one whose rows do not carry the embeddings go to the ranks that hold them the way IFD's
+do (O(N) numbers per score through rank 0). Everything else is gathered on rank 0; a round 0
+read from or written to the base-model cache stays sharded (``cache.load_shard``).
 ``selection.candidates`` restricts the passes to a seeded sample of the candidates and the
 selected rows.
 
@@ -140,18 +143,21 @@ class FeaturePass:
             if of["influence"] or self.gradient_embeddings else None
         # A sharded rule whose scores each rank can compute for its own rows: the features
         # stay on the ranks that computed them (nothing N x D on one rank) and every rank
-        # selects together.
+        # selects together. Scores computed on other rows than the embeddings' (the forward
+        # pass deals the pool, the gradient pass its sample) follow the embeddings: O(N)
+        # numbers per score through rank 0 (``_scores_to``).
         sources = {SCORES[n].source for n in wanted}
-        per_rank = {"forward", "targets", "ifd", "reward"} | \
+        per_rank = {"forward", "ifd", "reward", "influence"} | \
             ({"derived"} if all(SCORES[n].sharded for n in self.derived) else set())
-        hidden_only = self.needs_embeddings and not self.gradient_embeddings and \
-            sources <= per_rank
-        influence_only = not self.needs_embeddings and sources == {"influence"}
-        # Gradient embeddings alone (TAGCOS's features; no score, no validation set): each
-        # rank keeps the projected gradients it computed.
-        gradient_only = self.gradient_embeddings and not sources and not self.influence.val
-        self.sharded = bool(getattr(selector, "sharded", False) and (
-            hidden_only or influence_only or gradient_only))
+        if not self.gradient_embeddings:
+            per_rank.add("targets")               # targets are scored on hidden states
+        self.sharded = bool(getattr(selector, "sharded", False) and sources <= per_rank and (
+            self.needs_embeddings or sources))
+        unsharded = [n for n in wanted if SCORES[n].source not in per_rank]
+        self._gathered_why = "the rule has no sharded form" if not getattr(
+            selector, "sharded", False) else \
+            f"no sharded form with score {', '.join(unsharded)}" if unsharded else \
+            "no sharded form without embeddings or scores"
 
     def _load_targets(self, name: str, tokenizer, template: str):
         """The target rows of score ``name`` (its ``targets`` file), encoded like the pool."""
@@ -173,9 +179,8 @@ class FeaturePass:
         if self.sharded:
             return (f"selection ({rule}): on every rank over its own rows (nothing N × D on "
                     f"one rank)")
-        why = "gradient embeddings with scores or a validation set, or a rule without a " \
-            "sharded form" if self.gradient_embeddings else "no sharded form with these scores"
-        return (f"selection ({rule}): on rank 0 over the features gathered there ({why}; "
+        return (f"selection ({rule}): on rank 0 over the features gathered there "
+                f"({self._gathered_why}; "
                 f"README, Large pools)")
 
     @property
@@ -278,26 +283,18 @@ class FeaturePass:
         features = Features() if self.strategy.is_rank0 else None
         hidden = self.needs_embeddings and not self.gradient_embeddings
         rows = np.arange(len(self.pool_enc)) if measured is None else measured
+        if sharded:
+            return self._run_sharded(model, logger, r, engine, candidates, labeled, run_dir,
+                                     measured, rows, hidden, stats)
         if hidden or self.forward_scores:
             with logger.progress(f"{_round(r)}embed pool", len(rows)) as advance:
                 features, stats["features"] = compute_features(
                     model, Rows(self.pool_enc, rows), self.strategy, self.pad_id,
                     self.cfg.selection.batch_size, hidden, self.forward_scores, advance,
-                    self.cfg.selection.pooling, gather=not sharded)
-            if sharded:                           # positions of the measured rows, not of 0..k
-                features.positions = rows[features.positions]
-                self._score_targets(model, logger, r, features, stats, sharded)
-                self._score_reward(features, logger, r, stats)
-                if self.ifd is not None:
-                    self._ifd_sharded(model, features, logger, r, measured, stats)
-                for name in self.derived:
-                    features.scores[name], features.skipped[name] = SCORES[name].compute(
-                        features, getattr(self.cfg.scoring, name, None), self.strategy.comm)
-                self._warn_non_finite_shard(features, r)
-                return PassResult(features, stats, candidates)
+                    self.cfg.selection.pooling)
             if features is not None and measured is not None:
                 features = _spread(features, measured, len(self.pool_enc))
-        self._score_targets(model, logger, r, features, stats, sharded)
+        self._score_targets(model, logger, r, features, stats, False)
         self._score_reward(features, logger, r, stats)
         if self.ifd is not None:
             ifd_stats = self.ifd.run(model, features, logger, r, measured)
@@ -307,14 +304,7 @@ class FeaturePass:
             if engine is None or candidates is None:
                 raise ValueError("influence selection runs inside a training run only")
             found, stats["influence"] = self.influence.run(
-                engine, candidates, r, logger, labeled, self.gradient_embeddings, run_dir,
-                sharded=sharded)
-            if sharded:                  # this rank's sampled candidates (and selected rows)
-                self._warn_non_finite_shard(found, r)
-                if self.gradient_embeddings:         # only the sample has embeddings
-                    candidates = np.intersect1d(candidates, self.strategy.broadcast_from_rank0(
-                        found.extra.get("grad_sample")))
-                return PassResult(found, stats, candidates)
+                engine, candidates, r, logger, labeled, self.gradient_embeddings, run_dir)
             if features is not None:
                 features.scores.update(found.scores)
                 features.skipped.update(found.skipped)
@@ -330,6 +320,67 @@ class FeaturePass:
                 mark_unsampled(features, measured)
             _warn_non_finite(features, r)
         return PassResult(features, stats, candidates)
+
+    def _run_sharded(self, model, logger, r, engine, candidates, labeled, run_dir, measured,
+                     rows, hidden: bool, stats: dict[str, PassStats]) -> PassResult:
+        """:meth:`_run` for a sharded rule: every rank returns its own rows' features. The
+        forward pass deals the (measured) pool over the ranks and the gradient pass its sample
+        (and the selected rows): the scores of the pass whose rows lack the embeddings go to
+        the ranks holding the embeddings' rows (hidden states: the forward pass's; gradient
+        embeddings: the gradient pass's)."""
+        shard = None
+        if hidden or self.forward_scores:
+            with logger.progress(f"{_round(r)}embed pool", len(rows)) as advance:
+                shard, stats["features"] = compute_features(
+                    model, Rows(self.pool_enc, rows), self.strategy, self.pad_id,
+                    self.cfg.selection.batch_size, hidden, self.forward_scores, advance,
+                    self.cfg.selection.pooling, gather=False)
+            shard.positions = rows[shard.positions]   # positions of the measured rows, not 0..k
+            self._score_targets(model, logger, r, shard, stats, True)
+            self._score_reward(shard, logger, r, stats)
+            if self.ifd is not None:
+                self._ifd_sharded(model, shard, logger, r, measured, stats)
+        if self.influence is not None:
+            if engine is None or candidates is None:
+                raise ValueError("influence selection runs inside a training run only")
+            found, stats["influence"] = self.influence.run(
+                engine, candidates, r, logger, labeled, self.gradient_embeddings, run_dir,
+                sharded=True)        # this rank's sampled candidates (and selected rows)
+            if self.gradient_embeddings:                 # only the sample has embeddings
+                candidates = np.intersect1d(candidates, self.strategy.broadcast_from_rank0(
+                    found.extra.get("grad_sample")))
+            if shard is None:
+                shard = found
+                self._score_reward(shard, logger, r, stats)
+            elif self.gradient_embeddings:     # the forward pass's scores to the gradient rows
+                self._scores_to(shard, found, list(shard.scores))
+                found.extra.update(shard.extra)
+                shard = found
+            else:                             # the influence scores to the forward pass's rows
+                self._scores_to(found, shard, list(found.scores))
+                shard.extra.update(found.extra)
+        for name in self.derived:
+            shard.scores[name], shard.skipped[name] = SCORES[name].compute(
+                shard, getattr(self.cfg.scoring, name, None), self.strategy.comm)
+        self._warn_non_finite_shard(shard, r)
+        return PassResult(shard, stats, candidates)
+
+    def _scores_to(self, source: Features, shard: Features, names: list[str]) -> None:
+        """Scores ``names`` of every rank's ``source`` rows into ``shard`` (this rank's rows of
+        another pass): rank 0 gathers them (O(N) numbers per score, nothing N × D) and every
+        rank gets the values and skip reasons back and keeps its own rows'."""
+        whole = gather_shards(self.strategy, source, len(self.pool_enc), embeddings=False)
+        self._take_rows(shard, {name: (whole.scores[name], whole.skipped.get(name, {}))
+                                for name in names} if whole is not None else None)
+
+    def _take_rows(self, shard: Features, found: dict | None) -> None:
+        """Rank 0's whole-pool ``found`` (name → (values, skip reasons)) to every rank, which
+        keeps its own rows' into ``shard``."""
+        found = self.strategy.broadcast_from_rank0(found)
+        mine = set(shard.positions.tolist())
+        for name, (values, skipped) in found.items():
+            shard.scores[name] = values[shard.positions]
+            shard.skipped[name] = {p: why for p, why in skipped.items() if p in mine}
 
     def _score_reward(self, features: Features | None, logger, r,
                       stats: dict[str, PassStats]) -> None:
@@ -364,13 +415,8 @@ class FeaturePass:
         ifd_stats = self.ifd.run(model, whole, logger, r, measured)
         if ifd_stats is not None:
             stats["ifd"] = ifd_stats
-        found = {v: (whole.scores[v], whole.skipped[v]) for v in self.ifd.variants} \
-            if whole is not None else None
-        found = self.strategy.broadcast_from_rank0(found)
-        mine = set(shard.positions.tolist())
-        for name, (values, skipped) in found.items():
-            shard.scores[name] = values[shard.positions]
-            shard.skipped[name] = {p: why for p, why in skipped.items() if p in mine}
+        self._take_rows(shard, {v: (whole.scores[v], whole.skipped[v])
+                                for v in self.ifd.variants} if whole is not None else None)
 
     def _score_targets(self, model, logger, r, features: Features | None,
                        stats: dict[str, PassStats], sharded: bool) -> None:

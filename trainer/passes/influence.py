@@ -22,8 +22,9 @@ top-k): rank 0 gathers only the scores (S + 1 numbers per candidate); with
 ``output.save_features`` the projected features go to the round's ``features.npz``
 (``grad_train``, ``grad_val``, fp16), ``grad_train`` streamed to rank 0 a block of rows at a
 time as the file is written (``streamed.py``). Gradient embeddings (TAGCOS) stay on their
-ranks for a sharded rule without a validation set (k-center, ``cluster_quota`` with
-``kmeans: minibatch``) and are gathered on rank 0 for the others. Every finished batch is
+ranks for a sharded rule (k-center, ``cluster_quota`` with ``kmeans: minibatch``; with a
+validation set each rank also scores its sampled rows) and are gathered on rank 0 for the
+others. Every finished batch is
 also written to ``OUT/partial/round_XXX/`` until the round completes, so a resumed round
 reuses it.
 
@@ -119,22 +120,19 @@ class InfluencePass:
         positions as (N, dim) ``embeddings`` (NaN rows elsewhere); and the pass statistics
         (tokens forwarded and backpropagated, all ranks).
 
-        ``sharded`` (the influence rule, or a sharded rule on gradient embeddings without a
-        validation set): every rank returns its shard instead — the scores of its own sampled
-        candidates (``Features.positions``), or its rows' gradient embeddings (sampled and
-        ``labeled``); rank 0's also holds the skip reasons of the rows outside the sample and
-        the ``extra`` arrays; with ``output.save_features`` and no embeddings, every rank's
-        ``extra`` holds its rows of ``grad_train`` (a ``RowsPart``, streamed into
-        ``features.npz``; sharded embeddings are saved as themselves).
+        ``sharded`` (a sharded rule): every rank returns its shard instead — the scores of its
+        own sampled candidates (``Features.positions``), or with ``embeddings`` its rows'
+        gradient embeddings (sampled and ``labeled``; scores NaN on the labeled rows); rank
+        0's also holds the skip reasons of the rows outside the sample and the ``extra``
+        arrays; with ``output.save_features`` and no embeddings, every rank's ``extra`` holds
+        its rows of ``grad_train`` (a ``RowsPart``, streamed into ``features.npz``; sharded
+        embeddings are saved as themselves).
 
         ``run_dir``: the run's output dir, where the pass keeps its finished batches until the
         round is complete (``partial/``, see :meth:`_features`), reads the earlier rounds'
         terms (``influence.checkpoints: all``) and writes this round's (``influence_terms.npz``,
         rank 0). Without it (outside a run) the pass keeps nothing and scores with this model
         only."""
-        if sharded and embeddings and self.val:
-            raise ValueError("sharded gradient embeddings are computed without a validation "
-                             "set; with one they are gathered on rank 0")
         self._round = r
         shard_dir = partial_dir(run_dir, r) if run_dir is not None else None
         st, icfg = self.strategy, self.icfg
@@ -186,7 +184,13 @@ class InfluencePass:
                 shard.extra["grad_sample"] = sample
             if not self.val:
                 return shard, stats
-            self._score(shard, mine, train, val, candidates, sample, r, run_dir, st)
+            scored = np.isin(mine, sample)     # embeddings: the selected rows have no score
+            self._score(shard, mine[scored], train[scored], val, candidates, sample, r,
+                        run_dir, st)
+            if not scored.all():
+                for name, values in shard.scores.items():
+                    shard.scores[name] = np.full(len(mine), np.nan)
+                    shard.scores[name][scored] = values
             return shard, stats
         train_all = st.gather_to_rank0(train_rows)
         if not st.is_rank0:

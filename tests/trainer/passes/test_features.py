@@ -47,16 +47,24 @@ def test_kcenter_needs_only_embeddings_and_random_needs_no_pass(tokenizer):
     assert fp.sharded
 
 
-def test_gradient_embeddings_stay_sharded_without_scores_or_a_validation_set(tokenizer):
+def test_gradient_embeddings_stay_sharded(tokenizer):
     grad = "selection.embedding=gradient"
     fp = plan(tokenizer, grad)
     assert fp.gradient_embeddings and fp.influence is not None and fp.sharded
     centroid = ("selection.selector=cluster_quota", "selection.cluster_quota.pick=centroid")
     assert plan(tokenizer, grad, *centroid, "selection.cluster_quota.kmeans=minibatch").sharded
-    # TAGCOS's full KMeans has no sharded form; a validation set's scores are gathered
+    # TAGCOS's full KMeans has no sharded form
     tagcos = plan(tokenizer, grad, *centroid)
-    assert not tagcos.sharded and "gradient embeddings" in tagcos.where_selected("x")
-    assert not plan(tokenizer, grad, f"influence.validation={EVAL_TINY}").sharded
+    assert not tagcos.sharded and "the rule has no sharded form" in tagcos.where_selected("x")
+    # with a validation set (its scores on the same rows), or a forward-pass score filter
+    # (its values moved to the rows of the gradient sample)
+    assert plan(tokenizer, grad, f"influence.validation={EVAL_TINY}").sharded
+    assert plan(tokenizer, grad, "selection.filter_score=loss").sharded
+
+
+def test_a_sharded_rule_reading_the_influence_score_stays_sharded(tokenizer):
+    fp = plan(tokenizer, f"influence.validation={EVAL_TINY}", "selection.filter_score=influence")
+    assert fp.sharded and fp.influence is not None and not fp.gradient_embeddings
 
 
 def test_a_filter_score_is_computed_too(tokenizer):
