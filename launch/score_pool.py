@@ -11,6 +11,10 @@ Use it to look at the scores before a run, to score a pool once with a proxy, or
         --scores loss,length,ifd_cherry --out runs/noisy
     deepspeed --num_gpus 2 launch/score_pool.py --config CFG --out OUT
 
+The pool is read through the token cache that training runs use (``trainer/tokens.py``: built
+once per pool file, tokenizer and template, then mapped by every rank), so scoring a pool and
+then training on it tokenises it once.
+
 Writes ``OUT/scores.jsonl`` (per example: id, source, every score, ``skipped`` reasons),
 ``OUT/summary.json`` (tokens and tokens/s of each pass, settings) and, with ``--label``,
 ``OUT/separation.json`` plus a table on the terminal. Files in OUT are replaced.
@@ -83,9 +87,10 @@ def main(argv=None) -> int:
             raise ConfigError("--pair needs --label")
     except (ConfigError, FileNotFoundError) as e:
         return _fail(e)
+    from evotune.trainer.loop import StartError
     try:
         return score(cfg, names, Path(args.out), args.label, args.pair)
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, StartError) as e:
         return _fail(e)
 
 
@@ -99,9 +104,10 @@ def _computable(score, cfg) -> bool:
 
 
 def score(cfg, names: tuple[str, ...], out: Path, label: str | None, pair: str | None) -> int:
-    from evotune.trainer.data import encode_all, load_examples, resolve_template
+    from evotune.trainer.data import resolve_template
     from evotune.trainer.engine import Strategy
     from evotune.trainer.logs import ProgressBars, log, setup_console_logging
+    from evotune.trainer.loop import _agree, load_pool
     from evotune.trainer.model import load_model, load_tokenizer, resolve_model_path
     from evotune.trainer.passes.features import FeaturePass
     from evotune.trainer.separation import separation
@@ -114,12 +120,12 @@ def score(cfg, names: tuple[str, ...], out: Path, label: str | None, pair: str |
     model_path = resolve_model_path(cfg.model.path)
     tokenizer = load_tokenizer(model_path)
     template = resolve_template(cfg.data.template, tokenizer)
-    mapping = cfg.data.columns.mapping()
-    examples, report = load_examples(cfg.data.pool, cfg.data.on_error, cfg.data.max_examples,
-                                     mapping)
-    pool, pool_enc, enc_report = encode_all(examples, tokenizer, template, cfg.data.max_length,
-                                            cfg.data.on_error)
-    skipped_rows = report.skipped + enc_report.skipped
+    logger = ProgressBars(strategy.is_rank0, console)
+    # The pool's rows and tokens from the token cache a training run uses (rank 0 builds the
+    # entry when there is none, reading the file a batch of rows at a time; every rank maps it)
+    pool_hash = _agree(strategy, lambda: input_hash(cfg.data.pool, cfg.data.columns.mapping()))
+    pool, pool_enc, report = load_pool(cfg, tokenizer, template, pool_hash, strategy, logger)
+    skipped_rows = report.skipped
     if label and pool and label not in pool[0].extra:
         raise ValueError(f"--label {label}: the rows have no field {label!r} (fields: "
                          f"{', '.join(sorted(pool[0].extra)) or 'none beyond the standard ones'})")
@@ -129,10 +135,9 @@ def score(cfg, names: tuple[str, ...], out: Path, label: str | None, pair: str |
                                strategy)
     model = load_model(model_path, strategy.dtype, cfg.model.attn_implementation)
     model.to(strategy.device).eval()
-    logger = ProgressBars(strategy.is_rank0, console)
     t0 = time.perf_counter()
-    key = feature_pass.base_cache_key(model_path, input_hash(cfg.data.pool, mapping), template,
-                                      strategy.dtype) if cfg.scoring.base_cache else None
+    key = feature_pass.base_cache_key(model_path, pool_hash, template, strategy.dtype) \
+        if cfg.scoring.base_cache else None
     result = feature_pass.run(model, logger, cache_key=key)
     features, stats = result.features, result.stats
     seconds = time.perf_counter() - t0

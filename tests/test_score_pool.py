@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from helpers import FIXTURES, run_train
+from helpers import FIXTURES, POOL_TINY, run_train, write_config
 
 NOISY = FIXTURES / "pool_noisy_subset.jsonl"
 
@@ -60,3 +60,27 @@ def test_score_pool_rejects_unknown_scores_and_labels(tmp_path, tiny_model_dir):
     assert "scoring.reward.model" in refused("--scores", "reward")
     assert "training run" in refused("--scores", "influence")
     assert "quality" in refused("--scores", "loss", "--label", "quality", "data.on_error=skip")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text('{"nothing": 1}\n{"nothing": 2}\n')
+    assert "no usable rows" in refused("--scores", "loss", f"data.pool={empty}",
+                                       "data.on_error=skip")
+
+
+@pytest.mark.e2e
+def test_scoring_a_pool_then_training_on_it_tokenises_it_once(tmp_path, tiny_model_dir):
+    env = {"EVOTUNE_CACHE": str(tmp_path / "cache")}
+    cfg = write_config(tmp_path / "cfg.yaml", tiny_model_dir, tmp_path / "out",
+                       selection={"selector": "random", "rounds": 1, "init_size": 4})
+    scored = run_train(["--config", str(cfg), "--scores", "loss,length", "--out",
+                        str(tmp_path / "scores")], script="score_pool.py", env=env)
+    assert "pool tokens: cached in" in scored.stderr
+    trained = run_train(["--config", str(cfg)], env=env)
+    assert "pool tokens: reused from the cache" in trained.stderr
+    assert len(list((tmp_path / "cache" / "tokens").iterdir())) == 1
+    # every kept row scored, in the pool file's order
+    rows = [json.loads(line) for line in (tmp_path / "scores" / "scores.jsonl").open()]
+    summary = json.loads((tmp_path / "scores" / "summary.json").read_text())
+    source = [json.loads(line)["id"] for line in POOL_TINY.read_text().splitlines()]
+    assert [r["id"] for r in rows] == [i for i in source if i in {r["id"] for r in rows}]
+    assert len(rows) + summary["rows_skipped"] == len(source)
+    assert all(r["length"] is not None and r["length"] > 0 for r in rows)
