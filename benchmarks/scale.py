@@ -242,14 +242,16 @@ def part_kcenter(args) -> str:
                   f"({rows * 8 / 2**20:.0f} MiB). A pick is one all-reduce of 8 bytes and one "
                   f"broadcast of {(dim + 1) * 4:,} bytes. The local work streams "
                   f"{local / 2**30:.1f} GiB per pick. evotune does it with numpy on each "
-                  f"rank's host: at this CPU's measured {bw_cpu / 1e9:.1f} GB/s (one thread) that "
-                  f"is {local / bw_cpu:.2f} s per pick, so a 5% budget (500k picks) takes "
-                  f"{500_000 * local / bw_cpu / 3600:.0f} h: too slow. On the device (not "
-                  f"implemented), at an assumed {hbm / 1e12:.0f} TB/s of memory bandwidth, "
-                  f"{local / hbm * 1000:.2f} ms per pick: about {500_000 * local / hbm / 60:.0f} "
-                  f"min, plus 2 collectives per pick (at 50 µs each on NCCL, another "
-                  f"{500_000 * 2 * 50e-6 / 60:.0f} min). At 10M × 4096 the distances must move "
-                  f"to the GPU, or the candidates be sampled (selection.candidates)."]
+                  f"rank's host on a CPU run: at this CPU's measured {bw_cpu / 1e9:.1f} GB/s "
+                  f"(one thread) that is {local / bw_cpu:.2f} s per pick, so a 5% budget (500k "
+                  f"picks) would take {500_000 * local / bw_cpu / 3600:.0f} h. On a GPU run the "
+                  f"rows and distances stay in the device's memory (DeviceNearestCentre): each "
+                  f"block of rows is read in fp32, copied to fp64 and read again by the product "
+                  f"(20 bytes an element, five times the fp32 rows), so at an assumed "
+                  f"{hbm / 1e12:.0f} TB/s of memory bandwidth {5 * local / hbm * 1000:.1f} ms "
+                  f"per pick: about {500_000 * 5 * local / hbm / 60:.0f} min, plus 2 "
+                  f"collectives per pick (at 50 µs each on NCCL, another "
+                  f"{500_000 * 2 * 50e-6 / 60:.0f} min). Not measured: no GPU here."]
     return "\n".join(lines)
 
 

@@ -11,7 +11,9 @@ Departures from the reference implementation (OFA-Sys/DiverseEvol), on purpose:
   distance to its nearest centre (O(N) memory, beside one float32 copy of the candidates'
   embeddings) and is updated after each pick; the initial
   distances to the labeled set are computed in blocks of ``chunk_size`` candidates. Same picks.
-  Over several ranks (:func:`kcenter_sharded`), each rank holds only its own candidates.
+  Over several ranks (:func:`kcenter_sharded`), each rank holds only its own candidates; on an
+  accelerator (CUDA under NCCL) in the device's memory, the distances computed there in
+  float64 and rounded to float32 (:class:`DeviceNearestCentre`).
 - The reference computes ``sqrt(|a|²+|b|²−2ab)`` without a clamp, so in fp32 a near-duplicate
   can get a negative squared distance → NaN → that point is picked first. Squared distances are
   clamped at 0 here, so a near-duplicate is never preferred.
@@ -89,6 +91,90 @@ class NearestCentre:
         d = np.maximum(self.norms + norm - 2.0 * np.einsum("nd,d->n", self.cand, row), 0.0)
         np.minimum(self.sq, d, out=self.sq)
 
+    # What the sharded greedy asks of either form (this one and DeviceNearestCentre)
+    def best(self) -> tuple[int, np.float32]:
+        """The candidate furthest from its nearest centre (the lowest index on ties) and its
+        squared distance; (-1, -inf) without candidates."""
+        if not len(self.sq):
+            return -1, np.float32(-np.inf)
+        j = int(np.argmax(self.sq))
+        return j, np.float32(self.sq[j])
+
+    def drop(self, j: int) -> None:
+        """Candidate ``j`` was picked: never the maximum again."""
+        self.sq[j] = -np.inf
+
+    def centre_row(self, j: int) -> np.ndarray:
+        """Candidate ``j``'s row with its squared norm appended (float32), as sent to the
+        other ranks when it is picked."""
+        return np.append(self.cand[j], self.norms[j]).astype(np.float32)
+
+
+class DeviceNearestCentre:
+    """:class:`NearestCentre` on a torch device: the candidates' rows, their norms and the
+    distances live in the accelerator's memory and every update runs there (a GPU run's
+    k-center; on the host a pick reads every candidate row from RAM, which at 10M × 4096 over
+    64 ranks takes hours where the device takes minutes: README, Large pools).
+
+    Every distance is computed in float64 from the float32 rows, a block of ``chunk_size``
+    candidates at a time, and rounded to float32, for the initial and the new centres alike:
+    a reduction's order may change with a tensor's shape on a device, and in float64 that
+    moves a distance only where it lies within float64 rounding of a float32 rounding
+    boundary, so the picks do not change with the number of ranks. They are the host form's
+    picks except where two distances agree to within float32 rounding (the host measures a
+    new centre in float32).
+    """
+
+    def __init__(self, cand: np.ndarray, lab: np.ndarray, chunk_size: int, device):
+        import torch
+        self._torch, self.chunk_size = torch, chunk_size
+        self.cand = torch.from_numpy(np.ascontiguousarray(cand, dtype=np.float32)).to(device)
+        self.norms = torch.cat([(c * c).sum(dim=1) for c in self._blocks()]) if len(cand) \
+            else torch.zeros(0, dtype=torch.float64, device=device)
+        self.sq = torch.full((len(cand),), float("inf"), dtype=torch.float32, device=device)
+        for t in range(0, len(lab), chunk_size):
+            self.add_centres(lab[t: t + chunk_size])
+
+    def _blocks(self):
+        """The candidates' rows in float64, ``chunk_size`` at a time."""
+        for s in range(0, len(self.cand), self.chunk_size):
+            yield self.cand[s: s + self.chunk_size].double()
+
+    def _update(self, centres, norms) -> None:
+        """Lower each candidate's distance to its nearest of ``centres`` (float64, (k, D))."""
+        for s, c in zip(range(0, len(self.cand), self.chunk_size), self._blocks()):
+            d = self.norms[s: s + len(c), None] + norms[None, :] - 2.0 * (c @ centres.T)
+            block = self.sq[s: s + len(c)]
+            self._torch.minimum(block, d.clamp_min(0.0).min(dim=1).values.float(), out=block)
+
+    def add_centres(self, lab: np.ndarray) -> None:
+        if not len(lab) or not len(self.cand):
+            return
+        centres = self._torch.from_numpy(np.ascontiguousarray(lab, dtype=np.float32)).to(
+            self.cand.device).double()
+        self._update(centres, (centres * centres).sum(dim=1))
+
+    def add_centre(self, row: np.ndarray, norm) -> None:
+        if not len(self.cand):
+            return
+        centre = self._torch.from_numpy(np.ascontiguousarray(row, dtype=np.float32)).to(
+            self.cand.device).double()[None, :]
+        self._update(centre, self._torch.tensor([float(norm)], dtype=self._torch.float64,
+                                                device=self.cand.device))
+
+    def best(self) -> tuple[int, np.float32]:
+        if not len(self.sq):
+            return -1, np.float32(-np.inf)
+        j = int(self._torch.argmax(self.sq))           # the first maximum: the lowest index
+        return j, np.float32(self.sq[j].item())
+
+    def drop(self, j: int) -> None:
+        self.sq[j] = float("-inf")
+
+    def centre_row(self, j: int) -> np.ndarray:
+        return np.append(self.cand[j].cpu().numpy(),
+                         np.float32(self.norms[j].item())).astype(np.float32)
+
 
 def check_inputs(emb: np.ndarray, labeled: np.ndarray, candidates: np.ndarray, n: int) -> None:
     """Raise ValueError on a bad shape, overlapping sets, n out of range or non-finite rows."""
@@ -147,7 +233,7 @@ def _unkey(key: int) -> tuple[np.float32, int]:
 
 
 def kcenter_sharded(cand: np.ndarray, positions: np.ndarray, labeled: np.ndarray, n: int,
-                    comm, chunk_size: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+                    comm, chunk_size: int = 4096, device=None) -> tuple[np.ndarray, np.ndarray]:
     """Greedy k-center with the candidates spread over ranks; every rank calls this.
 
     Each rank holds its own candidates: ``cand`` (float32 rows) at pool ``positions``
@@ -165,40 +251,46 @@ def kcenter_sharded(cand: np.ndarray, positions: np.ndarray, labeled: np.ndarray
     src, size)`` (a float32 vector), ``broadcast_block(block or None, src, shape)``,
     ``all_gather_rows(array)`` (:class:`~evotune.selectors.sharded.SingleProcess`, or
     the run's ranks: :class:`evotune.trainer.engine.TorchComm`). ``cand`` is (rows, D) even
-    on a rank without candidates. Returns (picks, distances) on every rank.
+    on a rank without candidates. ``device``: a torch device to keep the rows and distances
+    on and compute there (:class:`DeviceNearestCentre`); None: numpy on the host. Returns
+    (picks, distances) on every rank.
     """
     positions = np.asarray(positions, dtype=np.int64)
     if len(positions) > 1 and not (np.diff(positions) > 0).all():
         raise ValueError("positions must be ascending")
-    held, nearest = sharded_centres(cand, positions, labeled, comm, chunk_size)
+    held, nearest = sharded_centres(cand, positions, labeled, comm, chunk_size, device)
     picks = np.empty(n, dtype=np.int64)
     dists = np.empty(n, dtype=np.float64)
     for k in range(n):
-        j = int(np.argmax(nearest.sq)) if len(positions) else -1
-        mine = _pick_key(nearest.sq[j], positions[j]) if j >= 0 and nearest.sq[j] >= 0 else -1
+        j, sq_j = nearest.best()
+        mine = _pick_key(sq_j, positions[j]) if j >= 0 and sq_j >= 0 else -1
         best = comm.max_int64(mine)
         if best < 0:
             raise ValueError(f"cannot pick {n} of the candidates: only {k} left")
         sq, position = _unkey(best)
         if best == mine:
-            nearest.sq[j] = -np.inf   # picked: never the maximum again
+            nearest.drop(j)
         add_pick(nearest, held, position, j if best == mine else None, comm)
         picks[k], dists[k] = position, float(np.sqrt(sq))
     return picks, dists
 
 
 def sharded_centres(cand: np.ndarray, positions: np.ndarray, labeled: np.ndarray, comm,
-                    chunk_size: int) -> tuple[list[np.ndarray], NearestCentre]:
+                    chunk_size: int, device=None) -> tuple[list[np.ndarray], NearestCentre]:
     """Every rank's positions (to find a pick's owner) and this rank's :class:`NearestCentre`
-    over its own candidates ``cand`` with every rank's ``labeled`` rows as centres, streamed
-    from their ranks a block at a time: no rank ever holds more than one block of another
-    rank's rows."""
+    (:class:`DeviceNearestCentre` on ``device``) over its own candidates ``cand`` with every
+    rank's ``labeled`` rows as centres, streamed from their ranks a block at a time: no rank
+    ever holds more than one block of another rank's rows."""
     cand, lab = np.asarray(cand, dtype=np.float32), np.asarray(labeled, dtype=np.float32)
+
+    def make(centres):
+        return NearestCentre(cand, centres, chunk_size) if device is None else \
+            DeviceNearestCentre(cand, centres, chunk_size, device)
     if comm.world_size == 1:
-        return [positions], NearestCentre(cand, lab, chunk_size)
+        return [positions], make(lab)
     held = comm.all_gather_rows(positions)
     counts = [int(c[0]) for c in comm.all_gather_rows(np.array([len(lab)]))]
-    nearest = NearestCentre(cand, lab[:0], chunk_size)
+    nearest = make(lab[:0])
     for src, count in enumerate(counts):
         for t in range(0, count, chunk_size):
             block = lab[t: t + chunk_size] if comm.rank == src else None
@@ -214,10 +306,17 @@ def add_pick(nearest: NearestCentre, held: list[np.ndarray], position: int, j: i
     exactly the values the owner has."""
     owner = next(r for r, h in enumerate(held)
                  if len(h) and h[min(np.searchsorted(h, position), len(h) - 1)] == position)
-    row = np.append(nearest.cand[j], nearest.norms[j]).astype(np.float32) if j is not None \
-        else None
+    row = nearest.centre_row(j) if j is not None else None
     row = comm.broadcast_row(row, owner, nearest.cand.shape[1] + 1)
     nearest.add_centre(row[:-1], row[-1])
+
+
+def accelerator(comm):
+    """The ranks' accelerator (the device of their collectives: CUDA under NCCL), or None on a
+    CPU run (gloo) and in one process without ranks: k-center's distances go where the
+    collectives already are."""
+    device = getattr(comm, "device", None)
+    return device if device is not None and getattr(device, "type", "cpu") != "cpu" else None
 
 
 class KCenterSelector:
@@ -281,7 +380,7 @@ class KCenterSelector:
                              f"{len(candidates)} candidates and {int(found[:, 1].sum())} of "
                              f"{len(labeled)} selected rows")
         picks, dists = kcenter_sharded(emb[is_cand], pos[is_cand], emb[is_lab], n, comm,
-                                       self.options.chunk_size)
+                                       self.options.chunk_size, accelerator(comm))
         return Selection(picks, {"kcenter_distance": dists})
 
     def state_dict(self) -> dict:

@@ -28,8 +28,9 @@ def cases() -> list[dict]:
     ]
 
 
-def _work(rank: int, world: int, port: int) -> list:
+def _work(rank: int, world: int, port: int, on_device: bool = False) -> list:
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    import torch
     import torch.distributed as dist
     from evotune.selectors.kcenter import kcenter_sharded
     from evotune.trainer.engine import TorchComm
@@ -43,7 +44,8 @@ def _work(rank: int, world: int, port: int) -> list:
         picks, dists = kcenter_sharded(emb[cand].reshape(len(cand), emb.shape[1]),
                                        np.array(cand, dtype=np.int64),
                                        emb[lab].reshape(len(lab), emb.shape[1]), case["n"],
-                                       TorchComm(), case["chunk"])
+                                       TorchComm(), case["chunk"],
+                                       torch.device("cpu") if on_device else None)
         results.append((picks.tolist(), dists.tolist()))
     dist.destroy_process_group()
     return results
@@ -59,6 +61,63 @@ def test_sharded_kcenter_picks_what_one_process_picks(world):
         for rank in range(world):            # every rank ends with the same picks
             assert got[rank][k][0] == picks.tolist(), (k, rank)
             assert got[rank][k][1] == dists.tolist(), (k, rank)
+
+
+@pytest.fixture(scope="module")
+def device_picks_one_rank():
+    return spawn_ranks(_work, 1, True, timeout=120)[0]
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_the_device_form_picks_alike_on_any_rank_count(world, device_picks_one_rank):
+    """DeviceNearestCentre (a GPU run's k-center, here on torch's CPU device): the same picks
+    and distances bit for bit on 1, 2 and 3 ranks, and the host form's picks on these cases
+    (distances to float32 rounding: the device measures in float64)."""
+    got = spawn_ranks(_work, world, True, timeout=120) if world > 1 else [device_picks_one_rank]
+    for k, case in enumerate(cases()):
+        labeled = np.array(case["labeled"], dtype=np.int64)
+        candidates = np.setdiff1d(np.arange(len(case["emb"])), labeled)
+        picks, dists = kcenter_greedy(case["emb"], labeled, candidates, case["n"], case["chunk"])
+        for rank in range(world):
+            assert got[rank][k] == device_picks_one_rank[k], (k, rank)
+            assert got[rank][k][0] == picks.tolist(), (k, rank)
+            assert np.allclose(got[rank][k][1], dists, rtol=1e-6, atol=1e-6), (k, rank)
+
+
+def test_device_distances_are_the_float64_distances_rounded():
+    """Each candidate's squared distance to its nearest centre, against a float64 computation
+    of (a - b)² written out here, after initial centres and after added ones."""
+    import torch
+    from evotune.selectors.kcenter import DeviceNearestCentre
+    rng = np.random.default_rng(3)
+    cand = rng.normal(size=(50, 7)).astype(np.float32)
+    lab = rng.normal(size=(9, 7)).astype(np.float32)
+    extra = rng.normal(size=(2, 7)).astype(np.float32)
+    near = DeviceNearestCentre(cand, lab, 4, torch.device("cpu"))
+    for row in extra:
+        near.add_centre(row, float(np.dot(row.astype(np.float64), row)))
+    centres = np.concatenate([lab, extra]).astype(np.float64)
+    want = ((cand.astype(np.float64)[:, None, :] - centres[None]) ** 2).sum(-1).min(1)
+    assert np.allclose(near.sq.numpy(), want.astype(np.float32), rtol=1e-6, atol=1e-9)
+    j, sq = near.best()
+    assert j == int(np.argmax(want)) and np.isclose(sq, want.max(), rtol=1e-6)
+    near.drop(j)
+    assert near.best()[0] == int(np.argsort(want)[-2])
+    assert np.allclose(near.centre_row(j), np.append(cand[j], (cand[j].astype(np.float64) ** 2)
+                                                     .sum()), rtol=1e-6)
+
+
+def test_the_accelerator_is_the_collectives_device():
+    import torch
+    from evotune.selectors.kcenter import accelerator
+    from evotune.selectors.sharded import SingleProcess
+
+    class Comm:
+        def __init__(self, device):
+            self.device = device
+    assert accelerator(SingleProcess()) is None
+    assert accelerator(Comm(torch.device("cpu"))) is None            # gloo: the host form
+    assert accelerator(Comm(torch.device("cuda", 1))) == torch.device("cuda", 1)
 
 
 def test_the_rule_written_out_on_a_line():
