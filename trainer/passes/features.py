@@ -152,7 +152,7 @@ class FeaturePass:
         if not self.gradient_embeddings:
             per_rank.add("targets")               # targets are scored on hidden states
         self.sharded = bool(getattr(selector, "sharded", False) and sources <= per_rank and (
-            self.needs_embeddings or sources))
+            self.needs_embeddings or self.forward_scores or self.influence is not None))
         unsharded = [n for n in wanted if SCORES[n].source not in per_rank]
         self._gathered_why = "the rule has no sharded form" if not getattr(
             selector, "sharded", False) else \
