@@ -104,6 +104,10 @@ class NearestCentre:
         """Candidate ``j`` was picked: never the maximum again."""
         self.sq[j] = -np.inf
 
+    def distances(self) -> np.ndarray:
+        """Every candidate's squared distance to its nearest centre (float32, on the host)."""
+        return self.sq
+
     def centre_row(self, j: int) -> np.ndarray:
         """Candidate ``j``'s row with its squared norm appended (float32), as sent to the
         other ranks when it is picked."""
@@ -170,6 +174,9 @@ class DeviceNearestCentre:
 
     def drop(self, j: int) -> None:
         self.sq[j] = float("-inf")
+
+    def distances(self) -> np.ndarray:
+        return self.sq.cpu().numpy()
 
     def centre_row(self, j: int) -> np.ndarray:
         return np.append(self.cand[j].cpu().numpy(),
@@ -326,7 +333,8 @@ class KCenterSelector:
            "embedding) from everything selected so far, one at a time.")
     logs = "`kcenter_distance`"
     scale = ("sharded (also behind a filter by any score): each rank keeps its own "
-             "rows and 4 bytes per candidate; a pick is 2 collectives")
+             "rows and 4 bytes per candidate (a GPU run: in the device's memory, computed "
+             "there); a pick is 2 collectives")
     needs_embeddings = True
     scores = ()
 

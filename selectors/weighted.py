@@ -16,7 +16,8 @@ import numpy as np
 
 from evotune.selectors.base import (Features, Selection, option, options_dict,
                                     require_positive, scored_candidates)
-from evotune.selectors.kcenter import add_pick, check_inputs, sharded_centres
+from evotune.selectors.kcenter import (accelerator, add_pick, check_inputs,
+                                       sharded_centres)
 from evotune.selectors.sharded import SingleProcess, global_max
 
 
@@ -54,8 +55,8 @@ def weighted_greedy(embeddings: np.ndarray, scores: np.ndarray, labeled: np.ndar
 
 
 def weighted_sharded(cand: np.ndarray, positions: np.ndarray, scores: np.ndarray,
-                     labeled: np.ndarray, n: int, alpha: float, comm, chunk_size: int = 4096
-                     ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+                     labeled: np.ndarray, n: int, alpha: float, comm, chunk_size: int = 4096,
+                     device=None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """The weighted greedy with the scored candidates spread over ranks; every rank calls this
     with its own: ``cand`` (rows) at pool ``positions`` (ascending) with finite ``scores``,
     and ``labeled``, its part of the initial centres' rows.
@@ -68,10 +69,12 @@ def weighted_sharded(cand: np.ndarray, positions: np.ndarray, scores: np.ndarray
     position holding it (int64 all-reduces), and the broadcast of the picked row. Each
     pick's score and distance stay with its owner until one gather at the end. Returns
     (picks, numbers) on every rank; raises ValueError (alike everywhere) when fewer than
-    ``n`` candidates are held in all."""
+    ``n`` candidates are held in all. ``device``: as k-center's
+    (:func:`~evotune.selectors.kcenter.kcenter_sharded`), the rows and distances kept on a
+    torch device and updated there; the objectives (O(rows) a pick) on the host."""
     positions = np.asarray(positions, dtype=np.int64)
     s = np.asarray(scores, dtype=np.float64)
-    held, nearest = sharded_centres(cand, positions, labeled, comm, chunk_size)
+    held, nearest = sharded_centres(cand, positions, labeled, comm, chunk_size, device)
     total = comm.sum_int64(len(positions))
     if not 0 <= n <= total:
         raise ValueError(f"cannot pick {n} of {total} candidates")
@@ -83,7 +86,7 @@ def weighted_sharded(cand: np.ndarray, positions: np.ndarray, scores: np.ndarray
     objectives = np.empty(n)
     mine: list[tuple[int, float, float]] = []         # (pick number, score, distance)
     for k in range(n):
-        d = np.sqrt(nearest.sq.astype(np.float64))
+        d = np.sqrt(nearest.distances().astype(np.float64))
         d_max = global_max(d[~picked], comm)
         if np.isinf(d_max):       # no centre yet: every candidate is infinitely far
             d_norm = np.ones_like(d)
@@ -121,8 +124,8 @@ class WeightedSelector:
            "`alpha` 0 is k-center, 1 is top-score (`configs/ifd_mix.yaml`)")
     logs = "the score, `kcenter_distance`, `objective`"
     scale = ("sharded with any score (a derived score you register without a sharded form: "
-             "rank 0, gathered): each rank keeps its own rows and 4 bytes per candidate; a "
-             "pick is 4 collectives")
+             "rank 0, gathered): each rank keeps its own rows and 4 bytes per candidate (a GPU "
+             "run: in the device's memory, computed there); a pick is 4 collectives")
     needs_embeddings = True
 
     @dataclass
@@ -186,7 +189,7 @@ class WeightedSelector:
             raise ValueError(f"{int(found[:, 3].sum())} embeddings are NaN or inf (first at pool "
                              f"position {first}); selection needs finite embeddings")
         picks, numbers = weighted_sharded(emb[scored], pos[scored], values[scored], emb[is_lab],
-                                          n, o.alpha, comm, o.chunk_size)
+                                          n, o.alpha, comm, o.chunk_size, accelerator(comm))
         numbers[o.score] = numbers.pop("score")
         return Selection(picks, numbers, {"nan_scores": held - n_scored})
 

@@ -21,6 +21,7 @@ from evotune.selectors.influence import InfluenceSelector
 from evotune.selectors.kcenter import KCenterSelector
 from evotune.selectors.lift import LiftSelector
 from evotune.selectors.rds import RdsSelector
+from evotune.selectors.sharded import SingleProcess
 from evotune.selectors.repr_filter import RepresentationFilterSelector, repr_filter
 from evotune.selectors.weighted import WeightedSelector
 
@@ -239,6 +240,21 @@ def _work(rank: int, world: int, port: int) -> dict:
             cands, case["n"], rng, comm)
         got["weighted"].append((sel.positions.tolist(), {k: v.tolist() for k, v in
                                                          sel.numbers.items()}, sel.info))
+    # the greedy itself on the device form (torch's CPU device here; a GPU run's k-center
+    # distances), the scored candidates only
+    import torch
+    from evotune.selectors.weighted import weighted_sharded
+    got["weighted_device"] = []
+    for case in weighted_cases():
+        mine = np.array(shard_rows(len(case["emb"]), rank, world), dtype=np.int64)
+        is_lab = np.isin(mine, case["labeled"])
+        scored = mine[~is_lab & np.isfinite(case["score"][mine])]
+        total = comm.sum_int64(len(scored))
+        picks, numbers = weighted_sharded(
+            case["emb"][scored], scored, case["score"][scored], case["emb"][mine[is_lab]],
+            min(case["n"], total), case["alpha"], comm, 4, torch.device("cpu"))
+        got["weighted_device"].append((picks.tolist(), {k: v.tolist()
+                                                        for k, v in numbers.items()}))
     got["repr"] = []
     for case in repr_cases():
         mine = shard_rows(len(case["emb"]), rank, world)
@@ -397,6 +413,24 @@ def test_sharded_weighted_greedy_picks_what_one_process_picks(ranks):
                 np.testing.assert_array_equal(numbers[name], values, err_msg=f"{i}: {name}")
             assert info == sel.info, i
     assert any(info.get("unscored_fill") for _, _, info in ranks[0]["weighted"])
+
+
+def test_weighted_greedy_on_the_device_form_picks_what_the_host_picks(ranks):
+    """Integer embeddings: every distance is exact in float32 and float64 alike, so the device
+    form (float64 on the device) gives the host's picks and numbers bit for bit."""
+    from evotune.selectors.weighted import weighted_sharded
+    for i, case in enumerate(weighted_cases()):
+        lab = np.array(case["labeled"], dtype=np.int64)
+        rest = np.setdiff1d(np.arange(len(case["emb"])), lab)
+        scored = rest[np.isfinite(case["score"][rest])]
+        picks, numbers = weighted_sharded(case["emb"][scored], scored, case["score"][scored],
+                                          case["emb"][lab], min(case["n"], len(scored)),
+                                          case["alpha"], SingleProcess(), 4)
+        for got in ranks:
+            positions, values = got["weighted_device"][i]
+            assert positions == picks.tolist(), i
+            for name, v in numbers.items():
+                np.testing.assert_array_equal(values[name], v, err_msg=f"{i}: {name}")
 
 
 def test_sharded_repr_filter_picks_what_one_process_picks(ranks):
