@@ -93,10 +93,17 @@ def compute_features(model: torch.nn.Module, encoded: list[Encoded], strategy, p
     was_training = model.training
     model.eval()
     decoder, head = backbone(model), lm_head(model)
-    batches = plan_batches(lengths(encoded), batch_size)
-    rows: list[tuple[list[int], np.ndarray | None, dict[str, np.ndarray]]] = []
-    real = padded = 0
-    for positions, is_padding in shard_batches(batches, strategy.rank, strategy.world_size):
+    batches = shard_batches(plan_batches(lengths(encoded), batch_size), strategy.rank,
+                            strategy.world_size)
+    # This rank's results go straight into arrays sized up front: results kept batch by batch
+    # (small, long-lived) between each batch's large temporaries fragment the C heap, which
+    # then grows with the rows (measured: 5.4 GiB at 1M rows on one rank, 8.5 GiB per rank
+    # on two, for 122 MiB of embeddings).
+    mine = RankRows(positions=np.array([p for ps, pad in batches if not pad for p in ps],
+                                   dtype=np.int64))
+    mine.scores = {name: np.full(len(mine.positions), np.nan) for name in score_names}
+    k = real = padded = 0
+    for positions, is_padding in batches:
         batch = collate([encoded[i] for i in positions], pad_id)
         ids = batch["input_ids"].to(strategy.device)
         mask = batch["attention_mask"].to(strategy.device)
@@ -107,48 +114,57 @@ def compute_features(model: torch.nn.Module, encoded: list[Encoded], strategy, p
             continue
         real += int(mask.sum())
         padded += mask.numel()
-        emb, scores = None, {}
+        done = slice(k, k + len(positions))
         if need_embeddings:
             emb = pool(hidden, mask, pooling).cpu().numpy()
+            if mine.embeddings is None:
+                mine.embeddings = np.empty((len(mine.positions), emb.shape[1]), dtype=np.float32)
+            mine.embeddings[done] = emb
         if score_names:
             computed = response_scores(logits, batch["labels"].to(hidden.device), score_names)
-            scores = {name: computed[name].numpy() for name in score_names}
-        rows.append((positions, emb, scores))
+            for name in score_names:
+                mine.scores[name][done] = computed[name].numpy()
+        k += len(positions)
         advance(len(positions) * strategy.world_size)
     model.train(was_training)
     real, padded = (int(v) for v in strategy.all_reduce_sum([real, padded]))
     stats = PassStats(time.perf_counter() - start, real, padded)
     if not gather:
-        return _shard(rows, need_embeddings, score_names), stats
-    gathered = strategy.gather_to_rank0(rows)
+        return _shard(mine, need_embeddings), stats
+    gathered = strategy.gather_to_rank0(mine)
     if not strategy.is_rank0:
         return None, stats
-    parts = [row for rank_rows in gathered for row in rank_rows]
     features = Features()
-    if need_embeddings and parts:
-        dim = next(emb for _, emb, _ in parts).shape[1]
-        features.embeddings = np.full((len(encoded), dim), np.nan, dtype=np.float32)
-        for positions, emb, _ in parts:
-            features.embeddings[positions] = emb
+    dims = [part.embeddings.shape[1] for part in gathered if part.embeddings is not None]
+    if need_embeddings and dims:
+        features.embeddings = np.full((len(encoded), dims[0]), np.nan, dtype=np.float32)
     for name in score_names:
         features.scores[name] = np.full(len(encoded), np.nan, dtype=np.float64)
-        for positions, _, scores in parts:
-            features.scores[name][positions] = scores[name]
+    for part in gathered:
+        if features.embeddings is not None and part.embeddings is not None:
+            features.embeddings[part.positions] = part.embeddings
+        for name in score_names:
+            features.scores[name][part.positions] = part.scores[name]
     return features, stats
 
 
-def _shard(rows, need_embeddings: bool, score_names) -> Features:
+@dataclass
+class RankRows:
+    """One rank's results of the pass, in its batches' order."""
+    positions: np.ndarray
+    embeddings: np.ndarray | None = None
+    scores: dict[str, np.ndarray] | None = None
+
+
+def _shard(mine: "RankRows", need_embeddings: bool) -> Features:
     """This rank's rows of the pass as a shard (positions ascending)."""
-    positions = np.array([p for ps, _, _ in rows for p in ps], dtype=np.int64)
-    order = np.argsort(positions, kind="stable")
-    features = Features(positions=positions[order])
+    order = np.argsort(mine.positions, kind="stable")
+    features = Features(positions=mine.positions[order])
     if need_embeddings:
-        dim = rows[0][1].shape[1] if rows else 0
-        features.embeddings = np.concatenate([e for _, e, _ in rows])[order] if rows else \
-            np.zeros((0, dim), dtype=np.float32)
-    for name in score_names:
-        features.scores[name] = np.concatenate([s[name] for _, _, s in rows])[order] if rows \
-            else np.zeros(0)
+        features.embeddings = mine.embeddings[order] if mine.embeddings is not None else \
+            np.zeros((0, 0), dtype=np.float32)
+    for name, values in mine.scores.items():
+        features.scores[name] = values[order]
     return features
 
 
