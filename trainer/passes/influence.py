@@ -24,9 +24,8 @@ top-k): rank 0 gathers only the scores (S + 1 numbers per candidate); with
 time as the file is written (``streamed.py``). Gradient embeddings (TAGCOS) stay on their
 ranks for a sharded rule (k-center, ``cluster_quota`` with ``kmeans: minibatch``; with a
 validation set each rank also scores its sampled rows) and are gathered on rank 0 for the
-others. Every finished batch is
-also written to ``OUT/partial/round_XXX/`` until the round completes, so a resumed round
-reuses it.
+others. Every finished batch is also written to ``OUT/partial/round_XXX/`` until the round
+completes, so a resumed round reuses it.
 
 Departures from LESS: the checkpoints are the loop's rounds (LESS sums the four epoch
 checkpoints of one warm-up run and selects once; ``checkpoints: current`` scores with the
