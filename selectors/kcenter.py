@@ -13,7 +13,7 @@ Departures from the reference implementation (OFA-Sys/DiverseEvol), on purpose:
   distances to the labeled set are computed in blocks of ``chunk_size`` candidates. Same picks.
   Over several ranks (:func:`kcenter_sharded`), each rank holds only its own candidates; on an
   accelerator (CUDA under NCCL) in the device's memory, the distances computed there in
-  float64 and rounded to float32 (:class:`DeviceNearestCentre`).
+  float64 and rounded to float32 (``trainer/device_centres.py``).
 - The reference computes ``sqrt(|a|²+|b|²−2ab)`` without a clamp, so in fp32 a near-duplicate
   can get a negative squared distance → NaN → that point is picked first. Squared distances are
   clamped at 0 here, so a near-duplicate is never preferred.
@@ -91,7 +91,7 @@ class NearestCentre:
         d = np.maximum(self.norms + norm - 2.0 * np.einsum("nd,d->n", self.cand, row), 0.0)
         np.minimum(self.sq, d, out=self.sq)
 
-    # What the sharded greedy asks of either form (this one and DeviceNearestCentre)
+    # What the sharded greedy asks of either form (this one and the device form)
     def best(self) -> tuple[int, np.float32]:
         """The candidate furthest from its nearest centre (the lowest index on ties) and its
         squared distance; (-1, -inf) without candidates."""
@@ -112,75 +112,6 @@ class NearestCentre:
         """Candidate ``j``'s row with its squared norm appended (float32), as sent to the
         other ranks when it is picked."""
         return np.append(self.cand[j], self.norms[j]).astype(np.float32)
-
-
-class DeviceNearestCentre:
-    """:class:`NearestCentre` on a torch device: the candidates' rows, their norms and the
-    distances live in the accelerator's memory and every update runs there (a GPU run's
-    k-center; on the host a pick reads every candidate row from RAM, which at 10M × 4096 over
-    64 ranks takes hours where the device takes minutes: README, Large pools).
-
-    Every distance is computed in float64 from the float32 rows, a block of ``chunk_size``
-    candidates at a time, and rounded to float32, for the initial and the new centres alike:
-    a reduction's order may change with a tensor's shape on a device, and in float64 that
-    moves a distance only where it lies within float64 rounding of a float32 rounding
-    boundary, so the picks do not change with the number of ranks. They are the host form's
-    picks except where two distances agree to within float32 rounding (the host measures a
-    new centre in float32).
-    """
-
-    def __init__(self, cand: np.ndarray, lab: np.ndarray, chunk_size: int, device):
-        import torch
-        self._torch, self.chunk_size = torch, chunk_size
-        self.cand = torch.from_numpy(np.ascontiguousarray(cand, dtype=np.float32)).to(device)
-        self.norms = torch.cat([(c * c).sum(dim=1) for c in self._blocks()]) if len(cand) \
-            else torch.zeros(0, dtype=torch.float64, device=device)
-        self.sq = torch.full((len(cand),), float("inf"), dtype=torch.float32, device=device)
-        for t in range(0, len(lab), chunk_size):
-            self.add_centres(lab[t: t + chunk_size])
-
-    def _blocks(self):
-        """The candidates' rows in float64, ``chunk_size`` at a time."""
-        for s in range(0, len(self.cand), self.chunk_size):
-            yield self.cand[s: s + self.chunk_size].double()
-
-    def _update(self, centres, norms) -> None:
-        """Lower each candidate's distance to its nearest of ``centres`` (float64, (k, D))."""
-        for s, c in zip(range(0, len(self.cand), self.chunk_size), self._blocks()):
-            d = self.norms[s: s + len(c), None] + norms[None, :] - 2.0 * (c @ centres.T)
-            block = self.sq[s: s + len(c)]
-            self._torch.minimum(block, d.clamp_min(0.0).min(dim=1).values.float(), out=block)
-
-    def add_centres(self, lab: np.ndarray) -> None:
-        if not len(lab) or not len(self.cand):
-            return
-        centres = self._torch.from_numpy(np.ascontiguousarray(lab, dtype=np.float32)).to(
-            self.cand.device).double()
-        self._update(centres, (centres * centres).sum(dim=1))
-
-    def add_centre(self, row: np.ndarray, norm) -> None:
-        if not len(self.cand):
-            return
-        centre = self._torch.from_numpy(np.ascontiguousarray(row, dtype=np.float32)).to(
-            self.cand.device).double()[None, :]
-        self._update(centre, self._torch.tensor([float(norm)], dtype=self._torch.float64,
-                                                device=self.cand.device))
-
-    def best(self) -> tuple[int, np.float32]:
-        if not len(self.sq):
-            return -1, np.float32(-np.inf)
-        j = int(self._torch.argmax(self.sq))           # the first maximum: the lowest index
-        return j, np.float32(self.sq[j].item())
-
-    def drop(self, j: int) -> None:
-        self.sq[j] = float("-inf")
-
-    def distances(self) -> np.ndarray:
-        return self.sq.cpu().numpy()
-
-    def centre_row(self, j: int) -> np.ndarray:
-        return np.append(self.cand[j].cpu().numpy(),
-                         np.float32(self.norms[j].item())).astype(np.float32)
 
 
 def check_inputs(emb: np.ndarray, labeled: np.ndarray, candidates: np.ndarray, n: int) -> None:
@@ -258,9 +189,9 @@ def kcenter_sharded(cand: np.ndarray, positions: np.ndarray, labeled: np.ndarray
     src, size)`` (a float32 vector), ``broadcast_block(block or None, src, shape)``,
     ``all_gather_rows(array)`` (:class:`~evotune.selectors.sharded.SingleProcess`, or
     the run's ranks: :class:`evotune.trainer.engine.TorchComm`). ``cand`` is (rows, D) even
-    on a rank without candidates. ``device``: a torch device to keep the rows and distances
-    on and compute there (:class:`DeviceNearestCentre`); None: numpy on the host. Returns
-    (picks, distances) on every rank.
+    on a rank without candidates. ``device``: a device form of :class:`NearestCentre`
+    (``device(cand, centres, chunk_size)``, see :func:`accelerator`); None: numpy on the host.
+    Returns (picks, distances) on every rank.
     """
     positions = np.asarray(positions, dtype=np.int64)
     if len(positions) > 1 and not (np.diff(positions) > 0).all():
@@ -285,14 +216,14 @@ def kcenter_sharded(cand: np.ndarray, positions: np.ndarray, labeled: np.ndarray
 def sharded_centres(cand: np.ndarray, positions: np.ndarray, labeled: np.ndarray, comm,
                     chunk_size: int, device=None) -> tuple[list[np.ndarray], NearestCentre]:
     """Every rank's positions (to find a pick's owner) and this rank's :class:`NearestCentre`
-    (:class:`DeviceNearestCentre` on ``device``) over its own candidates ``cand`` with every
+    (or ``device``'s form, :func:`accelerator`) over its own candidates ``cand`` with every
     rank's ``labeled`` rows as centres, streamed from their ranks a block at a time: no rank
     ever holds more than one block of another rank's rows."""
     cand, lab = np.asarray(cand, dtype=np.float32), np.asarray(labeled, dtype=np.float32)
 
     def make(centres):
         return NearestCentre(cand, centres, chunk_size) if device is None else \
-            DeviceNearestCentre(cand, centres, chunk_size, device)
+            device(cand, centres, chunk_size)
     if comm.world_size == 1:
         return [positions], make(lab)
     held = comm.all_gather_rows(positions)
@@ -319,11 +250,12 @@ def add_pick(nearest: NearestCentre, held: list[np.ndarray], position: int, j: i
 
 
 def accelerator(comm):
-    """The ranks' accelerator (the device of their collectives: CUDA under NCCL), or None on a
-    CPU run (gloo) and in one process without ranks: k-center's distances go where the
-    collectives already are."""
-    device = getattr(comm, "device", None)
-    return device if device is not None and getattr(device, "type", "cpu") != "cpu" else None
+    """The ranks' device form of :class:`NearestCentre` (``comm.device_centres()``: a GPU run's,
+    :class:`evotune.trainer.device_centres.DeviceNearestCentre` on the device of the
+    collectives), or None on a CPU run (gloo) and in one process without ranks. Selectors stay
+    free of torch: the form comes from the comm."""
+    make = getattr(comm, "device_centres", None)
+    return make() if make is not None else None
 
 
 class KCenterSelector:

@@ -9,6 +9,7 @@ the few collectives the loop needs. Everything else in evotune is written agains
 from __future__ import annotations
 
 import datetime
+import functools
 import gc
 import os
 import pickle
@@ -37,6 +38,14 @@ class TorchComm:
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.device = torch.device("cpu") if dist.get_backend() == "gloo" or device is None \
             else device
+
+    def device_centres(self):
+        """k-center's distances on the ranks' accelerator (``trainer/device_centres.py``), as a
+        ``(cand, centres, chunk_size)`` factory; None on a CPU run (gloo: numpy on the host)."""
+        if self.device.type == "cpu":
+            return None
+        from evotune.trainer.device_centres import DeviceNearestCentre
+        return functools.partial(DeviceNearestCentre, device=self.device)
 
     def max_int64(self, value: int) -> int:
         t = torch.tensor([value], dtype=torch.int64, device=self.device)

@@ -30,9 +30,12 @@ def cases() -> list[dict]:
 
 def _work(rank: int, world: int, port: int, on_device: bool = False) -> list:
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    from functools import partial
+
     import torch
     import torch.distributed as dist
     from evotune.selectors.kcenter import kcenter_sharded
+    from evotune.trainer.device_centres import DeviceNearestCentre
     from evotune.trainer.engine import TorchComm
     dist.init_process_group("gloo", rank=rank, world_size=world)
     results = []
@@ -45,7 +48,8 @@ def _work(rank: int, world: int, port: int, on_device: bool = False) -> list:
                                        np.array(cand, dtype=np.int64),
                                        emb[lab].reshape(len(lab), emb.shape[1]), case["n"],
                                        TorchComm(), case["chunk"],
-                                       torch.device("cpu") if on_device else None)
+                                       partial(DeviceNearestCentre, device=torch.device("cpu"))
+                                       if on_device else None)
         results.append((picks.tolist(), dists.tolist()))
     dist.destroy_process_group()
     return results
@@ -88,7 +92,7 @@ def test_device_distances_are_the_float64_distances_rounded():
     """Each candidate's squared distance to its nearest centre, against a float64 computation
     of (a - b)² written out here, after initial centres and after added ones."""
     import torch
-    from evotune.selectors.kcenter import DeviceNearestCentre
+    from evotune.trainer.device_centres import DeviceNearestCentre
     rng = np.random.default_rng(3)
     cand = rng.normal(size=(50, 7)).astype(np.float32)
     lab = rng.normal(size=(9, 7)).astype(np.float32)
@@ -107,17 +111,20 @@ def test_device_distances_are_the_float64_distances_rounded():
                                                      .sum()), rtol=1e-6)
 
 
-def test_the_accelerator_is_the_collectives_device():
+def test_the_device_form_comes_from_the_comm():
+    """Selectors import no torch: a GPU run's comm hands them the device form."""
     import torch
     from evotune.selectors.kcenter import accelerator
     from evotune.selectors.sharded import SingleProcess
+    from evotune.trainer.device_centres import DeviceNearestCentre
+    from evotune.trainer.engine import TorchComm
 
-    class Comm:
-        def __init__(self, device):
-            self.device = device
-    assert accelerator(SingleProcess()) is None
-    assert accelerator(Comm(torch.device("cpu"))) is None            # gloo: the host form
-    assert accelerator(Comm(torch.device("cuda", 1))) == torch.device("cuda", 1)
+    comm = TorchComm.__new__(TorchComm)            # no process group needed for this
+    comm.device = torch.device("cpu")
+    assert accelerator(SingleProcess()) is None and accelerator(comm) is None   # gloo: host
+    comm.device = torch.device("cuda", 1)
+    make = accelerator(comm)
+    assert make.func is DeviceNearestCentre and make.keywords == {"device": comm.device}
 
 
 def test_the_rule_written_out_on_a_line():

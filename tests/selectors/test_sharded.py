@@ -242,8 +242,12 @@ def _work(rank: int, world: int, port: int) -> dict:
                                                          sel.numbers.items()}, sel.info))
     # the greedy itself on the device form (torch's CPU device here; a GPU run's k-center
     # distances), the scored candidates only
+    from functools import partial
+
     import torch
     from evotune.selectors.weighted import weighted_sharded
+    from evotune.trainer.device_centres import DeviceNearestCentre
+    device = partial(DeviceNearestCentre, device=torch.device("cpu"))
     got["weighted_device"] = []
     for case in weighted_cases():
         mine = np.array(shard_rows(len(case["emb"]), rank, world), dtype=np.int64)
@@ -252,7 +256,7 @@ def _work(rank: int, world: int, port: int) -> dict:
         total = comm.sum_int64(len(scored))
         picks, numbers = weighted_sharded(
             case["emb"][scored], scored, case["score"][scored], case["emb"][mine[is_lab]],
-            min(case["n"], total), case["alpha"], comm, 4, torch.device("cpu"))
+            min(case["n"], total), case["alpha"], comm, 4, device)
         got["weighted_device"].append((picks.tolist(), {k: v.tolist()
                                                         for k, v in numbers.items()}))
     got["repr"] = []
