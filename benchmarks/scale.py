@@ -44,6 +44,11 @@ cached pool, on 1 and 2 ranks set up by the run's own ``Strategy`` (gloo): wall 
 RSS per rank. The model is tiny, so this measures evotune's own overhead per row (batching,
 collation, the cache reads), not a real model's compute.
 
+``--parts gradients``: the gradient pass (``InfluencePass.run``, gradient embeddings of every
+row, kept on their ranks or gathered on rank 0) with the same tiny model, its vocabulary matrix
+frozen, over ``--grad-sizes`` rows (a per-example backward each: about 0.1 s a row here): wall
+time and peak RSS per rank.
+
     python benchmarks/scale.py --parts kcenter lift weighted repr tokens features \
         --sizes 100000 1000000
 """
@@ -208,6 +213,12 @@ def run_kcenter(n: int, world: int, labeled: int, picks: int) -> list[dict]:
     return _in_process(_kcenter_rank, n, labeled, picks, world=world)
 
 
+def _ms(seconds: float) -> str:
+    """A per-pick time; at small N the setup's run-to-run noise exceeds the picks' own time
+    (the difference of two runs can come out negative), so that is said instead."""
+    return f"{seconds * 1000:.1f} ms" if seconds > 0 else "below the setup's noise"
+
+
 def part_kcenter(args) -> str:
     lines = [f"D = {DIM}, {args.labeled} selected rows as centres, {args.picks} picks, synthetic "
              f"fp32 embeddings, one thread per rank; peak = each rank's peak RSS (Python, torch, "
@@ -226,11 +237,11 @@ def part_kcenter(args) -> str:
                 f"| {n:,} | {world} | {max(r['own_mib'] for r in res):,.0f} MiB | "
                 f"{max(r['peak_mib'] for r in res):,.0f} MiB | "
                 f"{max(r['setup_s'] for r in res):.2f} s | "
-                f"{per_pick[(n, world)] * 1000:.1f} ms | {same} |")
+                f"{_ms(per_pick[(n, world)])} | {same} |")
             print(lines[-1], flush=True)
     n_max = max(args.sizes)
     one = per_pick.get((n_max, 1))
-    if one:
+    if one and one > 0:
         # Per pick each rank streams its rows once (a matrix-vector product and a minimum): a
         # memory-bound pass, time ~ bytes per rank / memory bandwidth.
         bw_cpu = n_max * DIM * 4 / one                # bytes per second, measured (1 thread)
@@ -525,15 +536,81 @@ def part_features(args, work: Path) -> str:
     return "\n".join(lines)
 
 
+def _gradients_rank(rank, world, port, cache, model_dir, n, dim, sharded, out):
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+                       "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+                       "LOCAL_SIZE": str(world), "OMP_NUM_THREADS": "1"})
+    import contextlib
+    import types
+    import torch
+    torch.set_num_threads(1)
+    from evotune.trainer import tokens
+    from evotune.trainer.config import load_config
+    from evotune.trainer.engine import Strategy
+    from evotune.trainer.model import load_model, load_tokenizer
+    from evotune.trainer.passes.influence import InfluencePass
+    cfg = load_config(None, [f"data.pool={SOURCE_POOL}", "influence.adam=false",
+                             f"influence.dim={dim}"])
+    strategy = Strategy(cfg)
+    strategy.setup()
+    model = load_model(model_dir, torch.float32).to(strategy.device)
+    for p in model.get_input_embeddings().parameters():   # (tied to the head) as LoRA would:
+        p.requires_grad_(False)                           # the vocabulary matrix frozen
+    pool = tokens.TokenizedPool(Path(cache) / "bench-tokens")
+    grads = InfluencePass(cfg, pool, load_tokenizer(model_dir), "chat", strategy)
+    logger = types.SimpleNamespace(progress=lambda *a, **k: contextlib.nullcontext(
+        lambda *a, **k: None))
+    base = peak_mib()
+    t0 = time.perf_counter()
+    features, _ = grads.run(types.SimpleNamespace(module=model), np.arange(n), 1, logger,
+                            embeddings=True, sharded=sharded)
+    rows = 0 if features is None else int(np.isfinite(features.embeddings[:, 0]).sum())
+    out.put({"rank": rank, "seconds": time.perf_counter() - t0, "peak_mib": peak_mib(),
+             "before_mib": base, "rows": rows})
+    strategy.close()
+
+
+def part_gradients(args, work: Path) -> str:
+    sys.path.insert(0, str(REPO / "tests"))
+    from helpers import build_tiny_model
+    model_dir = build_tiny_model(work / "tiny", _tokenizer().name_or_path)
+    dim = 8192
+    lines = [f"The gradient pass (``InfluencePass.run``, gradient embeddings of every row, "
+             f"{dim} dims, fp32) with the tiny test model (its layers trainable, the vocabulary matrix frozen), "
+             f"one thread per rank: kept on their ranks (sharded) or gathered on rank 0; "
+             f"peak = each rank's peak RSS, model and torch included\n",
+             "| N | ranks | embeddings | wall | rows per s | projected rows (all ranks) | "
+             "peak RSS per rank (before the pass) |", "|---|---|---|---|---|---|---|"]
+    for n in args.grad_sizes:
+        cache = work / f"cache{n}"
+        if not (cache / "bench-tokens").is_dir():
+            pool = work / f"pool{n}.jsonl"
+            write_pool(pool, n)
+            _in_process(_build_rank, str(pool), str(cache))
+        for world in args.ranks:
+            for sharded in (True, False):
+                res = _in_process(_gradients_rank, str(cache), str(model_dir), n, dim, sharded,
+                                  world=world)
+                wall = max(r["seconds"] for r in res)
+                lines.append(f"| {n:,} | {world} | {'sharded' if sharded else 'on rank 0'} | "
+                             f"{wall:.0f} s | {n / wall:,.0f} | {n * dim * 4 / 2**20:,.0f} MiB | "
+                             + ", ".join(f"{r['peak_mib']:,.0f} ({r['before_mib']:,.0f})"
+                                         for r in res) + " MiB |")
+                print(lines[-1], flush=True)
+    return "\n".join(lines)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--parts", nargs="+", default=["kcenter"],
                    choices=["kcenter", "lift", "weighted", "repr", "cluster", "examples",
-                            "tokens", "save", "features"])
+                            "tokens", "save", "features", "gradients"])
     p.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
     p.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
     p.add_argument("--labeled", type=int, default=1000)
     p.add_argument("--picks", type=int, default=100)
+    p.add_argument("--grad-sizes", type=int, nargs="+", default=[20_000],
+                   help="pool sizes of --parts gradients (a per-example backward each)")
     p.add_argument("--batch", type=int, default=64, help="rows per forward call (features)")
     p.add_argument("--work", help="folder for pools, caches and the tiny model (default: a "
                                   "temporary one, removed at the end)")
@@ -557,6 +634,8 @@ def main() -> int:
             report.append(part_save(args, work))
         if "features" in args.parts:
             report.append(part_features(args, work))
+        if "gradients" in args.parts:
+            report.append(part_gradients(args, work))
     text = "\n".join(report)
     print(text)
     if args.out:

@@ -167,9 +167,10 @@ class InfluencePass:
         val_all = st.gather_to_rank0(val_rows)
         val = _assemble(val_all, np.arange(len(self.val))) if st.is_rank0 and self.val else None
         if sharded:
-            mine = np.array(sorted(item for item, _ in train_rows), dtype=np.int64)
-            train = _assemble([train_rows], mine) if len(mine) else \
-                np.zeros((0, icfg.dim), dtype=np.float32)
+            items, rows = train_rows
+            order = np.argsort(items, kind="stable")
+            mine, train = items[order], rows[order]
+            del train_rows, items, rows
             val = st.broadcast_from_rank0(val)             # V x dim: a few rows, every rank
             shard = Features(embeddings=train if embeddings else None, positions=mine)
             if self.cfg.output.save_features and not embeddings:
@@ -288,8 +289,11 @@ class InfluencePass:
         return weight, history
 
     def _features(self, module, params, projector, items: list[int], moments, which: str,
-                  advance, shard_dir: Path | None = None) -> list[tuple[int, np.ndarray]]:
-        """This rank's share of ``items``: (item, normalised projected feature) pairs.
+                  advance, shard_dir: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """This rank's share of ``items`` (int64, in its batches' order) and their normalised
+        projected features (float32, one row each). The rows go into an array sized before the
+        first batch, as the forward pass's do (results kept batch by batch between each
+        batch's large temporaries fragment the C heap: measured there, ``forward.py``).
 
         With ``shard_dir``, every projected batch is written there as a shard (atomically,
         fp32) as soon as it is done, and a rerun of the same pass (a resumed round) reloads the
@@ -310,14 +314,19 @@ class InfluencePass:
         if start and st.is_rank0:
             log.info(f"gradient pass ({which}): reusing {start} of {len(batches)} finished "
                      f"batches per rank from {shard_dir}")
-        def owners(k):      # the real items of batch k (None for the padding repeats)
-            first = k * icfg.batch_size
-            return [item if first + j < len(mine) else None for j, item in enumerate(batches[k])]
+        # The real items are the first len(mine) of ``padded``: batch k's real rows are
+        # out[k * B : k * B + its real count].
+        out = np.empty((len(mine), icfg.dim), dtype=np.float32)
 
-        out = []
+        def keep(k, rows):
+            first = k * icfg.batch_size
+            real = max(0, min(len(rows), len(mine) - first))
+            out[first:first + real] = rows[:real]
+            advance(real * st.world_size)
+
         for k in range(start):
-            out += [(o, row) for o, row in zip(owners(k), done[k]) if o is not None]
-            advance(sum(o is not None for o in owners(k)) * st.world_size)
+            keep(k, done[k])
+        del done
         for k in range(start, len(batches)):
             batch = [self._grad(module, params, item, moments, which) for item in batches[k]]
             blocks = [torch.stack([g[i] for g in batch]) for i in range(len(params))]
@@ -326,9 +335,8 @@ class InfluencePass:
             if shard_dir is not None:
                 _save_shard(shard_dir, which, st.rank, k, key, rows)
                 crash_point(f"grad_{which}", self._round, sync=st.barrier)
-            out += [(o, row) for o, row in zip(owners(k), rows) if o is not None]
-            advance(sum(o is not None for o in owners(k)) * st.world_size)
-        return out
+            keep(k, rows)
+        return np.asarray(mine, dtype=np.int64), out
 
     def _grad(self, module, params, item: int, moments, which: str) -> list[torch.Tensor]:
         dev, icfg = self.strategy.device, self.icfg
@@ -402,5 +410,11 @@ def _load_shards(shard_dir: Path, which: str, rank: int, key: str, batches) -> l
 
 
 def _assemble(gathered, order) -> np.ndarray:
-    rows = {item: row for rank_rows in gathered for item, row in rank_rows}
-    return np.stack([rows[int(i)] for i in order]).astype(np.float32)
+    """The rows of ``order`` (items) from every rank's (items, rows) pair."""
+    items = np.concatenate([part[0] for part in gathered])
+    by_item = np.argsort(items, kind="stable")
+    where = np.searchsorted(items[by_item], order)
+    if len(order) and (where.max() >= len(items) or (items[by_item][where] != order).any()):
+        raise ValueError("gradient pass: a requested row was computed by no rank")
+    rows = np.concatenate([part[1] for part in gathered]) if len(gathered) > 1 else gathered[0][1]
+    return rows[by_item[where]]
