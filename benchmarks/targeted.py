@@ -34,6 +34,7 @@ model's features are computed once and reused across arms, budgets and seeds
     python benchmarks/targeted.py --suite targeted --budgets 0.05 --seeds 2 3 \
         --arms random kcenter rds_once rds_loop ifd_mix
     python benchmarks/targeted.py --suite quality --seeds 1 --arms random kcenter ifd_mix
+    python benchmarks/targeted.py --suite quality --arms longest ifd_loop rds_once rds_loop
     python benchmarks/targeted.py --report                 # tables and plots, no training
 
 Finished runs are reused when the script starts again; an interrupted one resumes.
@@ -90,8 +91,8 @@ ARMS = {
 }
 SUITES = {"targeted": ["random", "longest", "kcenter", "kcenter_ifd", "ifd_loop", "less",
                        "rds_once", "rds_loop", "rds_ifd", "ifd_mix", "evotune"],
-          "quality": ["random", "longest", "kcenter", "kcenter_ifd", "ifd_loop", "rds_once",
-                      "rds_ifd", "ifd_mix", "evotune"]}
+          "quality": ["random", "longest", "kcenter", "kcenter_ifd", "ifd_loop", "less",
+                      "rds_once", "rds_loop", "rds_ifd", "ifd_mix", "evotune"]}
 BUDGETS = {"targeted": [0.05, 0.1], "quality": [0.1]}
 
 
