@@ -486,10 +486,16 @@ def part_tokens(args, work: Path) -> str:
     return "\n".join(lines + ([contrast] if contrast else []))
 
 
-def _features_rank(rank, world, port, cache, model_dir, batch, out):
+def _rank_env(rank: int, world: int, port: int) -> None:
+    """The environment a launcher gives rank ``rank`` of ``world`` (for a run's own
+    ``Strategy``), one thread."""
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
                        "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
                        "LOCAL_SIZE": str(world), "OMP_NUM_THREADS": "1"})
+
+
+def _features_rank(rank, world, port, cache, model_dir, batch, out):
+    _rank_env(rank, world, port)
     import torch
     torch.set_num_threads(1)
     from evotune.trainer import tokens
@@ -511,21 +517,32 @@ def _features_rank(rank, world, port, cache, model_dir, batch, out):
     strategy.close()
 
 
-def part_features(args, work: Path) -> str:
+def _cached_pool(work: Path, n: int) -> Path:
+    """The token cache of an N-row pool under ``work`` (built once)."""
+    cache = work / f"cache{n}"
+    if not (cache / "bench-tokens").is_dir():
+        pool = work / f"pool{n}.jsonl"
+        write_pool(pool, n)
+        _in_process(_build_rank, str(pool), str(cache))
+    return cache
+
+
+def _tiny_model(work: Path) -> Path:
+    """The tests' tiny model (2 layers, 32 wide, SmolLM2's tokenizer) under ``work``."""
     sys.path.insert(0, str(REPO / "tests"))
     from helpers import build_tiny_model
-    model_dir = build_tiny_model(work / "tiny", _tokenizer().name_or_path)
+    return build_tiny_model(work / "tiny", _tokenizer().name_or_path)
+
+
+def part_features(args, work: Path) -> str:
+    model_dir = _tiny_model(work)
     lines = [f"The tiny test model (2 layers, 32 wide, SmolLM2's 49,152-token vocabulary), "
              f"batch {args.batch} rows, one thread per rank, embeddings kept on their ranks "
              f"(gather=False); peak = each rank's peak RSS, model and torch included\n",
              "| N | ranks | wall | rows per s | own embeddings per rank | peak RSS per rank |",
              "|---|---|---|---|---|---|"]
     for n in args.sizes:
-        cache = work / f"cache{n}"
-        if not (cache / "bench-tokens").is_dir():
-            pool = work / f"pool{n}.jsonl"
-            write_pool(pool, n)
-            _in_process(_build_rank, str(pool), str(cache))
+        cache = _cached_pool(work, n)
         for world in args.ranks:
             res = _in_process(_features_rank, str(cache), str(model_dir), args.batch, world=world)
             wall = max(r["seconds"] for r in res)
@@ -537,9 +554,7 @@ def part_features(args, work: Path) -> str:
 
 
 def _gradients_rank(rank, world, port, cache, model_dir, n, dim, sharded, out):
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
-                       "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
-                       "LOCAL_SIZE": str(world), "OMP_NUM_THREADS": "1"})
+    _rank_env(rank, world, port)
     import contextlib
     import types
     import torch
@@ -571,22 +586,17 @@ def _gradients_rank(rank, world, port, cache, model_dir, n, dim, sharded, out):
 
 
 def part_gradients(args, work: Path) -> str:
-    sys.path.insert(0, str(REPO / "tests"))
-    from helpers import build_tiny_model
-    model_dir = build_tiny_model(work / "tiny", _tokenizer().name_or_path)
+    model_dir = _tiny_model(work)
     dim = 8192
     lines = [f"The gradient pass (``InfluencePass.run``, gradient embeddings of every row, "
-             f"{dim} dims, fp32) with the tiny test model (its layers trainable, the vocabulary matrix frozen), "
-             f"one thread per rank: kept on their ranks (sharded) or gathered on rank 0; "
+             f"{dim} dims, fp32) with the tiny test model (its layers trainable, the "
+             f"vocabulary matrix frozen), one thread per rank: kept on their ranks (sharded) "
+             f"or gathered on rank 0; "
              f"peak = each rank's peak RSS, model and torch included\n",
              "| N | ranks | embeddings | wall | rows per s | projected rows (all ranks) | "
              "peak RSS per rank (before the pass) |", "|---|---|---|---|---|---|---|"]
     for n in args.grad_sizes:
-        cache = work / f"cache{n}"
-        if not (cache / "bench-tokens").is_dir():
-            pool = work / f"pool{n}.jsonl"
-            write_pool(pool, n)
-            _in_process(_build_rank, str(pool), str(cache))
+        cache = _cached_pool(work, n)
         for world in args.ranks:
             for sharded in (True, False):
                 res = _in_process(_gradients_rank, str(cache), str(model_dir), n, dim, sharded,
