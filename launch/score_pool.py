@@ -19,13 +19,15 @@ Writes ``OUT/scores.jsonl`` (per example: id, source, every score, ``skipped`` r
 ``OUT/summary.json`` (tokens and tokens/s of each pass, settings) and, with ``--label``,
 ``OUT/separation.json`` plus a table on the terminal. Files in OUT are replaced.
 Config keys used: model.*, data.* (pool, template, max_length, on_error, max_examples),
-scoring.* (IFD settings, scoring.knn_k.*, scoring.linear.rule), selection.batch_size,
-deepspeed.backend.
+scoring.* (IFD settings, scoring.knn_k.*, scoring.linear.rule, scoring.reference.*: the
+reference model is trained here, with lora.* and train.*, when a score reads it),
+selection.batch_size, deepspeed.backend.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -108,7 +110,8 @@ def score(cfg, names: tuple[str, ...], out: Path, label: str | None, pair: str |
     from evotune.trainer.engine import Strategy
     from evotune.trainer.logs import ProgressBars, log, setup_console_logging
     from evotune.trainer.loop import _agree, load_pool
-    from evotune.trainer.model import load_model, load_tokenizer, resolve_model_path
+    from evotune.trainer.model import (build_trainable_model, load_model, load_tokenizer,
+                                       resolve_model_path)
     from evotune.trainer.passes.features import FeaturePass
     from evotune.trainer.separation import separation
     from evotune.trainer.sources import input_hash
@@ -133,6 +136,18 @@ def score(cfg, names: tuple[str, ...], out: Path, label: str | None, pair: str |
              f"with {model_path}: {', '.join(names)}")
     feature_pass = FeaturePass(cfg, ScoreRequest(names), pool, pool_enc, tokenizer, template,
                                strategy)
+    if feature_pass.reference is not None:          # reference_loss and the scores made from it
+        engines = []
+
+        def reference_engine(seed: int):
+            lora = dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, enabled=True))
+            engines.append(strategy.prepare(build_trainable_model(lora, model_path,
+                                                                  strategy.dtype, seed)))
+            return engines[-1]
+        feature_pass.prepare_reference(reference_engine, logger, None, model_path, pool_hash,
+                                       template, strategy.dtype)
+        for engine in engines:
+            Strategy.release(engine)
     model = load_model(model_path, strategy.dtype, cfg.model.attn_implementation)
     model.to(strategy.device).eval()
     t0 = time.perf_counter()

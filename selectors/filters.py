@@ -16,9 +16,11 @@ from evotune.selectors.sharded import top_k_mask, values_at
 
 
 def score_filter(scores: np.ndarray, candidates: np.ndarray, max_value: float | None,
-                 top_fraction: float) -> tuple[np.ndarray, dict[str, int]]:
+                 top_fraction: float, keep: str = "highest") -> tuple[np.ndarray, dict[str, int]]:
     """Candidates whose score is finite and at most ``max_value`` (when given), then the
-    ``int(len(kept) × top_fraction)`` of them with the highest scores (ties: lowest index).
+    ``int(len(kept) × top_fraction)`` of them with the highest scores (``keep="lowest"``: the
+    lowest, for a score where low is good, e.g. ``reference_loss`` as a quality gate; ties:
+    lowest index).
 
     Cherry's IFD rule is this filter with ``max_value=1`` (it drops IFD > 1) and the top rate;
     Superfiltering keeps IFD < 1 strictly — a score of exactly 1.0 is the only difference.
@@ -27,6 +29,7 @@ def score_filter(scores: np.ndarray, candidates: np.ndarray, max_value: float | 
         (passed positions, ascending; counts: ``nan_scores``, ``above_max``,
         ``below_top_fraction``, ``passed``).
     """
+    _check_keep(keep)
     candidates = np.sort(np.asarray(candidates, dtype=np.int64))
     s = np.asarray(scores, dtype=np.float64)[candidates]
     finite = np.isfinite(s)
@@ -35,20 +38,29 @@ def score_filter(scores: np.ndarray, candidates: np.ndarray, max_value: float | 
     keep_n = int(len(kept) * top_fraction)
     # Highest score first, ties to the lowest position: one O(N log N) sort (lexsort's last
     # key is the primary one).
-    order = np.lexsort((kept, -kept_scores))[:keep_n]
+    order = np.lexsort((kept, -kept_scores if keep == "highest" else kept_scores))[:keep_n]
     passed = np.sort(kept[order])
     info = {"nan_scores": int((~finite).sum()), "above_max": int((finite & ~under).sum()),
             "below_top_fraction": int(len(kept) - keep_n), "passed": int(len(passed))}
     return passed, info
 
 
+def _check_keep(keep: str) -> None:
+    if keep not in KEEP:
+        raise ValueError(f"filter keep must be one of {', '.join(KEEP)}, got {keep!r}")
+
+
+KEEP = ("highest", "lowest")
+
+
 def score_filter_sharded(values: np.ndarray, positions: np.ndarray, candidates: np.ndarray,
-                         max_value: float | None, top_fraction: float, comm
-                         ) -> tuple[np.ndarray, dict[str, int]]:
+                         max_value: float | None, top_fraction: float, comm,
+                         keep: str = "highest") -> tuple[np.ndarray, dict[str, int]]:
     """:func:`score_filter` with the scores spread over ranks (every rank calls it with its
     own ``values`` at pool ``positions``): the same passed positions and counts on every
     rank. The top fraction is a distributed top-k (``selectors/sharded.py``); what crosses
     ranks is a few counts and the passed positions."""
+    _check_keep(keep)
     values = np.asarray(values, dtype=np.float64)
     positions = np.asarray(positions, dtype=np.int64)
     here = np.isin(positions, candidates)
@@ -60,7 +72,8 @@ def score_filter_sharded(values: np.ndarray, positions: np.ndarray, candidates: 
     under = finite & (s <= max_value) if max_value is not None else finite
     kept = comm.sum_int64(int(under.sum()))
     keep_n = int(kept * top_fraction)
-    mine = pos[under][top_k_mask(s[under], pos[under], keep_n, comm)]
+    ranked = s[under] if keep == "highest" else -s[under]
+    mine = pos[under][top_k_mask(ranked, pos[under], keep_n, comm)]
     passed = np.sort(np.concatenate(comm.all_gather_rows(mine)))
     info = {"nan_scores": comm.sum_int64(int((~finite).sum())),
             "above_max": comm.sum_int64(int((finite & ~under).sum())),
@@ -77,9 +90,11 @@ class ScoreFiltered:
     selector from the candidates that failed, flagged ``passed_filter: 0`` and counted.
     """
 
-    def __init__(self, inner, score: str, max_value: float | None, top_fraction: float):
+    def __init__(self, inner, score: str, max_value: float | None, top_fraction: float,
+                 keep: str = "highest"):
+        _check_keep(keep)
         self.inner, self.score = inner, score
-        self.max_value, self.top_fraction = max_value, top_fraction
+        self.max_value, self.top_fraction, self.keep = max_value, top_fraction, keep
         self.name, self.options = inner.name, inner.options
         self.needs_embeddings = inner.needs_embeddings
         self.scores = tuple(dict.fromkeys((*inner.scores, score)))
@@ -92,7 +107,7 @@ class ScoreFiltered:
     def select(self, features, labeled: np.ndarray, candidates: np.ndarray, n: int,
                rng: np.random.Generator):
         passed, info = score_filter(features.scores[self.score], candidates, self.max_value,
-                                    self.top_fraction)
+                                    self.top_fraction, self.keep)
         return self._then(passed, info, labeled, candidates, n,
                           lambda lab, cands, k: self.inner.select(features, lab, cands, k, rng))
 
@@ -102,7 +117,8 @@ class ScoreFiltered:
         inner rule's ``select_sharded``): the same picks."""
         shard.require_score(self.name, self.score)
         passed, info = score_filter_sharded(shard.scores[self.score], shard.positions,
-                                            candidates, self.max_value, self.top_fraction, comm)
+                                            candidates, self.max_value, self.top_fraction, comm,
+                                            self.keep)
         return self._then(passed, info, labeled, candidates, n,
                           lambda lab, cands, k: self.inner.select_sharded(shard, lab, cands, k,
                                                                           rng, comm))
@@ -136,7 +152,8 @@ class ScoreFiltered:
 
     def state_dict(self) -> dict:
         return {**self.inner.state_dict(), "filter_score": self.score,
-                "filter_max": self.max_value, "filter_top_fraction": self.top_fraction}
+                "filter_max": self.max_value, "filter_top_fraction": self.top_fraction,
+                "filter_keep": self.keep}
 
 
 class ScoredFirst:

@@ -97,7 +97,8 @@ def build(selection):
         selector = ScoredFirst(selector, selector.scores[0], chunk)
     if selection.filter_score:
         selector = ScoreFiltered(selector, selection.filter_score, selection.filter_max,
-                                 selection.filter_top_fraction)
+                                 selection.filter_top_fraction,
+                                 getattr(selection, "filter_keep", "highest"))
     return selector
 
 

@@ -170,7 +170,12 @@ class SelectionConfig:
         choices=lambda: (None,) + _score_names())
     filter_max: Optional[float] = _f(None, "filter: drop candidates whose score is above this")
     filter_top_fraction: float = _f(
-        1.0, "filter: then keep this fraction of the candidates with the highest scores")
+        1.0, "filter: then keep this fraction of the candidates, those with the highest scores "
+             "(or the lowest: filter_keep)")
+    filter_keep: str = _f("highest", "filter: which end filter_top_fraction keeps: highest, or "
+                                     "lowest for a score where low is good (a loss used as a "
+                                     "quality gate, e.g. reference_loss)",
+                          choices=("highest", "lowest"))
     embedding: str = _f("hidden", "what embedding-based rules measure: hidden = the pooled last "
                                   "hidden state (selection.pooling); gradient = the projected, "
                                   "normalised LoRA gradient (influence.* settings; TAGCOS)",
@@ -232,6 +237,23 @@ class DeepSpeedConfig:
 
 
 @dataclass
+class ReferenceConfig:
+    """The reference model (``trainer/passes/reference.py``), read by ``reference_loss`` and
+    the learnability scores made from it."""
+    data: str = _f("", "a small clean holdout (any data.pool form) of the pool's kinds of task, "
+                       "none of its rows in the pool: the reference model (RHO-LOSS's "
+                       "irreducible-loss model) is the base model with a LoRA adapter trained "
+                       "on it once per run; needed by reference_loss, reducible_loss, "
+                       "reducible_share", path="input")
+    epochs: int = _f(3, "passes over the holdout")
+    lr: float = _f(5e-4, "peak learning rate (the run's train.* schedule, warmup, batch sizes "
+                         "and optimizer)")
+    max_examples: int = _f(0, "use only the first N holdout rows (0 = all)")
+    seed: int = _f(0, "seed of the reference's adapter and data order: its own, not the run's, "
+                      "so runs that differ only in seed share one reference (cached)")
+
+
+@dataclass
 class ScoringConfig:
     """How scores are computed: IFD's passes here, and each score's own settings in a
     ``scoring.<name>`` section, added from ``trainer/scores.py`` (:func:`scoring_config`)."""
@@ -246,9 +268,10 @@ class ScoringConfig:
                               "reference scripts' max_length); the train template uses "
                               "data.max_length")
     base_cache: bool = _f(True, "keep the base model's features (round 0 chosen by the base "
-                                "model, score_pool.py) under $EVOTUNE_CACHE/features and reuse "
-                                "them in any run with the same model, pool and pass settings",
-                          safe=True)
+                                "model, score_pool.py) and the reference model's pool losses "
+                                "under $EVOTUNE_CACHE/features and reuse them in any run with "
+                                "the same model, pool and pass settings", safe=True)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
 
 
 @dataclass
@@ -602,9 +625,14 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"influence.label_smoothing: must be in [0, 0.5), got "
                           f"{cfg.influence.label_smoothing}")
     _check_selection(cfg)
-    for key, value in (("influence.validation", cfg.influence.validation),):
+    for key, value in (("influence.validation", cfg.influence.validation),
+                       ("scoring.reference.data", cfg.scoring.reference.data)):
         if value and (problem := check_input(value)):
             raise ConfigError(f"{key}: {problem}")
+    positive("scoring.reference.epochs", cfg.scoring.reference.epochs)
+    positive("scoring.reference.lr", cfg.scoring.reference.lr)
+    positive("scoring.reference.max_examples", cfg.scoring.reference.max_examples,
+             allow_zero=True)
     if cfg.influence.reference_model and not (Path(cfg.influence.reference_model) /
                                               "config.json").is_file() \
             and not cfg.influence.reference_model.startswith("embedded:"):
@@ -829,6 +857,7 @@ _SOURCE_NAMES = {"forward": "the embedding pass", "ifd": "IFD's passes",
                  "derived": "derived after the passes",
                  "targets": "the embedding pass, with the target set",
                  "reward": "the reward model, once per run",
+                 "reference": "the reference model, once per run",
                  "influence": "the gradient pass"}
 
 

@@ -9,6 +9,7 @@ files.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import time
@@ -80,6 +81,13 @@ def run(cfg: Config, resume: str = "auto", overwrite: bool = False) -> list[dict
     _agree(strategy, lambda: open_run_dir(out, plan, cfg, data))
     data.log_report(cfg)
     logger = RunLogger(out, strategy.is_rank0, cfg.output.tensorboard, console)
+    if data.feature_pass.reference is not None:
+        # The reference model (scoring.reference), once per run: before the run's own model
+        # is restored or trained (with LoRA, on the same kept module)
+        data.feature_pass.prepare_reference(model.reference_engine, logger, out,
+                                            data.model_path, data.pool_hash, data.template,
+                                            strategy.dtype)
+        model.release()
     progress = resume_progress(plan, data, model, out, cfg)
 
     for r in range(plan.start_round, cfg.selection.rounds):
@@ -340,9 +348,11 @@ class RoundModel:
         self._module = None                      # the kept base model with its adapter
         self.loads = 0                           # base-model loads so far (the log says)
 
-    def fresh(self, r: int):
+    def fresh(self, r: int, seed: int | None = None):
+        """A fresh engine for round ``r``: the base weights with a new adapter drawn from the
+        round's seed (or ``seed``)."""
         self.release()
-        seed = derive_seed(self.cfg.seed, "init", r)
+        seed = derive_seed(self.cfg.seed, "init", r) if seed is None else seed
         module = self._module
         if module is None:
             zero3 = self.strategy.ds_config() if self.cfg.deepspeed.zero_stage == 3 else None
@@ -355,6 +365,25 @@ class RoundModel:
             reset_adapter(module, seed)
         self.engine = self.strategy.prepare(module)
         self._untrained = r
+        return self.engine
+
+    def reference_engine(self, seed: int):
+        """An engine for the reference model (``passes/reference.py``): the base model with a
+        LoRA adapter drawn from ``seed`` — the kept module's own adapter when the run trains
+        LoRA, else a LoRA copy of the base model loaded for it (the ``lora.*`` settings).
+        :meth:`release` frees it; the next round builds its own engine."""
+        if self.cfg.lora.enabled:
+            engine = self.fresh(0, seed)
+            self._untrained = None
+            return engine
+        self.release()
+        cfg = dataclasses.replace(self.cfg, lora=dataclasses.replace(self.cfg.lora,
+                                                                     enabled=True))
+        zero3 = self.strategy.ds_config() if cfg.deepspeed.zero_stage == 3 else None
+        module = build_trainable_model(cfg, self.model_path, self.strategy.dtype, seed, zero3)
+        self.loads += 1
+        self.engine = self.strategy.prepare(module)
+        self._untrained = None
         return self.engine
 
     def restore(self, out: Path, state: RoundState, optimizer: bool) -> None:
@@ -495,6 +524,9 @@ def choose(r: int, cfg: Config, data: RunData, model: RoundModel, progress: Prog
         result = data.feature_pass.run(engine.module, logger, r, engine, candidates, labeled, out,
                                        key, measured)
     seconds = {"features": time.perf_counter() - t0}
+    made = result.stats.get("reference")
+    if made is not None and not made.cached:      # trained before round 0, reported once
+        seconds["reference"] = made.seconds
     crash_point("embed", r)
     t0 = time.perf_counter()
     cands = result.candidates if result.candidates is not None else candidates

@@ -23,6 +23,8 @@ one :class:`Score` entry in :data:`SCORES`; its ``source`` says which pass calls
   target_embeddings, subtasks, options) -> {name: values}``, the score and one
   ``<name>:<subtask>`` per target subtask;
 - ``reward``: a reward model or quality classifier (``trainer/passes/reward.py``), once per run;
+- ``reference``: the reference model (RHO-LOSS's, ``trainer/passes/reference.py``), trained on
+  a small clean holdout and run over the pool once per run;
 - ``influence``: the gradient pass (``trainer/passes/influence.py``), which writes it.
 
 A score of a new kind (another model, another forward pass) needs a new pass under
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, Callable
@@ -46,7 +49,7 @@ from evotune.selectors.base import Features, option, require_positive
 from evotune.selectors.sharded import SingleProcess
 from evotune.trainer.data import IGNORE_INDEX
 
-SOURCES = ("forward", "ifd", "derived", "targets", "reward", "influence")
+SOURCES = ("forward", "ifd", "derived", "targets", "reward", "reference", "influence")
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,8 @@ class Score:
     inputs: Callable[[Any], tuple[str, ...]] = lambda options: ()   # scores it is made from
     check: Callable[[Any], None] = lambda cfg: None    # raise ValueError: cannot be computed
     sharded: bool = False          # derived: computes over each rank's own rows (above)
+    needs_prompt_embeddings: bool = False     # the forward pass also pools the prompts
+
 
 
 # ----------------------------------------------------------------------------- forward
@@ -195,6 +200,104 @@ def knn_distance(embeddings: np.ndarray, k: int, chunk_size: int = 4096,
     out = np.full(len(emb), np.nan)
     out[idx] = np.sqrt(best.max(axis=1).astype(np.float64))
     return out
+
+
+def knn_values(embeddings: np.ndarray, positions: np.ndarray, values: np.ndarray, k: int,
+               chunk_size: int = 4096, block_mb: float = 256, comm=None) -> np.ndarray:
+    """(n, k) the ``values`` of each of this rank's rows' k nearest other rows of the pool,
+    nearest first; every rank calls this with its own rows (``positions``: their pool
+    positions, distinct over the ranks).
+
+    Neighbours are ranked by squared Euclidean distance, computed and tiled as in
+    :func:`knn_distance` (nothing N × D on a rank), then by pool position: ties go to the
+    lower position whatever rank holds a row. Only rows with a finite embedding and a finite
+    value are neighbours; a row without either gets NaN throughout. Every rank gets the pool's
+    positions and values once (O(N) numbers). Raises ValueError (on every rank alike) when
+    k < 1 or the pool has k or fewer such rows.
+    """
+    comm = comm or SingleProcess()
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    emb = np.asarray(embeddings, dtype=np.float32)
+    vals = np.asarray(values, dtype=np.float64)
+    idx = np.flatnonzero(np.isfinite(emb).all(axis=1) & np.isfinite(vals))
+    x = emb[idx]
+    parts = comm.all_gather_rows(np.stack([np.asarray(positions, dtype=np.float64)[idx],
+                                           vals[idx]]))
+    if sum(p.shape[1] for p in parts) <= k:
+        raise ValueError(f"k={k} needs more than {k} rows with an embedding and a value, got "
+                         f"{sum(p.shape[1] for p in parts)}")
+    norms = np.einsum("ij,ij->i", x, x).astype(np.float64)
+    best_d = np.full((len(x), k), np.inf, dtype=np.float32)
+    best_p = np.full((len(x), k), np.inf)
+    best_v = np.full((len(x), k), np.nan)
+    side = knn_tile_rows(chunk_size, block_mb)
+    for src, part in enumerate(parts):
+        count = part.shape[1]
+        for s in range(0, count, side):
+            tile = comm.broadcast_block(x[s: s + side] if comm.rank == src else None, src,
+                                        (min(side, count - s), emb.shape[1])).astype(np.float64)
+            tile_norms = np.einsum("ij,ij->i", tile, tile)
+            tile_p, tile_v = part[0, s: s + len(tile)], part[1, s: s + len(tile)]
+            for t in range(0, len(x), side):
+                mine = slice(t, t + side)
+                d = norms[mine, None] + tile_norms[None, :] \
+                    - 2.0 * (x[mine].astype(np.float64) @ tile.T)
+                d = np.maximum(d, 0.0).astype(np.float32)
+                if comm.rank == src:                      # a row is not its own neighbour
+                    own = np.arange(max(t, s), min(t + side, s + len(tile), len(x)))
+                    d[own - t, own - s] = np.inf
+                rows = d.shape[0]
+                cand_d = np.concatenate([best_d[mine], d], axis=1)
+                cand_p = np.concatenate([best_p[mine], np.broadcast_to(tile_p, d.shape)], axis=1)
+                cand_v = np.concatenate([best_v[mine], np.broadcast_to(tile_v, d.shape)], axis=1)
+                order = np.lexsort((cand_p, cand_d), axis=1)[:, :k]
+                at = np.arange(rows)[:, None]
+                best_d[mine], best_p[mine], best_v[mine] = (cand_d[at, order],
+                                                            cand_p[at, order],
+                                                            cand_v[at, order])
+    out = np.full((len(emb), k), np.nan)
+    out[idx] = np.where(np.isfinite(best_d), best_v, np.nan)
+    return out
+
+
+@dataclass
+class ExcessOptions:
+    of: str = option("loss", "the loss compared: the current model's (loss: no extra pass) or "
+                             "the reference model's (reference_loss)",
+                     choices=("loss", "reference_loss"))
+    k: int = option(10, "neighbours: the k rows with the nearest prompts")
+    chunk_size: int = option(4096, "most rows per side of a distance tile", safe=True)
+    block_mb: int = option(256, "memory bound of one distance tile (as scoring.knn_k's)",
+                           safe=True)
+
+    def check(self) -> None:
+        require_positive(self, "k", "chunk_size", "block_mb")
+
+
+PROMPT_EMBEDDINGS = "prompt_embeddings"     # Features.extra: the prompts' pooled hidden states
+
+
+def _loss_excess(features: Features, options: ExcessOptions, comm=None):
+    prompts = features.extra.get(PROMPT_EMBEDDINGS)
+    if prompts is None:
+        raise ValueError("loss_excess needs the prompts' embeddings; the forward pass "
+                         "computed none")
+    if options.of not in features.scores:
+        raise ValueError(f"loss_excess: score {options.of!r} was not computed")
+    own = features.scores[options.of]
+    where = features.positions if features.positions is not None else np.arange(len(own))
+    near = knn_values(prompts, where, own, options.k, options.chunk_size, options.block_mb,
+                      comm)
+    with warnings.catch_warnings():                     # all-NaN rows: no value, said below
+        warnings.simplefilter("ignore", RuntimeWarning)
+        values = own - np.nanmedian(near, axis=1)
+    skipped = {int(where[i]): f"{options.of}: {why}"
+               for i, why in ((i, features.skipped.get(options.of, {}).get(int(where[i])))
+                              for i in np.flatnonzero(np.isnan(values))) if why}
+    for i in np.flatnonzero(np.isnan(values)):
+        skipped.setdefault(int(where[i]), "no prompt embedding or no neighbour")
+    return values, skipped
 
 
 def _knn_k(features: Features, options: KnnOptions, comm=None):
@@ -332,6 +435,36 @@ def _check_reward(cfg) -> None:
                          "sequence-classification model dir")
 
 
+def _check_reference(cfg) -> None:
+    if not cfg.scoring.reference.data:
+        raise ValueError("scoring.reference.data: the reference model is trained on a small "
+                         "clean holdout of the pool's kinds of task (SFT rows, none of them in "
+                         "the pool); give its file")
+
+
+def _from_two(features: Features, a: str, b: str, combine) -> tuple[np.ndarray, dict]:
+    """A score made row by row from scores ``a`` and ``b`` (``combine(a, b)``); a row without
+    either has none, with that one's reason."""
+    for name in (a, b):
+        if name not in features.scores:
+            raise ValueError(f"score {name!r} was not computed")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        values = np.asarray(combine(features.scores[a], features.scores[b]), dtype=np.float64)
+    skipped: dict[int, str] = {}
+    for name in (a, b):
+        for i, why in features.skipped.get(name, {}).items():
+            skipped.setdefault(int(i), f"{name}: {why}")
+    return values, skipped
+
+
+def _reducible_loss(features: Features, options=None, comm=None):
+    return _from_two(features, "loss", "reference_loss", lambda cur, ref: cur - ref)
+
+
+def _reducible_share(features: Features, options=None, comm=None):
+    return _from_two(features, "loss", "reference_loss", lambda cur, ref: (cur - ref) / cur)
+
+
 def _check_influence(cfg) -> None:
     if not cfg.influence.validation:
         raise ValueError("influence.validation: the influence score needs a validation set "
@@ -367,6 +500,24 @@ SCORES: dict[str, Score] = {s.name: s for s in (
     Score("reward", "reward", "a reward model's or quality classifier's score of (prompt, "
           "response) (MoDS's quality step, DEITA's quality scorer)", options=RewardOptions,
           check=_check_reward),
+    Score("loss_excess", "derived", "the current model's `loss` minus the median loss of the "
+          "k rows with the most similar prompts (`scoring.loss_excess.of: reference_loss`: "
+          "the reference's): how much harder this answer is than answers to prompts like it. "
+          "HIGH = the answer does not fit its task (cut, one word, another row's), so use it "
+          "as a gate (`selection.filter_keep: lowest`); from the round's own forward pass, "
+          "the neighbours found among the prompts' pooled hidden states", _loss_excess,
+          ExcessOptions, inputs=lambda o: (o.of,), sharded=True,
+          needs_prompt_embeddings=True),
+    Score("reference_loss", "reference", "mean response NLL under the reference model: the base "
+          "model with a LoRA adapter trained on a small clean holdout (`scoring.reference`; "
+          "RHO-LOSS's irreducible loss, arXiv 2206.07137). A loss: LOW = clean, so use it as a "
+          "quality gate (`selection.filter_keep: lowest`)", check=_check_reference),
+    Score("reducible_loss", "derived", "RHO-LOSS's reducible holdout loss: the current "
+          "model's `loss` minus `reference_loss` (what training could still remove)",
+          _reducible_loss, inputs=lambda o: ("loss", "reference_loss"), sharded=True),
+    Score("reducible_share", "derived", "`reducible_loss / loss`: the share of the current "
+          "loss the reference removes (a relative reduction)", _reducible_share,
+          inputs=lambda o: ("loss", "reference_loss"), sharded=True),
     Score("influence", "influence", "LESS / ROSE gradient influence on the validation set "
           "(max over subtasks of the mean cosine)", check=_check_influence),
 )}

@@ -2,6 +2,7 @@
 unscored candidates."""
 
 import numpy as np
+import pytest
 
 from evotune.selectors.base import Features
 from evotune.selectors.filters import ScoredFirst, ScoreFiltered, score_filter
@@ -41,6 +42,25 @@ def test_filter_matches_the_rule_written_out_on_ties_and_nans():
         ranked = sorted(ok, key=lambda c: (-scores[c], c))[:int(len(ok) * fraction)]
         assert passed.tolist() == sorted(ranked)
         assert info["passed"] == len(ranked) and info["below_top_fraction"] == len(ok) - len(ranked)
+
+
+def test_filter_keeping_the_lowest_scores_is_the_rule_written_out():
+    # A quality gate on a loss: keep the candidates with the LOWEST scores (ties: lowest
+    # position), after the max cut; NaN and inf never pass.
+    scores = np.array([0.5, 2.0, 0.5, np.nan, 1.0, np.inf, 0.1, 3.0])
+    passed, info = score_filter(scores, [7, 6, 5, 4, 3, 2, 1, 0], None, 0.5, keep="lowest")
+    # finite: 0 (.5), 1 (2), 2 (.5), 4 (1), 6 (.1), 7 (3); the lowest 3: 6, then 0 and 2
+    assert passed.tolist() == [0, 2, 6]
+    assert info == {"nan_scores": 2, "above_max": 0, "below_top_fraction": 3, "passed": 3}
+    passed, _ = score_filter(scores, np.arange(8), 1.0, 0.5, keep="lowest")
+    assert passed.tolist() == [0, 6]          # under 1.0: 0, 2, 4, 6 → the lowest two: 6, 0
+    rng = np.random.default_rng(5)
+    many = rng.integers(0, 6, 300).astype(float)
+    cands = rng.permutation(300)[:200]
+    passed, _ = score_filter(many, cands, None, 0.25, keep="lowest")
+    assert passed.tolist() == sorted(sorted(cands.tolist(), key=lambda c: (many[c], c))[:50])
+    with pytest.raises(ValueError, match="highest, lowest"):
+        score_filter(many, cands, None, 0.5, keep="smallest")
 
 
 def test_any_selector_over_filtered_candidates_fills_when_too_few_pass():

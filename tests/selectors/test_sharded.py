@@ -41,9 +41,16 @@ def filter_cases() -> list[dict]:
     rng = np.random.default_rng(2)
     emb = rng.integers(0, 3, size=(40, 2)).astype(np.float32)      # many equal distances
     score = rng.choice(TIES[np.isfinite(TIES) | np.isnan(TIES)], size=40)
-    return [{"emb": emb, "score": score, "labeled": [0, 9], "n": 6, "max": 1.5, "top": 0.5},
-            {"emb": emb, "score": score, "labeled": [3], "n": 12, "max": None, "top": 0.3},
-            {"emb": emb, "score": score, "labeled": [], "n": 20, "max": 0.0, "top": 1.0}]
+    return [{"emb": emb, "score": score, "labeled": [0, 9], "n": 6, "max": 1.5, "top": 0.5,
+             "keep": "highest"},
+            {"emb": emb, "score": score, "labeled": [3], "n": 12, "max": None, "top": 0.3,
+             "keep": "highest"},
+            {"emb": emb, "score": score, "labeled": [], "n": 20, "max": 0.0, "top": 1.0,
+             "keep": "highest"},
+            {"emb": emb, "score": score, "labeled": [0, 9], "n": 6, "max": 1.5, "top": 0.5,
+             "keep": "lowest"},
+            {"emb": emb, "score": score, "labeled": [3], "n": 12, "max": None, "top": 0.3,
+             "keep": "lowest"}]
 
 
 def rds_cases() -> list[dict]:
@@ -206,9 +213,9 @@ def _work(rank: int, world: int, port: int) -> dict:
         features = Features(case["emb"], {"s": case["score"]})
         cands = np.setdiff1d(np.arange(len(case["emb"])), case["labeled"])
         passed, info = score_filter_sharded(case["score"][mine], np.array(mine), cands,
-                                            case["max"], case["top"], comm)
+                                            case["max"], case["top"], comm, case["keep"])
         got["filter"].append((passed.tolist(), info))
-        rule = ScoreFiltered(KCenterSelector(), "s", case["max"], case["top"])
+        rule = ScoreFiltered(KCenterSelector(), "s", case["max"], case["top"], case["keep"])
         sel = rule.select_sharded(_part(features, mine), np.array(case["labeled"]), cands,
                                   case["n"], rng, comm)
         got["filtered_kcenter"].append((sel.positions.tolist(),
@@ -315,6 +322,13 @@ def _work(rank: int, world: int, port: int) -> dict:
                                            comm=comm).tolist())
         except ValueError as e:
             got["knn"].append(str(e))
+    from evotune.trainer.scores import knn_values
+    got["knn_values"] = []
+    for case in knn_cases()[:3]:
+        mine = shard_rows(len(case["emb"]), rank, world)
+        values = np.arange(len(case["emb"]), dtype=np.float64) % 7
+        got["knn_values"].append(knn_values(case["emb"][mine], np.array(mine), values[mine],
+                                            case["k"], case["chunk"], comm=comm))
     dist.destroy_process_group()
     return got
 
@@ -336,8 +350,8 @@ def test_sharded_score_filter_and_kcenter_after_it_pick_what_one_process_picks(r
     rng = np.random.default_rng(0)
     for i, case in enumerate(filter_cases()):
         cands = np.setdiff1d(np.arange(len(case["emb"])), case["labeled"])
-        passed, info = score_filter(case["score"], cands, case["max"], case["top"])
-        rule = ScoreFiltered(KCenterSelector(), "s", case["max"], case["top"])
+        passed, info = score_filter(case["score"], cands, case["max"], case["top"], case["keep"])
+        rule = ScoreFiltered(KCenterSelector(), "s", case["max"], case["top"], case["keep"])
         sel = rule.select(Features(case["emb"], {"s": case["score"]}),
                           np.array(case["labeled"]), cands, case["n"], rng)
         for got in ranks:
@@ -485,6 +499,24 @@ def test_sharded_knn_distance_is_one_process_and_brute_force(ranks):
         for rank, got in enumerate(ranks):
             mine = shard_rows(len(emb), rank, len(ranks))
             assert np.array_equal(got["knn"][i], one[mine], equal_nan=True), (i, rank)
+
+
+def test_sharded_knn_values_are_one_process_and_brute_force(ranks):
+    """loss_excess's neighbours over ranks: each row's k nearest other rows (ties to the lower
+    pool position, whichever rank holds it) and their values, as one process finds them."""
+    from evotune.trainer.scores import knn_values
+    for i, case in enumerate(knn_cases()[:3]):
+        emb, k = case["emb"], case["k"]
+        values = np.arange(len(emb), dtype=np.float64) % 7
+        one = knn_values(emb, np.arange(len(emb)), values, k, case["chunk"])
+        ok = np.flatnonzero(np.isfinite(emb).all(axis=1))
+        for r in ok:
+            d = sorted((float(((emb[r].astype(np.float64) - emb[j]) ** 2).sum()), j)
+                       for j in ok if j != r)
+            assert one[r].tolist() == [values[j] for _, j in d[:k]], (i, r)
+        for rank, got in enumerate(ranks):
+            mine = shard_rows(len(emb), rank, len(ranks))
+            assert np.array_equal(got["knn_values"][i], one[mine], equal_nan=True), (i, rank)
 
 
 def test_sharded_minibatch_cluster_quota_picks_what_one_process_picks(ranks):

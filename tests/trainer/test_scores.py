@@ -11,7 +11,8 @@ import torch
 from evotune.selectors.base import Features
 from evotune.trainer import scores as registry
 from evotune.trainer.data import IGNORE_INDEX as X
-from evotune.trainer.scores import (SCORES, KnnOptions, LinearOptions, RdsOptions, Score,
+from evotune.trainer.scores import (PROMPT_EMBEDDINGS, SCORES, ExcessOptions, KnnOptions,
+                                    LinearOptions, RdsOptions, Score, knn_values,
                                     knn_distance, knn_tile_rows, names, parse_linear, rds_scores,
                                     response_scores, with_inputs)
 
@@ -128,6 +129,65 @@ def test_linear_score_combines_terms_and_carries_skip_reasons():
     assert f.scores["linear"][[0, 2]].tolist() == pytest.approx([2 - 0.5 + 0.5, 4 - 0.9 + 1.5])
     assert np.isnan(f.scores["linear"][1])
     assert f.skipped["linear"] == {1: "ifd_cherry: empty answer"}
+
+
+def test_reducible_loss_and_share_from_the_current_and_reference_losses():
+    # RHO-LOSS's reducible loss: current loss - reference loss; the share: that over the
+    # current loss. A row without either loss has neither, with the missing one's reason.
+    f = Features(scores={"loss": np.array([2.0, 1.0, np.nan, 4.0]),
+                         "reference_loss": np.array([0.5, 1.5, 1.0, np.nan])},
+                 skipped={"loss": {2: "no response tokens"}, "reference_loss": {3: "x"}})
+    values, skipped = SCORES["reducible_loss"].compute(f, None)
+    assert values[:2].tolist() == [1.5, -0.5] and np.isnan(values[2:]).all()
+    assert skipped == {2: "loss: no response tokens", 3: "reference_loss: x"}
+    share, skipped = SCORES["reducible_share"].compute(f, None)
+    assert share[:2].tolist() == [0.75, -0.5] and np.isnan(share[2:]).all()
+    assert with_inputs(["reducible_loss"], lambda n: None) == ["loss", "reference_loss",
+                                                                "reducible_loss"]
+    with pytest.raises(ValueError, match="'reference_loss' was not computed"):
+        SCORES["reducible_loss"].compute(Features(scores={"loss": np.zeros(2)}), None)
+
+
+def brute_neighbour_values(emb, values, k):
+    """Each row's k nearest other rows (squared distance in float64, then position) among the
+    rows with a finite embedding and value: their values, nearest first."""
+    ok = [j for j in range(len(emb)) if np.isfinite(emb[j]).all() and np.isfinite(values[j])]
+    out = np.full((len(emb), k), np.nan)
+    for i in ok:
+        d = sorted((float(np.sum((emb[i].astype(np.float64) - emb[j]) ** 2)), j)
+                   for j in ok if j != i)
+        out[i] = [values[j] for _, j in d[:k]]
+    return out
+
+
+def test_knn_values_are_the_nearest_rows_values_ties_to_the_lower_position():
+    rng = np.random.default_rng(4)
+    emb = rng.integers(0, 3, size=(60, 3)).astype(np.float32)      # many equal distances
+    values = rng.normal(size=60)
+    emb[5] = np.nan
+    values[9] = np.nan
+    got = knn_values(emb, np.arange(60), values, 4, chunk_size=7)
+    assert np.array_equal(np.isnan(got), np.isnan(brute_neighbour_values(emb, values, 4)))
+    assert np.allclose(got, brute_neighbour_values(emb, values, 4), equal_nan=True)
+    with pytest.raises(ValueError, match="needs more than"):
+        knn_values(emb[:3], np.arange(3), values[:3], 3)
+
+
+def test_loss_excess_is_the_loss_minus_the_median_of_the_nearest_prompts():
+    # Prompts on a line; row 3's answer is much harder than its neighbours': a high excess.
+    prompts = np.array([[0.0], [1.0], [2.0], [3.0], [4.0], [10.0], [11.0]], dtype=np.float32)
+    loss = np.array([1.0, 1.2, 0.8, 5.0, 1.1, 3.0, np.nan])
+    f = Features(scores={"loss": loss}, extra={PROMPT_EMBEDDINGS: prompts},
+                 skipped={"loss": {6: "no response tokens"}})
+    values, skipped = SCORES["loss_excess"].compute(f, ExcessOptions(k=2))
+    # neighbours (k=2, ties to the lower position): 0: 1, 2; 1: 0, 2; 2: 1, 3; 3: 2, 4;
+    # 4: 3, 2; 5: 4, 3 (row 6 has no loss: nobody's neighbour)
+    expected = [1.0 - 1.0, 1.2 - 0.9, 0.8 - 3.1, 5.0 - 0.95, 1.1 - 2.9, 3.0 - 3.05]
+    assert values[:6] == pytest.approx(expected)
+    assert np.isnan(values[6]) and skipped == {6: "loss: no response tokens"}
+    assert int(np.argmax(values[:6])) == 3
+    with pytest.raises(ValueError, match="prompts' embeddings"):
+        SCORES["loss_excess"].compute(Features(scores={"loss": loss}), ExcessOptions(k=2))
 
 
 def test_knn_without_embeddings_and_linear_without_its_terms_fail_clearly():

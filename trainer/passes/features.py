@@ -10,6 +10,8 @@
 - ``targets`` scores (RDS+): the target set's rows through the same model and pooling right
   after the pool (a few rows: their own small pass), then the score from both embeddings;
 - ``reward``: a reward model over the pool, once per run (``trainer/passes/reward.py``);
+- ``reference``: the reference model's pool losses, made once per run before round 0
+  (:meth:`FeaturePass.prepare_reference`, ``trainer/passes/reference.py``);
 - ``influence`` scores and gradient embeddings (``selection.embedding: gradient``): the gradient
   pass (``trainer/passes/influence.py``);
 - ``derived`` scores: computed from the rest, inputs first.
@@ -52,8 +54,10 @@ from evotune.trainer.passes.forward import (PassStats, compute_features, gather_
                                             merge_stats)
 from evotune.trainer.passes.ifd import IfdPass
 from evotune.trainer.passes.influence import InfluencePass
+from evotune.trainer.passes.reference import SCORE as REFERENCE_SCORE
+from evotune.trainer.passes.reference import ReferencePass
 from evotune.trainer.passes.reward import RewardPass
-from evotune.trainer.scores import SCORES, with_inputs
+from evotune.trainer.scores import PROMPT_EMBEDDINGS, SCORES, with_inputs
 from evotune.trainer.sources import input_hash
 from evotune.trainer.targets import load_targets
 
@@ -90,6 +94,9 @@ def _spread(features: Features, measured: np.ndarray, n: int) -> Features:
     for name, values in features.scores.items():
         out.scores[name] = np.full(n, np.nan)
         out.scores[name][measured] = values
+    for name, rows in features.extra.items():        # the prompts' embeddings
+        out.extra[name] = np.full((n, *rows.shape[1:]), np.nan, dtype=rows.dtype)
+        out.extra[name][measured] = rows
     return out
 
 
@@ -121,13 +128,18 @@ class FeaturePass:
         self.pad_id = tokenizer.pad_token_id
         wanted = with_inputs(selector.scores, lambda name: getattr(cfg.scoring, name, None))
         of = {source: [n for n in wanted if SCORES[n].source == source]
-              for source in ("forward", "ifd", "derived", "targets", "reward", "influence")}
+              for source in ("forward", "ifd", "derived", "targets", "reward", "reference",
+                             "influence")}
         self.reward = RewardPass(cfg.scoring.reward, pool, strategy, cfg.data.max_length,
                                  lengths(pool_enc)) if of["reward"] else None
         self._reward_everywhere: np.ndarray | None = None   # sharded runs: every rank
+        self.reference = ReferencePass(cfg, pool_enc, tokenizer, template, strategy) \
+            if of["reference"] else None
         self.targets = {name: self._load_targets(name, tokenizer, template)
                         for name in of["targets"]}
         self.derived = of["derived"]                          # inputs before their readers
+        # loss_excess finds neighbours among the prompts: the forward pass pools them too
+        self.prompt_embeddings = any(SCORES[n].needs_prompt_embeddings for n in wanted)
         self.needs_embeddings = selector.needs_embeddings or any(
             SCORES[n].needs_embeddings for n in wanted)
         # Gradient embeddings come from the gradient pass, not from the hidden states.
@@ -147,7 +159,7 @@ class FeaturePass:
         # pass deals the pool, the gradient pass its sample) follow the embeddings: O(N)
         # numbers per score through rank 0 (``_scores_to``).
         sources = {SCORES[n].source for n in wanted}
-        per_rank = {"forward", "ifd", "reward", "influence"} | \
+        per_rank = {"forward", "ifd", "reward", "reference", "influence"} | \
             ({"derived"} if all(SCORES[n].sharded for n in self.derived) else set())
         if not self.gradient_embeddings:
             per_rank.add("targets")               # targets are scored on hidden states
@@ -187,7 +199,7 @@ class FeaturePass:
     def needed(self) -> bool:
         """False when the selector reads nothing a model computes (e.g. random)."""
         return bool(self.needs_embeddings or self.forward_scores or self.ifd or self.derived
-                    or self.targets or self.reward or self.influence)
+                    or self.targets or self.reward or self.reference or self.influence)
 
     @property
     def needs_optimizer_state(self) -> bool:
@@ -207,7 +219,7 @@ class FeaturePass:
             "attn": cfg.model.attn_implementation, "pool": pool_hash,
             "data": [cfg.data.max_examples, cfg.data.on_error, template, cfg.data.max_length],
             "pass": [cfg.selection.batch_size, cfg.selection.pooling, self.needs_embeddings,
-                     list(self.forward_scores)],
+                     list(self.forward_scores)] + ([True] if self.prompt_embeddings else []),
             "ifd": None if self.ifd is None else [
                 self.ifd.variants, sc.template, sc.max_length,
                 cache.model_fingerprint(resolve_model_path(sc.model)) if sc.model else None],
@@ -216,8 +228,25 @@ class FeaturePass:
             "targets": {n: [input_hash(getattr(sc, n).targets),
                             dataclasses.asdict(getattr(sc, n))] for n in self.targets},
             "reward": None if self.reward is None else [
-                cache.model_fingerprint(resolve_model_path(sc.reward.model)), sc.reward.label]}
+                cache.model_fingerprint(resolve_model_path(sc.reward.model)), sc.reward.label],
+            "reference": None if self.reference is None else self.reference_key(
+                model_path, pool_hash, template, dtype)}
         return cache.features_key(spec)
+
+    def reference_key(self, model_path, pool_hash: str, template: str, dtype) -> str:
+        """The key of the reference model's pool losses (``passes/reference.py``)."""
+        return cache.features_key(self.reference.spec(cache.model_fingerprint(model_path),
+                                                      pool_hash, template, dtype))
+
+    def prepare_reference(self, build_engine, logger, run_dir: Path | None, model_path,
+                          pool_hash: str, template: str, dtype) -> None:
+        """Make the reference model's pool losses, once per run before round 0 (no-op without a
+        score that reads them): from ``run_dir``'s copy, the cache, or by training the
+        reference with ``build_engine(seed)`` (an engine the caller releases afterwards).
+        Every rank calls this."""
+        if self.reference is not None:
+            self.reference.ensure(build_engine, logger, run_dir,
+                                  self.reference_key(model_path, pool_hash, template, dtype))
 
     def run(self, model, logger, r: int | None = None, engine=None,
             candidates: np.ndarray | None = None, labeled=(), run_dir: Path | None = None,
@@ -286,16 +315,17 @@ class FeaturePass:
         if sharded:
             return self._run_sharded(model, logger, r, engine, candidates, labeled, run_dir,
                                      measured, rows, hidden, stats)
-        if hidden or self.forward_scores:
+        if hidden or self.forward_scores or self.prompt_embeddings:
             with logger.progress(f"{_round(r)}embed pool", len(rows)) as advance:
                 features, stats["features"] = compute_features(
                     model, Rows(self.pool_enc, rows), self.strategy, self.pad_id,
                     self.cfg.selection.batch_size, hidden, self.forward_scores, advance,
-                    self.cfg.selection.pooling)
+                    self.cfg.selection.pooling, prompt_embeddings=self.prompt_embeddings)
             if features is not None and measured is not None:
                 features = _spread(features, measured, len(self.pool_enc))
         self._score_targets(model, logger, r, features, stats, False)
         self._score_reward(features, logger, r, stats)
+        self._score_reference(features, stats)
         if self.ifd is not None:
             ifd_stats = self.ifd.run(model, features, logger, r, measured)
             if ifd_stats is not None:
@@ -316,6 +346,7 @@ class FeaturePass:
             for name in self.derived:
                 features.scores[name], features.skipped[name] = SCORES[name].compute(
                     features, getattr(self.cfg.scoring, name, None))
+            features.extra.pop(PROMPT_EMBEDDINGS, None)      # an input, not a result
             if measured is not None:
                 mark_unsampled(features, measured)
             _warn_non_finite(features, r)
@@ -329,15 +360,17 @@ class FeaturePass:
         the ranks holding the embeddings' rows (hidden states: the forward pass's; gradient
         embeddings: the gradient pass's)."""
         shard = None
-        if hidden or self.forward_scores:
+        if hidden or self.forward_scores or self.prompt_embeddings:
             with logger.progress(f"{_round(r)}embed pool", len(rows)) as advance:
                 shard, stats["features"] = compute_features(
                     model, Rows(self.pool_enc, rows), self.strategy, self.pad_id,
                     self.cfg.selection.batch_size, hidden, self.forward_scores, advance,
-                    self.cfg.selection.pooling, gather=False)
+                    self.cfg.selection.pooling, gather=False,
+                    prompt_embeddings=self.prompt_embeddings)
             shard.positions = rows[shard.positions]   # positions of the measured rows, not 0..k
             self._score_targets(model, logger, r, shard, stats, True)
             self._score_reward(shard, logger, r, stats)
+            self._score_reference(shard, stats)
             if self.ifd is not None:
                 self._ifd_sharded(model, shard, logger, r, measured, stats)
         if self.influence is not None:
@@ -352,6 +385,7 @@ class FeaturePass:
             if shard is None:
                 shard = found
                 self._score_reward(shard, logger, r, stats)
+                self._score_reference(shard, stats)
             elif self.gradient_embeddings:     # the forward pass's scores to the gradient rows
                 self._scores_to(shard, found, list(shard.scores))
                 found.extra.update(shard.extra)
@@ -362,6 +396,7 @@ class FeaturePass:
         for name in self.derived:
             shard.scores[name], shard.skipped[name] = SCORES[name].compute(
                 shard, getattr(self.cfg.scoring, name, None), self.strategy.comm)
+        shard.extra.pop(PROMPT_EMBEDDINGS, None)                # an input, not a result
         self._warn_non_finite_shard(shard, r)
         return PassResult(shard, stats, candidates)
 
@@ -404,6 +439,26 @@ class FeaturePass:
         if features is not None:
             features.scores["reward"] = values.copy()
             features.skipped["reward"] = {}
+
+    def _score_reference(self, features: Features | None, stats: dict[str, PassStats]) -> None:
+        """The ``reference_loss`` score: the values :meth:`prepare_reference` made (on every
+        rank; a shard takes its own rows'). The first round that reads them reports what
+        making them cost."""
+        if self.reference is None:
+            return
+        if self.reference.values is None:
+            raise ValueError("the reference model's losses were not made: call "
+                             "FeaturePass.prepare_reference before the first round")
+        made = self.reference.take_stats()
+        if made is not None:
+            stats["reference"] = made
+        if features is None:
+            return
+        values = self.reference.values
+        if features.positions is not None:
+            values = values[features.positions]
+        features.scores[REFERENCE_SCORE] = np.array(values, dtype=np.float64)
+        features.skipped[REFERENCE_SCORE] = {}
 
     def _ifd_sharded(self, model, shard: Features, logger, r, measured,
                      stats: dict[str, PassStats]) -> None:

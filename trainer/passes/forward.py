@@ -21,11 +21,12 @@ import numpy as np
 import torch
 
 from evotune.selectors.base import Features
-from evotune.trainer.data import Encoded, collate, lengths, plan_batches, shard_batches
+from evotune.trainer.data import (IGNORE_INDEX, Encoded, collate, lengths, plan_batches,
+                                  shard_batches)
 from evotune.trainer.fit import logits_window
 from evotune.trainer.model import backbone, lm_head
 from evotune.trainer.passes.streamed import RowsPart
-from evotune.trainer.scores import response_scores
+from evotune.trainer.scores import PROMPT_EMBEDDINGS, response_scores
 
 
 POOLINGS = ("mean", "weighted_mean", "last")
@@ -70,7 +71,8 @@ class PassStats:
 def compute_features(model: torch.nn.Module, encoded: list[Encoded], strategy, pad_id: int,
                      batch_size: int, need_embeddings: bool, score_names: tuple[str, ...] = (),
                      advance=lambda n=1, **_: None, pooling: str = "mean",
-                     gather: bool = True) -> tuple[Features | None, PassStats]:
+                     gather: bool = True, prompt_embeddings: bool = False
+                     ) -> tuple[Features | None, PassStats]:
     """Run the feature pass over ``encoded`` (the whole pool, in pool order).
 
     Args:
@@ -84,6 +86,11 @@ def compute_features(model: torch.nn.Module, encoded: list[Encoded], strategy, p
         advance: progress callback, called with the number of examples done.
         gather: True: everything to rank 0, in pool order. False: every rank keeps its own rows
             (``Features.positions``, ascending): nothing N-sized crosses ranks.
+        prompt_embeddings: also the mean of the last hidden state over each row's prompt
+            tokens (every real token that is not a response label: the same forward, causal
+            attention keeps the answer out of them), (N, D) float32 in
+            ``Features.extra["prompt_embeddings"]`` (``trainer/scores.py``'s ``loss_excess``
+            finds neighbours with them).
 
     Returns:
         Features on rank 0 (None on other ranks; with ``gather=False`` this rank's shard on
@@ -102,6 +109,9 @@ def compute_features(model: torch.nn.Module, encoded: list[Encoded], strategy, p
     mine = RankRows(positions=np.array([p for ps, pad in batches if not pad for p in ps],
                                    dtype=np.int64))
     mine.scores = {name: np.full(len(mine.positions), np.nan) for name in score_names}
+    if prompt_embeddings:
+        mine.prompts = np.full((len(mine.positions), backbone_width(model)), np.nan,
+                               dtype=np.float32)
     k = real = padded = 0
     for positions, is_padding in batches:
         batch = collate([encoded[i] for i in positions], pad_id)
@@ -120,6 +130,9 @@ def compute_features(model: torch.nn.Module, encoded: list[Encoded], strategy, p
             if mine.embeddings is None:
                 mine.embeddings = np.empty((len(mine.positions), emb.shape[1]), dtype=np.float32)
             mine.embeddings[done] = emb
+        if prompt_embeddings:
+            prompt = mask * (batch["labels"] == IGNORE_INDEX).to(mask.device)
+            mine.prompts[done] = pool(hidden, prompt, "mean").cpu().numpy()
         if score_names:
             computed = response_scores(logits, batch["labels"].to(hidden.device), score_names)
             for name in score_names:
@@ -135,6 +148,9 @@ def compute_features(model: torch.nn.Module, encoded: list[Encoded], strategy, p
     if not strategy.is_rank0:
         return None, stats
     features = Features()
+    if prompt_embeddings:
+        features.extra[PROMPT_EMBEDDINGS] = np.full((len(encoded), backbone_width(model)),
+                                                    np.nan, dtype=np.float32)
     dims = [part.embeddings.shape[1] for part in gathered if part.embeddings is not None]
     if need_embeddings and dims:
         features.embeddings = np.full((len(encoded), dims[0]), np.nan, dtype=np.float32)
@@ -145,6 +161,8 @@ def compute_features(model: torch.nn.Module, encoded: list[Encoded], strategy, p
             features.embeddings[part.positions] = part.embeddings
         for name in score_names:
             features.scores[name][part.positions] = part.scores[name]
+        if prompt_embeddings:
+            features.extra[PROMPT_EMBEDDINGS][part.positions] = part.prompts
     return features, stats
 
 
@@ -154,6 +172,13 @@ class RankRows:
     positions: np.ndarray
     embeddings: np.ndarray | None = None
     scores: dict[str, np.ndarray] | None = None
+    prompts: np.ndarray | None = None           # the prompts' embeddings, when asked
+
+
+def backbone_width(model) -> int:
+    """The width of the model's last hidden state (from its config: under ZeRO-3 a weight's
+    local shape says nothing)."""
+    return int(model.config.hidden_size)
 
 
 def _shard(mine: "RankRows", need_embeddings: bool) -> Features:
@@ -165,6 +190,8 @@ def _shard(mine: "RankRows", need_embeddings: bool) -> Features:
             np.zeros((0, 0), dtype=np.float32)
     for name, values in mine.scores.items():
         features.scores[name] = values[order]
+    if mine.prompts is not None:
+        features.extra[PROMPT_EMBEDDINGS] = mine.prompts[order]
     return features
 
 
