@@ -136,7 +136,7 @@ def score(cfg, names: tuple[str, ...], out: Path, label: str | None, pair: str |
              f"with {model_path}: {', '.join(names)}")
     feature_pass = FeaturePass(cfg, ScoreRequest(names), pool, pool_enc, tokenizer, template,
                                strategy)
-    if feature_pass.reference is not None:          # reference_loss and the scores made from it
+    if feature_pass.fixed:               # reference_loss, base_loss and the scores made from them
         engines = []
 
         def reference_engine(seed: int):
@@ -144,8 +144,8 @@ def score(cfg, names: tuple[str, ...], out: Path, label: str | None, pair: str |
             engines.append(strategy.prepare(build_trainable_model(lora, model_path,
                                                                   strategy.dtype, seed)))
             return engines[-1]
-        feature_pass.prepare_reference(reference_engine, logger, None, model_path, pool_hash,
-                                       template, strategy.dtype)
+        feature_pass.prepare_fixed(reference_engine, logger, None, model_path, pool_hash,
+                                   template, strategy.dtype)
         for engine in engines:
             Strategy.release(engine)
     model = load_model(model_path, strategy.dtype, cfg.model.attn_implementation)

@@ -857,7 +857,7 @@ _SOURCE_NAMES = {"forward": "the embedding pass", "ifd": "IFD's passes",
                  "derived": "derived after the passes",
                  "targets": "the embedding pass, with the target set",
                  "reward": "the reward model, once per run",
-                 "reference": "the reference model, once per run",
+                 "reference": "a fixed model (reference or base), once per run",
                  "influence": "the gradient pass"}
 
 

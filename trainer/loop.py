@@ -81,12 +81,12 @@ def run(cfg: Config, resume: str = "auto", overwrite: bool = False) -> list[dict
     _agree(strategy, lambda: open_run_dir(out, plan, cfg, data))
     data.log_report(cfg)
     logger = RunLogger(out, strategy.is_rank0, cfg.output.tensorboard, console)
-    if data.feature_pass.reference is not None:
-        # The reference model (scoring.reference), once per run: before the run's own model
-        # is restored or trained (with LoRA, on the same kept module)
-        data.feature_pass.prepare_reference(model.reference_engine, logger, out,
-                                            data.model_path, data.pool_hash, data.template,
-                                            strategy.dtype)
+    if data.feature_pass.fixed:
+        # The fixed models' pool losses (the reference, scoring.reference; the base model),
+        # once per run: before the run's own model is restored or trained (with LoRA, on the
+        # same kept module)
+        data.feature_pass.prepare_fixed(model.reference_engine, logger, out, data.model_path,
+                                        data.pool_hash, data.template, strategy.dtype)
         model.release()
     progress = resume_progress(plan, data, model, out, cfg)
 
@@ -524,9 +524,10 @@ def choose(r: int, cfg: Config, data: RunData, model: RoundModel, progress: Prog
         result = data.feature_pass.run(engine.module, logger, r, engine, candidates, labeled, out,
                                        key, measured)
     seconds = {"features": time.perf_counter() - t0}
-    made = result.stats.get("reference")
-    if made is not None and not made.cached:      # trained before round 0, reported once
-        seconds["reference"] = made.seconds
+    for name in ("reference", "base"):             # made before round 0, reported once
+        made = result.stats.get(name)
+        if made is not None and not made.cached:
+            seconds[name] = made.seconds
     crash_point("embed", r)
     t0 = time.perf_counter()
     cands = result.candidates if result.candidates is not None else candidates

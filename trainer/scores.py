@@ -23,8 +23,8 @@ one :class:`Score` entry in :data:`SCORES`; its ``source`` says which pass calls
   target_embeddings, subtasks, options) -> {name: values}``, the score and one
   ``<name>:<subtask>`` per target subtask;
 - ``reward``: a reward model or quality classifier (``trainer/passes/reward.py``), once per run;
-- ``reference``: the reference model (RHO-LOSS's, ``trainer/passes/reference.py``), trained on
-  a small clean holdout and run over the pool once per run;
+- ``reference``: a fixed model run over the pool once per run (``trainer/passes/reference.py``):
+  the reference model (RHO-LOSS's), trained on a small clean holdout; the base model itself;
 - ``influence``: the gradient pass (``trainer/passes/influence.py``), which writes it.
 
 A score of a new kind (another model, another forward pass) needs a new pass under
@@ -465,6 +465,10 @@ def _reducible_share(features: Features, options=None, comm=None):
     return _from_two(features, "loss", "reference_loss", lambda cur, ref: (cur - ref) / cur)
 
 
+def _loss_left(features: Features, options=None, comm=None):
+    return _from_two(features, "loss", "base_loss", lambda cur, base: cur / base)
+
+
 def _check_influence(cfg) -> None:
     if not cfg.influence.validation:
         raise ValueError("influence.validation: the influence score needs a validation set "
@@ -518,6 +522,13 @@ SCORES: dict[str, Score] = {s.name: s for s in (
     Score("reducible_share", "derived", "`reducible_loss / loss`: the share of the current "
           "loss the reference removes (a relative reduction)", _reducible_share,
           inputs=lambda o: ("loss", "reference_loss"), sharded=True),
+    Score("base_loss", "reference", "mean response NLL under the base model (the run's model "
+          "before any training), once per run: where each row's loss trajectory starts"),
+    Score("loss_left", "derived", "`loss / base_loss`: the share of the base model's loss "
+          "that training so far has not removed. HIGH = not yet learnt (rows like the picks so "
+          "far have become easier; this one has not); broken answers stay high too, so put a "
+          "gate in front (`loss_excess`)", _loss_left, inputs=lambda o: ("loss", "base_loss"),
+          sharded=True),
     Score("influence", "influence", "LESS / ROSE gradient influence on the validation set "
           "(max over subtasks of the mean cosine)", check=_check_influence),
 )}

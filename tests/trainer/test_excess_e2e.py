@@ -102,3 +102,35 @@ def test_loss_excess_is_the_same_after_a_crash_and_on_two_ranks(one_rank, tiny_m
     assert picks(runs[1], 0) == picks(runs[2], 0)
     summary = json.loads((runs[2] / "rounds" / "round_000" / "summary.json").read_text())
     assert summary["selected_on"] == "every rank"
+
+
+def test_loss_left_is_the_current_loss_over_the_base_models(tmp_path, tiny_model_dir):
+    """base_loss: each pool row alone through the base model (no adapter), made once per run
+    and kept in the run folder; loss_left: the round's loss over it; the rule ranks by it
+    behind the loss_excess gate."""
+    from evotune.trainer.data import encode_all, load_examples
+    from evotune.trainer.model import load_model, load_tokenizer
+    from evotune.trainer.scores import response_scores
+    out = tmp_path / "left"
+    cfg = write_config(tmp_path / "left.yaml", tiny_model_dir, out, selection={
+        **SELECTION, "selector": "weighted", "weighted": {"score": "loss_left", "alpha": 1.0}},
+        scoring={"loss_excess": {"k": 3}, "base_cache": False})
+    proc = run_train(["--config", str(cfg)])
+    examples, _ = load_examples(POOL_TINY)
+    _, encoded, _ = encode_all(examples, load_tokenizer(tiny_model_dir), "chat", 160, "skip")
+    base = load_model(tiny_model_dir, torch.float32).eval()
+    with torch.no_grad():
+        expected = [float(response_scores(base(input_ids=torch.tensor([e.input_ids])).logits,
+                                          torch.tensor([e.labels]))["loss"][0]) for e in encoded]
+    f = npz(out)
+    assert f["score_base_loss"] == pytest.approx(expected, rel=1e-5)
+    assert np.array_equal(f["score_loss_left"], f["score_loss"] / f["score_base_loss"])
+    with np.load(out / "base_loss.npz") as saved:
+        assert np.array_equal(saved["values"], f["score_base_loss"])
+    first = set(picks(out, 0))
+    cands = [i for i in range(len(expected)) if i not in first]
+    passed = sorted(cands, key=lambda i: (f["score_loss_excess"][i], i))[:len(cands) // 2]
+    best = sorted(passed, key=lambda i: (-f["score_loss_left"][i], i))[:len(picks(out))]
+    assert picks(out) == best
+    summary = json.loads((out / "rounds" / "round_001" / "summary.json").read_text())
+    assert summary["tokens"]["base"] > 0 and "base model" in proc.stdout + proc.stderr

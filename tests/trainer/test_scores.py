@@ -146,6 +146,11 @@ def test_reducible_loss_and_share_from_the_current_and_reference_losses():
                                                                 "reducible_loss"]
     with pytest.raises(ValueError, match="'reference_loss' was not computed"):
         SCORES["reducible_loss"].compute(Features(scores={"loss": np.zeros(2)}), None)
+    # loss_left: the current loss over the base model's
+    f.scores["base_loss"] = np.array([4.0, 1.0, 2.0, 2.0])
+    left, skipped = SCORES["loss_left"].compute(f, None)
+    assert left[[0, 1, 3]].tolist() == [0.5, 1.0, 2.0] and np.isnan(left[2])
+    assert skipped == {2: "loss: no response tokens"}
 
 
 def brute_neighbour_values(emb, values, k):

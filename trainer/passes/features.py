@@ -10,8 +10,9 @@
 - ``targets`` scores (RDS+): the target set's rows through the same model and pooling right
   after the pool (a few rows: their own small pass), then the score from both embeddings;
 - ``reward``: a reward model over the pool, once per run (``trainer/passes/reward.py``);
-- ``reference``: the reference model's pool losses, made once per run before round 0
-  (:meth:`FeaturePass.prepare_reference`, ``trainer/passes/reference.py``);
+- ``reference``: a fixed model's pool losses — the reference model's, the base model's —
+  made once per run before round 0 (:meth:`FeaturePass.prepare_fixed`,
+  ``trainer/passes/reference.py``);
 - ``influence`` scores and gradient embeddings (``selection.embedding: gradient``): the gradient
   pass (``trainer/passes/influence.py``);
 - ``derived`` scores: computed from the rest, inputs first.
@@ -54,8 +55,7 @@ from evotune.trainer.passes.forward import (PassStats, compute_features, gather_
                                             merge_stats)
 from evotune.trainer.passes.ifd import IfdPass
 from evotune.trainer.passes.influence import InfluencePass
-from evotune.trainer.passes.reference import SCORE as REFERENCE_SCORE
-from evotune.trainer.passes.reference import ReferencePass
+from evotune.trainer.passes.reference import BaseLossPass, ReferencePass
 from evotune.trainer.passes.reward import RewardPass
 from evotune.trainer.scores import PROMPT_EMBEDDINGS, SCORES, with_inputs
 from evotune.trainer.sources import input_hash
@@ -82,6 +82,7 @@ def _round(r: int | None) -> str:
 
 
 NOT_SAMPLED = "not in this round's sample (selection.candidates)"
+FIXED = {"reference_loss": ReferencePass, "base_loss": BaseLossPass}   # score -> its pass
 
 
 def _spread(features: Features, measured: np.ndarray, n: int) -> Features:
@@ -133,8 +134,9 @@ class FeaturePass:
         self.reward = RewardPass(cfg.scoring.reward, pool, strategy, cfg.data.max_length,
                                  lengths(pool_enc)) if of["reward"] else None
         self._reward_everywhere: np.ndarray | None = None   # sharded runs: every rank
-        self.reference = ReferencePass(cfg, pool_enc, tokenizer, template, strategy) \
-            if of["reference"] else None
+        # fixed models' pool losses (the reference, the base model), made once per run
+        self.fixed = {name: FIXED[name](cfg, pool_enc, tokenizer, template, strategy)
+                      for name in of["reference"]}
         self.targets = {name: self._load_targets(name, tokenizer, template)
                         for name in of["targets"]}
         self.derived = of["derived"]                          # inputs before their readers
@@ -199,7 +201,7 @@ class FeaturePass:
     def needed(self) -> bool:
         """False when the selector reads nothing a model computes (e.g. random)."""
         return bool(self.needs_embeddings or self.forward_scores or self.ifd or self.derived
-                    or self.targets or self.reward or self.reference or self.influence)
+                    or self.targets or self.reward or self.fixed or self.influence)
 
     @property
     def needs_optimizer_state(self) -> bool:
@@ -229,24 +231,25 @@ class FeaturePass:
                             dataclasses.asdict(getattr(sc, n))] for n in self.targets},
             "reward": None if self.reward is None else [
                 cache.model_fingerprint(resolve_model_path(sc.reward.model)), sc.reward.label],
-            "reference": None if self.reference is None else self.reference_key(
-                model_path, pool_hash, template, dtype)}
+            # (only when there are some: the keys of other settings stay what they were)
+            **({"fixed": {name: self.fixed_key(name, model_path, pool_hash, template, dtype)
+                          for name in self.fixed}} if self.fixed else {})}
         return cache.features_key(spec)
 
-    def reference_key(self, model_path, pool_hash: str, template: str, dtype) -> str:
-        """The key of the reference model's pool losses (``passes/reference.py``)."""
-        return cache.features_key(self.reference.spec(cache.model_fingerprint(model_path),
-                                                      pool_hash, template, dtype))
+    def fixed_key(self, name: str, model_path, pool_hash: str, template: str, dtype) -> str:
+        """The key of a fixed model's pool losses (``passes/reference.py``)."""
+        return cache.features_key(self.fixed[name].spec(cache.model_fingerprint(model_path),
+                                                        pool_hash, template, dtype))
 
-    def prepare_reference(self, build_engine, logger, run_dir: Path | None, model_path,
-                          pool_hash: str, template: str, dtype) -> None:
-        """Make the reference model's pool losses, once per run before round 0 (no-op without a
-        score that reads them): from ``run_dir``'s copy, the cache, or by training the
-        reference with ``build_engine(seed)`` (an engine the caller releases afterwards).
+    def prepare_fixed(self, build_engine, logger, run_dir: Path | None, model_path,
+                      pool_hash: str, template: str, dtype) -> None:
+        """Make the fixed models' pool losses (the reference's, the base model's), once per
+        run before round 0 (no-op without a score that reads them): from ``run_dir``'s copy,
+        the cache, or with ``build_engine(seed)`` (an engine the caller releases afterwards).
         Every rank calls this."""
-        if self.reference is not None:
-            self.reference.ensure(build_engine, logger, run_dir,
-                                  self.reference_key(model_path, pool_hash, template, dtype))
+        for name, fixed in self.fixed.items():
+            fixed.ensure(build_engine, logger, run_dir,
+                         self.fixed_key(name, model_path, pool_hash, template, dtype))
 
     def run(self, model, logger, r: int | None = None, engine=None,
             candidates: np.ndarray | None = None, labeled=(), run_dir: Path | None = None,
@@ -325,7 +328,7 @@ class FeaturePass:
                 features = _spread(features, measured, len(self.pool_enc))
         self._score_targets(model, logger, r, features, stats, False)
         self._score_reward(features, logger, r, stats)
-        self._score_reference(features, stats)
+        self._score_fixed(features, stats)
         if self.ifd is not None:
             ifd_stats = self.ifd.run(model, features, logger, r, measured)
             if ifd_stats is not None:
@@ -370,7 +373,7 @@ class FeaturePass:
             shard.positions = rows[shard.positions]   # positions of the measured rows, not 0..k
             self._score_targets(model, logger, r, shard, stats, True)
             self._score_reward(shard, logger, r, stats)
-            self._score_reference(shard, stats)
+            self._score_fixed(shard, stats)
             if self.ifd is not None:
                 self._ifd_sharded(model, shard, logger, r, measured, stats)
         if self.influence is not None:
@@ -385,7 +388,7 @@ class FeaturePass:
             if shard is None:
                 shard = found
                 self._score_reward(shard, logger, r, stats)
-                self._score_reference(shard, stats)
+                self._score_fixed(shard, stats)
             elif self.gradient_embeddings:     # the forward pass's scores to the gradient rows
                 self._scores_to(shard, found, list(shard.scores))
                 found.extra.update(shard.extra)
@@ -440,25 +443,24 @@ class FeaturePass:
             features.scores["reward"] = values.copy()
             features.skipped["reward"] = {}
 
-    def _score_reference(self, features: Features | None, stats: dict[str, PassStats]) -> None:
-        """The ``reference_loss`` score: the values :meth:`prepare_reference` made (on every
-        rank; a shard takes its own rows'). The first round that reads them reports what
-        making them cost."""
-        if self.reference is None:
-            return
-        if self.reference.values is None:
-            raise ValueError("the reference model's losses were not made: call "
-                             "FeaturePass.prepare_reference before the first round")
-        made = self.reference.take_stats()
-        if made is not None:
-            stats["reference"] = made
-        if features is None:
-            return
-        values = self.reference.values
-        if features.positions is not None:
-            values = values[features.positions]
-        features.scores[REFERENCE_SCORE] = np.array(values, dtype=np.float64)
-        features.skipped[REFERENCE_SCORE] = {}
+    def _score_fixed(self, features: Features | None, stats: dict[str, PassStats]) -> None:
+        """The fixed models' scores (``reference_loss``, ``base_loss``): the values
+        :meth:`prepare_fixed` made (on every rank; a shard takes its own rows'). The first
+        round that reads them reports what making them cost."""
+        for name, fixed in self.fixed.items():
+            if fixed.values is None:
+                raise ValueError(f"the {fixed.what}'s losses were not made: call "
+                                 f"FeaturePass.prepare_fixed before the first round")
+            made = fixed.take_stats()
+            if made is not None:
+                stats[fixed.stats_key] = made
+            if features is None:
+                continue
+            values = fixed.values
+            if features.positions is not None:
+                values = values[features.positions]
+            features.scores[name] = np.array(values, dtype=np.float64)
+            features.skipped[name] = {}
 
     def _ifd_sharded(self, model, shard: Features, logger, r, measured,
                      stats: dict[str, PassStats]) -> None:

@@ -38,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
+from evotune.selectors.base import Features
 from evotune.trainer.data import Rows, encode_all, load_examples
 from evotune.trainer.fit import train_round
 from evotune.trainer.logs import log
@@ -47,7 +48,6 @@ from evotune.trainer.passes.forward import PassStats, compute_features
 from evotune.trainer.sources import input_hash
 from evotune.trainer.state import crash_point, derive_seed, write_bytes_atomic
 
-FILE = "reference.npz"
 SCORE = "reference_loss"
 
 
@@ -68,6 +68,9 @@ class _Quiet:
 class ReferencePass:
     """Trains the reference once and scores the pool with it (see the module docstring).
 
+    :class:`BaseLossPass` is the same machinery without the training: the base model's own
+    losses (``base_loss``).
+
     Args:
         cfg: the run's config (``scoring.reference``, ``train``, ``lora``, ``data``).
         pool_enc: the pool's encodings (pool order).
@@ -77,9 +80,18 @@ class ReferencePass:
     Raises ValueError (or DataError) when the holdout cannot be read or has no usable row.
     """
 
+    score, file, what = SCORE, "reference.npz", "reference model"
+    stats_key = "reference"              # the summary's tokens / seconds entry
+
     def __init__(self, cfg, pool_enc, tokenizer, template: str, strategy):
         self.cfg, self.strategy, self.pool_enc = cfg, strategy, pool_enc
         self.tokenizer, self.pad_id = tokenizer, tokenizer.pad_token_id
+        self.values: np.ndarray | None = None      # (N,) on every rank, after ensure()
+        self.stats: PassStats | None = None        # what making them cost, until reported
+        self._load_holdout(template)
+
+    def _load_holdout(self, template: str) -> None:
+        cfg, tokenizer = self.cfg, self.tokenizer
         opts = cfg.scoring.reference
         examples, report = load_examples(opts.data, cfg.data.on_error, opts.max_examples,
                                          cfg.data.columns.mapping())
@@ -93,9 +105,6 @@ class ReferencePass:
             log.warning(f"scoring.reference.data: {len(skipped)} rows skipped (first: "
                         f"{skipped[0][0]}: {skipped[0][1]})")
         self.rows = len(self.encoded)
-        self.values: np.ndarray | None = None      # (N,) on every rank, after ensure()
-        self.stats: PassStats | None = None        # what making them cost, until reported
-        self._key: str | None = None
 
     def spec(self, model_fingerprint: dict, pool_hash: str, template: str, dtype) -> dict:
         """Everything the reference's values depend on (the cache key's description)."""
@@ -116,44 +125,54 @@ class ReferencePass:
 
     def ensure(self, build_engine, logger, run_dir: Path | None, key: str) -> None:
         """Make ``self.values`` available on every rank: from the run folder's copy, else the
-        cache (``scoring.base_cache``), else train the reference with ``build_engine(seed)``
-        (a fresh DeepSpeed engine of the base model with a LoRA adapter drawn from ``seed``;
-        the caller releases it) and score the pool. Every rank calls this."""
+        cache (``scoring.base_cache``), else make them with ``build_engine(seed)`` (a fresh
+        DeepSpeed engine of the base model with a LoRA adapter drawn from ``seed``; the caller
+        releases it): train the reference and score the pool. Every rank calls this."""
         st = self.strategy
-        self._key = key
         found = None
         if st.is_rank0:
-            found = _read(run_dir / FILE, key) if run_dir is not None else None
+            found = _read(run_dir / self.file, key) if run_dir is not None else None
             where = "the run folder"
             if found is None and self.cfg.scoring.base_cache:
                 entry = cache.load(key)
-                if entry is not None and SCORE in entry[0].scores:
-                    stats = entry[1].get("reference")
-                    found = (entry[0].scores[SCORE], stats)
+                if entry is not None and self.score in entry[0].scores:
+                    stats = entry[1].get(self.stats_key)
+                    found = (entry[0].scores[self.score], stats)
                     where = f"the cache ({cache.cache_dir() / key}.npz)"
             if found is not None:
-                log.info(f"reference model: its pool losses reused from {where}")
+                log.info(f"{self.what}: its pool losses reused from {where}")
         found = st.broadcast_from_rank0(found)
         if found is not None:
             self.values, self.stats = found
             if self.stats is not None and not self.stats.cached:
                 self.stats = dataclasses.replace(self.stats, cached=True)
-            if run_dir is not None and st.is_rank0 and not (run_dir / FILE).is_file():
-                _write(run_dir / FILE, key, self.values, self.stats)
+            if run_dir is not None and st.is_rank0 and not (run_dir / self.file).is_file():
+                _write(run_dir / self.file, key, self.values, self.stats)
             return
-        self.values, self.stats = self._train_and_score(build_engine, logger, run_dir)
+        self.values, self.stats = self._make(build_engine, logger, run_dir)
         if st.is_rank0:
             if run_dir is not None:
-                _write(run_dir / FILE, key, self.values, self.stats)
+                _write(run_dir / self.file, key, self.values, self.stats)
             if self.cfg.scoring.base_cache:
                 try:
-                    cache.save(key, _as_features(self.values), {"reference": self.stats})
+                    cache.save(key, Features(scores={self.score: self.values}),
+                               {self.stats_key: self.stats})
                 except OSError as e:
-                    log.warning(f"reference losses not cached ({cache.cache_dir() / key}.npz): "
-                                f"{type(e).__name__}: {e}")
+                    log.warning(f"{self.what}'s losses not cached "
+                                f"({cache.cache_dir() / key}.npz): {type(e).__name__}: {e}")
 
-    def _train_and_score(self, build_engine, logger, run_dir: Path | None
-                         ) -> tuple[np.ndarray, PassStats]:
+    def _score_pool(self, engine, logger) -> tuple[np.ndarray, PassStats]:
+        """``engine``'s mean response loss on every pool row, on every rank."""
+        st = self.strategy
+        with logger.progress(f"{self.what.split()[0]}: score pool",
+                             len(self.pool_enc)) as advance:
+            features, scored = compute_features(
+                engine.module, Rows(self.pool_enc, np.arange(len(self.pool_enc))), st,
+                self.pad_id, self.cfg.selection.batch_size, False, ("loss",), advance)
+        return st.broadcast_from_rank0(features.scores["loss"] if st.is_rank0 else None), scored
+
+    def _make(self, build_engine, logger, run_dir: Path | None
+              ) -> tuple[np.ndarray, PassStats]:
         st, opts, start = self.strategy, self.cfg.scoring.reference, time.perf_counter()
         seed = derive_seed(opts.seed, "reference")
         engine = build_engine(seed)
@@ -168,11 +187,7 @@ class ReferencePass:
                                                                           enabled=True))
             export_weights(engine, st, lora, self.tokenizer, run_dir / "reference")
         crash_point("reference", 0)
-        with logger.progress("reference: score pool", len(self.pool_enc)) as advance:
-            features, scored = compute_features(
-                engine.module, Rows(self.pool_enc, np.arange(len(self.pool_enc))), st,
-                self.pad_id, self.cfg.selection.batch_size, False, ("loss",), advance)
-        values = st.broadcast_from_rank0(features.scores["loss"] if st.is_rank0 else None)
+        values, scored = self._score_pool(engine, logger)
         log.info(f"reference model: trained to loss {trained.loss:.4f} on its holdout; pool "
                  f"scored ({scored.tokens:,} tokens, {scored.seconds:.1f}s)")
         return values, PassStats(time.perf_counter() - start, trained.tokens + scored.tokens,
@@ -184,9 +199,34 @@ class ReferencePass:
         return stats
 
 
-def _as_features(values: np.ndarray):
-    from evotune.selectors.base import Features
-    return Features(scores={SCORE: values})
+class BaseLossPass(ReferencePass):
+    """The base model's own mean response loss on every pool row (``base_loss``), once per
+    run, kept like the reference's (run folder ``base_loss.npz``, the base-model cache): the
+    start of every row's loss trajectory, which ``loss_left`` compares the current loss with.
+    A run whose rounds all start from this model computes it once per pool (the cache), the
+    only pass it adds."""
+
+    score, file, what = "base_loss", "base_loss.npz", "base model"
+    stats_key = "base"
+
+    def _load_holdout(self, template: str) -> None:
+        pass                                               # nothing to train on
+
+    def spec(self, model_fingerprint: dict, pool_hash: str, template: str, dtype) -> dict:
+        cfg = self.cfg
+        return {"what": "base_loss", "model": model_fingerprint, "dtype": str(dtype),
+                "attn": cfg.model.attn_implementation, "pool": pool_hash,
+                "data": [cfg.data.max_examples, cfg.data.on_error, template,
+                         cfg.data.max_length, cfg.data.columns.mapping()],
+                "zero3": cfg.deepspeed.zero_stage == 3, "batch": cfg.selection.batch_size}
+
+    def _make(self, build_engine, logger, run_dir: Path | None
+              ) -> tuple[np.ndarray, PassStats]:
+        # a fresh adapter is a no-op: the engine computes the base model's losses
+        engine = build_engine(derive_seed(0, "base_loss"))
+        values, scored = self._score_pool(engine, logger)
+        log.info(f"base model: pool scored ({scored.tokens:,} tokens, {scored.seconds:.1f}s)")
+        return values, scored
 
 
 def _write(path: Path, key: str, values: np.ndarray, stats: PassStats | None) -> None:
