@@ -10,6 +10,12 @@ Loss: token-level cross-entropy over response tokens, normalised by the response
 the whole global batch (not per micro-batch), so every token weighs the same whatever the
 batch split. DeepSpeed divides by the accumulation steps and averages over ranks; the loss
 handed to it is pre-scaled by both to undo that.
+
+Held-out evaluation plans its batches from the rows alone (never the number of ranks), deals
+them round-robin to ranks and pads a rank short of batches with dummy ones, so every rank makes
+the same forward calls (ZeRO-3's parameter gathers are collectives) and every row gets the same
+numbers on 1 or N ranks. Multiple-choice rows are batched too, each row's prompt forwarded once
+and cached for its choices (:func:`choice_nll`).
 """
 
 from __future__ import annotations
@@ -207,61 +213,76 @@ def _cache_name() -> str:
 
 
 @torch.no_grad()
-def choice_nll(model, strategy, choices: ChoiceSet, advance=lambda n=1, **_: None
-               ) -> list[float]:
-    """Summed response-token NLL of every choice sequence (``choices.encoded`` order).
+def choice_nll(model, strategy, choices: ChoiceSet, batch_size: int,
+               advance=lambda n=1, **_: None) -> list[float]:
+    """Summed response-token NLL (nats) of every choice sequence, a list in ``choices.encoded``
+    order, on every rank.
 
-    One row at a time: its prompt is forwarded once and its key/value cache repeated for the
-    choices, which then forward only their own tokens (choices are short, prompts are not: on
-    the bundled eval set this forwards about a third of the tokens of one sequence per choice).
-    Rows are dealt round-robin to ranks, padded to equal row counts, and every row makes two
-    forward calls (ZeRO-3's parameter gathers are collectives)."""
+    ``batch_size`` rows per pair of forward calls. The first call forwards the rows' shared
+    prompts (right-padded, one cache row each, the last prompt token left out); the cache is
+    then indexed so each choice gets its own row's entries, and the second call forwards every
+    choice's tail (the last prompt token, then its response) against them, with its own
+    ``position_ids`` and a 2-D mask over the cache and tail columns that hides another row's
+    padding. Choices are short and prompts are not: on the bundled eval set this forwards about
+    a third of the tokens of one sequence per choice. A row whose choices do not share a
+    tokenised prompt (:func:`_prompt_length` 0) caches nothing and forwards whole sequences as
+    tails. Memory: the second call holds one copy of its row's prompt cache per choice,
+    (choices in the batch) × (longest prompt in it) positions per layer.
+
+    Batches are planned from the prompt lengths alone (:func:`plan_batches`), so every row is
+    computed with the same padding on 1 or N ranks; they are dealt round-robin to ranks and
+    padded with dummy batches, so every rank makes ``2 * ceil(batches / world)`` forward calls
+    whatever rows it holds (ZeRO-3's parameter gathers are collectives)."""
     from transformers import DynamicCache
     device, cache_arg = strategy.device, _cache_name()
+    # Cached tokens of each row: its shared prompt but the last token, which goes with every
+    # choice's tail so that the tail's logits predict each response token, the first included.
+    heads = [max(_prompt_length(choices.encoded[s: s + n]) - 1, 0)
+             for s, n in zip(choices.starts, choices.counts)]
     nll = [0.0] * len(choices.encoded)
-    rows = list(range(len(choices)))
-    calls = -(-len(rows) // strategy.world_size)
-    mine = rows[strategy.rank::strategy.world_size]
-    mine = [(i, False) for i in mine] + [(0, True)] * (calls - len(mine))
-    for row, is_padding in mine:
-        start, n = choices.starts[row], choices.counts[row]
-        encoded = choices.encoded[start: start + n]
-        p = _prompt_length(encoded)
-        width = max(len(e.input_ids) for e in encoded) - p
-        tails = torch.full((n, width), 0, dtype=torch.long)
-        labels = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
-        mask = torch.zeros((n, p + width), dtype=torch.long)
-        mask[:, :p] = 1
-        for j, e in enumerate(encoded):
-            k = len(e.input_ids) - p
-            tails[j, :k] = torch.tensor(e.input_ids[p:])
-            labels[j, :k] = torch.tensor(e.labels[p:])
-            mask[j, p: p + k] = 1
-        labels = labels.to(device)
-        if p:
-            head = model(input_ids=torch.tensor([encoded[0].input_ids[:p]], device=device),
-                         **{cache_arg: DynamicCache()}, use_cache=True)
-            cache = getattr(head, cache_arg)
-            cache.batch_repeat_interleave(n)
-            logits = model(input_ids=tails.to(device), attention_mask=mask.to(device),
-                           **{cache_arg: cache}, use_cache=True).logits
-            # position t of the tail predicts tail token t + 1; the prompt's last position
-            # predicts tail token 0
-            logits = torch.cat([head.logits[:, -1:].expand(n, -1, -1), logits[:, :-1]], dim=1)
-            targets = labels
-        else:   # the choices do not share a tokenised prompt: whole sequences
-            # Two forward calls per row, as a row with a shared prompt makes: under ZeRO-3
-            # every call gathers parameters with the other ranks, whatever rows they hold.
-            model(input_ids=tails[:1, :1].to(device))
-            logits = model(input_ids=tails.to(device), attention_mask=mask.to(device)).logits
-            logits, targets = logits[:, :-1], labels[:, 1:]
+    batches = plan_batches(heads, batch_size)
+    for rows, is_padding in shard_batches(batches, strategy.rank, strategy.world_size):
+        # At least one column, so a batch that caches nothing still makes its first call.
+        width = max(1, max(heads[r] for r in rows))
+        prompts = torch.zeros((len(rows), width), dtype=torch.long)
+        at, owner, seqs = [], [], []   # per choice: where in ``nll``, its row in the batch,
+        for b, r in enumerate(rows):   # (cached tokens, encoding)
+            s, n = choices.starts[r], choices.counts[r]
+            prompts[b, :heads[r]] = torch.tensor(choices.encoded[s].input_ids[:heads[r]])
+            at += range(s, s + n)
+            owner += [b] * n
+            seqs += [(heads[r], e) for e in choices.encoded[s: s + n]]
+        tail_width = max(len(e.input_ids) - h for h, e in seqs)
+        tails = torch.zeros((len(seqs), tail_width), dtype=torch.long)
+        labels = torch.full((len(seqs), tail_width), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width + tail_width), dtype=torch.long)
+        for c, (h, e) in enumerate(seqs):
+            k = len(e.input_ids) - h
+            tails[c, :k] = torch.tensor(e.input_ids[h:])
+            labels[c, :k] = torch.tensor(e.labels[h:])
+            mask[c, :h] = 1
+            mask[c, width: width + k] = 1
+        positions = torch.tensor([h for h, _ in seqs])[:, None] + torch.arange(tail_width)
+        # No mask here: right padding comes after a row's prompt, so causality alone keeps it
+        # out of the prompt's keys and values, and the second call's mask hides it. (A padding
+        # mask would leave a row that caches nothing with no key to attend to, which some
+        # attention kernels turn into NaN keys and values.)
+        head = model(input_ids=prompts.to(device), logits_to_keep=1,
+                     **{cache_arg: DynamicCache()}, use_cache=True)
+        cache = getattr(head, cache_arg)
+        cache.batch_select_indices(torch.tensor(owner, device=device))
+        window = logits_window(labels)
+        logits = model(input_ids=tails.to(device), attention_mask=mask.to(device),
+                       position_ids=positions.to(device), logits_to_keep=window,
+                       **{cache_arg: cache}, use_cache=True).logits
         if is_padding:
             continue
-        per_token = F.cross_entropy(logits.float().transpose(1, 2), targets,
+        per_token = F.cross_entropy(logits[:, :-1].float().transpose(1, 2),
+                                    labels[:, tail_width - window + 1:].to(device),
                                     ignore_index=IGNORE_INDEX, reduction="none")
-        for j, value in enumerate(per_token.sum(dim=1).tolist()):
-            nll[start + j] = value
-        advance(strategy.world_size)      # rows
+        for i, value in zip(at, per_token.sum(dim=1).tolist()):
+            nll[i] = value
+        advance(len(rows) * strategy.world_size)      # rows
     return strategy.all_reduce_sum(nll)
 
 
@@ -286,7 +307,7 @@ def evaluate_with_choices(model, strategy, encoded: list[Encoded], choices: Choi
     if choices:
         was_training = model.training
         model.eval()
-        nll = choice_nll(model, strategy, choices, advance)
+        nll = choice_nll(model, strategy, choices, batch_size, advance)
         model.train(was_training)
         for row, s, c, g in zip(choices.rows, choices.starts, choices.counts, choices.gold):
             ce[row] = nll[s + g]

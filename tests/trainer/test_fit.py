@@ -83,13 +83,23 @@ class _OneRank:
 
 
 def _reference_nll(model, encoded):
-    """One sequence at a time, no padding, no cache, full logits."""
+    """Each sequence alone: one plain forward, no padding, no cache, full logits; the summed
+    -log p (nats, float64 softmax) of its response tokens, written out here rather than taken
+    from the code under test."""
     out = []
     for e in encoded:
         with torch.no_grad():
-            logits = model(input_ids=torch.tensor([e.input_ids])).logits
-        out.append(float(token_loss_sum(logits, torch.tensor([e.labels]))))
+            logits = model(input_ids=torch.tensor([e.input_ids]), use_cache=False).logits[0]
+        logp = torch.log_softmax(logits.double(), dim=-1)
+        out.append(-sum(float(logp[t - 1, e.labels[t]]) for t in range(1, len(e.labels))
+                        if e.labels[t] != IGNORE_INDEX))
     return out
+
+
+def _first_best(nll, cs):
+    """Rows whose gold choice has the lowest NLL, ties to the first choice listed."""
+    return [min(range(n), key=lambda j: nll[s + j]) == g
+            for s, n, g in zip(cs.starts, cs.counts, cs.gold)]
 
 
 def test_choice_nll_warns_about_nothing(tiny_model_dir, tokenizer, monkeypatch):
@@ -110,7 +120,7 @@ def test_choice_nll_warns_about_nothing(tiny_model_dir, tokenizer, monkeypatch):
     cs = choice_set(examples, tokenizer, "chat", 1024)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        choice_nll(model, _OneRank(), cs)
+        choice_nll(model, _OneRank(), cs, 4)
     assert [m for m in said + [str(w.message) for w in caught] if "deprecated" in m] == []
 
 
@@ -126,9 +136,8 @@ def test_choice_nll_with_a_shared_prompt_cache_equals_whole_sequences(tiny_model
     assert (len(cs), cs.skipped) == (10, [])
     assert all(_prompt_length(cs.encoded[s: s + n]) > 0 for s, n in zip(cs.starts, cs.counts))
     ref = _reference_nll(model, cs.encoded)
-    assert choice_nll(model, _OneRank(), cs) == pytest.approx(ref, rel=1e-4)
-    right = sum(min(range(n), key=lambda j: ref[s + j]) == g
-                for s, n, g in zip(cs.starts, cs.counts, cs.gold))
+    assert choice_nll(model, _OneRank(), cs, 3) == pytest.approx(ref, rel=1e-4)
+    right = sum(_first_best(ref, cs))
     # loss over every row: choice rows from their gold choice, the others forwarded as usual
     rows = [encode(ex, tokenizer, "chat", 1024) for ex in examples]
     extra = Encoded([5, 6, 7, 8, 9], [IGNORE_INDEX] * 3 + [8, 9], False)
@@ -165,26 +174,138 @@ def test_choice_nll_without_a_shared_prompt_forwards_whole_sequences(tiny_model_
     b = Encoded([5, 6, 11, 12, 13, 14], [IGNORE_INDEX] * 3 + [12, 13, 14], False)
     assert _prompt_length([a, b]) == 0
     cs = ChoiceSet([a, b], [0], [2], [1])
-    assert choice_nll(model, _OneRank(), cs) == pytest.approx(_reference_nll(model, [a, b]),
-                                                              rel=1e-4)
+    assert choice_nll(model, _OneRank(), cs, 2) == pytest.approx(
+        _reference_nll(model, [a, b]), rel=1e-4)
 
 
-def test_every_choice_row_makes_two_forward_calls_shared_prompt_or_not(tiny_model_dir):
-    """Under ZeRO-3 each forward call gathers parameters with every other rank: a row with a
-    shared prompt (cache + choices) and one without must make the same number of calls."""
+def _mixed_choice_rows(tmp_path, tokenizer):
+    """Real chat-encoded choice rows of 2, 3, 4 and 5 choices and many prompt lengths, then two
+    hand-made rows whose choices share no tokenised prompt (2 and 3 choices) and one whose
+    prompt is a single token. Returns the gold encoding of every row (the eval rows) and the
+    ChoiceSet over them."""
+    import json
+
+    from evotune.trainer.data import ChoiceSet, choice_set, encode, load_examples
+    from helpers import EVAL_TINY
+    lines = [json.loads(line) for line in EVAL_TINY.read_text().splitlines()]
+    for row in [r for r in lines if len(r["choices"]) == 5]:    # 3-choice variants
+        others = [c for c in row["choices"] if c != row["output"]]
+        lines.append(dict(row, id=row["id"] + "-3", choices=[others[0], row["output"], others[1]]))
+    path = tmp_path / "eval.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    examples, _ = load_examples(path)
+    cs = choice_set(examples, tokenizer, "chat", 1024)
+    rows = [encode(ex, tokenizer, "chat", 1024) for ex in examples]
+    apart = [[Encoded([5, 6, 7, 8, 9], [IGNORE_INDEX] * 3 + [8, 9], False),
+              Encoded([5, 6, 11, 12, 13, 14], [IGNORE_INDEX] * 3 + [12, 13, 14], False)],
+             [Encoded([40, 41, 42, 43], [IGNORE_INDEX] * 2 + [42, 43], False),
+              Encoded([40, 44, 45], [IGNORE_INDEX] * 2 + [45], False),
+              Encoded([40, 41, 46, 47, 48], [IGNORE_INDEX] * 2 + [46, 47, 48], False)],
+             [Encoded([50, 51, 52], [IGNORE_INDEX] + [51, 52], False),
+              Encoded([50, 53], [IGNORE_INDEX] + [53], False)]]
+    for choices, gold in zip(apart, (1, 2, 0)):
+        cs = ChoiceSet(cs.encoded + choices, cs.starts + [len(cs.encoded)],
+                       cs.counts + [len(choices)], cs.gold + [gold], cs.rows + [len(rows)])
+        rows.append(choices[gold])
+    return rows, cs
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 64])
+def test_batched_choice_nll_equals_each_choice_sequence_alone(tiny_model_dir, tokenizer,
+                                                              tmp_path, batch_size):
+    """Several rows per forward call (padded prompts, one cache, every tail against its own
+    row's entries) give each choice's NLL as a plain forward of that sequence alone, in fp32,
+    within 1e-5 relative; and the accuracy that follows from those independent numbers."""
+    from transformers import AutoModelForCausalLM
+
+    from evotune.trainer.fit import _prompt_length, choice_nll, evaluate_with_choices
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    rows, cs = _mixed_choice_rows(tmp_path, tokenizer)
+    prompts = [_prompt_length(cs.encoded[s: s + n]) for s, n in zip(cs.starts, cs.counts)]
+    assert sorted(set(cs.counts)) == [2, 3, 4, 5] and len(cs) == 15
+    # 12 real rows, 10 prompt lengths (a 3-choice variant shares its 5-choice row's prompt)
+    assert prompts[-3:] == [0, 0, 1] and len(set(prompts[:-3])) == 10
+    ref = _reference_nll(model, cs.encoded)
+    nll = choice_nll(model, _OneRank(), cs, batch_size)
+    assert nll == pytest.approx(ref, rel=1e-5, abs=0)
+    right = _first_best(ref, cs)
+    assert 0 < sum(right) < len(cs)          # the comparison below can tell the rows apart
+    result = evaluate_with_choices(model, _OneRank(), rows, cs, tokenizer.pad_token_id,
+                                   batch_size)
+    assert result.accuracy == sum(right) / len(cs)
+
+
+def test_choice_nll_through_a_peft_model(tiny_model_dir, tokenizer, tmp_path):
+    """A LoRA-wrapped model (what training hands to the eval) takes the same cache, position
+    and mask arguments: each choice's NLL as that model gives the sequence alone."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from evotune.trainer.fit import choice_nll
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    torch.manual_seed(0)      # random A and B: the adapter changes the numbers
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                            target_modules=["q_proj", "v_proj"])).eval()
+    _, cs = _mixed_choice_rows(tmp_path, tokenizer)
+    ref = _reference_nll(model, cs.encoded)
+    with model.disable_adapter():
+        assert _reference_nll(model, cs.encoded[:2]) != pytest.approx(ref[:2], rel=1e-3)
+    assert choice_nll(model, _OneRank(), cs, 4) == pytest.approx(ref, rel=1e-5, abs=0)
+
+
+class _Rank:
+    """Rank ``rank`` of ``world``; the sum over ranks is left to the test."""
+    device = torch.device("cpu")
+
+    def __init__(self, rank, world):
+        self.rank, self.world_size = rank, world
+
+    @staticmethod
+    def all_reduce_sum(values):
+        return list(values)
+
+
+def test_every_rank_makes_the_same_forward_calls_whatever_rows_it_holds(tiny_model_dir):
+    """Under ZeRO-3 each forward call gathers parameters with every other rank: two calls per
+    batch of rows (prompts, then choices), shared prompt or not, and dummy batches where a rank
+    has fewer batches, so the count depends on the row count alone, never on the rows."""
     from transformers import AutoModelForCausalLM
 
     from evotune.trainer.data import ChoiceSet
-    from evotune.trainer.fit import choice_nll
+    from evotune.trainer.fit import _prompt_length, choice_nll
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     calls = []
     model.register_forward_pre_hook(lambda module, args: calls.append(1))
     shared = [Encoded([5, 6, 7, 8], [IGNORE_INDEX] * 2 + [7, 8], False),
               Encoded([5, 6, 9], [IGNORE_INDEX] * 2 + [9], False)]
+    longer = [Encoded([20, 21, 22, 23, 24, 25], [IGNORE_INDEX] * 5 + [25], False),
+              Encoded([20, 21, 22, 23, 24, 26, 27], [IGNORE_INDEX] * 5 + [26, 27], False),
+              Encoded([20, 21, 22, 23, 24, 28], [IGNORE_INDEX] * 5 + [28], False)]
     apart = [Encoded([5, 6, 7, 8, 9], [IGNORE_INDEX] * 3 + [8, 9], False),
              Encoded([5, 6, 11, 12, 13, 14], [IGNORE_INDEX] * 3 + [12, 13, 14], False)]
-    for encoded in (shared, apart):
+    assert [_prompt_length(r) for r in (shared, longer, apart)] == [2, 5, 0]
+
+    def choice_rows(*rows):
+        starts = [sum(map(len, rows[:i])) for i in range(len(rows))]
+        return ChoiceSet([e for r in rows for e in r], starts, [len(r) for r in rows],
+                         [0] * len(rows))
+
+    # one rank: a row with a shared prompt and one without make the same two calls
+    for row in (shared, apart):
         calls.clear()
-        nll = choice_nll(model, _OneRank(), ChoiceSet(encoded, [0], [2], [0]))
+        nll = choice_nll(model, _Rank(0, 1), choice_rows(row), 4)
         assert len(calls) == 2
-        assert nll == pytest.approx(_reference_nll(model, encoded), rel=1e-4)
+        assert nll == pytest.approx(_reference_nll(model, row), rel=1e-5)
+    # two ranks, three rows: with one row per batch a rank holds two rows or one row and a
+    # dummy batch; with two, one holds a shared and an unshared row, the other one row
+    cs = choice_rows(shared, longer, apart)
+    ref = _reference_nll(model, cs.encoded)
+    for batch_size, batches in ((1, 3), (2, 2), (8, 1)):
+        per_rank, total = [], [0.0] * len(cs.encoded)
+        for rank in (0, 1):
+            calls.clear()
+            nll = choice_nll(model, _Rank(rank, 2), cs, batch_size)
+            per_rank.append(len(calls))
+            total = [a + b for a, b in zip(total, nll)]
+        assert per_rank == [2 * -(-batches // 2)] * 2, batch_size
+        assert total == pytest.approx(ref, rel=1e-5)
