@@ -162,3 +162,99 @@ def test_scale_pool_cycles_the_quickstart_rows_each_made_distinct(tmp_path):
     assert len(set(prompts)) == len(prompts)
     first = next(m["content"] for m in source[0].messages if m["role"] == "user")
     assert prompts[len(source)] == f"{first} (#{len(source)})"
+
+
+def _messy_files(tmp_path):
+    files = {}
+    for name in ("pool", "eval", "holdout"):
+        files[name] = tmp_path / f"{name}.jsonl"
+        files[name].write_text('{"instruction": "a", "output": "b"}\n')
+    return files
+
+
+def test_every_messy_arm_is_a_valid_config_that_can_share_the_warmup(tmp_path):
+    from evotune.trainer.config import load_config, resolve_budget, safe_keys
+    from evotune.trainer.state import is_rule_key
+    bench = load("messy")
+    files = _messy_files(tmp_path)
+    arms = [a for rule in bench.ARMS for a in (rule, f"{rule}@rule") if
+            bench.ARMS[rule][0] or "@" not in a]
+    with pytest.raises(ValueError, match="one-shot"):
+        bench.arm_spec("longest@rule")
+    for arm in arms:
+        spec = bench.arm_config(arm, 0.1, 2, files, tmp_path / "o", 1065)
+        (tmp_path / "c.yaml").write_text(yaml.safe_dump(spec))
+        cfg = load_config(tmp_path / "c.yaml")
+        plan = resolve_budget(cfg, 1065)
+        rule, in_loop, by_rule = bench.arm_spec(arm)
+        assert sum(plan) == 106 and len(plan) == (2 if in_loop else 1) and cfg.seed == 2
+        assert cfg.selection.first_round == ("selector" if by_rule or (not in_loop and
+                                                                       rule != "random")
+                                             else "random")
+        assert cfg.model.precision == "bf16" and cfg.train.retrain_from_base
+        if cfg.scoring.reference.data:
+            assert cfg.scoring.reference.data == str(files["holdout"])
+        if not in_loop or by_rule:
+            continue
+        warm = bench.warmup_config(0.1, 2, files, tmp_path / "o", 1065)
+        (tmp_path / "w.yaml").write_text(yaml.safe_dump(warm))
+        a, w = cfg.flat(), load_config(tmp_path / "w.yaml").flat()
+        diff = {k for k in a if a[k] != w[k]} - safe_keys()
+        assert all(is_rule_key(k) for k in diff), (arm, diff)
+
+
+def _messy_run(tmp_path, rounds: list[list[str]], losses: dict[str, float]):
+    """A finished run folder as the loop writes one: rounds.jsonl and each round's picks."""
+    import json
+    out = tmp_path / "run"
+    for r, ids in enumerate(rounds):
+        d = out / "rounds" / f"round_{r:03d}"
+        d.mkdir(parents=True)
+        d.joinpath("selection.jsonl").write_text("".join(
+            json.dumps({"id": i, "round": r}) + "\n" for i in ids))
+    summary = {"eval_loss": 1.5, "eval_by_source": {f: {"loss": v} for f, v in losses.items()},
+               "tokens": {"train": 10, "features": 100, "reference": 7},
+               "seconds": {"features": 2.0, "select": 0.5, "train": 3.0, "total": 9.0}}
+    out.joinpath("rounds.jsonl").write_text("".join(json.dumps(summary) + "\n" for _ in rounds))
+    return out
+
+
+def test_messy_figures_of_a_run_written_out_by_hand(tmp_path):
+    bench = load("messy")
+    pool = {"a": {"family": "x", "corruption": None, "group": "g"},
+            "b": {"family": "x", "corruption": "truncated_output", "group": "g"},
+            "c": {"family": "y", "corruption": None, "group": None},
+            "d": {"family": "y", "corruption": None, "group": "g"},
+            "e": {"family": "y", "corruption": "empty_like", "group": "h"},
+            "f": {"family": "x", "corruption": None, "group": "h"}}
+    out = _messy_run(tmp_path, [["a", "c"], ["b", "d", "e", "f"]], {"x": 1.0, "y": 3.0})
+    got = bench.read_run(out, "kcenter", pool, ["x", "y"])
+    assert got["macro_loss"] == 2.0 and got["worst_loss"] == 3.0 and got["worst_family"] == "y"
+    assert got["token_loss"] == 1.5
+    assert got["clean"] == 4 / 6 and got["clean_own"] == 2 / 4          # own: round 1 only
+    # redundant: b and d (group g was picked with a), f (h picked with e): 3 of 6, all own
+    assert got["dup"] == 3 / 6 and got["dup_own"] == 3 / 4
+    assert got["share"] == {"x": 3 / 6, "y": 3 / 6}
+    assert got["select_tokens"] == 2 * 107 and got["select_seconds"] == 2 * 2.5
+    one_shot = bench.read_run(_messy_run(tmp_path / "1", [["a", "b"]], {"x": 1.0, "y": 1.0}),
+                              "random", pool, ["x", "y"])
+    assert one_shot["clean_own"] is None and one_shot["dup"] == 0.5
+    with pytest.raises(ValueError, match="no eval figures for y"):
+        bench.read_run(_messy_run(tmp_path / "2", [["a"]], {"x": 1.0}), "random", pool,
+                       ["x", "y"])
+
+
+def test_messy_table_marks_a_difference_beyond_twice_the_standard_error():
+    bench = load("messy")
+
+    def run(macro, clean):
+        return {"macro_loss": macro, "worst_loss": macro + 1, "token_loss": macro,
+                "clean": clean, "clean_own": clean, "dup": 0.1, "dup_own": 0.0,
+                "select_tokens": 100, "select_seconds": 2.0, "total_seconds": 9.0,
+                "family_loss": {"x": macro}, "share": {"x": 1.0}}
+    results = {("random", 0.1): [run(2.0 + d, 0.8) for d in (0.0, 0.01, -0.01)],
+               ("kcenter", 0.1): [run(1.5 + d, 0.9) for d in (0.0, 0.01, -0.01)]}
+    text = bench.table(results, 0.1, ["random", "kcenter"])
+    assert "| `kcenter` | 3 | 1.5000 ± 0.0100 (Δ -0.5000*) |" in text
+    assert "| `random` | 3 | 2.0000 ± 0.0100 |" in text
+    assert "| `kcenter` | 1.500 (100%) |" in bench.family_table(results, 0.1, ["kcenter"], ["x"])
