@@ -71,7 +71,7 @@ def main(argv=None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         names = tuple(n for n, s in SCORES.items() if s.source != "influence"
-                      and _computable(s, cfg)) \
+                      and _computable(n, cfg)) \
             if args.scores == "all" else tuple(s.strip() for s in args.scores.split(",") if s)
         unknown = [s for s in names if s not in SCORES]
         if unknown or not names:
@@ -82,7 +82,7 @@ def main(argv=None) -> int:
                               "state (launch/train.py with selection.selector=influence)")
         for n in names:
             try:
-                SCORES[n].check(cfg)
+                _check_with_inputs(n, cfg)
             except ValueError as e:
                 raise ConfigError(f"--scores {n}: {e}") from None
         if args.pair and not args.label:
@@ -96,10 +96,19 @@ def main(argv=None) -> int:
         return _fail(e)
 
 
-def _computable(score, cfg) -> bool:
-    """Whether the config has what ``score`` needs (a rule, target examples, a reward model)."""
+def _check_with_inputs(name: str, cfg) -> None:
+    """Raise ValueError when the config lacks what ``name`` or a score it is computed from needs
+    (``reducible_loss`` needs ``reference_loss``'s holdout, as config validation checks)."""
+    from evotune.trainer.scores import SCORES, with_inputs
+    for n in with_inputs((name,), lambda s: getattr(cfg.scoring, s, None)):
+        SCORES[n].check(cfg)
+
+
+def _computable(name: str, cfg) -> bool:
+    """Whether the config has what ``name`` needs (a rule, target examples, a reward model, a
+    reference holdout), its inputs included."""
     try:
-        score.check(cfg)
+        _check_with_inputs(name, cfg)
     except ValueError:
         return False
     return True
