@@ -119,7 +119,11 @@ def compute_features(model: torch.nn.Module, encoded: list[Encoded], strategy, p
         mask = batch["attention_mask"].to(strategy.device)
         hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state
         # The head runs on padding calls too: under ZeRO-3 every module call is a collective.
-        logits = head(hidden[:, -logits_window(batch["labels"]):]) if score_names else None
+        # The window is copied into one block first: on a CPU with bf16 weights the head on the
+        # strided slice ran 4x slower inside a PeftModel (measured: 1.67 s against 0.39 s for a
+        # 16 x 150-position window), half the cost of a pass that also computes the loss.
+        logits = head(hidden[:, -logits_window(batch["labels"]):].contiguous()) \
+            if score_names else None
         if is_padding:
             continue
         real += int(mask.sum())
