@@ -25,6 +25,7 @@ arms and seeds (``scoring.base_cache``). Two runs go side by side, one torch thr
     python benchmarks/messy.py --budgets 0.1 --seeds 1 2 3            # every arm at 10%
     python benchmarks/messy.py --budgets 0.05 --arms random kcenter    # 5%, two arms
     python benchmarks/messy.py --report                                # tables, no training
+    python benchmarks/messy.py --overhead --seeds 1    # a rule's selection seconds, alone
 
 Finished runs are reused when the script starts again; an interrupted one resumes.
 """
@@ -80,6 +81,8 @@ ARMS = {
     "reducible_share": (True, {"selector": "weighted",
                                "weighted": {"score": "reducible_share", "alpha": 1.0}},
                         REFERENCE),
+    "reducible_mix": (True, {"selector": "weighted", "weighted": {
+        "score": "reducible_loss", "alpha": 0.5}}, REFERENCE),
     "reducible_gated": (True, {"selector": "weighted", "weighted": {
         "score": "reducible_loss", "alpha": 1.0}, **GATE}, REFERENCE),
     "reducible_kcenter": (True, {"selector": "weighted", "weighted": {
@@ -89,12 +92,23 @@ ARMS = {
     "kcenter_excess_ref": (True, {"selector": "kcenter", **EXCESS}, EXCESS_REF),
     "reducible_excess_ref": (True, {"selector": "weighted", "weighted": {
         "score": "reducible_loss", "alpha": 1.0}, **EXCESS}, EXCESS_REF),
+    # the winner's rule with DEITA's representation filter in place of a plain top-k: walk
+    # by reducible loss, skipping a row whose cosine to anything picked is above 0.97 (DEITA's
+    # 0.9 is for its own encoder: in this model's mean-pooled states 27% of unrelated pairs
+    # exceed 0.9, 1.2% exceed 0.97, and 99.8% of the known copy pairs do; measured on seed
+    # 1's round-1 k-center embeddings)
+    "reducible_repr_ref": (True, {"selector": "repr_filter", "repr_filter": {
+        "score": "reducible_loss", "threshold": 0.97}, **EXCESS}, EXCESS_REF),
     "left": (True, {"selector": "weighted", "weighted": {"score": "loss_left", "alpha": 1.0}},
              {}),
     "left_excess": (True, {"selector": "weighted", "weighted": {
         "score": "loss_left", "alpha": 1.0}, **EXCESS}, {}),
     "left_kcenter_excess": (True, {"selector": "weighted", "weighted": {
         "score": "loss_left", "alpha": 0.5}, **EXCESS}, {}),
+    "cluster": (True, {"selector": "cluster_quota", "cluster_quota": {
+        "quota": "equal", "pick": "centroid"}}, {}),
+    "cluster_excess": (True, {"selector": "cluster_quota", "cluster_quota": {
+        "quota": "equal", "pick": "centroid"}, **EXCESS}, {}),
     "ifd_mix": (True, "PRESET", "ifd_mix"),
     "evotune": (True, "PRESET", "evotune"),
 }
@@ -260,6 +274,29 @@ def run_all(jobs: list[tuple[str, float, int]], files, root: Path, pool_rows: in
         t.join()
 
 
+def overhead(arms: list[str], budget: float, seed: int, files, root: Path, pool_rows: int,
+             log_file: Path) -> str:
+    """What a rule's selection costs on top of another's: each arm's selecting round (round 1,
+    from the shared warm-up) run again alone on the machine, one after the other, one thread;
+    a Markdown table of the round's seconds by phase (``summary.json``)."""
+    warm = root / "_warmup" / f"b{budget:g}" / f"seed{seed}"
+    if not finished(warm):
+        train(warmup_config(budget, seed, files, warm, pool_rows), warm, log_file)
+    rows = ["| arm | features s | select s | train s | eval s | round total s | "
+            "features + select, share of the round |", "|---|---|---|---|---|---|---|"]
+    for arm in arms:
+        out = root / "_overhead" / arm
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.copytree(warm, out)
+        shutil.rmtree(out / "final")
+        train(arm_config(arm, budget, seed, files, out, pool_rows), out, log_file)
+        sec = json.loads((out / "rounds" / "round_001" / "summary.json").read_text())["seconds"]
+        rows.append(f"| `{arm}` | {sec['features']:.1f} | {sec['select']:.1f} | "
+                    f"{sec['train']:.1f} | {sec.get('eval', 0.0):.1f} | {sec['total']:.1f} | "
+                    f"{(sec['features'] + sec['select']) / sec['total']:.1%} |")
+    return "\n".join(rows)
+
+
 # ----------------------------------------------------------------------------- results
 
 def _picks(out: Path, rounds: int) -> list[dict]:
@@ -384,6 +421,9 @@ def main() -> int:
     p.add_argument("--jobs", type=int, default=2, help="runs side by side (one thread each)")
     p.add_argument("--report", action="store_true",
                    help="train nothing: the tables from the runs already finished")
+    p.add_argument("--overhead", action="store_true",
+                   help="time the selecting round of --arms (default: kcenter kcenter_excess) "
+                        "alone, one after the other, at the first budget and seed")
     args = p.parse_args()
     arms = args.arms or list(ARMS)
     for arm in arms:
@@ -393,6 +433,10 @@ def main() -> int:
     pool = {r["id"]: r for r in map(json.loads, files["pool"].read_text().splitlines())}
     families = sorted({r["family"] for r in pool.values()})
     log_file = root / "runs.log"
+    if args.overhead:
+        print(overhead(args.arms or ["kcenter", "kcenter_excess"], args.budgets[0],
+                       args.seeds[0], files, root, len(pool), log_file))
+        return 0
     jobs = [(arm, b, s) for s in args.seeds for b in args.budgets for arm in arms]
     t_all = time.time()
     if not args.report:
