@@ -258,3 +258,28 @@ def test_messy_table_marks_a_difference_beyond_twice_the_standard_error():
     assert "| `kcenter` | 3 | 1.5000 ± 0.0100 (Δ -0.5000*) |" in text
     assert "| `random` | 3 | 2.0000 ± 0.0100 |" in text
     assert "| `kcenter` | 1.500 (100%) |" in bench.family_table(results, 0.1, ["kcenter"], ["x"])
+
+
+def test_messy_auroc_table_on_hand_made_scores():
+    """messy_auroc.table against figures worked out by hand: 6 candidates of two families
+    (one warm-up row left out), a form that ranks every clean row above every corrupted one
+    and another that ranks them exactly the wrong way."""
+    auroc_mod = load("messy_auroc")
+    pool = {"a": {"corruption": None, "family": "f1"}, "b": {"corruption": None, "family": "f1"},
+            "c": {"corruption": "truncated_output", "family": "f1"},
+            "d": {"corruption": None, "family": "f2"},
+            "e": {"corruption": "empty_like", "family": "f2"},
+            "f": {"corruption": "empty_like", "family": "f2"},
+            "w": {"corruption": None, "family": "f2"}}
+    ids = list("abcdefw")
+    candidates = np.array([True] * 6 + [False])
+    good = np.array([5.0, 4.0, 1.0, 6.0, 2.0, 0.0, -9.0])
+    text = auroc_mod.table({"good": good, "bad": -good}, pool, ids, candidates)
+    rows = {line.split(" | ")[0].strip("| "): line.strip("|").split(" | ")[1:]
+            for line in text.splitlines()[2:]}
+    # columns: AUROC clean, vs empty_like, vs truncated_output, half gate clean, family kept
+    # the gate keeps values >= the median (3.0): a, b, d, all clean; f1 2 of 3, f2 1 of 3
+    assert [c.strip() for c in rows["good"]] == ["1.000", "1.000", "1.000", "1.000", "0.33–0.67"]
+    # the wrong way round: 0 everywhere; the gate (values >= the median, 2.5 negated: -2.5)
+    # keeps c, e, f (all corrupted): f1 1 of 3, f2 2 of 3
+    assert [c.strip() for c in rows["bad"]] == ["0.000", "0.000", "0.000", "0.000", "0.33–0.67"]
