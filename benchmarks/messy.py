@@ -44,12 +44,12 @@ import threading
 import time
 from pathlib import Path
 
-import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from messy_pool import build  # noqa: E402  (sibling scripts)
 from selection_quality import exceeds, mean_std  # noqa: E402
+import targeted  # noqa: E402
 from targeted import finished, preset_rule  # noqa: E402
 
 BASE = {
@@ -168,16 +168,7 @@ def warmup_config(budget: float, seed: int, files, out: Path, pool_rows: int) ->
 
 def train(cfg: dict, out: Path, log_file: Path) -> None:
     """One ``launch/train.py`` run on one torch thread (two go side by side on 2 cores)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    cfg_file = out.parent / f"{out.name}.yaml"
-    cfg_file.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    with open(log_file, "a") as log:
-        log.write(f"\n==== {out}\n")
-        log.flush()
-        subprocess.run([sys.executable, str(REPO / "launch" / "train.py"), "--config",
-                        str(cfg_file), "--resume", "auto"], check=True, stdout=log,
-                       stderr=subprocess.STDOUT, env=env)
+    targeted.train(cfg, out, log_file, threads=1)
 
 
 def run_dir(root: Path, arm: str, budget: float, seed: int) -> Path:

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import shutil
 import statistics
@@ -210,16 +211,20 @@ def warmup_config(suite: str, budget: float, seed: int, files, out: Path, pool_r
     return cfg
 
 
-def train(cfg: dict, out: Path, log_file: Path) -> None:
+def train(cfg: dict, out: Path, log_file: Path, threads: int | None = None) -> None:
+    """One ``launch/train.py`` run of ``cfg`` into ``out`` (resumed when it was started),
+    its output appended to ``log_file``; ``threads``: torch's CPU threads (default: all)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     cfg_file = out.parent / f"{out.name}.yaml"
     cfg_file.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+                            if threads else {})}
     with open(log_file, "a") as log:
         log.write(f"\n==== {out}\n")
         log.flush()
         subprocess.run([sys.executable, str(REPO / "launch" / "train.py"), "--config",
                         str(cfg_file), "--resume", "auto"], check=True, stdout=log,
-                       stderr=subprocess.STDOUT)
+                       stderr=subprocess.STDOUT, env=env)
 
 
 def finished(out: Path) -> bool:

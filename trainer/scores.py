@@ -154,6 +154,30 @@ def knn_tile_rows(chunk_size: int, block_mb: float) -> int:
     return max(1, min(chunk_size, fits))
 
 
+def _distance_tiles(x: np.ndarray, counts: list[int], side: int, comm):
+    """Squared Euclidean distances from this rank's rows ``x`` to every rank's rows, tile by
+    tile: yields ``(src, s, mine, d)``, ``d`` the float32 distances of this rank's rows
+    ``mine`` (a slice) to rows ``s:s + d.shape[1]`` of rank ``src`` (``counts``: every rank's
+    row count), each rank's rows broadcast in tiles of ``side`` rows, a row's distance to itself
+    infinite. ``|a|² + |b|² − 2ab`` summed in float64 from the float32 rows and rounded to
+    float32, as k-center's initial distances."""
+    norms = np.einsum("ij,ij->i", x, x).astype(np.float64)
+    for src, count in enumerate(counts):
+        for s in range(0, count, side):
+            tile = comm.broadcast_block(x[s: s + side] if comm.rank == src else None, src,
+                                        (min(side, count - s), x.shape[1])).astype(np.float64)
+            tile_norms = np.einsum("ij,ij->i", tile, tile)
+            for t in range(0, len(x), side):
+                mine = slice(t, t + side)
+                d = norms[mine, None] + tile_norms[None, :] \
+                    - 2.0 * (x[mine].astype(np.float64) @ tile.T)
+                d = np.maximum(d, 0.0).astype(np.float32)
+                if comm.rank == src:                      # a row is not its own neighbour
+                    own = np.arange(max(t, s), min(t + side, s + len(tile), len(x)))
+                    d[own - t, own - s] = np.inf
+                yield src, s, mine, d
+
+
 def knn_distance(embeddings: np.ndarray, k: int, chunk_size: int = 4096,
                  block_mb: float = 256, comm=None) -> np.ndarray:
     """(n,) distance of each of this rank's rows to its k-th nearest other row of the pool
@@ -179,24 +203,10 @@ def knn_distance(embeddings: np.ndarray, k: int, chunk_size: int = 4096,
     counts = [int(c[0]) for c in comm.all_gather_rows(np.array([len(x)], dtype=np.int64))]
     if sum(counts) <= k:
         raise ValueError(f"knn_k={k} needs more than {k} embedded examples, got {sum(counts)}")
-    norms = np.einsum("ij,ij->i", x, x).astype(np.float64)
     best = np.full((len(x), k), np.inf, dtype=np.float32)     # each row's k smallest so far
-    side = knn_tile_rows(chunk_size, block_mb)
-    for src, count in enumerate(counts):
-        for s in range(0, count, side):
-            tile = comm.broadcast_block(x[s: s + side] if comm.rank == src else None, src,
-                                        (min(side, count - s), emb.shape[1])).astype(np.float64)
-            tile_norms = np.einsum("ij,ij->i", tile, tile)
-            for t in range(0, len(x), side):
-                mine = slice(t, t + side)
-                d = norms[mine, None] + tile_norms[None, :] \
-                    - 2.0 * (x[mine].astype(np.float64) @ tile.T)
-                d = np.maximum(d, 0.0).astype(np.float32)
-                if comm.rank == src:                      # a row is not its own neighbour
-                    own = np.arange(max(t, s), min(t + side, s + len(tile), len(x)))
-                    d[own - t, own - s] = np.inf
-                best[mine] = np.partition(np.concatenate([best[mine], d], axis=1), k - 1,
-                                          axis=1)[:, :k]
+    for _, _, mine, d in _distance_tiles(x, counts, knn_tile_rows(chunk_size, block_mb), comm):
+        best[mine] = np.partition(np.concatenate([best[mine], d], axis=1), k - 1,
+                                  axis=1)[:, :k]
     out = np.full(len(emb), np.nan)
     out[idx] = np.sqrt(best.max(axis=1).astype(np.float64))
     return out
@@ -227,35 +237,19 @@ def knn_values(embeddings: np.ndarray, positions: np.ndarray, values: np.ndarray
     if sum(p.shape[1] for p in parts) <= k:
         raise ValueError(f"k={k} needs more than {k} rows with an embedding and a value, got "
                          f"{sum(p.shape[1] for p in parts)}")
-    norms = np.einsum("ij,ij->i", x, x).astype(np.float64)
     best_d = np.full((len(x), k), np.inf, dtype=np.float32)
     best_p = np.full((len(x), k), np.inf)
     best_v = np.full((len(x), k), np.nan)
-    side = knn_tile_rows(chunk_size, block_mb)
-    for src, part in enumerate(parts):
-        count = part.shape[1]
-        for s in range(0, count, side):
-            tile = comm.broadcast_block(x[s: s + side] if comm.rank == src else None, src,
-                                        (min(side, count - s), emb.shape[1])).astype(np.float64)
-            tile_norms = np.einsum("ij,ij->i", tile, tile)
-            tile_p, tile_v = part[0, s: s + len(tile)], part[1, s: s + len(tile)]
-            for t in range(0, len(x), side):
-                mine = slice(t, t + side)
-                d = norms[mine, None] + tile_norms[None, :] \
-                    - 2.0 * (x[mine].astype(np.float64) @ tile.T)
-                d = np.maximum(d, 0.0).astype(np.float32)
-                if comm.rank == src:                      # a row is not its own neighbour
-                    own = np.arange(max(t, s), min(t + side, s + len(tile), len(x)))
-                    d[own - t, own - s] = np.inf
-                rows = d.shape[0]
-                cand_d = np.concatenate([best_d[mine], d], axis=1)
-                cand_p = np.concatenate([best_p[mine], np.broadcast_to(tile_p, d.shape)], axis=1)
-                cand_v = np.concatenate([best_v[mine], np.broadcast_to(tile_v, d.shape)], axis=1)
-                order = np.lexsort((cand_p, cand_d), axis=1)[:, :k]
-                at = np.arange(rows)[:, None]
-                best_d[mine], best_p[mine], best_v[mine] = (cand_d[at, order],
-                                                            cand_p[at, order],
-                                                            cand_v[at, order])
+    counts = [p.shape[1] for p in parts]
+    for src, s, mine, d in _distance_tiles(x, counts, knn_tile_rows(chunk_size, block_mb), comm):
+        tile_p, tile_v = parts[src][0, s: s + d.shape[1]], parts[src][1, s: s + d.shape[1]]
+        cand_d = np.concatenate([best_d[mine], d], axis=1)
+        cand_p = np.concatenate([best_p[mine], np.broadcast_to(tile_p, d.shape)], axis=1)
+        cand_v = np.concatenate([best_v[mine], np.broadcast_to(tile_v, d.shape)], axis=1)
+        order = np.lexsort((cand_p, cand_d), axis=1)[:, :k]
+        at = np.arange(d.shape[0])[:, None]
+        best_d[mine], best_p[mine], best_v[mine] = (cand_d[at, order], cand_p[at, order],
+                                                    cand_v[at, order])
     out = np.full((len(emb), k), np.nan)
     out[idx] = np.where(np.isfinite(best_d), best_v, np.nan)
     return out
