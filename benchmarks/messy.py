@@ -44,7 +44,6 @@ import threading
 import time
 from pathlib import Path
 
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from messy_pool import build  # noqa: E402  (sibling scripts)

@@ -67,7 +67,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from evotune.trainer.config import ConfigError, load_config
-    from evotune.trainer.scores import SCORES
+    from evotune.trainer.scores import SCORES, check_computable
     try:
         cfg = load_config(args.config, args.overrides)
         names = tuple(n for n, s in SCORES.items() if s.source != "influence"
@@ -82,7 +82,7 @@ def main(argv=None) -> int:
                               "state (launch/train.py with selection.selector=influence)")
         for n in names:
             try:
-                _check_with_inputs(n, cfg)
+                check_computable((n,), cfg)
             except ValueError as e:
                 raise ConfigError(f"--scores {n}: {e}") from None
         if args.pair and not args.label:
@@ -96,19 +96,12 @@ def main(argv=None) -> int:
         return _fail(e)
 
 
-def _check_with_inputs(name: str, cfg) -> None:
-    """Raise ValueError when the config lacks what ``name`` or a score it is computed from needs
-    (``reducible_loss`` needs ``reference_loss``'s holdout, as config validation checks)."""
-    from evotune.trainer.scores import SCORES, with_inputs
-    for n in with_inputs((name,), lambda s: getattr(cfg.scoring, s, None)):
-        SCORES[n].check(cfg)
-
-
 def _computable(name: str, cfg) -> bool:
     """Whether the config has what ``name`` needs (a rule, target examples, a reward model, a
     reference holdout), its inputs included."""
+    from evotune.trainer.scores import check_computable
     try:
-        _check_with_inputs(name, cfg)
+        check_computable((name,), cfg)
     except ValueError:
         return False
     return True

@@ -740,10 +740,7 @@ def _check_selection(cfg: Config) -> None:
     except ValueError as e:
         raise ConfigError(f"selection: {e}") from None
     try:                        # each score's check names the key to fix
-        wanted = score_registry.with_inputs(selector.scores,
-                                            lambda name: getattr(cfg.scoring, name, None))
-        for name in wanted:
-            score_registry.SCORES[name].check(cfg)
+        score_registry.check_computable(selector.scores, cfg)
     except ValueError as e:
         raise ConfigError(str(e)) from None
 

@@ -234,13 +234,13 @@ def knn_values(embeddings: np.ndarray, positions: np.ndarray, values: np.ndarray
     x = emb[idx]
     parts = comm.all_gather_rows(np.stack([np.asarray(positions, dtype=np.float64)[idx],
                                            vals[idx]]))
-    if sum(p.shape[1] for p in parts) <= k:
+    counts = [p.shape[1] for p in parts]
+    if sum(counts) <= k:
         raise ValueError(f"k={k} needs more than {k} rows with an embedding and a value, got "
-                         f"{sum(p.shape[1] for p in parts)}")
+                         f"{sum(counts)}")
     best_d = np.full((len(x), k), np.inf, dtype=np.float32)
     best_p = np.full((len(x), k), np.inf)
     best_v = np.full((len(x), k), np.nan)
-    counts = [p.shape[1] for p in parts]
     for src, s, mine, d in _distance_tiles(x, counts, knn_tile_rows(chunk_size, block_mb), comm):
         tile_p, tile_v = parts[src][0, s: s + d.shape[1]], parts[src][1, s: s + d.shape[1]]
         cand_d = np.concatenate([best_d[mine], d], axis=1)
@@ -568,6 +568,14 @@ def with_inputs(wanted, options_of: Callable[[str], Any]) -> list[str]:
     for name in wanted:
         visit(name, ())
     return order
+
+
+def check_computable(wanted, cfg) -> None:
+    """Raise ValueError, naming the key to fix, when ``cfg`` lacks what a score of ``wanted``
+    or a score it is computed from needs (each score's ``check``: ``reducible_loss`` needs the
+    reference's holdout through ``reference_loss``)."""
+    for name in with_inputs(wanted, lambda n: getattr(cfg.scoring, n, None)):
+        SCORES[name].check(cfg)
 
 
 @torch.no_grad()
