@@ -1,4 +1,4 @@
-"""The README's "Adding a selector or a score", end to end: a selector and a score defined in
+"""docs/extending.md's "Without editing evotune", end to end: a selector and a score defined in
 this file, registered from a launch script of one's own, run in the loop on the tiny model."""
 
 import json
