@@ -7,11 +7,10 @@ import numpy as np
 import pytest
 from rich.console import Console
 
-from helpers import REPO, load_module
-
 
 def load_tool():
-    return load_module(REPO / "launch" / "inspect_rounds.py")
+    from evotune.trainer.cli import inspect_rounds
+    return inspect_rounds
 
 
 PICKS = [{"id": "a", "source": "gsm8k", "round": 1, "pick_order": 0, "selector": "weighted",

@@ -8,7 +8,7 @@ import re
 import numpy as np
 import pytest
 
-from helpers import REPO, find_browser, load_module, parse_page, render_page
+from helpers import find_browser, parse_page, render_page
 
 needs_browser = pytest.mark.skipif(
     find_browser() is None,
@@ -21,7 +21,8 @@ LOSS = np.array([1, 2, 3, 4, np.nan, 6, 7, 8, 9, 10, 11, np.nan])
 
 
 def load_tool():
-    return load_module(REPO / "launch" / "inspect_rounds.py")
+    from evotune.trainer.cli import inspect_rounds
+    return inspect_rounds
 
 
 def pick(r, k, pool_index, source, selector, **numbers):
