@@ -14,8 +14,6 @@ config names each of them as a section: ``selection.<name>`` in :class:`Selectio
 ``scoring.<name>`` in :class:`ScoringConfig` (``tests/trainer/test_config.py`` checks that these
 agree with the two registries). A rule or a score registered from your own launch script
 (``register``) brings its settings with it: its section is added when the config is made.
-Keys that moved there from a flat ``selection.*`` field are listed in :data:`MOVED`: a saved
-run config is migrated, a YAML file or an override gets an error naming the new key.
 
 Input paths (model, data, eval) written in a YAML file are resolved against that file's folder,
 so a config and the data next to it travel together; given on the command line they are
@@ -428,44 +426,6 @@ class Config:
         return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
 
 
-# Flat selection keys that became a selector's or a score's own setting (2026-11-30).
-MOVED: dict[str, tuple[str, ...]] = {
-    "selection.score": ("selection.weighted.score", "selection.repr_filter.score",
-                        "selection.cluster_quota.score", "selection.facility_location.score"),
-    "selection.alpha": ("selection.weighted.alpha",),
-    "selection.repr_threshold": ("selection.repr_filter.threshold",),
-    "selection.n_clusters": ("selection.cluster_quota.n_clusters",),
-    "selection.quota": ("selection.cluster_quota.quota",),
-    "selection.cluster_pick": ("selection.cluster_quota.pick",),
-    "selection.facility_weighted": ("selection.facility_location.weighted",),
-    "selection.first_round_clusters": ("selection.pre_experienced.n_clusters",),
-    "selection.chunk_size": ("selection.kcenter.chunk_size", "selection.weighted.chunk_size",
-                             "scoring.knn_k.chunk_size"),
-    "selection.knn_k": ("scoring.knn_k.k",),
-    "selection.linear": ("scoring.linear.rule",),
-}
-
-
-def _moved_error(key: str) -> ConfigError:
-    new = MOVED[key]
-    if len(new) == 1:
-        return ConfigError(f"{key} has moved to {new[0]} (each selector's settings are under "
-                           f"selection.<selector>, each score's under scoring.<score>)")
-    return ConfigError(f"{key} has moved: each selector or score now has its own; set it where "
-                       f"you use it: {', '.join(new)}")
-
-
-def migrate(flat: dict[str, Any]) -> dict[str, Any]:
-    """A flat saved config (``{"section.key": value}``) with every :data:`MOVED` key renamed to
-    its new place(s), so a run started before the move resumes with the same settings."""
-    out = {k: v for k, v in flat.items() if k not in MOVED}
-    for old, new in MOVED.items():
-        if old in flat:
-            for key in new:
-                out.setdefault(key, flat[old])
-    return out
-
-
 def flatten(d: dict, prefix: str = ""):
     """Yield ``("section.key", value)`` for every leaf of a nested config dict."""
     for k, v in d.items():
@@ -559,8 +519,6 @@ def _section_fields(obj) -> dict[str, dataclasses.Field]:
 
 def _set(cfg: Config, key: str, value: Any, base_dir: Path | None) -> None:
     """Set dotted ``key`` on ``cfg`` with type checking; ``base_dir`` resolves relative paths."""
-    if key in MOVED:
-        raise _moved_error(key)
     parts = key.split(".")
     obj: Any = cfg
     for i, part in enumerate(parts):
@@ -638,10 +596,11 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = (),
 
 
 def config_from_dict(d: dict) -> Config:
-    """Rebuild a Config from :meth:`Config.to_dict` output (paths already absolute; keys that
-    have moved since it was saved are migrated, :func:`migrate`)."""
+    """Rebuild a Config from :meth:`Config.to_dict` output (paths already absolute). Raises
+    ConfigError on a key this version does not have (a config saved by another version) or a
+    wrong type, as :func:`load_config`; keys the dict lacks keep their defaults."""
     cfg = Config()
-    for key, value in migrate(dict(flatten(d))).items():
+    for key, value in flatten(d):
         _set(cfg, key, value, None)
     return cfg
 

@@ -15,7 +15,7 @@ from evotune.selectors import registry as selector_registry
 from evotune.selectors.base import Selection, option
 from evotune.trainer import config as config_module
 from evotune.trainer import scores as score_registry
-from evotune.trainer.config import (MOVED, Config, ConfigError, ScoringConfig, SelectionConfig,
+from evotune.trainer.config import (Config, ConfigError, ScoringConfig, SelectionConfig,
                                     config_from_dict, describe, load_config, parse_override,
                                     resolve_budget, result_keys, safe_keys)
 from evotune.trainer.data import load_examples
@@ -469,46 +469,21 @@ def test_a_model_path_must_be_a_local_model_dir_or_embedded(pool, tmp_path, key)
         "embedded:smollm2-135m-instruct"
 
 
-# ----------------------------------------------------------------------------- moved keys
+# ----------------------------------------------------------------------------- earlier versions
 
-@pytest.mark.parametrize("old", sorted(MOVED))
-def test_a_moved_key_is_refused_naming_its_new_place(pool, old, tmp_path):
-    message = config_error(pool, f"{old}=1")
-    assert message.startswith(f"{old} has moved") and all(new in message for new in MOVED[old])
-    # in a YAML file too (nested, as a preset writes it)
+@pytest.mark.parametrize("old", ["selection.score", "selection.alpha", "selection.chunk_size"])
+def test_a_flat_key_of_an_earlier_version_is_an_unknown_key(pool, old, tmp_path):
+    """Keys that have since become a rule's own setting (``selection.weighted.alpha``) are
+    refused like any unknown key, in an override, a YAML file and a saved run config."""
+    assert config_error(pool, f"{old}=1").startswith(f"unknown config key '{old}'")
     section, key = old.split(".")
     path = write_yaml(tmp_path / "old.yaml", f"data:\n  pool: {pool}\n{section}:\n  {key}: 1\n")
-    with pytest.raises(ConfigError, match=f"{old} has moved"):
+    with pytest.raises(ConfigError, match=f"unknown config key '{old}'"):
         load_config(path)
-
-
-def test_every_moved_key_lands_on_a_real_key():
-    keys = set(Config().flat())
-    assert all(new in keys for targets in MOVED.values() for new in targets)
-
-
-def test_a_run_config_saved_before_the_move_is_migrated(pool):
-    """A config.json written by an earlier version (flat selection keys) resumes with the same
-    settings in their new places."""
     saved = load(pool).to_dict()
-    for section in ("kcenter", "weighted", "repr_filter", "cluster_quota", "facility_location",
-                    "pre_experienced"):
-        del saved["selection"][section]
-    del saved["scoring"]["knn_k"], saved["scoring"]["linear"]
-    saved["selection"].update({"selector": "weighted", "score": "ifd_cherry", "alpha": 0.3,
-                               "repr_threshold": 0.8, "n_clusters": 5, "quota": "equal",
-                               "cluster_pick": "centroid", "facility_weighted": True,
-                               "first_round_clusters": 7, "chunk_size": 512, "knn_k": 4,
-                               "linear": "1*loss"})
-    cfg = config_from_dict(saved)
-    s = cfg.selection
-    assert (s.weighted.score, s.weighted.alpha, s.weighted.chunk_size) == ("ifd_cherry", 0.3, 512)
-    assert (s.repr_filter.score, s.repr_filter.threshold) == ("ifd_cherry", 0.8)
-    assert (s.cluster_quota.n_clusters, s.cluster_quota.quota, s.cluster_quota.pick) == (
-        5, "equal", "centroid")
-    assert s.facility_location.weighted and s.pre_experienced.n_clusters == 7
-    assert s.kcenter.chunk_size == 512 and cfg.scoring.knn_k.chunk_size == 512
-    assert (cfg.scoring.knn_k.k, cfg.scoring.linear.rule) == (4, "1*loss")
+    saved["selection"][key] = 1
+    with pytest.raises(ConfigError, match=f"unknown config key '{old}'"):
+        config_from_dict(saved)
 
 
 def test_describe_mentions_every_key():
