@@ -25,6 +25,7 @@ A selector is a class with (``selectors/kcenter.py`` is the model to copy):
 from __future__ import annotations
 
 import dataclasses
+import operator
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Protocol
 
@@ -61,24 +62,25 @@ def option(default: Any, doc: str, *, choices: tuple | Callable[[], tuple] | Non
     return field(default=default, metadata=meta)
 
 
+_BOUNDS = {"gt": (operator.gt, ">"), "ge": (operator.ge, ">="), "lt": (operator.lt, "<"),
+           "le": (operator.le, "<=")}
+
+
 def out_of_range(f: dataclasses.Field, value: Any) -> str | None:
     """What is wrong with ``value`` for the bounds of field ``f`` (made with :func:`option`),
     e.g. ``"must be in [0, 1), got 1.5"``; None when it is inside them or not a number."""
-    m = f.metadata
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
-    low = ("[", m["ge"]) if m.get("ge") is not None else ("(", m["gt"]) \
-        if m.get("gt") is not None else None
-    high = ("]", m["le"]) if m.get("le") is not None else (")", m["lt"]) \
-        if m.get("lt") is not None else None
-    if (low is None or (value >= low[1] if low[0] == "[" else value > low[1])) and \
-            (high is None or (value <= high[1] if high[0] == "]" else value < high[1])):
+    bounds = {op: f.metadata[op] for op in _BOUNDS if f.metadata.get(op) is not None}
+    if all(_BOUNDS[op][0](value, bound) for op, bound in bounds.items()):
         return None
+    low = next(((op, b) for op, b in bounds.items() if op in ("gt", "ge")), None)
+    high = next(((op, b) for op, b in bounds.items() if op in ("lt", "le")), None)
     if low and high:
-        return f"must be in {low[0]}{low[1]}, {high[1]}{high[0]}, got {value}"
-    if low:
-        return f"must be {'>=' if low[0] == '[' else '>'} {low[1]}, got {value}"
-    return f"must be {'<=' if high[0] == ']' else '<'} {high[1]}, got {value}"
+        return (f"must be in {'[' if low[0] == 'ge' else '('}{low[1]}, "
+                f"{high[1]}{']' if high[0] == 'le' else ')'}, got {value}")
+    op, bound = low or high
+    return f"must be {_BOUNDS[op][1]} {bound}, got {value}"
 
 
 @dataclass
