@@ -11,9 +11,11 @@ A selector is a class with (``selectors/kcenter.py`` is the model to copy):
 - ``name``: its key in ``selection.selector`` and in ``selectors/registry.py``;
 - ``doc`` and ``logs``: one line each, what it picks and the numbers it logs per pick (the
   README's selector table and ``--help-config`` are generated from them);
-- ``Options``: a dataclass of its settings, every field made with :func:`option`; the config
-  reads them under ``selection.<name>.<field>``. A ``check()`` method, when present, raises
-  ValueError (``"field: problem"``) on an impossible combination;
+- ``Options``: a dataclass of its settings, every field made with :func:`option` (its doc,
+  and its allowed values or bounds, checked by the config); the config reads them under
+  ``selection.<name>.<field>``, from the field of ``SelectionConfig`` (``trainer/config.py``)
+  that names the class. A ``check()`` method, when present, raises ValueError
+  (``"field: problem"``) on an impossible combination of fields;
 - ``needs_embeddings`` and ``scores``: what the feature pass must compute for it (``scores``
   may depend on the options: set it in ``__init__``);
 - ``__init__(options)``, ``select(features, labeled, candidates, n, rng)`` and
@@ -23,35 +25,62 @@ A selector is a class with (``selectors/kcenter.py`` is the model to copy):
 from __future__ import annotations
 
 import dataclasses
+import operator
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol
+from typing import Any, Callable, ClassVar, Protocol
 
 import numpy as np
 
 
-def option(default: Any, doc: str, choices: tuple | None = None, score: bool = False,
-           safe: bool = False, path: str | None = None):
-    """A field of an ``Options`` dataclass: its default and a one-line doc.
+def option(default: Any, doc: str, *, choices: tuple | Callable[[], tuple] | None = None,
+           gt: float | None = None, ge: float | None = None, lt: float | None = None,
+           le: float | None = None, score: bool = False, safe: bool = False,
+           path: str | None = None):
+    """A settings field with its default and a one-line doc: every field of the run config
+    (``trainer/config.py``) and of a selector's or a score's ``Options`` is made with it.
 
-    ``choices``: the allowed values. ``score=True``: the value names a score (the config checks
-    it against the score registry, ``trainer/scores.py``). ``safe=True``: changing it leaves
-    results unchanged (a memory bound, say), so a resumed run may change it. ``path="file"`` or
-    ``"model"``: an input file or a local model dir (or ``embedded:...``), relative to the YAML
-    file that names it (as ``data.pool``); the config checks that it exists.
+    ``choices``: the allowed values (a tuple, or a function returning one, read when the config
+    is checked: e.g. the registered selectors). ``gt``, ``ge``, ``lt``, ``le``: bounds of a
+    number (>, >=, <, <=), checked by the config (:func:`out_of_range`). ``score=True``: the
+    value names a score (the config checks it against the score registry,
+    ``trainer/scores.py``). ``safe=True``: changing it leaves results unchanged (a memory bound,
+    say), so a resumed run may change it, with a warning.
+
+    ``path``: the value is a path. ``"input"``: relative to the YAML file that names it (on the
+    command line, to the current directory); ``"file"`` and ``"model"`` likewise, and the
+    config also checks that the input file or the local model dir (``config.json``) exists
+    (``embedded:...`` is a model too); ``"output"``: always relative to the current directory.
     """
-    meta = {"doc": doc, "choices": choices, "score": score, "safe": safe,
-            "path": "input" if path else None, "exists": path}
+    if path not in (None, "input", "file", "model", "output"):
+        raise ValueError(f"option path must be input, file, model or output, got {path!r}")
+    meta = {"doc": doc, "choices": choices, "gt": gt, "ge": ge, "lt": lt, "le": le,
+            "score": score, "safe": safe,
+            "path": "output" if path == "output" else "input" if path else None,
+            "exists": path if path in ("file", "model") else None}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
     return field(default=default, metadata=meta)
 
 
-def require_positive(options, *names: str) -> None:
-    """For an ``Options.check()``: raise ValueError (``"field: ..."``) unless every named
-    setting is > 0."""
-    for name in names:
-        if getattr(options, name) < 1:
-            raise ValueError(f"{name}: must be > 0, got {getattr(options, name)}")
+_BOUNDS = {"gt": (operator.gt, ">"), "ge": (operator.ge, ">="), "lt": (operator.lt, "<"),
+           "le": (operator.le, "<=")}
+
+
+def out_of_range(f: dataclasses.Field, value: Any) -> str | None:
+    """What is wrong with ``value`` for the bounds of field ``f`` (made with :func:`option`),
+    e.g. ``"must be in [0, 1), got 1.5"``; None when it is inside them or not a number."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    bounds = {op: f.metadata[op] for op in _BOUNDS if f.metadata.get(op) is not None}
+    if all(_BOUNDS[op][0](value, bound) for op, bound in bounds.items()):
+        return None
+    low = next(((op, b) for op, b in bounds.items() if op in ("gt", "ge")), None)
+    high = next(((op, b) for op, b in bounds.items() if op in ("lt", "le")), None)
+    if low and high:
+        return (f"must be in {'[' if low[0] == 'ge' else '('}{low[1]}, "
+                f"{high[1]}{']' if high[0] == 'le' else ')'}, got {value}")
+    op, bound = low or high
+    return f"must be {_BOUNDS[op][1]} {bound}, got {value}"
 
 
 @dataclass

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from evotune.selectors.base import (Features, Selection, option, options_dict,
-                                    require_positive, scored_candidates)
+                                    scored_candidates)
 from evotune.selectors.sharded import SingleProcess, top_k, values_at
 
 QUOTAS = ("proportional", "equal")
@@ -385,22 +385,21 @@ class ClusterQuotaSelector:
     class Options:
         score: str = option("loss", "the score ranked inside each cluster (with pick: score)",
                             score=True)
-        n_clusters: int = option(8, "KMeans clusters over the candidates")
+        n_clusters: int = option(8, "KMeans clusters over the candidates", gt=0)
         quota: str = option("proportional", "picks per cluster", choices=QUOTAS)
         pick: str = option("score", "inside a cluster, the best scores or the members closest "
                                     "to the centroid (TAGCOS)", choices=("score", "centroid"))
         n_init: int = option(10, "KMeans restarts (pinned: scikit-learn's default has changed "
-                                 "across versions; kmeans: full)")
+                                 "across versions; kmeans: full)", gt=0)
         kmeans: str = option("full", "full: scikit-learn's KMeans over the candidates gathered "
                                      "on rank 0 (TAGCOS); minibatch: MiniBatchKMeans streamed "
                                      "a batch at a time, selecting sharded (other clusters)",
                              choices=KMEANS)
         batch_size: int = option(4096, "kmeans: minibatch: rows per partial_fit batch "
-                                       "(at least n_clusters)")
-        passes: int = option(3, "kmeans: minibatch: passes over the candidates")
+                                       "(at least n_clusters)", gt=0)
+        passes: int = option(3, "kmeans: minibatch: passes over the candidates", gt=0)
 
         def check(self) -> None:
-            require_positive(self, "n_clusters", "n_init", "batch_size", "passes")
             if self.kmeans == "minibatch" and self.batch_size < self.n_clusters:
                 raise ValueError(f"batch_size: {self.batch_size} rows cannot seed "
                                  f"{self.n_clusters} clusters; give at least n_clusters")

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from evotune.selectors.base import (Features, Selection, option, options_dict,
-                                    require_positive, scored_candidates)
+                                    scored_candidates)
 
 
 def _dissimilarity(d: np.ndarray, gamma: float) -> np.ndarray:
@@ -191,10 +191,8 @@ class FacilityLocationSelector:
                                     "`weighted`, coverage is weighted by it", score=True)
         weighted: bool = option(False, "weight coverage by the normalised score")
         max_candidates: int = option(20000, "largest candidate set accepted: the kernel is a "
-                                            "dense candidates² float32 matrix (1.6 GB at 20,000)")
-
-        def check(self) -> None:
-            require_positive(self, "max_candidates")
+                                            "dense candidates² float32 matrix (1.6 GB at 20,000)",
+                                     gt=0)
 
     def __init__(self, options: Options | None = None):
         self.options = options or self.Options()

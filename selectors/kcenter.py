@@ -29,8 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from evotune.selectors.base import (Features, Selection, option, options_dict,
-                                    require_positive)
+from evotune.selectors.base import Features, Selection, option, options_dict
 from evotune.selectors.sharded import SingleProcess
 
 
@@ -274,10 +273,7 @@ class KCenterSelector:
     class Options:
         chunk_size: int = option(4096, "candidate rows per distance block (a memory bound; also "
                                        "the block of the k-center fill of unscored candidates)",
-                                 safe=True)
-
-        def check(self) -> None:
-            require_positive(self, "chunk_size")
+                                 gt=0, safe=True)
 
     def __init__(self, options: Options | None = None):
         self.options = options or self.Options()

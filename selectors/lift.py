@@ -132,16 +132,12 @@ class LiftSelector:
 
     @dataclass
     class Options:
-        variance: float = option(0.95, "fraction of the variance the PCA keeps (LIFT: 0.95)")
+        variance: float = option(0.95, "fraction of the variance the PCA keeps (LIFT: 0.95)",
+                                 gt=0, le=1)
         keep: float = option(0.5, "fraction of the candidates kept by row variance before the "
-                                  "quality step (at least the round's budget)")
+                                  "quality step (at least the round's budget)", gt=0, le=1)
         score: Optional[str] = option(None, "the quality score ranked within the kept rows; "
                                             "null = rank by row variance only", score=True)
-
-        def check(self) -> None:
-            for key in ("variance", "keep"):
-                if not 0 < getattr(self, key) <= 1:
-                    raise ValueError(f"{key}: must be in (0, 1], got {getattr(self, key)}")
 
     def __init__(self, options: Options | None = None):
         self.options = options or self.Options()

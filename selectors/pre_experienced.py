@@ -30,8 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from evotune.selectors.base import (Features, Selection, option, options_dict,
-                                    require_positive)
+from evotune.selectors.base import Features, Selection, option, options_dict
 from evotune.selectors.cluster_quota import canonical_labels
 
 SCORE = "instruction_perplexity"
@@ -73,17 +72,14 @@ class PreExperiencedSelector:
 
     @dataclass
     class Options:
-        n_clusters: int = option(100, "KMeans clusters (Cherry: 100)")
+        n_clusters: int = option(100, "KMeans clusters (Cherry: 100)", gt=0)
         low: float = option(25.0, "lower percentile of a cluster's prompt-perplexity band "
-                                  "(Cherry: 25)")
+                                  "(Cherry: 25)", ge=0, le=100)
         up: float = option(75.0, "upper percentile of the band (Cherry: 75)")
         n_init: int = option(10, "KMeans restarts (pinned: scikit-learn's default has changed "
-                                 "across versions)")
+                                 "across versions)", gt=0)
 
         def check(self) -> None:
-            require_positive(self, "n_clusters", "n_init")
-            if not 0 <= self.low <= 100:
-                raise ValueError(f"low: a percentile, must be in [0, 100], got {self.low}")
             if not self.low <= self.up <= 100:
                 raise ValueError(f"up: must be in [low, 100] = [{self.low}, 100], got {self.up}")
 

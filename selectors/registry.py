@@ -1,11 +1,13 @@
 """Every selector by name: the one list that config validation, ``--help-config``, the README's
 selector table and the round loop read.
 
-Adding a selector is one file plus one line: write ``selectors/<name>.py`` with a class shaped
-like :class:`~evotune.selectors.kcenter.KCenterSelector` (see ``selectors/base.py``) and add it
-to :data:`SELECTORS` below. From your own launch script, :func:`register` adds one without
-editing evotune (call it before the config is loaded). The README's "Adding a selector or a
-score" walks through both.
+Adding a selector is one file plus two lines: write ``selectors/<name>.py`` with a class shaped
+like :class:`~evotune.selectors.kcenter.KCenterSelector` (see ``selectors/base.py``), add it
+to :data:`SELECTORS` below and, when it has settings, name its ``Options`` as a field of
+``SelectionConfig`` in ``trainer/config.py`` (a test checks the two agree). From your own launch
+script, :func:`register` adds one without editing evotune (call it before the config is loaded;
+its settings become a ``selection.<name>`` section all the same). The README's "Adding a
+selector or a score" walks through both.
 """
 
 from __future__ import annotations

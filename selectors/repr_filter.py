@@ -251,12 +251,8 @@ class RepresentationFilterSelector:
         score: str = option("loss", "the score candidates are walked by (highest first)",
                             score=True)
         threshold: float = option(0.9, "admit a candidate only if its max cosine similarity to "
-                                       "everything selected is at most this (DEITA: 0.9)")
-
-        def check(self) -> None:
-            if not -1 <= self.threshold <= 1:
-                raise ValueError(f"threshold: a cosine similarity, must be in [-1, 1], got "
-                                 f"{self.threshold}")
+                                       "everything selected is at most this (DEITA: 0.9)",
+                                   ge=-1, le=1)
 
     def __init__(self, options: Options | None = None):
         self.options = options or self.Options()

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from evotune.selectors.base import (Features, Selection, option, options_dict,
-                                    require_positive, scored_candidates)
+                                    scored_candidates)
 from evotune.selectors.kcenter import (accelerator, add_pick, check_inputs,
                                        sharded_centres)
 from evotune.selectors.sharded import SingleProcess, global_max
@@ -133,14 +133,9 @@ class WeightedSelector:
         score: str = option("loss", "the score mixed with the k-center distance (higher = "
                                     "preferred)", score=True)
         alpha: float = option(0.5, "weight of the score against the k-center distance (0 = "
-                                   "k-center, 1 = top score)")
+                                   "k-center, 1 = top score)", ge=0, le=1)
         chunk_size: int = option(4096, "candidate rows per distance block (a memory bound)",
-                                 safe=True)
-
-        def check(self) -> None:
-            if not 0 <= self.alpha <= 1:
-                raise ValueError(f"alpha: must be in [0, 1], got {self.alpha}")
-            require_positive(self, "chunk_size")
+                                 gt=0, safe=True)
 
     def __init__(self, options: Options | None = None):
         self.options = options or self.Options()

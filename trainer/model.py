@@ -26,11 +26,11 @@ from peft import PeftModel
 from transformers import (AutoModelForCausalLM, AutoTokenizer, PreTrainedModel,
                           PreTrainedTokenizerBase)
 
+from evotune.trainer.sources import EMBEDDED_PREFIX, check_model
 from evotune.trainer.state import cache_root, file_hash
 
 logger = logging.getLogger(__name__)
 
-EMBEDDED_PREFIX = "embedded:"
 # Written last into a converted model dir: a dir without it is an interrupted conversion.
 CONVERT_MARKER = "evotune_convert.json"
 
@@ -82,14 +82,10 @@ def resolve_model_path(spec: str, cache_dir: str | os.PathLike | None = None) ->
             raise ValueError(f"unknown embedded model {spec!r}; known: {known}")
         return _ensure_converted(EMBEDDED_MODELS[name], _cache_root(cache_dir))
 
-    path = Path(spec).expanduser()
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(
-            f"model path {str(path)!r} is not a local model directory (missing or no config.json). "
-            "Hub ids cannot be downloaded here: give a local Hugging Face model directory or "
-            f"'{EMBEDDED_PREFIX}smollm2-135m-instruct'."
-        )
-    return path
+    if problem := check_model(spec):
+        raise FileNotFoundError(f"model path {problem}: give a local Hugging Face model "
+                                f"directory or '{EMBEDDED_PREFIX}smollm2-135m-instruct'")
+    return Path(spec).expanduser()
 
 
 def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:

@@ -28,8 +28,10 @@ one :class:`Score` entry in :data:`SCORES`; its ``source`` says which pass calls
 - ``influence``: the gradient pass (``trainer/passes/influence.py``), which writes it.
 
 A score of a new kind (another model, another forward pass) needs a new pass under
-``trainer/passes/``. A score's settings are an ``options`` dataclass, read by the config under
-``scoring.<name>.<field>``; ``check(cfg)`` refuses a config that cannot compute the score.
+``trainer/passes/``. A score's settings are an ``options`` dataclass (fields made with
+:func:`~evotune.selectors.base.option`), read by the config under ``scoring.<name>.<field>``
+from the field of ``ScoringConfig`` (``trainer/config.py``) that names it; ``check(cfg)``
+refuses a config that cannot compute the score.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from evotune.selectors.base import Features, option, require_positive
+from evotune.selectors.base import Features, option
 from evotune.selectors.sharded import SingleProcess
 from evotune.trainer.data import IGNORE_INDEX
 
@@ -131,14 +133,12 @@ def _ifd_superfilter(loss_cond: float, loss_direct: float) -> float:
 
 @dataclass
 class KnnOptions:
-    k: int = option(6, "the neighbour whose distance is the score (Instruction Mining: 6)")
-    chunk_size: int = option(4096, "most rows per side of a distance tile", safe=True)
+    k: int = option(6, "the neighbour whose distance is the score (Instruction Mining: 6)",
+                    gt=0)
+    chunk_size: int = option(4096, "most rows per side of a distance tile", gt=0, safe=True)
     block_mb: int = option(256, "memory bound of one distance tile (rows × rows × 20 bytes: "
                                 "float64 products, float32 distances, the merge's copies): "
-                                "smaller tiles under a smaller bound", safe=True)
-
-    def check(self) -> None:
-        require_positive(self, "k", "chunk_size", "block_mb")
+                                "smaller tiles under a smaller bound", gt=0, safe=True)
 
 
 # bytes alive per tile cell: the float64 products, their float32 rounding, the running k
@@ -260,13 +260,10 @@ class ExcessOptions:
     of: str = option("loss", "the loss compared: the current model's (loss: no extra pass) or "
                              "the reference model's (reference_loss)",
                      choices=("loss", "reference_loss"))
-    k: int = option(10, "neighbours: the k rows with the nearest prompts")
-    chunk_size: int = option(4096, "most rows per side of a distance tile", safe=True)
+    k: int = option(10, "neighbours: the k rows with the nearest prompts", gt=0)
+    chunk_size: int = option(4096, "most rows per side of a distance tile", gt=0, safe=True)
     block_mb: int = option(256, "memory bound of one distance tile (as scoring.knn_k's)",
-                           safe=True)
-
-    def check(self) -> None:
-        require_positive(self, "k", "chunk_size", "block_mb")
+                           gt=0, safe=True)
 
 
 PROMPT_EMBEDDINGS = "prompt_embeddings"     # Features.extra: the prompts' pooled hidden states

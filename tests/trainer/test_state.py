@@ -262,26 +262,20 @@ def test_changed_safe_key_is_a_warning_naming_it(tmp_path):
     assert any("train.log_every" in w for w in p.warnings)
 
 
-def test_a_run_saved_before_the_options_moved_resumes_and_still_refuses_a_real_change(tmp_path):
-    """config.json of an earlier version: flat selection keys, no per-selector sections, no
-    options added since. Same settings: no refusal; a changed one: refused under its new key."""
+def test_a_run_saved_with_a_key_this_version_lacks_is_refused_naming_it(tmp_path):
+    """config.json of another version, with a setting since renamed or removed (a flat
+    ``selection.alpha`` that became ``selection.weighted.alpha``): its meaning cannot be
+    compared, so the resume is refused, naming the key. A key the saved config lacks (added
+    since) had its default's behaviour: accepted."""
     out = make_run(tmp_path / "run", make_cfg())
     saved = json.loads((out / "config.json").read_text())
-    for section in ("kcenter", "weighted", "repr_filter", "cluster_quota", "facility_location",
-                    "pre_experienced"):
-        del saved["selection"][section]
-    del saved["scoring"]["knn_k"], saved["scoring"]["linear"]
-    saved["selection"].update({"score": "loss", "alpha": 0.5, "repr_threshold": 0.9,
-                               "n_clusters": 8, "quota": "proportional", "cluster_pick": "score",
-                               "facility_weighted": False, "first_round_clusters": 100,
-                               "chunk_size": 4096, "knn_k": 6, "linear": ""})
+    del saved["selection"]["weighted"]                   # added since: the default
     (out / "config.json").write_text(json.dumps(saved))
-    p = plan(out, make_cfg())
-    assert p.start_round == 2 and not any("selection" in w for w in p.warnings)
-    cfg = make_cfg()
-    cfg.selection.weighted.alpha = 0.25
-    with pytest.raises(ValueError, match=r"selection\.weighted\.alpha \(0\.5 -> 0\.25\)"):
-        plan(out, cfg)
+    assert plan(out, make_cfg()).start_round == 2
+    saved["selection"]["alpha"] = 0.5                    # removed since: refused
+    (out / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match=r"does not have: selection\.alpha \(renamed"):
+        plan(out, make_cfg())
 
 
 def test_after_a_random_round_0_the_selection_rule_may_change(tmp_path):
