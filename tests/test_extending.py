@@ -56,9 +56,8 @@ def launch(argv: list[str]) -> int:
 
     register(SkipTop)
     register_score(Score("neg_length", "forward", "minus the response length", _neg_length))
-    sys.path.insert(0, str(REPO / "launch"))
-    import train
-    return train.main(argv)
+    from evotune.trainer.cli.train import main          # what `evotune train` runs
+    return main(argv)
 
 
 def run_launch(args: list[str]) -> subprocess.CompletedProcess:
