@@ -26,7 +26,7 @@ from peft import PeftModel
 from transformers import (AutoModelForCausalLM, AutoTokenizer, PreTrainedModel,
                           PreTrainedTokenizerBase)
 
-from evotune.trainer.state import cache_root, file_hash
+from evotune.trainer.files import cache_root, file_hash
 
 logger = logging.getLogger(__name__)
 
