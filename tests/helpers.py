@@ -259,7 +259,7 @@ def ifd_scores(model, tokenizer, rows: list, variant: str, max_length: int,
     from evotune.trainer.fit import logits_window
     from evotune.trainer.model import backbone, lm_head
     from evotune.trainer.passes.ifd import ifd_inputs, ifd_value
-    from evotune.trainer.scores import response_scores
+    from evotune.trainer.passes.forward import response_scores
 
     out: list[dict] = [{} for _ in rows]
     seqs: list[Encoded] = []

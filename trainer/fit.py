@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from evotune.trainer.config import TrainConfig
 from evotune.trainer.data import (IGNORE_INDEX, ChoiceSet, Encoded, collate, plan_batches,
                                   shard_batches)
-from evotune.trainer.state import crash_point, derive_seed
+from evotune.trainer.seeding import derive_seed
+from evotune.trainer.state import crash_point
 
 
 def lr_at(step: int, total: int, t: TrainConfig) -> float:

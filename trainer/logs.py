@@ -19,6 +19,8 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                            TimeElapsedColumn, TimeRemainingColumn)
 from rich.table import Table
 
+from evotune.trainer.files import write_text_atomic
+
 log = logging.getLogger("evotune")
 
 
@@ -112,7 +114,6 @@ def drop_metrics_after(out_dir: Path, round_idx: int) -> None:
     path = Path(out_dir) / "metrics.jsonl"
     if not path.is_file():
         return
-    from evotune.trainer.state import write_text_atomic
     kept = []
     for n, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
         if not line.strip():

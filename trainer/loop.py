@@ -41,12 +41,13 @@ from evotune.trainer.passes.features import FeaturePass, PassResult, mark_unsamp
 from evotune.trainer.passes.forward import PassStats, gather_shards
 from evotune.trainer.passes.streamed import RowsPart, save_parts
 from evotune.trainer.selected import write_selected
-from evotune.trainer.state import (STATE_FILE, ResumePlan, RoundState, capture_rng, crash_point,
-                                   derive_seed, fsync_tree, last_completed_round,
-                                   partial_dir, plan_resume, read_state, restore_rng, round_dir,
-                                   sample_size, seeded_sample, write_bytes_atomic,
-                                   write_checkpoint_manifest, write_json_atomic,
+from evotune.trainer.files import (fsync_tree, write_bytes_atomic, write_json_atomic,
                                    write_text_atomic)
+from evotune.trainer.seeding import (capture_rng, derive_seed, restore_rng, sample_size,
+                                     seeded_sample)
+from evotune.trainer.state import (STATE_FILE, ResumePlan, RoundState, crash_point,
+                                   last_completed_round, partial_dir, plan_resume, read_state,
+                                   round_dir, write_checkpoint_manifest)
 from evotune.trainer.tokens import TokenizedPool
 
 

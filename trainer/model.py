@@ -26,8 +26,8 @@ from peft import PeftModel
 from transformers import (AutoModelForCausalLM, AutoTokenizer, PreTrainedModel,
                           PreTrainedTokenizerBase)
 
+from evotune.trainer.files import cache_root, file_hash
 from evotune.trainer.sources import EMBEDDED_PREFIX, check_model
-from evotune.trainer.state import cache_root, file_hash
 
 logger = logging.getLogger(__name__)
 

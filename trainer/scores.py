@@ -9,8 +9,8 @@ uncertainty baselines are signed to make "less certain" larger). A score is one 
 one :class:`Score` entry in :data:`SCORES`; its ``source`` says which pass calls the function:
 
 - ``forward``: the conditioned forward pass over the pool (the embedding pass, in the training
-  template), one row at a time: ``compute(tokens: ResponseTokens) -> float`` over the row's
-  response tokens;
+  template: ``response_scores`` in ``trainer/passes/forward.py``), one row at a time:
+  ``compute(tokens: ResponseTokens) -> float`` over the row's response tokens;
 - ``ifd``: IFD's passes (``trainer/passes/ifd.py``): ``compute(loss_cond, loss_direct) ->
   float`` from the answer's two mean losses (nats/token); ValueError = no value, with its reason;
 - ``derived``: after the passes: ``compute(features, options) -> (values, skipped)`` from the
@@ -49,7 +49,6 @@ import torch.nn.functional as F
 
 from evotune.selectors.base import Features, option
 from evotune.selectors.sharded import SingleProcess
-from evotune.trainer.data import IGNORE_INDEX
 
 SOURCES = ("forward", "ifd", "derived", "targets", "reward", "reference", "influence")
 
@@ -573,32 +572,3 @@ def check_computable(wanted, cfg) -> None:
     reference's holdout through ``reference_loss``)."""
     for name in with_inputs(wanted, lambda n: getattr(cfg.scoring, n, None)):
         SCORES[name].check(cfg)
-
-
-@torch.no_grad()
-def response_scores(logits: torch.Tensor, labels: torch.Tensor,
-                    score_names: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
-    """The ``forward`` scores of each row of a batch (default: all of them).
-
-    Args:
-        logits: (B, K, V) logits of the last K positions (see ``trainer.fit.logits_window``).
-        labels: (B, T) token labels, IGNORE_INDEX outside the response.
-
-    Returns:
-        name → (B,) float64 tensor on the CPU, NaN for a row without response tokens.
-    """
-    if score_names is None:
-        score_names = names("forward")
-    k, t = logits.size(1), labels.size(1)
-    targets = labels[:, t - k + 1:]
-    out = {name: torch.full((logits.size(0),), float("nan"), dtype=torch.float64)
-           for name in score_names}
-    # One row at a time: a (K, V) fp32 softmax per row instead of (B, K, V) at once.
-    for i in range(logits.size(0)):
-        mask = targets[i] != IGNORE_INDEX
-        if not mask.any():
-            continue
-        row = ResponseTokens(logits[i, :-1][mask].float(), targets[i][mask])
-        for name in score_names:
-            out[name][i] = SCORES[name].compute(row)
-    return out

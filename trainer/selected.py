@@ -20,7 +20,8 @@ from pathlib import Path
 
 from evotune.trainer.data import DataError, parse_row, rename_columns
 from evotune.trainer.sources import read_rows, to_json
-from evotune.trainer.state import round_dir, write_text_atomic
+from evotune.trainer.files import write_text_atomic
+from evotune.trainer.state import round_dir
 
 FILE = "selected.jsonl"
 ROUND, ORDER = "evotune_round", "evotune_pick_order"

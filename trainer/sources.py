@@ -36,7 +36,7 @@ import os
 import re
 from pathlib import Path
 
-from evotune.trainer.state import file_hash
+from evotune.trainer.files import file_hash
 
 PARQUET = (".parquet", ".pq")
 CSV_DELIMITERS = {".csv": ",", ".tsv": "\t"}

@@ -24,30 +24,29 @@ Layout of an output dir (this module owns it; the README's "Outputs and logs" sa
 
 A round is complete only when ``state.json`` exists; a round folder without it is the remains
 of a crash and is redone from the previous complete round, never partly reused.
+
+Atomic writes and fsync live in ``trainer/files.py``; seeds and the RNG states a round's state
+carries, in ``trainer/seeding.py``. A resume compares the run's saved config with the current
+one (``trainer/config.py``) and its inputs by content (``trainer/sources.py``).
 """
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import json
 import os
-import random
 import signal
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
-import torch
+from evotune.trainer.config import Config, flatten, result_keys, settings
+from evotune.trainer.files import file_hash, fsync_tree, write_json_atomic
+from evotune.trainer.sources import DataError, input_hash
 
 STATE_FILE = "state.json"
 STATE_VERSION = 1
 # Written first into every output dir: evotune deletes only dirs that carry it (or an older
 # run's config.json and rounds/), never a folder of the user's.
 RUN_MARKER = ".evotune-run"
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 
 
 @dataclass
@@ -83,73 +82,6 @@ def partial_dir(out: Path, round_idx: int) -> Path:
     """Where a round's gradient pass keeps its finished batches until the round is complete
     (outside ``rounds/``, which a resume clears for the rounds it redoes)."""
     return Path(out) / "partial" / f"round_{round_idx:03d}"
-
-
-def fsync_dir(path: Path) -> None:
-    """Flush a directory's entries (a rename or a new file in it) to disk, where the OS can."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:                       # not openable as a directory here (some platforms)
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def fsync_tree(path: Path) -> None:
-    """fsync every file under ``path`` (or ``path`` itself) and every directory on the way, so
-    that what a commit point (``state.json``) vouches for survives a power loss."""
-    path = Path(path)
-    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
-    for f in files:
-        with open(f, "rb") as handle:
-            os.fsync(handle.fileno())
-    for d in {f.parent for f in files} | ({path} if path.is_dir() else set()):
-        fsync_dir(d)
-
-
-def write_bytes_atomic(path: Path, write) -> None:
-    """Atomic, durable write of a file whose content ``write(tmp_path)`` produces (e.g.
-    ``np.savez``): a temp file in the same folder, fsync, rename, fsync of the folder."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{path.suffix}")
-    try:
-        write(tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write to a temp file in the same folder, fsync, rename over ``path``, then fsync the
-    folder: a reader (or a resume after a crash or a power loss) sees the old file or the new
-    one, never a partial one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)   # mkstemp makes 0600 files; use the usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
 
 
 def read_state(out: Path, round_idx: int) -> RoundState | None:
@@ -200,93 +132,6 @@ def crash_point(name: str, round_idx: int, sync=None) -> None:
         if sync is not None:
             sync()
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-# ----------------------------------------------------------------------------- seeds and RNG
-
-def derive_seed(seed: int, *keys) -> int:
-    """A stable 63-bit seed from the run seed and keys (same on every rank, every resume).
-
-    Every random choice of a round draws from a generator seeded this way, so a resumed round
-    makes the same choices as an uninterrupted one without replaying earlier rounds.
-    """
-    blob = json.dumps([seed, *keys]).encode()
-    return int.from_bytes(hashlib.sha256(blob).digest()[:8], "little") >> 1
-
-
-def sample_size(amount: int | float, n: int) -> int:
-    """How many of ``n`` candidates a sampling setting takes: a count (an int, at most n) or a
-    fraction (a float in (0, 1]: its floor, at least one)."""
-    k = amount if isinstance(amount, int) else max(1, int(amount * n))
-    return min(k, n)
-
-
-def seeded_sample(candidates: np.ndarray, amount: int | float, seed: int, what: str,
-                  r: int) -> np.ndarray:
-    """A sorted sample of ``candidates`` (``sample_size``), drawn by a generator seeded with
-    (seed, what, round): the same on every rank and after a resume."""
-    rng = np.random.default_rng(derive_seed(seed, what, r))
-    return np.sort(rng.choice(candidates, size=sample_size(amount, len(candidates)),
-                              replace=False))
-
-
-def _bytes(t: torch.Tensor) -> str:
-    return base64.b64encode(t.cpu().numpy().tobytes()).decode()
-
-
-def _tensor(text: str) -> torch.Tensor:
-    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
-
-
-def capture_rng() -> dict:
-    """Python, numpy and torch RNG states as plain JSON (numbers and base64 bytes: a state file
-    holds data only, nothing a reader would execute)."""
-    version, internal, gauss = random.getstate()
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    states = {"format": 2,
-              "python": {"version": version, "state": list(internal), "gauss": gauss},
-              "numpy": {"kind": kind, "keys": keys.tolist(), "pos": int(pos),
-                        "has_gauss": int(has_gauss), "cached": float(cached)},
-              "torch": _bytes(torch.get_rng_state())}
-    if torch.cuda.is_available():
-        states["cuda"] = [_bytes(s) for s in torch.cuda.get_rng_state_all()]
-    return states
-
-
-def restore_rng(saved: dict) -> None:
-    """Restore what :func:`capture_rng` saved. A state file of an older evotune (pickled
-    states) is not read: unpickling a file could run code; evotune's own random choices are
-    seeded per round (:func:`derive_seed`) and do not need these states."""
-    if saved.get("format") != 2:
-        if saved:
-            import logging
-            logging.getLogger("evotune").warning(
-                "the run's RNG states were saved by an older evotune (pickled): not restored; "
-                "evotune's own random choices are seeded per round and unaffected")
-        return
-    p = saved["python"]
-    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
-    n = saved["numpy"]
-    np.random.set_state((n["kind"], np.array(n["keys"], dtype=np.uint32), n["pos"],
-                         n["has_gauss"], n["cached"]))
-    torch.set_rng_state(_tensor(saved["torch"]))
-    if "cuda" in saved and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([_tensor(s) for s in saved["cuda"]])
-
-
-def cache_root() -> Path:
-    """evotune's cache folder: ``$EVOTUNE_CACHE``, else ``~/.cache/evotune`` (converted models,
-    base-model features and pool tokens each have a subfolder)."""
-    return Path(os.environ.get("EVOTUNE_CACHE") or Path.home() / ".cache" / "evotune").expanduser()
-
-
-def file_hash(path: Path) -> str:
-    """sha256 of a file's bytes, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------- resume
@@ -458,7 +303,6 @@ def _content(path: Path) -> str | list | None:
     """What a model dir (config and the weight files' names and sizes) or a data input (a file,
     a folder of shards, a pattern: :func:`~evotune.trainer.sources.input_hash`) holds; None
     when it is neither."""
-    from evotune.trainer.sources import DataError, input_hash     # sources imports this module
     config = path / "config.json"
     if config.is_file():
         return [file_hash(config),
@@ -487,7 +331,6 @@ def check_compatible(out: Path, cfg, state: RoundState, budget: list[int], pool_
                      world_size: int) -> list[str]:
     """Refuse (ValueError naming the keys) a resume whose settings would change results;
     return warnings for the safe changes."""
-    from evotune.trainer.config import Config, flatten, result_keys, settings
     # A key the saved config lacks (added since the run started) had its default's behaviour;
     # a key this version lacks (renamed or removed since) cannot be compared: refused.
     defaults = Config().flat()

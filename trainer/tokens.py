@@ -46,7 +46,7 @@ import numpy as np
 from evotune.trainer.data import (IGNORE_INDEX, DataError, Encoded, Example, LoadReport,
                                   assemble, bos_prefix, segments)
 from evotune.trainer.sources import to_json
-from evotune.trainer.state import cache_root, fsync_dir, fsync_tree
+from evotune.trainer.files import cache_root, fsync_dir, fsync_tree
 
 VERSION = 3          # 2 (2026-12-01): ShareGPT rows and Alpaca system/history are parsed;
                      # 3 (2026-12-02): the rows themselves are cached too

@@ -46,7 +46,7 @@ def test_loss_excess_is_each_rows_loss_over_its_nearest_prompts(one_rank, tiny_m
 
     from evotune.trainer.data import IGNORE_INDEX, encode_all, load_examples
     from evotune.trainer.model import load_model, load_tokenizer
-    from evotune.trainer.scores import response_scores
+    from evotune.trainer.passes.forward import response_scores
     _, _, out = one_rank
     examples, _ = load_examples(POOL_TINY)
     kept, encoded, _ = encode_all(examples, load_tokenizer(tiny_model_dir), "chat", 160, "skip")
@@ -110,7 +110,7 @@ def test_loss_left_is_the_current_loss_over_the_base_models(tmp_path, tiny_model
     behind the loss_excess gate."""
     from evotune.trainer.data import encode_all, load_examples
     from evotune.trainer.model import load_model, load_tokenizer
-    from evotune.trainer.scores import response_scores
+    from evotune.trainer.passes.forward import response_scores
     out = tmp_path / "left"
     cfg = write_config(tmp_path / "left.yaml", tiny_model_dir, out, selection={
         **SELECTION, "selector": "weighted", "weighted": {"score": "loss_left", "alpha": 1.0}},

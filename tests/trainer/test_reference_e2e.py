@@ -55,7 +55,7 @@ def reference_values(out: Path) -> np.ndarray:
 @torch.no_grad()
 def mean_losses(model, encoded) -> list[float]:
     """Each row alone through ``model``: the mean NLL of its response tokens."""
-    from evotune.trainer.scores import response_scores
+    from evotune.trainer.passes.forward import response_scores
     return [float(response_scores(model(input_ids=torch.tensor([e.input_ids])).logits,
                                   torch.tensor([e.labels]))["loss"][0]) for e in encoded]
 

@@ -11,10 +11,11 @@ import torch
 from evotune.selectors.base import Features
 from evotune.trainer import scores as registry
 from evotune.trainer.data import IGNORE_INDEX as X
+from evotune.trainer.passes.forward import response_scores
 from evotune.trainer.scores import (PROMPT_EMBEDDINGS, SCORES, ExcessOptions, KnnOptions,
                                     LinearOptions, RdsOptions, Score, knn_values,
                                     knn_distance, knn_tile_rows, names, parse_linear, rds_scores,
-                                    response_scores, with_inputs)
+                                    with_inputs)
 
 FORWARD = names("forward")
 

@@ -32,7 +32,7 @@ def picks(out: Path, r: int = 1) -> list[dict]:
 
 @torch.no_grad()
 def mean_answer_loss(model, enc) -> float:
-    from evotune.trainer.scores import response_scores
+    from evotune.trainer.passes.forward import response_scores
     ids = torch.tensor([enc.input_ids])
     logits = model(input_ids=ids).logits
     return float(response_scores(logits, torch.tensor([enc.labels]))["loss"][0])

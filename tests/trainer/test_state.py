@@ -1,23 +1,19 @@
-"""Run state on disk: atomic writes, complete rounds, seeds, RNG, and the resume decision."""
+"""Run state on disk: complete rounds, what a checkpoint holds, and the resume decision."""
 
 from __future__ import annotations
 
 import json
 import shutil
-import os
-import random
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
-from evotune.trainer import state as state_mod
 from evotune.trainer.config import Config
-from evotune.trainer.state import (RUN_MARKER, STATE_FILE, ResumePlan, RoundState, capture_rng,
-                                   derive_seed, incomplete_round_dirs, last_completed_round,
-                                   plan_resume, read_state, restore_rng, round_dir,
-                                   write_checkpoint_manifest, write_json_atomic)
+from evotune.trainer.seeding import capture_rng
+from evotune.trainer.state import (RUN_MARKER, STATE_FILE, ResumePlan, RoundState,
+                                   incomplete_round_dirs, last_completed_round, plan_resume,
+                                   read_state, round_dir, write_checkpoint_manifest)
 
 BUDGET = [6, 5, 5, 5]
 POOL_HASH = "a" * 64
@@ -64,52 +60,13 @@ def files_under(path: Path) -> set[Path]:
     return {p for p in path.rglob("*")}
 
 
-# ----------------------------------------------------------------------------- RoundState, files
+# ----------------------------------------------------------------------------- RoundState
 
 def test_round_state_json_round_trip():
     st = make_state(2, make_cfg())
     st.rng = capture_rng()
     again = RoundState.from_json(json.loads(json.dumps(st.to_json())))
     assert again == st
-
-
-def test_write_json_atomic_writes_and_leaves_no_temp_files(tmp_path):
-    path = tmp_path / "sub" / "state.json"
-    write_json_atomic(path, {"a": [1, 2], "b": "é"})
-    assert json.loads(path.read_text(encoding="utf-8")) == {"a": [1, 2], "b": "é"}
-    assert os.listdir(path.parent) == ["state.json"]
-
-
-def test_write_json_atomic_uses_the_usual_file_mode(tmp_path):
-    umask = os.umask(0)
-    os.umask(umask)
-    path = tmp_path / "state.json"
-    write_json_atomic(path, {})
-    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
-
-
-def test_write_json_atomic_failure_keeps_the_old_file(tmp_path):
-    path = tmp_path / "state.json"
-    write_json_atomic(path, {"round": 1})
-    with pytest.raises(TypeError):
-        write_json_atomic(path, {"round": 2, "bad": object()})
-    assert json.loads(path.read_text()) == {"round": 1}
-    assert os.listdir(tmp_path) == ["state.json"]
-
-
-def test_write_json_atomic_failure_at_rename_keeps_old_file_and_removes_temp(tmp_path,
-                                                                             monkeypatch):
-    path = tmp_path / "state.json"
-    write_json_atomic(path, {"round": 1})
-
-    def fail(src, dst):
-        raise OSError("disk gone")
-    monkeypatch.setattr(state_mod.os, "replace", fail)
-    with pytest.raises(OSError, match="disk gone"):
-        write_json_atomic(path, {"round": 2})
-    monkeypatch.undo()
-    assert json.loads(path.read_text()) == {"round": 1}
-    assert os.listdir(tmp_path) == ["state.json"]
 
 
 def test_read_state_of_a_corrupt_file_says_so(tmp_path):
@@ -146,34 +103,6 @@ def test_incomplete_round_dirs(tmp_path):
     assert incomplete_round_dirs(out, -1) == [rounds / f"round_{i:03d}" for i in range(4)]
     assert incomplete_round_dirs(out, 3) == []
     assert incomplete_round_dirs(tmp_path / "missing", -1) == []
-
-
-# ----------------------------------------------------------------------------- seeds and RNG
-
-def test_derive_seed_is_stable_and_key_sensitive():
-    # A fixed value (first 8 bytes of sha256('[42, "round", 1]'), little-endian, >> 1): resumed
-    # runs on other machines and versions must derive the same seed.
-    assert derive_seed(42, "round", 1) == 7513439479542938337
-    seeds = {derive_seed(42, "round", 1), derive_seed(42, "round", 2), derive_seed(43, "round", 1),
-             derive_seed(42, "dropout", 1), derive_seed(42, 1, "round"), derive_seed(42, "round1"),
-             derive_seed(42)}
-    assert len(seeds) == 7
-    assert all(0 <= s < 2 ** 63 for s in seeds)
-
-
-def draw() -> tuple:
-    return (random.random(), np.random.rand(3).tolist(), torch.rand(3).tolist())
-
-
-def test_capture_and_restore_rng_round_trip():
-    random.seed(1)
-    np.random.seed(1)
-    torch.manual_seed(1)
-    saved = json.loads(json.dumps(capture_rng()))    # it travels in state.json
-    expected = draw()
-    draw()                                           # move every generator on
-    restore_rng(saved)
-    assert draw() == expected
 
 
 # ----------------------------------------------------------------------------- plan_resume
@@ -464,19 +393,6 @@ def test_stale_gradient_batches_are_removed_and_the_next_rounds_kept(tmp_path):
     assert [d.name for d in (out / "partial").iterdir()] == ["round_002"]
 
 
-def test_a_pickled_rng_state_from_an_older_run_is_never_unpickled(tmp_path):
-    import base64
-    import pickle
-
-    class Payload:
-        def __reduce__(self):
-            return (open, (str(tmp_path / "pwned"), "w"))
-    crafted = {"python": base64.b64encode(pickle.dumps(Payload())).decode()}
-    restore_rng(crafted)
-    assert not (tmp_path / "pwned").exists()
-    assert "format" in capture_rng() and "pickle" not in json.dumps(capture_rng())
-
-
 def test_inputs_that_moved_with_the_same_content_resume(tmp_path):
     cfg = make_cfg()
     pool = tmp_path / "a" / "pool.jsonl"
@@ -494,16 +410,6 @@ def test_inputs_that_moved_with_the_same_content_resume(tmp_path):
     moved.write_text('{"instruction": "x", "output": "z"}\n')
     with pytest.raises(ValueError, match=r"data\.pool"):
         plan(out, cfg2)
-
-
-def test_atomic_writes_fsync_the_file_and_its_folder(tmp_path, monkeypatch):
-    synced = []
-    real = os.fsync
-    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")),
-                                                 real(fd)))
-    write_json_atomic(tmp_path / "state.json", {"a": 1})
-    assert str(tmp_path) in synced                      # the folder: the rename is durable
-    assert any(p.startswith(str(tmp_path / ".state.json.")) for p in synced)   # the data
 
 
 def test_a_torn_gradient_shard_is_recomputed_not_a_crash(tmp_path):

@@ -125,7 +125,7 @@ def score(cfg, names: tuple[str, ...], out: Path, label: str | None, pair: str |
     from evotune.trainer.passes.features import FeaturePass
     from evotune.trainer.separation import separation
     from evotune.trainer.sources import input_hash
-    from evotune.trainer.state import write_json_atomic, write_text_atomic
+    from evotune.trainer.files import write_json_atomic, write_text_atomic
 
     strategy = Strategy(cfg)
     strategy.setup()

@@ -26,7 +26,7 @@ import numpy as np
 from evotune.selectors.base import Features
 from evotune.trainer.passes.forward import PassStats, gather_shards
 from evotune.trainer.passes.streamed import RowsPart, read_shard, save_parts, write_npz
-from evotune.trainer.state import cache_root, write_bytes_atomic, write_json_atomic
+from evotune.trainer.files import cache_root, write_bytes_atomic, write_json_atomic
 
 VERSION = 1
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")

@@ -26,7 +26,8 @@ from evotune.trainer.data import (IGNORE_INDEX, Encoded, collate, lengths, plan_
 from evotune.trainer.fit import logits_window
 from evotune.trainer.model import backbone, lm_head
 from evotune.trainer.passes.streamed import RowsPart
-from evotune.trainer.scores import PROMPT_EMBEDDINGS, response_scores
+from evotune.trainer import scores as score_registry
+from evotune.trainer.scores import PROMPT_EMBEDDINGS
 
 
 POOLINGS = ("mean", "weighted_mean", "last")
@@ -51,6 +52,35 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str = "mean") -> torch.T
     else:
         raise ValueError(f"unknown pooling {how!r}; expected one of {', '.join(POOLINGS)}")
     return (h * w.unsqueeze(-1)).sum(dim=1) / w.sum(dim=1, keepdim=True)
+
+
+@torch.no_grad()
+def response_scores(logits: torch.Tensor, labels: torch.Tensor,
+                    score_names: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
+    """The ``forward`` scores of each row of a batch (default: all of them).
+
+    Args:
+        logits: (B, K, V) logits of the last K positions (see ``trainer.fit.logits_window``).
+        labels: (B, T) token labels, IGNORE_INDEX outside the response.
+
+    Returns:
+        name → (B,) float64 tensor on the CPU, NaN for a row without response tokens.
+    """
+    if score_names is None:
+        score_names = score_registry.names("forward")
+    k, t = logits.size(1), labels.size(1)
+    targets = labels[:, t - k + 1:]
+    out = {name: torch.full((logits.size(0),), float("nan"), dtype=torch.float64)
+           for name in score_names}
+    # One row at a time: a (K, V) fp32 softmax per row instead of (B, K, V) at once.
+    for i in range(logits.size(0)):
+        mask = targets[i] != IGNORE_INDEX
+        if not mask.any():
+            continue
+        row = score_registry.ResponseTokens(logits[i, :-1][mask].float(), targets[i][mask])
+        for name in score_names:
+            out[name][i] = score_registry.SCORES[name].compute(row)
+    return out
 
 
 @dataclass

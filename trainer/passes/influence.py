@@ -59,8 +59,9 @@ from evotune.trainer.passes.gradients import (SparseProjector, adam_direction, a
                                               example_grad, influence, normalize_rows,
                                               trainable_params)
 from evotune.trainer.passes.streamed import RowsPart
-from evotune.trainer.state import (crash_point, derive_seed, partial_dir, round_dir,
-                                   seeded_sample, write_bytes_atomic)
+from evotune.trainer.files import write_bytes_atomic
+from evotune.trainer.seeding import derive_seed, seeded_sample
+from evotune.trainer.state import crash_point, partial_dir, round_dir
 from evotune.trainer.targets import load_targets
 
 TERMS_FILE = "influence_terms.npz"

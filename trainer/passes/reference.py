@@ -46,7 +46,9 @@ from evotune.trainer.model import export_weights
 from evotune.trainer.passes import cache
 from evotune.trainer.passes.forward import PassStats, compute_features
 from evotune.trainer.sources import input_hash
-from evotune.trainer.state import crash_point, derive_seed, write_bytes_atomic
+from evotune.trainer.files import write_bytes_atomic
+from evotune.trainer.seeding import derive_seed
+from evotune.trainer.state import crash_point
 
 SCORE = "reference_loss"
 

@@ -17,7 +17,7 @@ from typing import Iterator
 
 import numpy as np
 
-from evotune.trainer.state import write_bytes_atomic
+from evotune.trainer.files import write_bytes_atomic
 
 BLOCK_BYTES = 64 << 20
 
