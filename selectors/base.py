@@ -19,7 +19,12 @@ A selector is a class with (``selectors/kcenter.py`` is the model to copy):
 - ``needs_embeddings`` and ``scores``: what the feature pass must compute for it (``scores``
   may depend on the options: set it in ``__init__``);
 - ``__init__(options)``, ``select(features, labeled, candidates, n, rng)`` and
-  ``state_dict()`` (the settings written to the round's ``selector_state.json``).
+  ``state_dict()`` (the settings written to the round's ``selector_state.json``);
+- optionally ``scale`` (a line for the README on what the rule holds where on many ranks),
+  and ``sharded`` with ``select_sharded`` to select with the rows spread over ranks.
+
+What the round loop uses of a built selector is typed by the protocols at the end of this
+file: :class:`Selector`, and :class:`ShardedSelector` for the sharded members.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from __future__ import annotations
 import dataclasses
 import operator
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Protocol
+from typing import Any, Callable, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -161,21 +166,21 @@ class Selection:
     labels: dict[str, list[str]] = field(default_factory=dict)
 
 
+@runtime_checkable
 class Selector(Protocol):
-    """A selection rule (see the module docstring for what each member is for).
+    """A selection rule as the round loop and the feature pass use it: every class in
+    ``registry.SELECTORS`` and ``registry.FIRST_ROUND``, and the two wrappers of ``filters.py``
+    that :func:`~evotune.selectors.registry.build` may put around one.
 
     ``select`` picks ``n`` of ``candidates`` (pool positions, ascending) given the already
-    selected ``labeled`` positions; ``rng`` is seeded per round by the loop.
+    selected ``labeled`` positions; ``rng`` is seeded per round by the loop. ``state_dict``:
+    the settings written to the round's ``selector_state.json``. ``needs_embeddings`` and
+    ``scores``: what the feature pass computes for it.
 
-    Optional: ``scale``, a line for the README on what the rule holds where on many ranks; and
-    ``sharded = True`` with ``select_sharded(shard, labeled, candidates, n, rng, comm)``, called
-    on every rank with its own rows (``Features.positions``) when the rule reads nothing but
-    the hidden-state embeddings (k-center: :func:`~evotune.selectors.kcenter.kcenter_sharded`).
+    A registered class also has ``doc``, ``logs`` and ``Options`` (the module docstring), read
+    from the class by the registry and the docs; the wrappers have none of them.
     """
-    name: ClassVar[str]
-    doc: ClassVar[str]
-    logs: ClassVar[str]
-    Options: ClassVar[type]
+    name: str
     needs_embeddings: bool
     scores: tuple[str, ...]
 
@@ -183,3 +188,21 @@ class Selector(Protocol):
                rng: np.random.Generator) -> Selection: ...
 
     def state_dict(self) -> dict: ...
+
+
+@runtime_checkable
+class ShardedSelector(Selector, Protocol):
+    """A rule that can also select with its rows spread over ranks.
+
+    When ``sharded`` is true and the round's scores can be computed on every rank, the feature
+    pass leaves each rank its own rows (``Features.positions``) and the loop calls
+    ``select_sharded(shard, labeled, candidates, n, rng, comm)`` on every rank, with the run's
+    collectives as ``comm`` (``selectors/sharded.py``); it picks what ``select`` picks on the
+    whole pool (k-center: :func:`~evotune.selectors.kcenter.kcenter_sharded`). ``sharded`` may
+    depend on the options (cluster_quota's ``kmeans``) or, in a wrapper, on the rule inside.
+    """
+    @property
+    def sharded(self) -> bool: ...
+
+    def select_sharded(self, shard: Features, labeled: np.ndarray, candidates: np.ndarray,
+                       n: int, rng: np.random.Generator, comm) -> Selection: ...

@@ -1,6 +1,7 @@
-"""The round loop: prepare → for each round: choose → train and evaluate → commit.
+"""The round loop: prepare → for each round: choose → train and evaluate → commit → finish.
 
-Read :func:`run` top to bottom to follow a whole run; each phase is one function below it.
+Read :func:`run` top to bottom to follow a whole run. The run's state (config, strategy, data,
+model, output dir, logger, progress) is held by one :class:`Run`, whose methods are the phases.
 Every rank runs the same code; model work is sharded, selection runs on rank 0 and is
 broadcast (a sharded rule — k-center, rds, LIFT, weighted, DEITA's repr filter, a filter
 score over k-center — selects on every rank over its own rows), and only rank 0 writes
@@ -16,12 +17,12 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import yaml
 
-from evotune.selectors.base import Features, Selection
+from evotune.selectors.base import Features, Selection, Selector, ShardedSelector
 from evotune.selectors.registry import build, build_first_round
 from evotune.selectors.sharded import SingleProcess
 from evotune.trainer.config import Config, resolve_budget
@@ -59,63 +60,403 @@ def run(cfg: Config, resume: str = "auto", overwrite: bool = False) -> list[dict
     """Run (or resume) an active-selection run; returns the per-round summaries (rank 0; an
     empty list on the other ranks). Raises StartError on bad input or a refused resume, before
     anything in the output dir changes."""
-    strategy = Strategy(cfg)
-    try:
-        strategy.setup()
-    except ValueError as e:                            # a setting this machine cannot honour
-        raise StartError(str(e)) from e
-    console = setup_console_logging(strategy.rank)
-    log.info(f"evotune: {strategy.world_size} rank(s), device {strategy.device}, "
-             f"dtype {str(strategy.dtype).replace('torch.', '')}, ZeRO-{cfg.deepspeed.zero_stage}")
-
-    # ---- prepare: everything that can fail on bad input happens before the output dir is touched
-    data = prepare(cfg, strategy, ProgressBars(strategy.is_rank0, console))
-    plan: ResumePlan = _agree(strategy, lambda: plan_resume(
-        Path(cfg.output.dir), resume, overwrite, cfg, data.budget, data.pool_hash,
-        strategy.world_size))
-    out = plan.out_dir
-    for w in plan.warnings:
-        log.warning(w)
-    model = RoundModel(cfg, strategy, data.model_path)
-    if plan.wipe:          # the model must load before an old run is deleted for this one
-        model.fresh(0)
-    _agree(strategy, lambda: open_run_dir(out, plan, cfg, data))
-    data.log_report(cfg)
-    logger = RunLogger(out, strategy.is_rank0, cfg.output.tensorboard, console)
-    if data.feature_pass.fixed:
-        # The fixed models' pool losses (the reference, scoring.reference; the base model),
-        # once per run: before the run's own model is restored or trained (with LoRA, on the
-        # same kept module)
-        data.feature_pass.prepare_fixed(model.reference_engine, logger, out, data.model_path,
-                                        data.pool_hash, data.template, strategy.dtype)
-        model.release()
-    progress = resume_progress(plan, data, model, out, cfg)
-
-    for r in range(plan.start_round, cfg.selection.rounds):
+    job = Run.prepare(cfg, resume, overwrite)       # load, check, plan the resume, restore
+    for r in range(job.start_round, cfg.selection.rounds):
         t_round = time.perf_counter()
-        if strategy.is_rank0:
-            round_dir(out, r).mkdir(parents=True, exist_ok=True)
-        choice = choose(r, cfg, data, model, progress, out, strategy, logger)
-        progress.selected += choice.new
-        if strategy.is_rank0:
-            write_selection(round_dir(out, r), r, choice, data, cfg.output.save_features)
-        trained = train_and_evaluate(r, cfg, data, model, progress, choice.new, strategy, logger)
-        progress.global_step = trained.global_step
-        if commit(r, cfg, data, model, progress, choice, trained, out, strategy, t_round):
+        choice = job.choose(r)                        # the current model's features → picks
+        job.progress.selected += choice.new
+        job.write_selection(r, choice)                # selection.jsonl
+        trained = job.train_and_evaluate(r, choice.new)
+        job.progress.global_step = trained.global_step
+        if job.commit(r, choice, trained, t_round):   # checkpoint, exports, state.json last
             break                                     # selection.stop_when: gain too small
-
-    summaries = finish(out, cfg, strategy, data)
-    log.info(f"base model loads this run: {model.loads}")
-    if strategy.is_rank0:
-        console.print(rounds_table(summaries))
-        console.print(f"outputs: {out}  (inspect: python launch/inspect_rounds.py {out})")
-    logger.close()
-    model.release()
-    strategy.close()
-    return summaries
+    return job.finish()                               # OUT/final, the rounds' table
 
 
-# ----------------------------------------------------------------------------- prepare
+@dataclass
+class Run:
+    """One run's state, in one place: what :meth:`prepare` loaded and built, and what the
+    rounds have done so far. Its methods are the phases of :func:`run`, so each one's arguments
+    are only what is particular to it (the round, the picks, the training's result).
+
+    Every rank holds one and calls every method; what rank 0 alone does (selecting, writing
+    files, drawing bars) is decided inside them.
+    """
+    cfg: Config
+    strategy: Strategy        # this rank, the others, and every DeepSpeed call
+    data: RunData             # the pool, the eval set, the budget, the selectors, the passes
+    out: Path                 # the output dir
+    model: RoundModel         # the engine being trained
+    logger: RunLogger         # metrics.jsonl, TensorBoard and progress bars (rank 0)
+    progress: Progress        # the picks and optimizer steps of the rounds done so far
+    start_round: int          # the first round to run (after a resume: the next one)
+
+    # ------------------------------------------------------------------------- prepare
+
+    @classmethod
+    def prepare(cls, cfg: Config, resume: str = "auto", overwrite: bool = False) -> Run:
+        """Set up the ranks; load and check the data and settings; plan the resume (``resume``
+        and ``overwrite`` as in :func:`~evotune.trainer.state.plan_resume`); build the model;
+        open the output dir; compute the fixed models' pool losses once per run; restore the
+        last complete round. Raises StartError on bad input or a refused resume."""
+        strategy = Strategy(cfg)
+        try:
+            strategy.setup()
+        except ValueError as e:                        # a setting this machine cannot honour
+            raise StartError(str(e)) from e
+        console = setup_console_logging(strategy.rank)
+        log.info(f"evotune: {strategy.world_size} rank(s), device {strategy.device}, "
+                 f"dtype {str(strategy.dtype).replace('torch.', '')}, "
+                 f"ZeRO-{cfg.deepspeed.zero_stage}")
+
+        # everything that can fail on bad input happens before the output dir is touched
+        data = load_data(cfg, strategy, ProgressBars(strategy.is_rank0, console))
+        plan: ResumePlan = _agree(strategy, lambda: plan_resume(
+            Path(cfg.output.dir), resume, overwrite, cfg, data.budget, data.pool_hash,
+            strategy.world_size))
+        out = plan.out_dir
+        for w in plan.warnings:
+            log.warning(w)
+        model = RoundModel(cfg, strategy, data.model_path)
+        if plan.wipe:      # the model must load before an old run is deleted for this one
+            model.fresh(0)
+        _agree(strategy, lambda: open_run_dir(out, plan, cfg, data))
+        data.log_report(cfg)
+        logger = RunLogger(out, strategy.is_rank0, cfg.output.tensorboard, console)
+        if data.feature_pass.fixed:
+            # The fixed models' pool losses (the reference, scoring.reference; the base model),
+            # once per run: before the run's own model is restored or trained (with LoRA, on
+            # the same kept module)
+            data.feature_pass.prepare_fixed(model.reference_engine, logger, out,
+                                            data.model_path, data.pool_hash, data.template,
+                                            strategy.dtype)
+            model.release()
+        progress = resume_progress(plan, data, model, cfg)
+        return cls(cfg, strategy, data, out, model, logger, progress, plan.start_round)
+
+    # ------------------------------------------------------------------------- choose
+
+    def choose(self, r: int) -> Choice:
+        """Round ``r``'s new examples: round 0 by ``selection.first_round``, later rounds by the
+        selector on the features of the current model. Every rank calls this; the selection
+        runs on rank 0 and every rank gets it (a sharded rule selects on every rank together).
+        Opens the round's folder (rank 0) first."""
+        cfg, data, strategy = self.cfg, self.data, self.strategy
+        if strategy.is_rank0:
+            round_dir(self.out, r).mkdir(parents=True, exist_ok=True)
+        labeled = np.asarray(self.progress.selected, dtype=np.int64)
+        candidates = np.setdiff1d(np.arange(len(data.pool)), labeled)
+        rng = np.random.default_rng(derive_seed(cfg.seed, "select", r))
+        selector = data.first_selector if r == 0 else data.selector
+        if r == 0 and cfg.selection.first_round == "random":
+            return Choice(selector, selector.select(Features(), labeled, candidates,
+                                                    data.budget[0], rng))
+        t0 = time.perf_counter()
+        result = PassResult(None, {}, candidates)
+        measured = None                   # the rows measured, when not the whole pool
+        if r == 0 and cfg.selection.first_round == "pre_experienced":
+            result = data.feature_pass.run_instructions(self.model.current(r).module,
+                                                        self.logger)
+            result.candidates = candidates
+        elif data.feature_pass.needed:
+            engine = self.model.current(r)
+            # selection.candidates: the round measures a seeded sample of the candidates (and
+            # the selected rows, which rules such as k-center measure against)
+            if sample_size(cfg.selection.candidates, len(candidates)) < len(candidates):
+                candidates = seeded_sample(candidates, cfg.selection.candidates, cfg.seed,
+                                           "selection-sample", r)
+                measured = np.union1d(candidates, labeled)
+            # Round 0 by the selector: a fresh adapter is a no-op, so these are the base
+            # model's features, the same for every run on this pool (seed and budget aside):
+            # cacheable when the whole pool is measured.
+            key = data.feature_pass.base_cache_key(data.model_path, data.pool_hash,
+                                                   data.template, strategy.dtype) \
+                if r == 0 and cfg.scoring.base_cache and measured is None else None
+            result = data.feature_pass.run(engine.module, self.logger, r, engine, candidates,
+                                           labeled, self.out, key, measured)
+        seconds = {"features": time.perf_counter() - t0}
+        for name in ("reference", "base"):             # made before round 0, reported once
+            made = result.stats.get(name)
+            if made is not None and not made.cached:
+                seconds[name] = made.seconds
+        crash_point("embed", r)
+        t0 = time.perf_counter()
+        cands = result.candidates if result.candidates is not None else candidates
+        features = result.features
+        embedded = result.features is not None and result.features.embeddings is not None
+        sharded = result.features is not None and result.features.positions is not None
+        if sharded:
+            # Sharded features: every rank selects with its own rows (same picks everywhere).
+            # Rank 0 then gets the scores and skip reasons for the logs (O(N) numbers per
+            # score) and the embeddings only to save them (output.save_features).
+            shard = result.features
+            rule = cast(ShardedSelector, selector)     # the feature pass shards only for one
+            try:
+                require_values(shard, rule.scores, cands, r, strategy.comm)
+                selection = rule.select_sharded(shard, labeled, cands, data.budget[r], rng,
+                                                strategy.comm)
+            except ValueError as e:                    # raised alike on every rank
+                raise StartError(f"ValueError: {e}") from e
+            features = gather_shards(strategy, shard, len(data.pool), embeddings=False)
+            if features is not None and measured is not None:
+                mark_unsampled(features, measured)
+            if cfg.output.save_features:
+                self._save_features_sharded(r, features, shard)
+        else:
+            def select() -> Selection:
+                found = result.features or Features()
+                require_values(found, selector.scores, cands, r)
+                return selector.select(found, labeled, cands, data.budget[r], rng)
+            selection = _agree(strategy, select)
+        seconds["select"] = time.perf_counter() - t0
+        return Choice(selector, selection, features, result.stats, seconds, len(cands),
+                      embedded, sharded)
+
+    def write_selection(self, r: int, choice: Choice) -> None:
+        """Rank 0 (a no-op on the others): ``selection.jsonl`` (one row per pick, in pick
+        order, with every computed score of the pick), ``selector_state.json`` and, when
+        asked, ``features.npz``."""
+        if not self.strategy.is_rank0:
+            return
+        rdir, data = round_dir(self.out, r), self.data
+        rows = []
+        features, selection = choice.features, choice.selection
+        for k, p in enumerate(choice.new):
+            ex = data.pool[p]
+            row = {"id": ex.id, "source": ex.source, "round": r, "pick_order": k,
+                   "selector": choice.selector.name, "pool_index": p,
+                   "tokens": len(data.pool_enc[p].input_ids)}
+            row.update({name: float(v[k]) for name, v in selection.numbers.items()})
+            row.update({name: v[k] for name, v in selection.labels.items()})
+            if features is not None and features.positions is None:   # every computed score
+                # of the pick, not only the one ranked by
+                row.update({name: float(v[p]) for name, v in features.scores.items()
+                            if name not in row})
+            row["preview"] = ex.preview()
+            rows.append(json.dumps(row, ensure_ascii=False))
+        write_text_atomic(rdir / "selection.jsonl", "".join(line + "\n" for line in rows))
+        write_json_atomic(rdir / "selector_state.json", choice.selector.state_dict())
+        if features is not None and self.cfg.output.save_features and not choice.sharded:
+            arrays = _features_arrays(features, data)
+            if features.embeddings is not None:
+                arrays["embeddings"] = features.embeddings.astype(np.float16)
+            write_bytes_atomic(rdir / "features.npz", lambda tmp: np.savez(tmp, **arrays))
+
+    def _save_features_sharded(self, r: int, features: Features | None,
+                               shard: Features) -> None:
+        """Every rank, for sharded features: the round's ``features.npz`` as
+        :meth:`write_selection` writes it for gathered ones (``features``: the gathered scores
+        on rank 0), its embeddings sent to rank 0 a block of rows at a time
+        (``passes/streamed.py``), so no rank holds N × D; so are the shard's other per-rank
+        rows (``RowsPart`` in ``extra``: influence's ``grad_train``).
+        Raises OSError on every rank when rank 0 cannot write it."""
+        path = round_dir(self.out, r) / "features.npz"
+        n = len(self.data.pool)
+        arrays = _features_arrays(features, self.data) if self.strategy.is_rank0 else None
+        parts = {"embeddings": None if shard.embeddings is None else
+                 RowsPart(shard.positions, shard.embeddings, n),
+                 **{k: v for k, v in shard.extra.items() if isinstance(v, RowsPart)}}
+        error = save_parts(self.strategy, path, arrays, parts, np.float16)
+        if error is not None:
+            raise OSError(f"{path}: {error}")
+
+    # ------------------------------------------------------------------------- train, evaluate
+
+    def train_and_evaluate(self, r: int, new: list[int]) -> Trained:
+        """Train round ``r`` (on everything selected, or only the ``new`` picks when continuing
+        with ``train.data_per_round: new``), then evaluate on the held-out set."""
+        cfg, data, logger = self.cfg, self.data, self.logger
+        engine = self.model.for_training(r)
+        every = cfg.train.retrain_from_base or cfg.train.data_per_round == "all"
+        global_step, stats = train_round(engine, self.strategy, cfg.train, data.pool_enc,
+                                         self.progress.selected if every else new, r,
+                                         self.progress.global_step, data.pad_id, logger,
+                                         cfg.seed)
+        trained = Trained(stats, global_step)
+        ev = data.eval
+        if ev is not None:
+            t0 = time.perf_counter()
+            with logger.progress(f"round {r}: eval", len(ev.encoded)) as advance:
+                result = evaluate_with_choices(engine.module, self.strategy, ev.encoded,
+                                               ev.choices, data.pad_id, cfg.eval.batch_size,
+                                               advance,
+                                               [ex.source.split("/")[0] for ex in ev.examples])
+            trained.eval, trained.eval_seconds = result, time.perf_counter() - t0
+            metrics = {"round": r, "eval/loss": result.loss}
+            if result.accuracy is not None:
+                metrics["eval/accuracy"] = result.accuracy
+            for group, g in result.groups.items():
+                metrics[f"eval/{group}/loss"] = g["loss"]
+                if g["accuracy"] is not None:
+                    metrics[f"eval/{group}/accuracy"] = g["accuracy"]
+            logger.metrics(global_step, metrics)
+        return trained
+
+    # ------------------------------------------------------------------------- commit
+
+    def commit(self, r: int, choice: Choice, trained: Trained, t_round: float) -> str | None:
+        """Save round ``r``: the checkpoint and the exports first, ``state.json`` last (the
+        round's commit point: a crash before it redoes the round, after it the round is kept).
+        ``t_round``: when the round began (``time.perf_counter``). Returns why the run stops
+        after this round (``selection.stop_when``), or None; every rank gets the same answer."""
+        cfg, data, strategy, out, progress = (self.cfg, self.data, self.strategy, self.out,
+                                              self.progress)
+        rdir = round_dir(out, r)
+        t0 = time.perf_counter()
+        stopped = strategy.broadcast_from_rank0(
+            self.stop_reason(r, trained) if strategy.is_rank0 else None)
+        state = RoundState(round_idx=r, global_step=progress.global_step,
+                           selected_ids=[data.pool[i].id for i in progress.selected],
+                           budget=data.budget, seed=cfg.seed, config_hash=cfg.results_hash(),
+                           pool_hash=data.pool_hash, world_size=strategy.world_size,
+                           zero_stage=cfg.deepspeed.zero_stage, rng=capture_rng(),
+                           stopped=stopped)
+        strategy.save_checkpoint(self.model.engine, rdir / "checkpoint", state.to_json())
+        crash_point("checkpoint", r)
+        export = export_weights(self.model.engine, strategy, cfg, data.tokenizer, rdir)
+        strategy.barrier()                         # every rank's shard is written
+        if strategy.is_rank0:
+            write_checkpoint_manifest(rdir / "checkpoint")
+            fsync_tree(export)
+        seconds = {**choice.seconds, "train": trained.stats.seconds,
+                   **({"eval": trained.eval_seconds} if trained.eval_seconds is not None
+                      else {}),
+                   "save": time.perf_counter() - t0, "total": time.perf_counter() - t_round}
+        if strategy.is_rank0:
+            summary = self.round_summary(r, choice, trained, seconds)
+            summary["stopped"] = stopped
+            write_json_atomic(rdir / "summary.json", summary)
+            write_selected(out, r, cfg.data.pool, data.pool)   # the chosen set as a dataset
+        strategy.barrier()
+        if strategy.is_rank0:
+            write_json_atomic(rdir / STATE_FILE, state.to_json())
+            shutil.rmtree(partial_dir(out, r), ignore_errors=True)   # the round is complete
+            crash_point("state", r)
+            _rebuild_rounds_jsonl(out, r)
+            _prune_checkpoints(out, r, cfg.output.keep_checkpoints)
+            log.info(f"round {r} done: {len(choice.new)} new, {len(progress.selected)} total, "
+                     f"train loss {trained.stats.loss:.4f}"
+                     + (f", eval loss {trained.eval_loss:.4f}"
+                        if trained.eval_loss is not None else "")
+                     + (f", eval accuracy {trained.eval.accuracy:.3f}"
+                        if trained.eval is not None and trained.eval.accuracy is not None
+                        else "")
+                     + f", {seconds['total']:.1f}s")
+            if stopped:
+                log.info(f"stopping after round {r}: {stopped}")
+        strategy.barrier()
+        return stopped
+
+    def stop_reason(self, r: int, trained: Trained) -> str | None:
+        """``selection.stop_when``: why the run should end after round ``r``, or None. It ends
+        when the held-out loss fell by less than ``min_gain`` per example added over the last
+        ``window`` rounds (DiverseEvol's curves flatten after 5-6 rounds: the budget follows
+        the evidence). Never after the last round (the run ends there anyway). Reads the
+        earlier round's summary; rank 0."""
+        rule = self.cfg.selection.stop_when
+        if not rule.window or r < rule.window or r >= self.cfg.selection.rounds - 1 \
+                or trained.eval_loss is None:
+            return None
+        before = json.loads((round_dir(self.out, r - rule.window) / "summary.json").read_text())
+        if before.get("eval_loss") is None:
+            return None
+        added = len(self.progress.selected) - before["total_examples"]
+        gain = (before["eval_loss"] - trained.eval_loss) / max(added, 1)
+        if gain >= rule.min_gain:
+            return None
+        return (f"held-out loss {before['eval_loss']:.4f} -> {trained.eval_loss:.4f} over the "
+                f"last {rule.window} round(s) and {added} added examples: {gain:.3g} per "
+                f"example < selection.stop_when.min_gain {rule.min_gain:g}")
+
+    def round_summary(self, r: int, choice: Choice, trained: Trained,
+                      seconds: dict[str, float]) -> dict:
+        """The round's ``summary.json`` (the README's "Outputs and logs" lists every key)."""
+        cfg, data, progress = self.cfg, self.data, self.progress
+
+        def by_source(positions):
+            counts: dict[str, int] = {}
+            for p in positions:
+                counts[data.pool[p].source] = counts.get(data.pool[p].source, 0) + 1
+            return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+        features, stats, t = choice.features, choice.stats, trained.stats
+        skipped = {} if features is None else {
+            name: {"count": len(why), "examples": [f"{data.pool[i].id}: {w}"
+                                                   for i, w in list(why.items())[:3]]}
+            for name, why in features.skipped.items()}
+        ev = data.eval
+        embeddings = None               # how this round's embeddings were made, if it had any
+        if choice.embedded:
+            embeddings = "gradient" if data.feature_pass.gradient_embeddings \
+                else cfg.selection.pooling
+        return {
+            "round": r, "selector": choice.selector.name,
+            "selection_info": choice.selection.info,
+            "score_skipped": skipped, "embeddings": embeddings, "candidates": choice.candidates,
+            "selected_on": None if choice.candidates is None else
+            "every rank" if choice.sharded else "rank 0",
+            "new_examples": len(choice.new), "total_examples": len(progress.selected),
+            "new_by_source": by_source(choice.new),
+            "total_by_source": by_source(progress.selected),
+            "train_loss": t.loss, "train_loss_first_epoch": t.first_epoch_loss,
+            "eval_loss": trained.eval_loss,
+            "eval_tokens": trained.eval.tokens if trained.eval else None,
+            "eval_accuracy": trained.eval.accuracy if trained.eval else None,
+            "eval_choice_rows": len(ev.choices) if ev else 0,
+            "eval_by_source": trained.eval.groups if trained.eval else {},
+            "train_steps": t.steps, "global_step": trained.global_step,
+            "tokens": {"train": t.tokens, **{name: s.tokens for name, s in stats.items()},
+                       **{f"{name}_padded": s.padded_tokens for name, s in stats.items()}},
+            **{f"{name}_tokens_per_s": round(s.tokens_per_s, 1) for name, s in stats.items()},
+            "cached_passes": [name for name, s in stats.items() if s.cached],
+            "seconds": {k: round(v, 3) for k, v in seconds.items()},
+            "retrain_from_base": cfg.train.retrain_from_base,
+            "world_size": self.strategy.world_size,
+        }
+
+    # ------------------------------------------------------------------------- finish
+
+    def finish(self) -> list[dict]:
+        """Copy the last round's export to ``OUT/final`` (and merge if asked): the run's last
+        round, or the round the stop rule ended it after; idempotent. Then print the rounds'
+        table (rank 0) and release the model, the logs and the ranks. Returns the summaries
+        of the complete rounds (rank 0; an empty list on the other ranks)."""
+        cfg, strategy, out = self.cfg, self.strategy, self.out
+        rounds = cfg.selection.rounds
+        last = min(last_completed_round(out), rounds - 1) if strategy.is_rank0 else -1
+        state = read_state(out, last) if strategy.is_rank0 and last >= 0 else None
+        if state is not None and last < rounds - 1 and not state.stopped:
+            state = None              # the run is not finished (a crash, or fewer rounds done)
+        if strategy.is_rank0 and state is not None:
+            _rebuild_rounds_jsonl(out, last)   # in case the run died right after state.json
+            final = out / "final"
+            src = round_dir(out, last)
+            name = "adapter" if cfg.lora.enabled else "model"
+            tmp = out / ".final.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(src / name, tmp / name)
+            if cfg.lora.enabled and cfg.output.save_merged:
+                merge_adapter(self.data.model_path, tmp / "adapter", tmp / "merged",
+                              self.data.tokenizer)
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+            log.info(f"final {name}: {final / name}")
+        strategy.barrier()
+        summaries = [] if not strategy.is_rank0 else [
+            json.loads((round_dir(out, r) / "summary.json").read_text())
+            for r in range(rounds) if read_state(out, r) is not None]
+        log.info(f"base model loads this run: {self.model.loads}")
+        if strategy.is_rank0:
+            console = self.logger.console
+            console.print(rounds_table(summaries))
+            console.print(f"outputs: {out}  (inspect: evotune inspect {out})")
+        self.logger.close()
+        self.model.release()
+        strategy.close()
+        return summaries
+
+
+# ----------------------------------------------------------------------------- the run's data
 
 @dataclass
 class EvalSet:
@@ -139,8 +480,8 @@ class RunData:
     pool_hash: str
     eval: EvalSet | None
     budget: list[int]                   # examples added per round, round 0 first
-    selector: Any                       # the rule of the rounds after round 0
-    first_selector: Any                 # the rule of round 0 (selection.first_round)
+    selector: Selector                  # the rule of the rounds after round 0
+    first_selector: Selector            # the rule of round 0 (selection.first_round)
     feature_pass: FeaturePass
 
     @property
@@ -184,7 +525,8 @@ class RunData:
             log.info(self.feature_pass.where_selected(cfg.selection.selector))
 
 
-def prepare(cfg: Config, strategy: Strategy, bars: ProgressBars | None = None) -> RunData:
+def load_data(cfg: Config, strategy: Strategy, bars: ProgressBars | None = None
+              ) -> RunData:
     """Load the tokenizer, pool and eval set, check the budget and the settings, build the
     selectors and plan the feature pass. Raises StartError naming the problem."""
     try:
@@ -447,8 +789,8 @@ class Progress:
     global_step: int = 0
 
 
-def resume_progress(plan: ResumePlan, data: RunData, model: RoundModel, out: Path,
-                    cfg: Config) -> Progress:
+def resume_progress(plan: ResumePlan, data: RunData, model: RoundModel, cfg: Config
+                    ) -> Progress:
     """The progress of the last complete round (and its model and RNG states), or a fresh
     start. Raises StartError when the selected ids are no longer in the pool."""
     state = plan.state
@@ -461,6 +803,7 @@ def resume_progress(plan: ResumePlan, data: RunData, model: RoundModel, out: Pat
                          f"{missing[0]!r}); the pool changed since the run started")
     # The model after the last complete round: needed for the next round's features and,
     # when continuing, as the starting point of training (optimizer state included).
+    out = plan.out_dir
     model.restore(out, state, optimizer=not cfg.train.retrain_from_base
                   or data.feature_pass.needs_optimizer_state)
     verify_restored(model, model.strategy, cfg, out, state.round_idx)
@@ -471,12 +814,12 @@ def resume_progress(plan: ResumePlan, data: RunData, model: RoundModel, out: Pat
     return progress
 
 
-# ----------------------------------------------------------------------------- choose
+# ----------------------------------------------------------------------------- a round
 
 @dataclass
 class Choice:
     """A round's picks and how they were made."""
-    selector: Any
+    selector: Selector
     selection: Selection
     features: Features | None = None
     stats: dict[str, PassStats] = field(default_factory=dict)
@@ -488,78 +831,6 @@ class Choice:
     @property
     def new(self) -> list[int]:
         return [int(p) for p in self.selection.positions]
-
-
-def choose(r: int, cfg: Config, data: RunData, model: RoundModel, progress: Progress,
-           out: Path, strategy: Strategy, logger) -> Choice:
-    """Round ``r``'s new examples: round 0 by ``selection.first_round``, later rounds by the
-    selector on the features of the current model. Every rank calls this; the selection runs
-    on rank 0 and every rank gets it (a sharded rule selects on every rank together)."""
-    labeled = np.asarray(progress.selected, dtype=np.int64)
-    candidates = np.setdiff1d(np.arange(len(data.pool)), labeled)
-    rng = np.random.default_rng(derive_seed(cfg.seed, "select", r))
-    selector = data.first_selector if r == 0 else data.selector
-    if r == 0 and cfg.selection.first_round == "random":
-        return Choice(selector, selector.select(Features(), labeled, candidates, data.budget[0],
-                                                rng))
-    t0 = time.perf_counter()
-    result = PassResult(None, {}, candidates)
-    measured = None                   # the rows measured, when not the whole pool
-    if r == 0 and cfg.selection.first_round == "pre_experienced":
-        result = data.feature_pass.run_instructions(model.current(r).module, logger)
-        result.candidates = candidates
-    elif data.feature_pass.needed:
-        engine = model.current(r)
-        # selection.candidates: the round measures a seeded sample of the candidates (and the
-        # selected rows, which rules such as k-center measure against)
-        if sample_size(cfg.selection.candidates, len(candidates)) < len(candidates):
-            candidates = seeded_sample(candidates, cfg.selection.candidates, cfg.seed,
-                                       "selection-sample", r)
-            measured = np.union1d(candidates, labeled)
-        # Round 0 by the selector: a fresh adapter is a no-op, so these are the base model's
-        # features, the same for every run on this pool (seed and budget aside): cacheable
-        # when the whole pool is measured.
-        key = data.feature_pass.base_cache_key(data.model_path, data.pool_hash, data.template,
-                                               strategy.dtype) \
-            if r == 0 and cfg.scoring.base_cache and measured is None else None
-        result = data.feature_pass.run(engine.module, logger, r, engine, candidates, labeled, out,
-                                       key, measured)
-    seconds = {"features": time.perf_counter() - t0}
-    for name in ("reference", "base"):             # made before round 0, reported once
-        made = result.stats.get(name)
-        if made is not None and not made.cached:
-            seconds[name] = made.seconds
-    crash_point("embed", r)
-    t0 = time.perf_counter()
-    cands = result.candidates if result.candidates is not None else candidates
-    features = result.features
-    embedded = result.features is not None and result.features.embeddings is not None
-    sharded = result.features is not None and result.features.positions is not None
-    if sharded:
-        # Sharded features: every rank selects with its own rows (same picks everywhere). Rank
-        # 0 then gets the scores and skip reasons for the logs (O(N) numbers per score) and
-        # the embeddings only to save them (output.save_features).
-        shard = result.features
-        try:
-            require_values(shard, selector.scores, cands, r, strategy.comm)
-            selection = selector.select_sharded(shard, labeled, cands, data.budget[r], rng,
-                                                strategy.comm)
-        except ValueError as e:                    # raised alike on every rank
-            raise StartError(f"ValueError: {e}") from e
-        features = gather_shards(strategy, shard, len(data.pool), embeddings=False)
-        if features is not None and measured is not None:
-            mark_unsampled(features, measured)
-        if cfg.output.save_features:
-            save_features_sharded(round_dir(out, r), features, shard, data, strategy)
-    else:
-        def select() -> Selection:
-            found = result.features or Features()
-            require_values(found, selector.scores, cands, r)
-            return selector.select(found, labeled, cands, data.budget[r], rng)
-        selection = _agree(strategy, select)
-    seconds["select"] = time.perf_counter() - t0
-    return Choice(selector, selection, features, result.stats, seconds, len(cands), embedded,
-                  sharded)
 
 
 def require_values(features: Features, scores: tuple[str, ...], candidates: np.ndarray,
@@ -588,32 +859,6 @@ def require_values(features: Features, scores: tuple[str, ...], candidates: np.n
                          f"settings, or choose another score")
 
 
-def write_selection(rdir: Path, r: int, choice: Choice, data: RunData,
-                    save_features: bool) -> None:
-    """Rank 0: ``selection.jsonl`` (one row per pick, in pick order, with every computed score
-    of the pick), ``selector_state.json`` and, when asked, ``features.npz``."""
-    rows = []
-    features, selection = choice.features, choice.selection
-    for k, p in enumerate(choice.new):
-        ex = data.pool[p]
-        row = {"id": ex.id, "source": ex.source, "round": r, "pick_order": k,
-               "selector": choice.selector.name, "pool_index": p,
-               "tokens": len(data.pool_enc[p].input_ids)}
-        row.update({name: float(v[k]) for name, v in selection.numbers.items()})
-        row.update({name: v[k] for name, v in selection.labels.items()})
-        if features is not None and features.positions is None:   # every computed score of
-            # the pick, not only the one ranked by
-            row.update({name: float(v[p]) for name, v in features.scores.items()
-                        if name not in row})
-        row["preview"] = ex.preview()
-        rows.append(json.dumps(row, ensure_ascii=False))
-    write_text_atomic(rdir / "selection.jsonl", "".join(line + "\n" for line in rows))
-    write_json_atomic(rdir / "selector_state.json", choice.selector.state_dict())
-    if features is not None and save_features and not choice.sharded:
-        arrays = _features_arrays(features, data)
-        if features.embeddings is not None:
-            arrays["embeddings"] = features.embeddings.astype(np.float16)
-        write_bytes_atomic(rdir / "features.npz", lambda tmp: np.savez(tmp, **arrays))
 
 
 def _features_arrays(features: Features, data: RunData) -> dict[str, np.ndarray]:
@@ -622,24 +867,7 @@ def _features_arrays(features: Features, data: RunData) -> dict[str, np.ndarray]
             **{f"score_{k}": v for k, v in features.scores.items()}, **features.extra}
 
 
-def save_features_sharded(rdir: Path, features: Features | None, shard: Features,
-                          data: RunData, strategy: Strategy) -> None:
-    """Every rank, for sharded features: the round's ``features.npz`` as ``write_selection``
-    writes it for gathered ones (``features``: the gathered scores on rank 0), its embeddings
-    sent to rank 0 a block of rows at a time (``passes/streamed.py``), so no rank holds N × D;
-    so are the shard's other per-rank rows (``RowsPart`` in ``extra``: influence's
-    ``grad_train``).
-    Raises OSError on every rank when rank 0 cannot write it."""
-    arrays = _features_arrays(features, data) if strategy.is_rank0 else None
-    parts = {"embeddings": None if shard.embeddings is None else
-             RowsPart(shard.positions, shard.embeddings, len(data.pool)),
-             **{k: v for k, v in shard.extra.items() if isinstance(v, RowsPart)}}
-    error = save_parts(strategy, rdir / "features.npz", arrays, parts, np.float16)
-    if error is not None:
-        raise OSError(f"{rdir / 'features.npz'}: {error}")
 
-
-# ----------------------------------------------------------------------------- train, evaluate
 
 @dataclass
 class Trained:
@@ -654,153 +882,6 @@ class Trained:
         return self.eval.loss if self.eval is not None else None
 
 
-def train_and_evaluate(r: int, cfg: Config, data: RunData, model: RoundModel,
-                       progress: Progress, new: list[int], strategy: Strategy,
-                       logger) -> Trained:
-    """Train round ``r`` (on everything selected, or only the new picks when continuing with
-    ``train.data_per_round: new``), then evaluate on the held-out set."""
-    engine = model.for_training(r)
-    every = cfg.train.retrain_from_base or cfg.train.data_per_round == "all"
-    global_step, stats = train_round(engine, strategy, cfg.train, data.pool_enc,
-                                     progress.selected if every else new, r,
-                                     progress.global_step, data.pad_id, logger, cfg.seed)
-    trained = Trained(stats, global_step)
-    ev = data.eval
-    if ev is not None:
-        t0 = time.perf_counter()
-        with logger.progress(f"round {r}: eval", len(ev.encoded)) as advance:
-            result = evaluate_with_choices(engine.module, strategy, ev.encoded, ev.choices,
-                                           data.pad_id, cfg.eval.batch_size, advance,
-                                           [ex.source.split("/")[0] for ex in ev.examples])
-        trained.eval, trained.eval_seconds = result, time.perf_counter() - t0
-        metrics = {"round": r, "eval/loss": result.loss}
-        if result.accuracy is not None:
-            metrics["eval/accuracy"] = result.accuracy
-        for group, g in result.groups.items():
-            metrics[f"eval/{group}/loss"] = g["loss"]
-            if g["accuracy"] is not None:
-                metrics[f"eval/{group}/accuracy"] = g["accuracy"]
-        logger.metrics(global_step, metrics)
-    return trained
-
-
-# ----------------------------------------------------------------------------- commit
-
-def commit(r: int, cfg: Config, data: RunData, model: RoundModel, progress: Progress,
-           choice: Choice, trained: Trained, out: Path, strategy: Strategy,
-           t_round: float) -> str | None:
-    """Save round ``r``: the checkpoint and the exports first, ``state.json`` last (the
-    round's commit point: a crash before it redoes the round, after it the round is kept).
-    Returns why the run stops after this round (``selection.stop_when``), or None; every rank
-    gets the same answer."""
-    rdir = round_dir(out, r)
-    t0 = time.perf_counter()
-    stopped = strategy.broadcast_from_rank0(
-        stop_reason(r, cfg, out, trained, progress) if strategy.is_rank0 else None)
-    state = RoundState(round_idx=r, global_step=progress.global_step,
-                       selected_ids=[data.pool[i].id for i in progress.selected],
-                       budget=data.budget, seed=cfg.seed, config_hash=cfg.results_hash(),
-                       pool_hash=data.pool_hash, world_size=strategy.world_size,
-                       zero_stage=cfg.deepspeed.zero_stage, rng=capture_rng(), stopped=stopped)
-    strategy.save_checkpoint(model.engine, rdir / "checkpoint", state.to_json())
-    crash_point("checkpoint", r)
-    export = export_weights(model.engine, strategy, cfg, data.tokenizer, rdir)
-    strategy.barrier()                         # every rank's shard is written
-    if strategy.is_rank0:
-        write_checkpoint_manifest(rdir / "checkpoint")
-        fsync_tree(export)
-    seconds = {**choice.seconds, "train": trained.stats.seconds,
-               **({"eval": trained.eval_seconds} if trained.eval_seconds is not None else {}),
-               "save": time.perf_counter() - t0, "total": time.perf_counter() - t_round}
-    if strategy.is_rank0:
-        summary = round_summary(r, cfg, data, progress, choice, trained, seconds,
-                                strategy.world_size)
-        summary["stopped"] = stopped
-        write_json_atomic(rdir / "summary.json", summary)
-        write_selected(out, r, cfg.data.pool, data.pool)   # the chosen set as a dataset
-    strategy.barrier()
-    if strategy.is_rank0:
-        write_json_atomic(rdir / STATE_FILE, state.to_json())
-        shutil.rmtree(partial_dir(out, r), ignore_errors=True)   # the round is complete
-        crash_point("state", r)
-        _rebuild_rounds_jsonl(out, r)
-        _prune_checkpoints(out, r, cfg.output.keep_checkpoints)
-        log.info(f"round {r} done: {len(choice.new)} new, {len(progress.selected)} total, "
-                 f"train loss {trained.stats.loss:.4f}"
-                 + (f", eval loss {trained.eval_loss:.4f}" if trained.eval_loss is not None
-                    else "")
-                 + (f", eval accuracy {trained.eval.accuracy:.3f}"
-                    if trained.eval is not None and trained.eval.accuracy is not None else "")
-                 + f", {seconds['total']:.1f}s")
-        if stopped:
-            log.info(f"stopping after round {r}: {stopped}")
-    strategy.barrier()
-    return stopped
-
-
-def stop_reason(r: int, cfg: Config, out: Path, trained: Trained, progress: Progress
-                ) -> str | None:
-    """``selection.stop_when``: why the run should end after round ``r``, or None. It ends when
-    the held-out loss fell by less than ``min_gain`` per example added over the last ``window``
-    rounds (DiverseEvol's curves flatten after 5-6 rounds: the budget follows the evidence).
-    Never after the last round (the run ends there anyway). Reads the earlier round's
-    summary; rank 0."""
-    rule = cfg.selection.stop_when
-    if not rule.window or r < rule.window or r >= cfg.selection.rounds - 1 \
-            or trained.eval_loss is None:
-        return None
-    before = json.loads((round_dir(out, r - rule.window) / "summary.json").read_text())
-    if before.get("eval_loss") is None:
-        return None
-    added = len(progress.selected) - before["total_examples"]
-    gain = (before["eval_loss"] - trained.eval_loss) / max(added, 1)
-    if gain >= rule.min_gain:
-        return None
-    return (f"held-out loss {before['eval_loss']:.4f} -> {trained.eval_loss:.4f} over the last "
-            f"{rule.window} round(s) and {added} added examples: {gain:.3g} per example < "
-            f"selection.stop_when.min_gain {rule.min_gain:g}")
-
-
-def round_summary(r: int, cfg: Config, data: RunData, progress: Progress, choice: Choice,
-                  trained: Trained, seconds: dict[str, float], world_size: int) -> dict:
-    """The round's ``summary.json`` (the README's "Outputs and logs" lists every key)."""
-    def by_source(positions):
-        counts: dict[str, int] = {}
-        for p in positions:
-            counts[data.pool[p].source] = counts.get(data.pool[p].source, 0) + 1
-        return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
-
-    features, stats, t = choice.features, choice.stats, trained.stats
-    skipped = {} if features is None else {
-        name: {"count": len(why), "examples": [f"{data.pool[i].id}: {w}"
-                                               for i, w in list(why.items())[:3]]}
-        for name, why in features.skipped.items()}
-    ev = data.eval
-    embeddings = None                   # how this round's embeddings were made, if it had any
-    if choice.embedded:
-        embeddings = "gradient" if data.feature_pass.gradient_embeddings \
-            else cfg.selection.pooling
-    return {
-        "round": r, "selector": choice.selector.name, "selection_info": choice.selection.info,
-        "score_skipped": skipped, "embeddings": embeddings, "candidates": choice.candidates,
-        "selected_on": None if choice.candidates is None else
-        "every rank" if choice.sharded else "rank 0",
-        "new_examples": len(choice.new), "total_examples": len(progress.selected),
-        "new_by_source": by_source(choice.new), "total_by_source": by_source(progress.selected),
-        "train_loss": t.loss, "train_loss_first_epoch": t.first_epoch_loss,
-        "eval_loss": trained.eval_loss,
-        "eval_tokens": trained.eval.tokens if trained.eval else None,
-        "eval_accuracy": trained.eval.accuracy if trained.eval else None,
-        "eval_choice_rows": len(ev.choices) if ev else 0,
-        "eval_by_source": trained.eval.groups if trained.eval else {},
-        "train_steps": t.steps, "global_step": trained.global_step,
-        "tokens": {"train": t.tokens, **{name: s.tokens for name, s in stats.items()},
-                   **{f"{name}_padded": s.padded_tokens for name, s in stats.items()}},
-        **{f"{name}_tokens_per_s": round(s.tokens_per_s, 1) for name, s in stats.items()},
-        "cached_passes": [name for name, s in stats.items() if s.cached],
-        "seconds": {k: round(v, 3) for k, v in seconds.items()},
-        "retrain_from_base": cfg.train.retrain_from_base, "world_size": world_size,
-    }
 
 
 def _rebuild_rounds_jsonl(out: Path, last: int) -> None:
@@ -818,29 +899,3 @@ def _prune_checkpoints(out: Path, last: int, keep: int) -> None:
         shutil.rmtree(round_dir(out, r) / "checkpoint", ignore_errors=True)
 
 
-def finish(out: Path, cfg: Config, strategy: Strategy, data: RunData) -> list[dict]:
-    """Copy the last round's export to ``OUT/final`` (and merge if asked): the run's last
-    round, or the round the stop rule ended it after; idempotent. Returns the summaries of the
-    complete rounds (rank 0)."""
-    last = min(last_completed_round(out), cfg.selection.rounds - 1) if strategy.is_rank0 else -1
-    state = read_state(out, last) if strategy.is_rank0 and last >= 0 else None
-    if state is not None and last < cfg.selection.rounds - 1 and not state.stopped:
-        state = None                  # the run is not finished (a crash, or fewer rounds done)
-    if strategy.is_rank0 and state is not None:
-        _rebuild_rounds_jsonl(out, last)   # in case the run died right after state.json
-        final = out / "final"
-        src = round_dir(out, last)
-        name = "adapter" if cfg.lora.enabled else "model"
-        tmp = out / ".final.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(src / name, tmp / name)
-        if cfg.lora.enabled and cfg.output.save_merged:
-            merge_adapter(data.model_path, tmp / "adapter", tmp / "merged", data.tokenizer)
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-        log.info(f"final {name}: {final / name}")
-    strategy.barrier()
-    if not strategy.is_rank0:
-        return []
-    return [json.loads((round_dir(out, r) / "summary.json").read_text())
-            for r in range(cfg.selection.rounds) if read_state(out, r) is not None]

@@ -10,7 +10,8 @@ import pytest
 from helpers import REPO
 
 from evotune.selectors import registry
-from evotune.selectors.base import Features, NoOptions, Selection, option, out_of_range
+from evotune.selectors.base import (Features, NoOptions, Selection, Selector, ShardedSelector,
+                                    option, out_of_range)
 from evotune.selectors.filters import ScoredFirst, ScoreFiltered
 from evotune.selectors.kcenter import KCenterSelector
 from evotune.selectors.weighted import WeightedSelector
@@ -151,3 +152,33 @@ def test_out_of_range_reads_the_bounds_in_a_fields_metadata():
     assert out_of_range(f["free"], -1e300) is None
     with pytest.raises(ValueError, match="option path must be"):
         option("", "a path of another kind", path="somewhere")
+
+
+def test_every_rule_and_wrapper_has_what_the_loop_calls():
+    """The protocols the loop types its selectors with (selectors/base.py) hold for every rule
+    the registry knows and for the wrappers; the rules with a sharded form, listed by hand from
+    their files, are the ones that match ShardedSelector."""
+    rules = [cls() for cls in (*registry.SELECTORS.values(),
+                               *(c for c in registry.FIRST_ROUND.values() if c is not None))]
+    assert all(isinstance(rule, Selector) for rule in rules)
+    assert sorted(r.name for r in rules if isinstance(r, ShardedSelector)) == [
+        "cluster_quota", "influence", "kcenter", "lift", "rds", "repr_filter", "weighted"]
+    location = registry.SELECTORS["facility_location"].Options()
+    filtered = registry.build(Section("facility_location", filter_score="loss", filter_max=1.0,
+                                      facility_location=location))
+    filled = registry.build(Section("weighted",
+                                    weighted=WeightedSelector.Options("perplexity")))
+    for wrapper in (filtered, filled):
+        assert isinstance(wrapper, (ScoreFiltered, ScoredFirst))
+        assert isinstance(wrapper, ShardedSelector)
+    # a wrapper is sharded exactly when the rule inside is
+    assert not filtered.sharded and filled.sharded
+    # the check can fail: a rule without state_dict is not a Selector
+    assert not isinstance(NoStateDict(), Selector)
+
+
+class NoStateDict:
+    name, needs_embeddings, scores = "every_step", False, ()
+
+    def select(self, features, labeled, candidates, n, rng):
+        return Selection(np.sort(candidates)[:n])
