@@ -10,7 +10,7 @@ A selector is a class with (``selectors/kcenter.py`` is the model to copy):
 
 - ``name``: its key in ``selection.selector`` and in ``selectors/registry.py``;
 - ``doc`` and ``logs``: one line each, what it picks and the numbers it logs per pick (the
-  README's selector table and ``--help-config`` are generated from them);
+  docs/selectors.md's table and ``--help-config`` are generated from them);
 - ``Options``: a dataclass of its settings, every field made with :func:`option` (its doc,
   and its allowed values or bounds, checked by the config); the config reads them under
   ``selection.<name>.<field>``, from the field of ``SelectionConfig`` (``trainer/config.py``)
@@ -20,7 +20,7 @@ A selector is a class with (``selectors/kcenter.py`` is the model to copy):
   may depend on the options: set it in ``__init__``);
 - ``__init__(options)``, ``select(features, labeled, candidates, n, rng)`` and
   ``state_dict()`` (the settings written to the round's ``selector_state.json``);
-- optionally ``scale`` (a line for the README on what the rule holds where on many ranks),
+- optionally ``scale`` (a line for docs/selectors.md on what the rule holds where on many ranks),
   and ``sharded`` with ``select_sharded`` to select with the rows spread over ranks.
 
 What the round loop uses of a built selector is typed by the protocols at the end of this

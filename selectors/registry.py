@@ -1,12 +1,12 @@
-"""Every selector by name: the one list that config validation, ``--help-config``, the README's
-selector table and the round loop read.
+"""Every selector by name: the one list that config validation, ``--help-config``, the table
+in docs/selectors.md and the round loop read.
 
 Adding a selector is one file plus two lines: write ``selectors/<name>.py`` with a class shaped
 like :class:`~evotune.selectors.kcenter.KCenterSelector` (see ``selectors/base.py``), add it
 to :data:`SELECTORS` below and, when it has settings, name its ``Options`` as a field of
 ``SelectionConfig`` in ``trainer/config.py`` (a test checks the two agree). From your own launch
 script, :func:`register` adds one without editing evotune (call it before the config is loaded;
-its settings become a ``selection.<name>`` section all the same). The README's "Adding a
+its settings become a ``selection.<name>`` section all the same). docs/extending.md's "Adding a
 selector or a score" walks through both.
 """
 
@@ -26,7 +26,7 @@ from evotune.selectors.repr_filter import RepresentationFilterSelector
 from evotune.selectors.weighted import WeightedSelector
 
 # selection.selector: the rule of every round after round 0 (and of round 0 with
-# selection.first_round: selector). Order = the README table's order.
+# selection.first_round: selector). Order = docs/selectors.md's table order.
 SELECTORS: dict[str, type] = {cls.name: cls for cls in (
     KCenterSelector, RandomSelector, WeightedSelector, RepresentationFilterSelector,
     ClusterQuotaSelector, FacilityLocationSelector, InfluenceSelector, RdsSelector,
@@ -38,7 +38,7 @@ SELECTORS: dict[str, type] = {cls.name: cls for cls in (
 FIRST_ROUND: dict[str, type | None] = {"random": RandomSelector, "selector": None,
                                        "pre_experienced": PreExperiencedSelector}
 
-# What a rule without its own ``scale`` line does on many ranks (the README's selector table).
+# What a rule without its own ``scale`` line does on many ranks (docs/selectors.md's table).
 GATHERED = "rank 0: the features gathered there"
 
 _MEMBERS = ("name", "doc", "logs", "Options", "needs_embeddings", "scores", "select",

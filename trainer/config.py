@@ -171,8 +171,8 @@ class SelectionConfig:
     its ``Options`` here as a field named after the rule, in the registry's order.
     ``tests/trainer/test_config.py`` fails when the two disagree.
     """
-    selector: str = option("kcenter", "how new examples are chosen each round (see README, "
-                                      "Selectors; settings under selection.<selector>)",
+    selector: str = option("kcenter", "how new examples are chosen each round (see "
+                                      "docs/selectors.md; settings under selection.<selector>)",
                            choices=_selector_names)
     filter_score: Optional[str] = option(
         None, "run the selector only over candidates that pass a filter on this score "
@@ -765,7 +765,7 @@ def describe() -> str:
 
 
 def describe_markdown() -> str:
-    """The README's configuration table: every key, its type, default and doc."""
+    """docs/configuration.md's table: every key, its type, default and doc."""
     rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
 
     def fmt(v):
@@ -787,7 +787,7 @@ def describe_markdown() -> str:
 
 
 def selectors_markdown() -> str:
-    """The README's selector table, from the registry (``selectors/registry.py``)."""
+    """docs/selectors.md's table, from the registry (``selectors/registry.py``)."""
     rows = ["| `selection.selector` | what it picks each round | settings "
             "(`selection.<selector>.*`) | numbers logged per pick | on many ranks, memory |",
             "|---|---|---|---|---|"]
@@ -807,7 +807,7 @@ _SOURCE_NAMES = {"forward": "the embedding pass", "ifd": "IFD's passes",
 
 
 def scores_markdown() -> str:
-    """The README's score table, from the registry (``trainer/scores.py``)."""
+    """docs/scores.md's table, from the registry (``trainer/scores.py``)."""
     rows = ["| score | computed by | meaning (higher = preferred) | settings "
             "(`scoring.<score>.*`) |", "|---|---|---|---|"]
     for name, score in score_registry.SCORES.items():

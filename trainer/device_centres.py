@@ -13,7 +13,7 @@ class DeviceNearestCentre:
     """:class:`NearestCentre` on a torch device: the candidates' rows, their norms and the
     distances live in the accelerator's memory and every update runs there (a GPU run's
     k-center; on the host a pick reads every candidate row from RAM, which at 10M × 4096 over
-    64 ranks takes hours where the device takes minutes: README, Large pools).
+    64 ranks takes hours where the device takes minutes: docs/large-pools.md).
 
     Every distance is computed in float64 from the float32 rows, a block of ``chunk_size``
     candidates at a time, and rounded to float32, for the initial and the new centres alike:

@@ -370,7 +370,7 @@ class Run:
 
     def round_summary(self, r: int, choice: Choice, trained: Trained,
                       seconds: dict[str, float]) -> dict:
-        """The round's ``summary.json`` (the README's "Outputs and logs" lists every key)."""
+        """The round's ``summary.json`` (docs/outputs.md lists every key)."""
         cfg, data, progress = self.cfg, self.data, self.progress
 
         def by_source(positions):

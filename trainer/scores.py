@@ -1,7 +1,7 @@
 """Every per-example score by name: what it means, which pass computes it, and its function.
 
 This registry is the one list of score names: config validation, ``--help-config``,
-``launch/score_pool.py`` and the README's score table read it, and the feature pass
+``launch/score_pool.py`` and docs/scores.md's table read it, and the feature pass
 (``trainer/passes/features.py``) decides from it which passes a round runs.
 
 Every score follows one convention: HIGHER = PREFERRED by a selector that ranks by it (so the

@@ -1,6 +1,6 @@
 """What a completed round leaves on disk, and how a run finds where to resume.
 
-Layout of an output dir (this module owns it; the README's "Outputs and logs" says the same)::
+Layout of an output dir (this module owns it; docs/outputs.md says the same)::
 
     OUT/.evotune-run                  written first: this dir is an evotune run
     OUT/config.yaml, config.json      resolved config of the run

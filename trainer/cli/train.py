@@ -46,10 +46,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     if args.help_config:
         print(describe())
         return 0
-    if args.help_config_markdown:     # the README's tables (tests/test_docs.py keeps them equal)
+    if args.help_config_markdown:     # the docs' tables (tests/test_docs.py keeps them equal)
         for title, table in (("Selectors", selectors_markdown()), ("Scores", scores_markdown()),
                              ("Configuration", describe_markdown())):
-            print(f"<!-- README section: {title} -->\n{table}\n")
+            print(f"<!-- docs/{title.lower()}.md -->\n{table}\n")
         return 0
     try:
         if args.config is None and args.resume not in ("auto", "never"):

@@ -187,7 +187,7 @@ class FeaturePass:
         return items
 
     def where_selected(self, rule: str) -> str:
-        """One line for the run's log: where rule ``rule`` selects (README, Large pools)."""
+        """One line for the run's log: where rule ``rule`` selects (docs/large-pools.md)."""
         if not self.needed:
             return f"selection ({rule}): reads no model features"
         if self.sharded:
@@ -195,7 +195,7 @@ class FeaturePass:
                     f"one rank)")
         return (f"selection ({rule}): on rank 0 over the features gathered there "
                 f"({self._gathered_why}; "
-                f"README, Large pools)")
+                f"docs/large-pools.md)")
 
     @property
     def needed(self) -> bool:
