@@ -65,7 +65,8 @@ def run(cfg: Config, resume: str = "auto", overwrite: bool = False) -> list[dict
         raise StartError(str(e)) from e
     console = setup_console_logging(strategy.rank)
     log.info(f"evotune: {strategy.world_size} rank(s), device {strategy.device}, "
-             f"dtype {str(strategy.dtype).replace('torch.', '')}, ZeRO-{cfg.deepspeed.zero_stage}")
+             f"dtype {str(strategy.dtype).replace('torch.', '')} ({strategy.precision_reason}), "
+             f"ZeRO-{cfg.deepspeed.zero_stage}")
 
     # ---- prepare: everything that can fail on bad input happens before the output dir is touched
     data = prepare(cfg, strategy, ProgressBars(strategy.is_rank0, console))
