@@ -166,6 +166,12 @@ class Strategy:
             backend = "gloo" if on_cpu else self.accelerator.communication_backend_name()
         if not on_cpu:
             self.accelerator.set_device(self.local_rank)
+        elif int(os.environ["WORLD_SIZE"]) == 1:
+            # DeepSpeed's CPU backend JIT-compiles a shared-memory allreduce op while joining
+            # the group (~40 s on a 2-core CPU the first time, again whenever torch's extension
+            # cache misses); one rank has nothing to reduce with it. DeepSpeed reads which ops
+            # it may build from this table, which it keeps for the process so edits persist.
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(
             minutes=self.cfg.deepspeed.timeout_minutes))
         self.rank = dist.get_rank()
