@@ -32,11 +32,14 @@ def load_module(path: Path):
 
 
 def write_config(path: Path, model_dir: Path, out_dir: Path, **sections) -> Path:
-    """A small run config for end-to-end tests; ``sections`` update the defaults below."""
+    """A small run config for end-to-end tests; ``sections`` update the defaults below.
+
+    fp32 unless a test asks for bf16: ``model.precision: auto`` would pick bf16 on a CPU that
+    computes it natively, and the tests' numbers must not depend on the machine."""
     import yaml
     cfg = {
         "seed": 7,
-        "model": {"path": str(model_dir)},
+        "model": {"path": str(model_dir), "precision": "fp32"},
         "lora": {"r": 4, "alpha": 8, "dropout": 0.1, "target_modules": ["q_proj", "v_proj"]},
         "data": {"pool": str(POOL_TINY), "max_length": 160, "on_error": "skip"},
         "eval": {"path": str(EVAL_TINY), "batch_size": 4},

@@ -19,7 +19,8 @@ NOISY = FIXTURES / "pool_noisy_subset.jsonl"
 @pytest.mark.e2e
 def test_score_pool_writes_scores_and_auroc_table(tmp_path, tiny_model_dir):
     out = tmp_path / "scores"
-    proc = run_train([f"model.path={tiny_model_dir}", f"data.pool={NOISY}", "data.max_length=256",
+    proc = run_train([f"model.path={tiny_model_dir}", "model.precision=fp32", f"data.pool={NOISY}",
+                      "data.max_length=256",
                       "data.on_error=skip", "--label", "corruption", "--pair", "orig_id",
                       "--out", str(out)], script="score_pool.py")
     assert "AUROC" in proc.stderr and "truncated_output" in proc.stderr   # the rich console

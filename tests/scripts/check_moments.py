@@ -21,7 +21,7 @@ def main() -> None:
     model_dir, stage, out = args[0], int(args[1]), args[2]
     cfg = config_from_dict({
         "data": {"pool": __file__},
-        "model": {"path": model_dir},
+        "model": {"path": model_dir, "precision": "fp32"},
         "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
         "train": {"batch_size": 2, "micro_batch_size": 1, "lr": 1e-2, "max_grad_norm": 0.0},
         "deepspeed": {"zero_stage": stage}})

@@ -7,8 +7,8 @@ import torch
 
 from evotune.trainer.config import TrainConfig
 from evotune.trainer.data import IGNORE_INDEX, Encoded, collate
-from evotune.trainer.fit import (lr_at, logits_window, plan_steps, response_tokens,
-                                 token_loss_sum)
+from evotune.trainer.fit import (logits_positions, logits_window, lr_at, plan_steps,
+                                 response_tokens, token_loss_sum)
 
 
 def schedule(kind, warmup_ratio=0.2, lr=1.0):
@@ -55,6 +55,24 @@ def test_response_tokens_counts_targets_after_the_shift():
 def test_logits_window_starts_one_before_the_first_target_of_the_batch():
     b = collate([encoded(6, 2), encoded(3, 5), encoded(9, 1)], pad_id=0)   # T = 10
     assert logits_window(b["labels"]) == 10 - 2      # first target at 3 → keep positions 2..9
+
+
+def test_logits_positions_are_the_window_and_give_the_same_logits(tiny_model_dir):
+    """The index form of the window keeps positions 2..9 of the batch above, and the model's
+    logits through it equal those of the int window bitwise, in fp32 and in bf16 (the head
+    runs on a copied block instead of a strided view; nothing else changes)."""
+    from transformers import AutoModelForCausalLM
+    b = collate([encoded(6, 2), encoded(3, 5), encoded(9, 1)], pad_id=0)
+    assert logits_positions(b["labels"]).tolist() == list(range(2, 10))
+    b = collate([encoded(20, 7, start=100), encoded(12, 3, start=300), encoded(30, 9, 500)], 0)
+    for dtype in (torch.float32, torch.bfloat16):
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=dtype).eval()
+        with torch.no_grad():
+            by_int = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                           logits_to_keep=logits_window(b["labels"])).logits
+            by_index = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                             logits_to_keep=logits_positions(b["labels"])).logits
+        assert by_index.dtype == dtype and torch.equal(by_index, by_int)
 
 
 def test_windowed_loss_equals_the_full_loss(tiny_model_dir):

@@ -97,6 +97,8 @@ def test_run_writes_every_artifact(baseline, tiny_model_dir):
     assert "evotune rounds" in proc.stderr + proc.stdout
     # LoRA at ZeRO-0: three fresh engines (retrain from base), one base-model load
     assert "base model loads this run: 1" in proc.stderr
+    # the first log line says the dtype and why (write_config asks for fp32; the console wraps)
+    assert "dtype float32 (set in model.precision)" in " ".join(proc.stderr.split())
 
 
 def test_selected_jsonl_holds_the_pools_own_rows_in_pick_order(baseline):
@@ -477,7 +479,8 @@ def test_bf16_and_merged_export(tmp_path, tiny_model_dir, baseline):
                        model={"path": str(tiny_model_dir), "precision": "bf16"},
                        selection={"rounds": 2}, deepspeed={"zero_stage": 2},
                        output={"save_merged": True})
-    run_train(["--config", str(cfg)])
+    proc = run_train(["--config", str(cfg)])
+    assert "dtype bfloat16 (set in model.precision)" in " ".join(proc.stderr.split())
     summaries = [json.loads(line) for line in
                  (tmp_path / "out" / "rounds.jsonl").read_text().splitlines()]
     # round 0 trains on the same random picks as the fp32 baseline: bf16 matmuls and weights
@@ -657,7 +660,8 @@ def test_every_preset_runs(preset, tmp_path, tiny_model_dir):
     """Each preset's selection rule, scores and filters run in the loop (tiny model, tiny data,
     2 rounds: the budget and model are overridden, the method is the preset's)."""
     from helpers import POOL_TINY, EVAL_TINY
-    overrides = [f"model.path={tiny_model_dir}", f"data.pool={POOL_TINY}",
+    overrides = [f"model.path={tiny_model_dir}", "model.precision=fp32",
+                 f"data.pool={POOL_TINY}",
                  f"eval.path={EVAL_TINY}", "data.on_error=skip", "data.max_length=160",
                  "selection.rounds=2", "selection.init_size=6", "selection.per_round=5",
                  "train.epochs=1", "train.batch_size=4", "train.micro_batch_size=2",

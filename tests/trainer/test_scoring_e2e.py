@@ -335,6 +335,7 @@ def test_mods_preset_with_a_reward_model_filters_by_it(tmp_path, tiny_model_dir)
     rm = _tiny_classifier(tmp_path / "rm", tiny_model_dir, 1)
     out = tmp_path / "out"
     run_train(["--config", str(REPO / "configs" / "mods_like.yaml"), f"model.path={tiny_model_dir}",
+               "model.precision=fp32",
                f"data.pool={POOL_TINY}", f"eval.path={EVAL_TINY}", "data.on_error=skip",
                "data.max_length=160", "selection.init_size=6", "selection.per_round=5",
                "train.epochs=1", "train.batch_size=4", "train.micro_batch_size=2",

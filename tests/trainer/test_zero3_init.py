@@ -17,7 +17,8 @@ from evotune.trainer.config import load_config
 from evotune.trainer.engine import Strategy
 from evotune.trainer.model import build_trainable_model, load_model
 model_dir, pool = sys.argv[1], sys.argv[2]
-cfg = load_config(None, [f"model.path={model_dir}", f"data.pool={pool}",
+cfg = load_config(None, [f"model.path={model_dir}", "model.precision=fp32",
+                         f"data.pool={pool}",
                          "deepspeed.zero_stage=3", "lora.target_modules=[q_proj,v_proj]"])
 strategy = Strategy(cfg)
 strategy.setup()
