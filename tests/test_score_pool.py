@@ -50,16 +50,32 @@ def test_score_pool_writes_scores_and_auroc_table(tmp_path, tiny_model_dir):
     assert table["empty_like"]["scores"]["length"]["auroc"] >= 0.9
 
 
-def test_score_pool_rejects_unknown_scores_and_labels(tmp_path, tiny_model_dir):
+def test_score_pool_refuses_unknown_scores_and_options_before_any_work(tmp_path, capsys):
+    """Refusals made from the options and the config alone: exit code 2 and one line saying
+    why, from ``main`` in this process (nothing is loaded, no process group is made)."""
+    from evotune.trainer.cli.score_pool import main
+    base = ["model.path=unused", f"data.pool={NOISY}", "--out", str(tmp_path / "o")]
+
+    def refused(*args):
+        assert main(base + list(args)) == 2
+        return capsys.readouterr().err
+    assert "unknown bogus" in refused("--scores", "loss,bogus")
+    assert "scoring.reward.model" in refused("--scores", "reward")
+    assert "training run" in refused("--scores", "influence")
+    assert "--pair needs --label" in refused("--scores", "loss", "--pair", "orig_id")
+    assert not (tmp_path / "o").exists()
+
+
+def test_score_pool_refuses_a_missing_label_and_a_pool_without_rows(tmp_path, tiny_model_dir):
+    """Refusals found once the pool is read (a run of launch/score_pool.py each): exit code 2
+    and the reason, no traceback."""
     base = [f"model.path={tiny_model_dir}", f"data.pool={NOISY}", "--out", str(tmp_path / "o")]
 
     def refused(*args):
         proc = run_train(base + list(args), script="score_pool.py", check=False, timeout=300)
         assert proc.returncode == 2, proc.stderr[-3000:]
+        assert "Traceback" not in proc.stderr
         return proc.stderr
-    assert "unknown bogus" in refused("--scores", "loss,bogus")
-    assert "scoring.reward.model" in refused("--scores", "reward")
-    assert "training run" in refused("--scores", "influence")
     assert "quality" in refused("--scores", "loss", "--label", "quality", "data.on_error=skip")
     empty = tmp_path / "empty.jsonl"
     empty.write_text('{"nothing": 1}\n{"nothing": 2}\n')

@@ -101,16 +101,19 @@ class _OneRank:
 
 
 def _reference_nll(model, encoded):
-    """Each sequence alone: one plain forward, no padding, no cache, full logits; the summed
-    -log p (nats, float64 softmax) of its response tokens, written out here rather than taken
-    from the code under test."""
+    """Each sequence alone: one plain forward, no padding, no cache; the summed -log p (nats,
+    float64 softmax) of its response tokens, written out here rather than taken from the code
+    under test. The logits are those of the positions that predict a response token (listed
+    here, one by one), which is all the sum reads: the 49,152-word head over every position
+    of every sequence was most of this file's time."""
     out = []
     for e in encoded:
+        targets = [t for t in range(1, len(e.labels)) if e.labels[t] != IGNORE_INDEX]
         with torch.no_grad():
-            logits = model(input_ids=torch.tensor([e.input_ids]), use_cache=False).logits[0]
+            logits = model(input_ids=torch.tensor([e.input_ids]), use_cache=False,
+                           logits_to_keep=torch.tensor([t - 1 for t in targets])).logits[0]
         logp = torch.log_softmax(logits.double(), dim=-1)
-        out.append(-sum(float(logp[t - 1, e.labels[t]]) for t in range(1, len(e.labels))
-                        if e.labels[t] != IGNORE_INDEX))
+        out.append(-sum(float(logp[i, e.labels[t]]) for i, t in enumerate(targets)))
     return out
 
 
@@ -228,22 +231,27 @@ def _mixed_choice_rows(tmp_path, tokenizer):
     return rows, cs
 
 
+@pytest.fixture(scope="module")
+def mixed(tiny_model_dir, tokenizer, tmp_path_factory):
+    """The fp32 tiny model, the mixed choice rows and each choice's reference NLL, made once
+    for every batch size."""
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    rows, cs = _mixed_choice_rows(tmp_path_factory.mktemp("mixed"), tokenizer)
+    return model, rows, cs, _reference_nll(model, cs.encoded)
+
+
 @pytest.mark.parametrize("batch_size", [1, 3, 64])
-def test_batched_choice_nll_equals_each_choice_sequence_alone(tiny_model_dir, tokenizer,
-                                                              tmp_path, batch_size):
+def test_batched_choice_nll_equals_each_choice_sequence_alone(mixed, tokenizer, batch_size):
     """Several rows per forward call (padded prompts, one cache, every tail against its own
     row's entries) give each choice's NLL as a plain forward of that sequence alone, in fp32,
     within 1e-5 relative; and the accuracy that follows from those independent numbers."""
-    from transformers import AutoModelForCausalLM
-
     from evotune.trainer.fit import _prompt_length, choice_nll, evaluate_with_choices
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
-    rows, cs = _mixed_choice_rows(tmp_path, tokenizer)
+    model, rows, cs, ref = mixed
     prompts = [_prompt_length(cs.encoded[s: s + n]) for s, n in zip(cs.starts, cs.counts)]
     assert sorted(set(cs.counts)) == [2, 3, 4, 5] and len(cs) == 15
     # 12 real rows, 10 prompt lengths (a 3-choice variant shares its 5-choice row's prompt)
     assert prompts[-3:] == [0, 0, 1] and len(set(prompts[:-3])) == 10
-    ref = _reference_nll(model, cs.encoded)
     nll = choice_nll(model, _OneRank(), cs, batch_size)
     assert nll == pytest.approx(ref, rel=1e-5, abs=0)
     right = _first_best(ref, cs)

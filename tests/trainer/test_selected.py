@@ -78,7 +78,10 @@ def test_alpaca_and_sharegpt_forms():
         convert(row, "xml")
 
 
-def test_export_selection_script(tmp_path):
+def test_export_selection_script(tmp_path, capsys):
+    """launch/export_selection.py once as a script (rows to stdout); its other outcomes from
+    its ``main`` in this process (a file written, a row it cannot convert, no run)."""
+    from evotune.trainer.cli.export_selection import main
     rows = [dict(ALPACA, instruction=f"Name colour {i}.") for i in range(4)] + [CHAT, ODD]
     out = _run(tmp_path, rows, [[1, 4], [0]])
     script = [sys.executable, str(REPO / "launch" / "export_selection.py"), str(out)]
@@ -88,17 +91,13 @@ def test_export_selection_script(tmp_path):
     lines = [json.loads(line) for line in proc.stdout.splitlines()]
     assert [line["conversations"][0]["value"] for line in lines] == ["Name colour 1.",
                                                                       "Be brief."]
-    proc = subprocess.run(script + ["--format", "alpaca"], capture_output=True, text=True,
-                          cwd=REPO)
-    assert proc.returncode == 0 and "3 examples (rounds 0-1, alpaca)" in proc.stderr
+    assert main([str(out), "--format", "alpaca"]) == 0
+    assert "3 examples (rounds 0-1, alpaca)" in capsys.readouterr().err
     written = (out / "export_round_1_alpaca.jsonl").read_text().splitlines()
     assert [json.loads(line)["instruction"] for line in written] == [
         "Name colour 1.", "2+2?", "Name colour 0."]
     out2 = _run(tmp_path / "b", rows, [[5]])
-    proc = subprocess.run([sys.executable, str(REPO / "launch" / "export_selection.py"),
-                           str(out2), "--format", "alpaca"], capture_output=True, text=True,
-                          cwd=REPO)
-    assert proc.returncode == 1 and "selected.jsonl:1: its turns do not alternate" in proc.stderr
-    proc = subprocess.run([sys.executable, str(REPO / "launch" / "export_selection.py"),
-                           str(tmp_path / "nothing")], capture_output=True, text=True, cwd=REPO)
-    assert proc.returncode == 1 and "not found" in proc.stderr
+    assert main([str(out2), "--format", "alpaca"]) == 1
+    assert "selected.jsonl:1: its turns do not alternate" in capsys.readouterr().err
+    assert main([str(tmp_path / "nothing")]) == 1
+    assert "not found" in capsys.readouterr().err
