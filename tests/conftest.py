@@ -7,11 +7,22 @@ so every end-to-end run is real (DeepSpeed, LoRA, the real chat template) and fa
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from helpers import EVAL_TINY, POOL_TINY, REPO  # noqa: F401  (re-exported for tests)
+
+# Under pytest-xdist, every process the tests make (the workers, the runs they start, each run's
+# ranks) computes on its share of the cores: on 2 cores with -n 2, one thread each. With
+# torch's default of a thread per core, the processes waited on one another in OpenMP's
+# spinning barriers: tiny runs took 3 to 4 times as long on a busy 2-core machine. Set before
+# torch is imported here, and inherited by every process the tests start; no process is
+# compared with one running on another thread count.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(
+        1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 
 
 @pytest.fixture(scope="session")
