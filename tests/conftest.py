@@ -42,3 +42,12 @@ def tokenizer(smollm_dir):
 def tiny_model_dir(tmp_path_factory, smollm_dir) -> Path:
     from helpers import build_tiny_model
     return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"), smollm_dir)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_rank_pool_per_module():
+    """The rank pool of the sharded tests (helpers.spawn_ranks) lasts one test module: its
+    processes hold ~250 MB each, too much to keep for a whole session beside the runs."""
+    yield
+    from helpers import stop_rank_pool
+    stop_rank_pool()

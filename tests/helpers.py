@@ -187,8 +187,8 @@ def spawn_ranks(work, world: int, *args, timeout: int = 180) -> list:
     to time out.
 
     The ranks are processes of this test process's rank pool (spawned on first use, one more
-    whenever a larger world is asked for): each starts once and imports torch once, then runs
-    one rank of every group after. Between two calls a rank leaves no process group and no
+    whenever a larger world is asked for, stopped at the end of the test module by conftest):
+    each starts once and imports torch once, then runs one rank of every group after. Between two calls a rank leaves no process group and no
     environment variable behind; after a failure or a timeout the whole pool is stopped, and
     the next call spawns a fresh one. Each rank computes on one thread: three ranks of two
     threads each on a 2-core machine spent most of a collective's wait spinning in OpenMP
@@ -236,6 +236,12 @@ class _RankPool:
 
 
 _RANKS: _RankPool | None = None
+
+
+def stop_rank_pool() -> None:
+    """Stop the rank pool's processes, if there are any (each holds ~250 MB)."""
+    if _RANKS is not None:
+        _RANKS.stop()
 
 
 def _rank_pool(size: int) -> _RankPool:
