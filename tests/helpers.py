@@ -188,11 +188,12 @@ def spawn_ranks(work, world: int, *args, timeout: int = 180) -> list:
 
     The ranks are processes of this test process's rank pool (spawned on first use, one more
     whenever a larger world is asked for, stopped at the end of the test module by conftest):
-    each starts once and imports torch once, then runs one rank of every group after. Between two calls a rank leaves no process group and no
-    environment variable behind; after a failure or a timeout the whole pool is stopped, and
-    the next call spawns a fresh one. Each rank computes on one thread: three ranks of two
-    threads each on a 2-core machine spent most of a collective's wait spinning in OpenMP
-    (the sharded-selection tests took 2.5 times as long)."""
+    each starts once and imports torch once, then runs one rank of every group after. Between
+    two calls a rank leaves no process group and no environment variable behind; after a
+    failure or a timeout the whole pool is stopped, and the next call spawns a fresh one. Each
+    rank computes on one thread: three ranks of two threads each on a 2-core machine spent
+    most of a collective's wait spinning in OpenMP (the sharded-selection tests took 2.5
+    times as long)."""
     import queue
     pool = _rank_pool(world)
     port = _free_port()
