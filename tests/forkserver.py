@@ -9,16 +9,19 @@ a fresh ``python launch/<script> ARGS`` would be after its imports (launch/'s sc
 ``main`` of a module of ``evotune.trainer.cli``): its own session (so it can be SIGKILLed as a
 group), its own environment, working directory and output files, ``main(ARGS)`` and its exit
 code. Nothing runs in the server itself, so every child starts from the same
-freshly imported state. Runs under the ``deepspeed`` launcher do not come here: they start
-real processes (tests/helpers.py).
+freshly imported state. A request for N ranks forks a child that does what the ``deepspeed``
+launcher does on one node (``_launch``), its ranks forked too: a two-rank tiny run started
+through the real launcher spends ~40 s of its time (on 2 busy cores) starting four Pythons.
+Runs that test the launcher itself start it for real (tests/helpers.py, ``launcher=True``).
 
 After each child ends, the server imports the modules that child imported while running
 (a run imports most of its libraries lazily: model classes, DeepSpeed's engine, sympy), so the
 next children start with them too.
 
 Protocol (JSON lines): the parent writes ``{"script", "args", "env", "cwd", "stdout",
-"stderr"}`` on stdin; the server answers ``{"pid": N}`` when the child starts and
-``{"rc": N}`` when it ends (negative: killed by that signal, as ``subprocess`` reports it).
+"stderr"}`` (and for several ranks ``"ranks"`` and the group's ``"port"``) on stdin; the
+server answers ``{"pid": N}`` when the child starts and ``{"rc": N}`` when it ends
+(negative: killed by that signal, as ``subprocess`` reports it).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ COMMANDS = {"train.py": "evotune.trainer.cli.train",
 
 
 def _child(request: dict, commands: dict) -> int:
+    """The forked child: one run, or with ``ranks`` the launcher of that many ranks."""
     os.setsid()
     os.chdir(request["cwd"])
     os.environ.clear()
@@ -49,15 +53,64 @@ def _child(request: dict, commands: dict) -> int:
         os.close(f)
     sys.stdout.reconfigure(line_buffering=True)
     sys.stderr.reconfigure(line_buffering=True)
-    name = request["script"]
-    sys.argv = [os.path.join(LAUNCH, name), *request["args"]]
+    if request.get("ranks"):
+        return _launch(request, commands)
+    return _run(request["script"], request["args"], commands)
+
+
+def _run(name: str, args: list[str], commands: dict) -> int:
+    """``main(args)`` of the command behind launch/``name``, as that script's process would
+    run it: its exit code."""
+    # A fresh process reads OMP_NUM_THREADS when torch starts; torch started in the server.
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        import torch
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    sys.argv = [os.path.join(LAUNCH, name), *args]
     try:
-        return int(commands[name].main(request["args"]) or 0)
+        return int(commands[name].main(args) or 0)
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except BaseException:
         traceback.print_exc()
         return 1
+
+
+def _launch(request: dict, commands: dict) -> int:
+    """What ``deepspeed --num_gpus N launch/<script> ARGS`` does on one node, with ranks forked
+    from here instead of started afresh: rank r gets the environment the launcher gives it
+    (RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_SIZE, CROSS_RANK, CROSS_SIZE, MASTER_ADDR,
+    MASTER_PORT) and ``--local_rank=r`` before ARGS, and shares this process's output files
+    and process group. As the launcher does, the first rank to exit with an error has the
+    others killed, and its exit code (mod 256: -9 is 247) is the launcher's."""
+    import signal
+    ranks = int(request["ranks"])
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(request["port"]),
+           "WORLD_SIZE": str(ranks), "LOCAL_SIZE": str(ranks), "CROSS_RANK": "0",
+           "CROSS_SIZE": "1"}
+    pids = []
+    for rank in range(ranks):
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                os.environ.update(env, RANK=str(rank), LOCAL_RANK=str(rank))
+                code = _run(request["script"], [f"--local_rank={rank}", *request["args"]],
+                            commands)
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        pids.append(pid)
+    code = 0
+    while pids:
+        pid, status = os.wait()
+        pids.remove(pid)
+        rc = os.waitstatus_to_exitcode(status)
+        if rc != 0 and code == 0:
+            code = rc % 256
+            for other in pids:
+                os.kill(other, signal.SIGKILL)
+    return code
 
 
 def serve() -> None:

@@ -59,22 +59,26 @@ def write_config(path: Path, model_dir: Path, out_dir: Path, **sections) -> Path
 
 
 def run_train(args: list[str], ranks: int | None = None, timeout: int = 600,
-              env: dict | None = None, check: bool = True, script: str = "train.py"
-              ) -> subprocess.CompletedProcess:
-    """Run launch/train.py (or another launch ``script``): under the real ``deepspeed``
-    launcher when ``ranks`` is given, else as one process, forked from the worker's fork server
-    (tests/forkserver.py: a fresh ``python launch/<script>`` without paying its imports again)."""
+              env: dict | None = None, check: bool = True, script: str = "train.py",
+              launcher: bool = False) -> subprocess.CompletedProcess:
+    """Run launch/train.py (or another launch ``script``), forked from the worker's fork server
+    (tests/forkserver.py: a fresh ``python launch/<script>`` without paying its imports again):
+    as one process, or with ``ranks`` as that many ranks set up as the ``deepspeed`` launcher
+    sets them up. ``launcher=True``: through the real ``deepspeed`` launcher (``ranks`` of
+    them, 1 by default), every rank a new Python process."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     shm_before = shm_buffers()
-    if ranks is None:
-        cmd = [sys.executable, str(REPO / "launch" / script), *args]
-        proc = start_run(script, args, full_env).finish(timeout)
-    else:
+    if launcher:
         deepspeed = Path(sys.executable).with_name("deepspeed")
-        cmd = [str(deepspeed), "--num_gpus", str(ranks), "--master_port",
+        cmd = [str(deepspeed), "--num_gpus", str(ranks or 1), "--master_port",
                str(_free_port()), str(REPO / "launch" / script), *args]
         proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True,
                               timeout=timeout)
+    else:
+        cmd = [sys.executable, str(REPO / "launch" / script), *args]
+        if ranks:
+            cmd = ["deepspeed", "--num_gpus", str(ranks), *cmd[1:], "(ranks forked)"]
+        proc = start_run(script, args, full_env, ranks).finish(timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n"
                              f"{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
@@ -118,8 +122,9 @@ class ForkedRun:
 _SERVER: subprocess.Popen | None = None
 
 
-def start_run(script: str, args: list[str], env: dict) -> ForkedRun:
-    """Start launch/``script`` ``args`` as a forked child of this worker's fork server."""
+def start_run(script: str, args: list[str], env: dict, ranks: int | None = None) -> ForkedRun:
+    """Start launch/``script`` ``args`` as a forked child of this worker's fork server (with
+    ``ranks``: a child that starts that many ranks, as the deepspeed launcher would)."""
     global _SERVER
     if _SERVER is None or _SERVER.poll() is not None:
         _SERVER = subprocess.Popen([sys.executable, str(Path(__file__).with_name("forkserver.py"))],
@@ -130,6 +135,8 @@ def start_run(script: str, args: list[str], env: dict) -> ForkedRun:
     out = Path(tempfile.mkdtemp(prefix="evotune-run-"))
     request = {"script": script, "args": [str(a) for a in args], "env": env, "cwd": str(REPO),
                "stdout": str(out / "stdout"), "stderr": str(out / "stderr")}
+    if ranks:
+        request.update(ranks=ranks, port=_free_port())
     _SERVER.stdin.write(json.dumps(request) + "\n")
     _SERVER.stdin.flush()
     return ForkedRun(_SERVER, _read_reply(_SERVER)["pid"],
@@ -183,12 +190,13 @@ def spawn_ranks(work, world: int, *args, timeout: int = 180) -> list:
     to time out.
 
     The ranks are processes of this test process's rank pool (spawned on first use, one more
-    whenever a larger world is asked for): each starts once and imports torch once, then runs
-    one rank of every group after. Between two calls a rank leaves no process group and no
-    environment variable behind; after a failure or a timeout the whole pool is stopped, and
-    the next call spawns a fresh one. Each rank computes on one thread: three ranks of two
-    threads each on a 2-core machine spent most of a collective's wait spinning in OpenMP
-    (the sharded-selection tests took 2.5 times as long)."""
+    whenever a larger world is asked for, stopped at the end of the test module by conftest):
+    each starts once and imports torch once, then runs one rank of every group after. Between
+    two calls a rank leaves no process group and no environment variable behind; after a
+    failure or a timeout the whole pool is stopped, and the next call spawns a fresh one. Each
+    rank computes on one thread: three ranks of two threads each on a 2-core machine spent
+    most of a collective's wait spinning in OpenMP (the sharded-selection tests took 2.5
+    times as long)."""
     import queue
     pool = _rank_pool(world)
     port = _free_port()
@@ -232,6 +240,12 @@ class _RankPool:
 
 
 _RANKS: _RankPool | None = None
+
+
+def stop_rank_pool() -> None:
+    """Stop the rank pool's processes, if there are any (each holds ~250 MB)."""
+    if _RANKS is not None:
+        _RANKS.stop()
 
 
 def _rank_pool(size: int) -> _RankPool:

@@ -45,7 +45,7 @@ def test_evotune_train_picks_what_deepspeed_launch_train_picks(one_rank, tmp_pat
     out, cfg, proc = one_rank
     assert "evotune: 1 rank(s)" in proc.stderr
     ref = tmp_path / "ref"
-    run_train(["--config", str(cfg), f"output.dir={ref}"], ranks=1)
+    run_train(["--config", str(cfg), f"output.dir={ref}"], launcher=True)
     ours, theirs = selection_files(out), selection_files(ref)
     assert list(ours) == ["rounds/round_000/selection.jsonl",
                           "rounds/round_001/selection.jsonl", "selected.jsonl"]

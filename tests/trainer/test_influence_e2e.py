@@ -127,11 +127,11 @@ def test_kill_mid_gradient_pass_then_resume_reuses_finished_batches(less_run, tm
     args = ["--config", str(cfg), f"output.dir={out}", "influence.batch_size=4"]
     if ranks == 2:
         args.append("deepspeed.zero_stage=3")
-    launcher = ranks if ranks > 1 else None
-    proc = run_train(args, ranks=launcher, check=False, env={"EVOTUNE_CRASH_AT": "grad_train:1"})
+    forked = ranks if ranks > 1 else None
+    proc = run_train(args, ranks=forked, check=False, env={"EVOTUNE_CRASH_AT": "grad_train:1"})
     assert proc.returncode != 0
     assert list((out / "partial" / "round_001").glob("train_rank000_00000.npz"))
-    proc = run_train(args, ranks=launcher)
+    proc = run_train(args, ranks=forked)
     batches = 5 if ranks == 1 else 3              # 19 candidates: per rank ceil(19 / 2) = 10
     assert f"reusing 1 of {batches} finished batches" in proc.stderr
     assert ids(out) == ids(ref_out)        # batch size does not change any value

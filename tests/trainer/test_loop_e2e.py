@@ -348,7 +348,7 @@ def test_zero_stages_and_continue_mode_match_zero_0(tmp_path, tiny_model_dir, ba
 def test_two_ranks_select_like_one_rank(tmp_path, tiny_model_dir, baseline):
     ref_out, cfg, _ = baseline
     out = tmp_path / "out2"
-    run_train(["--config", str(cfg), f"output.dir={out}"], ranks=2)
+    run_train(["--config", str(cfg), f"output.dir={out}"], ranks=2, launcher=True)
     assert json.loads((out / "rounds" / "round_000" / "state.json").read_text())[
         "world_size"] == 2
     assert selected_ids(out) == selected_ids(ref_out)
@@ -564,11 +564,11 @@ def test_two_ranks_crash_and_resume(baseline, tmp_path):
     that was never interrupted."""
     ref_out, cfg, _ = baseline
     out = tmp_path / "out"
-    proc = run_train(["--config", str(cfg), f"output.dir={out}"], ranks=2, check=False,
-                     env={"EVOTUNE_CRASH_AT": "checkpoint:1"})
+    proc = run_train(["--config", str(cfg), f"output.dir={out}"], ranks=2, launcher=True,
+                     check=False, env={"EVOTUNE_CRASH_AT": "checkpoint:1"})
     assert proc.returncode != 0
     assert not (out / "rounds" / "round_001" / "state.json").exists()
-    proc = run_train(["--config", str(cfg), f"output.dir={out}"], ranks=2)
+    proc = run_train(["--config", str(cfg), f"output.dir={out}"], ranks=2, launcher=True)
     assert "resumed after round 0" in proc.stderr
     assert selected_ids(out) == selected_ids(ref_out)
     assert_same_adapter(out, ref_out, atol=1e-4)

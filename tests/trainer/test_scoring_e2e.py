@@ -100,15 +100,6 @@ def test_linear_rule_over_knn_and_ifd_in_the_loop(tmp_path, tiny_model_dir):
     assert {"linear", "knn_k", "ifd_superfilter", "length"} <= set(rows[0])
 
 
-def test_bad_linear_rule_is_a_config_error(tmp_path, tiny_model_dir):
-    cfg = write_config(tmp_path / "cfg.yaml", tiny_model_dir, tmp_path / "out", selection={
-        "selector": "weighted", "weighted": {"score": "linear"}},
-        scoring={"linear": {"rule": "0.5*bogus"}})
-    proc = run_train(["--config", str(cfg)], check=False)
-    assert proc.returncode == 2 and "scoring.linear.rule" in proc.stderr and "bogus" in proc.stderr
-    assert not (tmp_path / "out").exists()
-
-
 @pytest.mark.parametrize("template", ["train", "reference"])
 def test_ifd_under_two_ranks_and_zero3_matches_one_rank(tmp_path, tiny_model_dir, template):
     runs = {}
