@@ -45,9 +45,10 @@ RSS per rank. The model is tiny, so this measures evotune's own overhead per row
 collation, the cache reads), not a real model's compute.
 
 ``--parts gradients``: the gradient pass (``InfluencePass.run``, gradient embeddings of every
-row, kept on their ranks or gathered on rank 0) with the same tiny model, its vocabulary matrix
-frozen, over ``--grad-sizes`` rows (a per-example backward each: about 0.1 s a row here): wall
-time and peak RSS per rank.
+row, kept on their ranks or gathered on rank 0) of the loop's LoRA adapter on the tiny model
+(fp32, ``--grad-sizes`` rows) and on SmolLM2-135M (``model.precision: auto``,
+``--grad-sizes-smollm2`` rows), each path (``--grad-paths``: batched rows per backward, or one
+backward per row): wall time, rows and tokens per second, and peak RSS per rank.
 
     python benchmarks/scale.py --parts kcenter lift weighted repr tokens features \
         --sizes 100000 1000000
@@ -553,7 +554,8 @@ def part_features(args, work: Path) -> str:
     return "\n".join(lines)
 
 
-def _gradients_rank(rank, world, port, cache, model_dir, n, dim, sharded, out):
+def _gradients_rank(rank, world, port, cache, model_dir, precision, n, dim, sharded, batched,
+                    out):
     _rank_env(rank, world, port)
     import contextlib
     import types
@@ -562,17 +564,23 @@ def _gradients_rank(rank, world, port, cache, model_dir, n, dim, sharded, out):
     from evotune.trainer import tokens
     from evotune.trainer.config import load_config
     from evotune.trainer.engine import Strategy
-    from evotune.trainer.model import load_model, load_tokenizer
+    from evotune.trainer.model import build_trainable_model, load_tokenizer
     from evotune.trainer.passes.influence import InfluencePass
-    cfg = load_config(None, [f"data.pool={SOURCE_POOL}", "influence.adam=false",
+    cfg = load_config(None, [f"data.pool={SOURCE_POOL}", f"model.path={model_dir}",
+                             f"model.precision={precision}", "influence.adam=false",
                              f"influence.dim={dim}"])
     strategy = Strategy(cfg)
     strategy.setup()
-    model = load_model(model_dir, torch.float32).to(strategy.device)
-    for p in model.get_input_embeddings().parameters():   # (tied to the head) as LoRA would:
-        p.requires_grad_(False)                           # the vocabulary matrix frozen
+    # the loop's adapter (LoRA r 16 on q, k, v, o), its B factors moved off zero as training
+    # would (at zero every A gradient is zero)
+    model = build_trainable_model(cfg, model_dir, strategy.dtype, 0).to(strategy.device)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
     pool = tokens.TokenizedPool(Path(cache) / "bench-tokens")
     grads = InfluencePass(cfg, pool, load_tokenizer(model_dir), "chat", strategy)
+    grads.batched = batched
     logger = types.SimpleNamespace(progress=lambda *a, **k: contextlib.nullcontext(
         lambda *a, **k: None))
     base = peak_mib()
@@ -580,32 +588,43 @@ def _gradients_rank(rank, world, port, cache, model_dir, n, dim, sharded, out):
     grads.run(types.SimpleNamespace(module=model), np.arange(n), 1, logger, embeddings=True,
               sharded=sharded)
     out.put({"rank": rank, "seconds": time.perf_counter() - t0, "peak_mib": peak_mib(),
-             "before_mib": base})
+             "before_mib": base, "dtype": str(strategy.dtype).replace("torch.", ""),
+             "tokens": int(sum(len(pool[i].input_ids) for i in range(n)))})
     strategy.close()
 
 
 def part_gradients(args, work: Path) -> str:
-    model_dir = _tiny_model(work)
+    """The gradient pass per model, size, rank count and path (batched: ``influence.batch_size``
+    rows per backward; per row: one backward per row, the path full fine-tuning takes)."""
+    from evotune.trainer.model import resolve_model_path
     dim = 8192
     lines = [f"The gradient pass (``InfluencePass.run``, gradient embeddings of every row, "
-             f"{dim} dims, fp32) with the tiny test model (its layers trainable, the "
-             f"vocabulary matrix frozen), one thread per rank: kept on their ranks (sharded) "
-             f"or gathered on rank 0; "
-             f"peak = each rank's peak RSS, model and torch included\n",
-             "| N | ranks | embeddings | wall | rows per s | projected rows (all ranks) | "
-             "peak RSS per rank (before the pass) |", "|---|---|---|---|---|---|---|"]
-    for n in args.grad_sizes:
-        cache = _cached_pool(work, n)
-        for world in args.ranks:
-            for sharded in (True, False):
-                res = _in_process(_gradients_rank, str(cache), str(model_dir), n, dim, sharded,
-                                  world=world)
-                wall = max(r["seconds"] for r in res)
-                lines.append(f"| {n:,} | {world} | {'sharded' if sharded else 'on rank 0'} | "
-                             f"{wall:.0f} s | {n / wall:,.0f} | {n * dim * 4 / 2**20:,.0f} MiB | "
-                             + ", ".join(f"{r['peak_mib']:,.0f} ({r['before_mib']:,.0f})"
-                                         for r in res) + " MiB |")
-                print(lines[-1], flush=True)
+             f"{dim} dims, plain gradients) of a LoRA adapter (r 16 on q, k, v, o), batches of "
+             f"16 rows, one thread per rank: kept on their ranks (sharded) or gathered on rank "
+             f"0; peak = each rank's peak RSS, model and torch included\n",
+             "| model | dtype | N | ranks | embeddings | path | wall | rows per s | tokens per s | "
+             "peak RSS per rank (before the pass) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    models = {"tiny": (_tiny_model(work), "fp32", args.grad_sizes),
+              "smollm2": (resolve_model_path("embedded:smollm2-135m-instruct"), "auto",
+                          args.grad_sizes_smollm2)}
+    for name in args.grad_models:
+        model_dir, precision, sizes = models[name]
+        for n in sizes:
+            cache = _cached_pool(work, n)
+            for world in args.ranks:
+                for sharded in args.grad_embeddings:
+                    for path in args.grad_paths:
+                        res = _in_process(_gradients_rank, str(cache), str(model_dir), precision,
+                                          n, dim, sharded == "sharded", path == "batched",
+                                          world=world)
+                        wall = max(r["seconds"] for r in res)
+                        lines.append(
+                            f"| {name} | {res[0]['dtype']} | {n:,} | {world} | {sharded} | "
+                            f"{path} | {wall:.0f} s | {n / wall:,.1f} | "
+                            f"{res[0]['tokens'] / wall:,.0f} | "
+                            + ", ".join(f"{r['peak_mib']:,.0f} ({r['before_mib']:,.0f})"
+                                        for r in res) + " MiB |")
+                        print(lines[-1], flush=True)
     return "\n".join(lines)
 
 
@@ -618,8 +637,18 @@ def main() -> int:
     p.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
     p.add_argument("--labeled", type=int, default=1000)
     p.add_argument("--picks", type=int, default=100)
-    p.add_argument("--grad-sizes", type=int, nargs="+", default=[20_000],
-                   help="pool sizes of --parts gradients (a per-example backward each)")
+    p.add_argument("--grad-sizes", type=int, nargs="+", default=[2_000],
+                   help="pool sizes of --parts gradients with the tiny model")
+    p.add_argument("--grad-sizes-smollm2", type=int, nargs="+", default=[200],
+                   help="pool sizes of --parts gradients with SmolLM2-135M")
+    p.add_argument("--grad-models", nargs="+", choices=["tiny", "smollm2"],
+                   default=["tiny", "smollm2"])
+    p.add_argument("--grad-paths", nargs="+", choices=["batched", "per-row"],
+                   default=["per-row", "batched"],
+                   help="batched: influence.batch_size rows per backward; per-row: one "
+                        "backward per row")
+    p.add_argument("--grad-embeddings", nargs="+", choices=["sharded", "on rank 0"],
+                   default=["sharded"])
     p.add_argument("--batch", type=int, default=64, help="rows per forward call (features)")
     p.add_argument("--work", help="folder for pools, caches and the tiny model (default: a "
                                   "temporary one, removed at the end)")

@@ -343,8 +343,10 @@ class InfluenceConfig:
     beta: float = option(0.1, "DPO beta (with reference_model)", gt=0)
     label_smoothing: float = option(0.0, "DPO label smoothing (with reference_model)",
                                     ge=0, lt=0.5)
-    batch_size: int = option(16, "examples per projection batch (memory: batch x trainable "
-                                 "params)", gt=0, safe=True)
+    batch_size: int = option(8, "rows per backward when every trainable parameter is a "
+                                "linear layer's (LoRA), else per projection (memory: batch x "
+                                "(trainable params + positions x vocabulary)); it changes "
+                                "values only by float rounding", gt=0, safe=True)
 
 
 @dataclass

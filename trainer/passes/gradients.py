@@ -5,6 +5,10 @@ score. Xia et al., "LESS", arXiv 2402.04333 (princeton-nlp/LESS); Wu et al., "RO
 
 Every function here is model-agnostic: gradients come in as lists of tensors, one per trainable
 parameter in :func:`trainable_params` order, and leave as projected (B, d) rows.
+
+Per-row gradients come from one batched forward and backward (:class:`LinearTaps`) when every
+trainable parameter is a linear layer's weight or bias (LoRA's A and B), and otherwise from one
+backward per row (:func:`example_grad`), as LESS computes them.
 """
 
 from __future__ import annotations
@@ -14,7 +18,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from evotune.trainer.data import IGNORE_INDEX
+from evotune.trainer.data import IGNORE_INDEX, Encoded, collate
+from evotune.trainer.fit import logits_positions
 
 
 def trainable_params(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
@@ -43,6 +48,130 @@ def answer_logprob(model: torch.nn.Module, input_ids: list[int], labels: list[in
     ``log π(y | x)``)."""
     return -answer_loss(model, input_ids, labels, device) * sum(
         1 for t in labels[1:] if t != IGNORE_INDEX)
+
+
+def row_objectives(model: torch.nn.Module, rows: list[Encoded], device,
+                   summed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B,) per-row objectives of one right-padded batch, with grad: each row's mean next-token
+    NLL over its answer tokens (:func:`answer_loss`), or with ``summed`` its summed answer
+    log-probability (:func:`answer_logprob`); and the batch's (B, T) attention mask. Each value
+    depends on its own row alone: the padding comes after a row's tokens and the attention is
+    causal and masked.
+    """
+    b = collate(rows, pad_id=0)
+    labels = b["labels"].to(device)
+    logits = model(input_ids=b["input_ids"].to(device),
+                   attention_mask=b["attention_mask"].to(device),
+                   logits_to_keep=logits_positions(labels, device)).logits
+    k, t = logits.size(1), labels.size(1)
+    target = labels[:, t - k + 1:]
+    nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), target,
+                          ignore_index=IGNORE_INDEX, reduction="none").sum(dim=1)
+    counts = (target != IGNORE_INDEX).sum(dim=1)
+    if not bool((counts > 0).all()):
+        raise ValueError("the example has no answer token to take a gradient of")
+    return (-nll if summed else nll / counts), b["attention_mask"]
+
+
+class LinearTaps:
+    """Per-row gradients of linear layers' weights and biases from one batched forward and
+    backward, instead of one backward per row.
+
+    For ``y = x Wᵀ + b`` applied to a row's tokens, the gradient of that row's objective is
+    ``Σ_t g_t x_tᵀ`` for W and ``Σ_t g_t`` for b, where ``g_t`` is the gradient at the layer's
+    output. Forward hooks keep each layer's input x and output y; one ``autograd.grad`` of the
+    summed objectives w.r.t. the outputs gives every g (the rows do not interact, so row i's
+    part of g is the gradient of row i's objective), and one einsum per layer gives the B
+    per-row gradients (as the ghost-clipping and LoGra line of work computes them: Goodfellow
+    2015; Choe et al. 2024, arXiv 2405.13954). A layer called several times in one forward sums
+    its calls. The parameters' own ``.grad`` is never touched, so ZeRO's partitioned
+    parameters and gradient hooks are not involved: x and g are whole on every rank.
+
+    The einsum runs in fp32 from the layer's activations; in bf16 that is more exact than one
+    backward per row, whose parameter gradients are rounded to bf16 (so bf16 values differ
+    from the per-row path by that rounding).
+    """
+
+    def __init__(self, owners: list[tuple[str, torch.nn.Linear, str]]):
+        self.owners = owners                       # per parameter: (module name, module, attr)
+        self._modules = {id(m): (name, m) for name, m, _ in owners}
+        self._calls: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._hooks: list = []
+
+    @classmethod
+    def find(cls, model: torch.nn.Module, named: list[tuple[str, torch.nn.Parameter]]
+             ) -> tuple[LinearTaps | None, list[str]]:
+        """The taps for the parameters ``named`` (in :func:`trainable_params` order), or None
+        and the names of the parameters that are not a ``torch.nn.Linear``'s weight or bias
+        (full fine-tuning: embeddings, norms), which need one backward per row."""
+        where = {}
+        for name, m in model.named_modules():
+            if isinstance(m, torch.nn.Linear):
+                for attr in ("weight", "bias"):
+                    p = getattr(m, attr)
+                    if p is not None:
+                        where.setdefault(id(p), (name, m, attr))
+        missing = [n for n, p in named if id(p) not in where]
+        if missing:
+            return None, missing
+        return cls([where[id(p)] for _, p in named]), []
+
+    def __enter__(self) -> LinearTaps:
+        self._calls = {}
+        for key, (_, m) in self._modules.items():
+            self._hooks.append(m.register_forward_hook(self._keep(key)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+    def _keep(self, key: int):
+        def hook(module, inputs, output):
+            self._calls.setdefault(key, []).append((inputs[0], output))
+        return hook
+
+    def grads(self, total: torch.Tensor, rows: int, mask: torch.Tensor | None = None
+              ) -> list[torch.Tensor]:
+        """The (rows, *param shape) fp32 per-row gradients of every tapped parameter, from
+        ``total`` (the sum of the rows' objectives) after a forward made inside ``with
+        taps:``. ``mask`` (rows, T): 1 on real tokens, 0 on padding (zeroed: their gradients
+        are zero anyway, this keeps a non-finite activation there out of the sums)."""
+        keys = list(self._calls)
+        outputs = [y for k in keys for _, y in self._calls[k]]
+        found = torch.autograd.grad(total, outputs, allow_unused=True)
+        by_key, at = {}, 0
+        for k in keys:
+            n = len(self._calls[k])
+            by_key[k] = list(zip([x.detach() for x, _ in self._calls[k]], found[at:at + n]))
+            at += n
+        self._calls = {}
+        with torch.no_grad():
+            return self._per_row(by_key, rows, mask, total.device)
+
+    def _per_row(self, by_key, rows: int, mask, device) -> list[torch.Tensor]:
+        out = []
+        for name, m, attr in self.owners:
+            shape = (rows, m.out_features, m.in_features) if attr == "weight" else                 (rows, m.out_features)
+            g_sum = torch.zeros(shape, dtype=torch.float32, device=device)
+            for x, g in by_key.get(id(m), []):
+                if g is None:                      # the output does not reach the objective
+                    continue
+                if x.dim() < 2 or x.shape[0] != rows:
+                    raise ValueError(f"gradient pass: layer {name} saw input of shape "
+                                     f"{tuple(x.shape)}, not {rows} rows first")
+                g = g.float().reshape(rows, -1, m.out_features)
+                x = x.float().reshape(rows, -1, m.in_features)
+                if mask is not None and g.shape[1] == mask.shape[1]:
+                    real = mask.to(g.device).bool().unsqueeze(-1)
+                    g, x = torch.where(real, g, 0.0), torch.where(real, x, 0.0)
+                if attr == "weight":
+                    g_sum += torch.einsum("bto,bti->boi", g, x)
+                else:
+                    g_sum += g.sum(dim=1)
+            out.append(g_sum)
+        return out
 
 
 def example_grad(loss: torch.Tensor, params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
@@ -94,10 +223,11 @@ class SparseProjector:
     preserved in expectation, with a standard deviation of about |x|·|y|/sqrt(dim). The hash of
     each parameter block comes from a CPU ``torch.Generator`` seeded with (seed, block index),
     so the projection is identical on every rank, device and resume, and it never builds a
-    P × dim matrix. The hashes are int32 indices and int8 signs (5 bytes per coordinate and
-    non-zero) kept on the gradients' device while they fit in ``cache_mb`` MiB in all
-    (LoRA: a few MiB), else drawn again for every batch (full fine-tuning of a large model:
-    P · nnz · 5 bytes would not fit); ``cache=False`` never keeps them. The projection runs on
+    P × dim matrix. The hashes are int64 indices and fp32 signs (12 bytes per coordinate and
+    non-zero: ``index_add_`` with int32 indices ran 30× slower on a CPU) kept on the gradients'
+    device while they fit in ``cache_mb`` MiB in all (LoRA: tens of MiB), else drawn again for
+    every batch (full fine-tuning of a large model: P · nnz · 12 bytes would not fit);
+    ``cache=False`` never keeps them. The projection runs on
     the device the gradients live on. LESS uses a dense Rademacher projection (trak's CUDA
     projector) instead.
     """
@@ -109,8 +239,8 @@ class SparseProjector:
         if dim >= 2**31:
             raise ValueError(f"dim must be below 2^31, got {dim}")
         self.sizes, self.dim, self.seed, self.nnz = list(sizes), dim, seed, nnz
-        self.cache = cache and sum(self.sizes) * nnz * 5 <= cache_mb * 2**20
-        self._hashes: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.cache = cache and sum(self.sizes) * nnz * 12 <= cache_mb * 2**20
+        self._hashes: dict = {}       # block index, or ("chunk", first, last): (index, sign)
 
     def _hash(self, block: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         if block in self._hashes:
@@ -125,19 +255,65 @@ class SparseProjector:
         return index, sign
 
     def project(self, blocks: list[torch.Tensor]) -> torch.Tensor:
-        """(B, dim) fp32 projection of B gradients given as one (B, *shape_i) tensor per block."""
+        """(B, dim) fp32 projection of B gradients given as one (B, *shape_i) tensor per block.
+
+        With the hashes cached, consecutive blocks are projected together, up to
+        ``CHUNK`` hashed values per row at a time (one ``index_add_`` instead of one per block:
+        a LoRA adapter has hundreds of small blocks, and their calls cost more than the sums).
+        The values are added in the same order either way, so the result is the same, bitwise.
+        """
         if len(blocks) != len(self.sizes):
             raise ValueError(f"expected {len(self.sizes)} gradient blocks, got {len(blocks)}")
         b = blocks[0].shape[0]
         out = torch.zeros(b, self.dim, dtype=torch.float32, device=blocks[0].device)
+        flats = []
         for i, g in enumerate(blocks):
-            flat = g.reshape(b, -1).float()
+            flat = g.reshape(b, -1)
             if flat.shape[1] != self.sizes[i]:
                 raise ValueError(f"block {i}: {flat.shape[1]} values, expected {self.sizes[i]}")
-            index, sign = self._hash(i, flat.device)
-            contrib = (flat.unsqueeze(-1) * sign.to(torch.float32)).reshape(b, -1)
+            flats.append(flat)
+        device = flats[0].device
+        for first, last in self._chunks():
+            if self.cache:
+                index, sign = self._chunk_hash(first, last, device)
+                flat = torch.cat([f.float() for f in flats[first:last]], dim=1) \
+                    if last - first > 1 else flats[first].float()
+            else:
+                index, sign = self._hash(first, device)
+                index, sign = index.to(torch.int64), sign.to(torch.float32)
+                flat = flats[first].float()
+            contrib = (flat.unsqueeze(-1) * sign).reshape(b, -1)
             out.index_add_(1, index.reshape(-1), contrib)
         return out / math.sqrt(self.nnz)
+
+    CHUNK = 2**16        # hashed values per row projected at once (B x 256 KiB of temporaries;
+    #                      on a 2-core CPU 2^16 to 2^18 ran fastest, 2^20 up to 3x slower)
+
+    def _chunks(self) -> list[tuple[int, int]]:
+        """Runs of consecutive blocks [first, last) with at most CHUNK hashed values per row
+        (a larger block alone); one block each without the cache."""
+        if not self.cache:
+            return [(i, i + 1) for i in range(len(self.sizes))]
+        runs, first, held = [], 0, 0
+        for i, n in enumerate(self.sizes):
+            if i > first and held + n * self.nnz > self.CHUNK:
+                runs.append((first, i))
+                first, held = i, 0
+            held += n * self.nnz
+        runs.append((first, len(self.sizes)))
+        return runs
+
+    def _chunk_hash(self, first: int, last: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The blocks' hashes concatenated, the indices as int64 and the signs as fp32
+        (cached)."""
+        key = ("chunk", first, last)
+        if key not in self._hashes:
+            parts = [self._hash(i, device) for i in range(first, last)]
+            self._hashes[key] = (torch.cat([ix for ix, _ in parts]).to(torch.int64),
+                                 torch.cat([sg for _, sg in parts]).to(torch.float32))
+            for i in range(first, last):            # kept once, in the chunk
+                del self._hashes[i]
+        return self._hashes[key]
 
 
 def normalize_rows(x: torch.Tensor) -> torch.Tensor:

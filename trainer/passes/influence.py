@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import time
 import zipfile
 from pathlib import Path
@@ -50,13 +49,15 @@ import torch
 
 from evotune.selectors.base import Features
 from evotune.selectors.influence import SCORE
+from evotune.trainer.data import plan_batches, shard_batches
 from evotune.trainer.fit import lr_at
 from evotune.trainer.logs import log
 from evotune.trainer.model import load_model, resolve_model_path
 from evotune.trainer.passes.forward import PassStats
 from evotune.trainer.passes.gradients import (SparseProjector, adam_direction, aggregate,
                                               answer_logprob, answer_loss, dpo_coefficient,
-                                              example_grad, influence, normalize_rows,
+                                              example_grad, influence, LinearTaps,
+                                              normalize_rows, row_objectives,
                                               trainable_params)
 from evotune.trainer.passes.streamed import RowsPart
 from evotune.trainer.files import write_bytes_atomic
@@ -79,6 +80,9 @@ class InfluencePass:
         self.cfg, self.icfg = cfg, cfg.influence
         self.pool_enc, self.strategy = pool_enc, strategy
         self.val, self.reference_margins = [], None
+        # Rows per backward (LinearTaps) where every trainable parameter is a linear layer's;
+        # False: one backward per row everywhere (the tests' reference for the batched path).
+        self.batched, self._said_per_row, self._taps = True, False, None
         icfg = self.icfg
         if not icfg.validation:          # gradient embeddings only (TAGCOS): no influence score
             return
@@ -143,6 +147,12 @@ class InfluencePass:
         params = [p for _, p in named]
         if not params:
             raise ValueError("influence selection needs trainable parameters (LoRA or full)")
+        self._taps, others = LinearTaps.find(module, named) if self.batched else (None, [])
+        if others and not self._said_per_row:
+            self._said_per_row = True
+            log.info(f"gradient pass: one backward per row ({len(others)} trainable parameters "
+                     f"are not linear layers' weights, e.g. {others[0]}); with LoRA only it "
+                     f"takes influence.batch_size rows per backward")
         moments = st.optimizer_moments(engine, params) if icfg.adam else None
         sizes = [int(np.prod(st.full_shape(p))) for p in params]
         projector = SparseProjector(sizes, icfg.dim, derive_seed(self.cfg.seed, "projection", 0),
@@ -296,18 +306,22 @@ class InfluencePass:
         first batch, as the forward pass's do (results kept batch by batch between each
         batch's large temporaries fragment the C heap: measured there, ``forward.py``).
 
+        The batches are planned from the rows' lengths alone (sorted by length, ``batch_size``
+        rows each) and dealt to the ranks round-robin, so a row is computed in the same batch,
+        with the same padding and the same numbers, on 1 or N ranks; every rank makes the same
+        number of calls (ZeRO-3's gathers are collectives), repeating its first batch if short.
+
         With ``shard_dir``, every projected batch is written there as a shard (atomically,
         fp32) as soon as it is done, and a rerun of the same pass (a resumed round) reloads the
         shards every rank has finished and computes only the rest: a crash mid-pass loses at
         most one batch per rank, and the resumed values are the uninterrupted ones.
         """
         st, icfg = self.strategy, self.icfg
-        mine = items[st.rank::st.world_size]
-        # Equal call counts on every rank (ZeRO-3 gathers are collectives): pad by repeating.
-        per_rank = math.ceil(len(items) / st.world_size)
-        padded = mine + [items[0]] * (per_rank - len(mine)) if items else []
-        batches = [padded[i:i + icfg.batch_size] for i in range(0, len(padded), icfg.batch_size)]
-        key = _fingerprint(self.cfg, which, st.world_size, st.rank, padded)
+        plan = [[items[j] for j in batch] for batch in
+                plan_batches([self._length(i, which) for i in items], icfg.batch_size)]
+        calls = shard_batches(plan, st.rank, st.world_size)
+        batches = [batch for batch, _ in calls]
+        key = _fingerprint(self.cfg, which, st.world_size, st.rank, batches)
         done = _load_shards(shard_dir, which, st.rank, key, batches) if shard_dir else []
         # Every rank resumes at the same batch (the fewest any rank has finished).
         counts = st.gather_to_rank0(len(done))
@@ -315,29 +329,83 @@ class InfluencePass:
         if start and st.is_rank0:
             log.info(f"gradient pass ({which}): reusing {start} of {len(batches)} finished "
                      f"batches per rank from {shard_dir}")
-        # The real items are the first len(mine) of ``padded``: batch k's real rows are
-        # out[k * B : k * B + its real count].
+        mine = [i for batch, padding in calls if not padding for i in batch]
         out = np.empty((len(mine), icfg.dim), dtype=np.float32)
+        at = 0
 
         def keep(k, rows):
-            first = k * icfg.batch_size
-            real = max(0, min(len(rows), len(mine) - first))
-            out[first:first + real] = rows[:real]
-            advance(real * st.world_size)
+            nonlocal at
+            if calls[k][1]:                  # a repeated batch: its results are discarded
+                return
+            out[at:at + len(rows)] = rows
+            at += len(rows)
+            advance(len(rows) * st.world_size)
 
         for k in range(start):
             keep(k, done[k])
         del done
         for k in range(start, len(batches)):
-            batch = [self._grad(module, params, item, moments, which) for item in batches[k]]
-            blocks = [torch.stack([g[i] for g in batch]) for i in range(len(params))]
-            del batch          # projected where the gradients are; only (B, dim) leaves
-            rows = normalize_rows(projector.project(blocks)).cpu().numpy()
+            rows = self._rows(module, params, projector, batches[k], moments, which)
             if shard_dir is not None:
                 _save_shard(shard_dir, which, st.rank, k, key, rows)
                 crash_point(f"grad_{which}", self._round, sync=st.barrier)
             keep(k, rows)
         return np.asarray(mine, dtype=np.int64), out
+
+    def _length(self, item: int, which: str) -> int:
+        if which == "train":
+            return len(self.pool_enc[item].input_ids)
+        it = self.val[item]
+        return len(it.encoded.input_ids) if it.kind == "sft" else \
+            max(len(it.chosen.input_ids), len(it.rejected.input_ids))
+
+    def _rows(self, module, params, projector, batch: list[int], moments,
+              which: str) -> np.ndarray:
+        """The (B, dim) normalised projected features of one batch of items."""
+        if self._taps is not None:
+            blocks = self._batched(module, batch, moments, which)
+        else:
+            # One backward per row. With several ranks, each makes batch_size of them for every
+            # batch (ZeRO-3's gathers are collectives): a short batch repeats its first row.
+            calls = batch + [batch[0]] * (self.icfg.batch_size - len(batch)) \
+                if self.strategy.world_size > 1 else batch
+            per_row = [self._grad(module, params, item, moments, which)
+                       for item in calls][:len(batch)]
+            blocks = [torch.stack([g[i] for g in per_row]) for i in range(len(params))]
+            del per_row
+        # projected where the gradients are; only (B, dim) leaves
+        return normalize_rows(projector.project(blocks)).cpu().numpy()
+
+    def _batched(self, module, batch: list[int], moments, which: str) -> list[torch.Tensor]:
+        """The per-row gradient blocks of ``batch`` from one forward and one backward
+        (:class:`~evotune.trainer.passes.gradients.LinearTaps`): the same values as
+        :meth:`_grad` row by row, up to float rounding."""
+        dev, icfg = self.strategy.device, self.icfg
+        items = [self.pool_enc[i] for i in batch] if which == "train" else \
+            [self.val[i] for i in batch]
+        pairs = which == "val" and items[0].kind == "preference"
+        if which == "train":
+            rows = items
+        elif pairs:
+            rows = [e for it in items for e in (it.chosen, it.rejected)]
+        else:
+            rows = [it.encoded for it in items]
+        with self._taps:
+            objectives, mask = row_objectives(module, rows, dev, summed=pairs)
+        blocks = self._taps.grads(objectives.sum(), len(rows), mask)
+        if pairs:          # the margin log π(y_w) − log π(y_l), times DPO's coefficient
+            margins = (objectives[0::2] - objectives[1::2]).detach().double().cpu().tolist()
+            if self.reference_margins is None:
+                coef = [-1.0] * len(items)    # reference-free: a negative multiple, as _grad
+            else:
+                coef = [dpo_coefficient(m, self.reference_margins[i], icfg.beta,
+                                        icfg.label_smoothing) for m, i in zip(margins, batch)]
+            c = torch.tensor(coef, dtype=torch.float32, device=blocks[0].device)
+            blocks = [c.reshape(-1, *[1] * (g.dim() - 1)) * (g[0::2] - g[1::2])
+                      for g in blocks]
+        elif which == "train" and moments is not None:
+            blocks = adam_direction(blocks, *moments, eps_inside_sqrt=icfg.eps_inside_sqrt)
+        return blocks
 
     def _grad(self, module, params, item: int, moments, which: str) -> list[torch.Tensor]:
         dev, icfg = self.strategy.device, self.icfg
@@ -376,11 +444,11 @@ class _RankZeroAlone:
         return obj
 
 
-def _fingerprint(cfg, which: str, world_size: int, rank: int, items: list[int]) -> str:
+def _fingerprint(cfg, which: str, world_size: int, rank: int, batches: list[list[int]]) -> str:
     """What a shard's values depend on besides the model (the round's model is fixed by the
-    run's settings and seeds, which ``results_hash`` covers)."""
-    text = json.dumps([cfg.results_hash(), which, world_size, rank, [int(i) for i in items],
-                       cfg.influence.batch_size])
+    run's settings and seeds, which ``results_hash`` covers): the rows of each batch."""
+    text = json.dumps([cfg.results_hash(), which, world_size, rank,
+                       [[int(i) for i in batch] for batch in batches]])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

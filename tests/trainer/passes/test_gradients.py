@@ -47,21 +47,36 @@ def test_projection_is_seeded_and_linear():
     assert torch.allclose(two, 2 * a)
     with pytest.raises(ValueError, match="expected 2 gradient blocks"):
         SparseProjector(sizes, dim=16).project(blocks[:1])
-    # the hashes: int32 indices and int8 signs, kept only while they fit in cache_mb
+    # the hashes: int64 indices and fp32 signs, kept (concatenated) only while they fit
     kept = SparseProjector(sizes, dim=16, seed=1)
     kept.project(blocks)
-    index, sign = kept._hashes[0]
-    assert kept.cache and index.dtype == torch.int32 and sign.dtype == torch.int8
-    small = SparseProjector(sizes, dim=16, seed=1, cache_mb=(12 * 4 * 5 - 1) / 2**20)
+    (index, sign), = kept._hashes.values()
+    assert kept.cache and index.dtype == torch.int64 and sign.dtype == torch.float32
+    assert index.shape == sign.shape == (12, 4)
+    small = SparseProjector(sizes, dim=16, seed=1, cache_mb=(12 * 4 * 12 - 1) / 2**20)
     assert not small.cache and torch.equal(small.project(blocks), a) and not small._hashes
-    # reference: the projection written out densely from the same hashes
+    # reference: the projection written out densely from the same seeded hashes
     dense = torch.zeros(12, 16)
     for i, (start, n) in enumerate([(0, 7), (7, 5)]):
-        idx, sgn = kept._hashes[i]
+        idx, sgn = SparseProjector(sizes, dim=16, seed=1, cache=False)._hash(i, "cpu")
         for row in range(n):
             for k in range(4):
                 dense[start + row, int(idx[row, k])] += float(sgn[row, k])
     assert torch.allclose(a, x @ dense / 2.0, atol=1e-6)
+
+
+def test_projecting_blocks_together_adds_in_the_same_order_as_one_at_a_time(monkeypatch):
+    sizes = [7, 5, 3, 9, 2, 11]
+    blocks = [torch.randn(4, n) for n in sizes]
+    alone = SparseProjector(sizes, dim=8, seed=3, cache=False).project(blocks)
+    expected = {1: [(i, i + 1) for i in range(6)],          # 4 hashed values per coordinate
+                40: [(0, 1), (1, 3), (3, 4), (4, 5), (5, 6)],
+                60: [(0, 3), (3, 5), (5, 6)], 2**16: [(0, 6)]}
+    for chunk, runs in expected.items():
+        monkeypatch.setattr(SparseProjector, "CHUNK", chunk)
+        together = SparseProjector(sizes, dim=8, seed=3)
+        assert together._chunks() == runs
+        assert torch.equal(together.project(blocks), alone)
 
 
 def test_adam_direction_formula_and_eps_placement():
