@@ -399,7 +399,10 @@ def main() -> int:
     p.add_argument("--plots", default=str(REPO / "benchmarks" / "plots"))
     p.add_argument("--report", action="store_true",
                    help="train nothing: tables and plots from the runs already finished")
+    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
+                   help="model.precision of every run (give each its own --out)")
     args = p.parse_args()
+    BASE["model"]["precision"] = args.precision
     root = Path(args.out).resolve()
     files = build_data(root / "data")
     log_file = root / "runs.log"

@@ -283,3 +283,50 @@ def test_messy_auroc_table_on_hand_made_scores():
     # the wrong way round: 0 everywhere; the gate (values >= the median, 2.5 negated: -2.5)
     # keeps c, e, f (all corrupted): f1 1 of 3, f2 2 of 3
     assert [c.strip() for c in rows["bad"]] == ["0.000", "0.000", "0.000", "0.000", "0.33–0.67"]
+
+
+def test_gpu_check_arguments():
+    check = load("gpu_check")
+    args = check.parse_args([])
+    assert args.checks == list(check.CHECKS) and args.device == "cuda"
+    assert check.parse_args(["--checks", "kcenter", "features"]).checks == ["kcenter", "features"]
+    for bad in (["--checks", "nope"], ["--rows", "3"], ["--kcenter-n", "10"],
+                ["--device", "tpu"]):
+        with pytest.raises(SystemExit) as e:
+            check.parse_args(bad)
+        assert e.value.code == 2
+
+
+def test_gpu_check_refuses_without_a_gpu_and_exits_non_zero():
+    import subprocess
+    import sys
+
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "no CUDA device" in proc.stderr and "nothing was run" in proc.stderr
+    assert proc.stdout == ""
+
+
+@pytest.mark.e2e
+def test_gpu_check_runs_every_check_on_the_cpu_with_the_tiny_model(tmp_path, tiny_model_dir):
+    """--device cpu: the same code as on a GPU (the table, each check's criteria) with the
+    tiny model; only the figures mean nothing here."""
+    import subprocess
+    import sys
+    out = tmp_path / "table.md"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"),
+                           "--device", "cpu", "--model", str(tiny_model_dir), "--rows", "24",
+                           "--kcenter-n", "3000", "--work", str(tmp_path / "work"),
+                           "--out", str(out), "--checks", "quickstart", "kcenter", "influence",
+                           "features"], capture_output=True, text=True, timeout=600, cwd=REPO)
+    table = out.read_text()
+    rows = {line.split("|")[1].strip(): line.split("|")[2].strip()
+            for line in table.splitlines()[4:]}
+    assert set(rows) == {"quickstart", "kcenter", "influence", "features"}, table
+    assert rows["kcenter"] == "pass" and rows["quickstart"] == "pass", table
+    assert "agree within" in table and "tokens/s" in table
+    assert proc.returncode == (0 if set(rows.values()) == {"pass"} else 1), proc.stderr[-2000:]

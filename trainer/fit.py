@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from evotune.trainer.config import TrainConfig
 from evotune.trainer.data import (IGNORE_INDEX, ChoiceSet, Encoded, collate, plan_batches,
                                   shard_batches)
+from evotune.trainer.logs import RunLogger
 from evotune.trainer.seeding import derive_seed
 from evotune.trainer.state import crash_point
 
@@ -111,7 +112,7 @@ class TrainStats:
 
 
 def train_round(engine, strategy, t: TrainConfig, encoded: list[Encoded], positions: list[int],
-                round_idx: int, global_step: int, pad_id: int, logger, seed: int
+                round_idx: int, global_step: int, pad_id: int, logger: RunLogger, seed: int
                 ) -> tuple[int, TrainStats]:
     """Train ``t.epochs`` passes over ``positions`` (pool positions into ``encoded``) with the
     settings ``t``; return the new global step and the round's statistics."""

@@ -48,7 +48,7 @@ import numpy as np
 from evotune.selectors.base import Features
 from evotune.selectors.pre_experienced import SCORE as INSTRUCTION_PERPLEXITY
 from evotune.trainer.data import IGNORE_INDEX, Encoded, Rows, lengths
-from evotune.trainer.logs import log
+from evotune.trainer.logs import ProgressBars, log
 from evotune.trainer.model import resolve_model_path
 from evotune.trainer.passes import cache
 from evotune.trainer.passes.forward import (PassStats, compute_features, gather_shards,
@@ -241,7 +241,7 @@ class FeaturePass:
         return cache.features_key(self.fixed[name].spec(cache.model_fingerprint(model_path),
                                                         pool_hash, template, dtype))
 
-    def prepare_fixed(self, build_engine, logger, run_dir: Path | None, model_path,
+    def prepare_fixed(self, build_engine, logger: ProgressBars, run_dir: Path | None, model_path,
                       pool_hash: str, template: str, dtype) -> None:
         """Make the fixed models' pool losses (the reference's, the base model's), once per
         run before round 0 (no-op without a score that reads them): from ``run_dir``'s copy,
@@ -251,7 +251,7 @@ class FeaturePass:
             fixed.ensure(build_engine, logger, run_dir,
                          self.fixed_key(name, model_path, pool_hash, template, dtype))
 
-    def run(self, model, logger, r: int | None = None, engine=None,
+    def run(self, model, logger: ProgressBars, r: int | None = None, engine=None,
             candidates: np.ndarray | None = None, labeled=(), run_dir: Path | None = None,
             cache_key: str | None = None, measured: np.ndarray | None = None) -> PassResult:
         """Compute the features with ``model`` (the current model; every rank calls this).
@@ -309,7 +309,7 @@ class FeaturePass:
             log.warning(f"base-model features not cached ({cache.cache_dir() / key}.npz): "
                         f"{error}")
 
-    def _run(self, model, logger, r, engine, candidates, labeled, run_dir, measured,
+    def _run(self, model, logger: ProgressBars, r, engine, candidates, labeled, run_dir, measured,
              sharded: bool) -> PassResult:
         stats: dict[str, PassStats] = {}
         features = Features() if self.strategy.is_rank0 else None
@@ -355,8 +355,9 @@ class FeaturePass:
             _warn_non_finite(features, r)
         return PassResult(features, stats, candidates)
 
-    def _run_sharded(self, model, logger, r, engine, candidates, labeled, run_dir, measured,
-                     rows, hidden: bool, stats: dict[str, PassStats]) -> PassResult:
+    def _run_sharded(self, model, logger: ProgressBars, r, engine, candidates, labeled,
+                     run_dir, measured, rows, hidden: bool,
+                     stats: dict[str, PassStats]) -> PassResult:
         """:meth:`_run` for a sharded rule: every rank returns its own rows' features. The
         forward pass deals the (measured) pool over the ranks and the gradient pass its sample
         (and the selected rows): the scores of the pass whose rows lack the embeddings go to
@@ -420,7 +421,7 @@ class FeaturePass:
             shard.scores[name] = values[shard.positions]
             shard.skipped[name] = {p: why for p, why in skipped.items() if p in mine}
 
-    def _score_reward(self, features: Features | None, logger, r,
+    def _score_reward(self, features: Features | None, logger: ProgressBars, r,
                       stats: dict[str, PassStats]) -> None:
         """The ``reward`` score: the reward pass runs once per run (sharded over the ranks,
         its values gathered on rank 0); sharded features get their rows' values (the pool's
@@ -462,7 +463,7 @@ class FeaturePass:
             features.scores[name] = np.array(values, dtype=np.float64)
             features.skipped[name] = {}
 
-    def _ifd_sharded(self, model, shard: Features, logger, r, measured,
+    def _ifd_sharded(self, model, shard: Features, logger: ProgressBars, r, measured,
                      stats: dict[str, PassStats]) -> None:
         """The IFD scores of sharded features: every rank's forward-pass scores (8 bytes a row,
         nothing N × D) go to rank 0, IFD runs there as for gathered features, and every rank
@@ -475,7 +476,7 @@ class FeaturePass:
         self._take_rows(shard, {v: (whole.scores[v], whole.skipped[v])
                                 for v in self.ifd.variants} if whole is not None else None)
 
-    def _score_targets(self, model, logger, r, features: Features | None,
+    def _score_targets(self, model, logger: ProgressBars, r, features: Features | None,
                        stats: dict[str, PassStats], sharded: bool) -> None:
         """The ``targets`` scores (rds): the target rows through the same model and pooling,
         then each pool row's score. Sharded features: the targets' embeddings (a few rows)
@@ -508,7 +509,7 @@ class FeaturePass:
         if self.strategy.is_rank0:
             _warn_counts(dict(zip(sorted(features.scores), counts)), r)
 
-    def run_instructions(self, model, logger) -> PassResult:
+    def run_instructions(self, model, logger: ProgressBars) -> PassResult:
         """Features of the prompts alone, for Cherry's pre-experienced round 0: the mean last
         hidden state over the prompt tokens (everything before the first response token) and
         the prompt's perplexity (every token after the first), as Cherry's

@@ -65,8 +65,11 @@ def row_objectives(model: torch.nn.Module, rows: list[Encoded], device,
                    logits_to_keep=logits_positions(labels, device)).logits
     k, t = logits.size(1), labels.size(1)
     target = labels[:, t - k + 1:]
-    nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), target,
-                          ignore_index=IGNORE_INDEX, reduction="none").sum(dim=1)
+    # over the last dim: torch's CPU log-softmax over a strided middle dim, (B, V, K), was
+    # 10x less exact in fp32 (8e-5 per token at 49,152 classes against 6e-6)
+    shifted = logits[:, :-1].float()
+    nll = F.cross_entropy(shifted.reshape(-1, shifted.size(-1)), target.reshape(-1),
+                          ignore_index=IGNORE_INDEX, reduction="none").view_as(target).sum(dim=1)
     counts = (target != IGNORE_INDEX).sum(dim=1)
     if not bool((counts > 0).all()):
         raise ValueError("the example has no answer token to take a gradient of")
@@ -153,7 +156,8 @@ class LinearTaps:
     def _per_row(self, by_key, rows: int, mask, device) -> list[torch.Tensor]:
         out = []
         for name, m, attr in self.owners:
-            shape = (rows, m.out_features, m.in_features) if attr == "weight" else                 (rows, m.out_features)
+            shape = (rows, m.out_features, m.in_features) if attr == "weight" else \
+                (rows, m.out_features)
             g_sum = torch.zeros(shape, dtype=torch.float32, device=device)
             for x, g in by_key.get(id(m), []):
                 if g is None:                      # the output does not reach the objective

@@ -69,6 +69,7 @@ from evotune.trainer.data import (ALPACA_NO_INPUT, ALPACA_WITH_INPUT, IGNORE_IND
 from evotune.trainer.model import load_model, load_tokenizer, resolve_model_path
 from evotune.trainer.passes.forward import PassStats, compute_features, merge_stats
 from evotune.trainer.scores import SCORES, names
+from evotune.trainer.logs import ProgressBars
 
 # The IFD scores with published templates and token rules (``scoring.template: reference``);
 # under the training template every registered ``ifd`` score is computed from the same passes.
@@ -281,7 +282,8 @@ class IfdPass:
     def _key(self, variant: str) -> str:
         return variant if self.mode == "reference" else "shared"
 
-    def run(self, model, features, logger, r: int | None, measured=None) -> PassStats | None:
+    def run(self, model, features, logger: ProgressBars, r: int | None,
+            measured=None) -> PassStats | None:
         """Add every IFD score (values, skip reasons) to ``features`` on rank 0 (None on the
         other ranks; every rank calls this). ``features`` must already hold the forward pass's
         ``loss`` when :attr:`needs_forward_loss`. ``measured``: the pool positions to score
@@ -303,7 +305,7 @@ class IfdPass:
                                                                   *losses[key])
         return stats
 
-    def _losses(self, key, model, features, logger, r, measured=None):
+    def _losses(self, key, model, features, logger: ProgressBars, r, measured=None):
         """The scored rows of ``inputs[key]`` (of ``measured``, when given) and their mean
         answer losses (conditioned, direct), on rank 0 (None elsewhere), and the statistics of
         the passes run for them."""

@@ -5,7 +5,11 @@ Each round, with the current adapter and the optimizer's live Adam moments:
    training epoch over what it covers, so the cost per round is bounded);
 2. per candidate: the gradient of its mean answer-token loss w.r.t. the trainable (LoRA)
    parameters, turned into LESS's Adam direction (``influence.adam``), projected to
-   ``influence.dim`` dims (:class:`~evotune.selectors.gradients.SparseProjector`), L2-normalised;
+   ``influence.dim`` dims (:class:`~evotune.trainer.passes.gradients.SparseProjector`),
+   L2-normalised. ``influence.batch_size`` rows share one forward and one backward, each row's
+   gradient rebuilt from the LoRA layers' inputs and output gradients
+   (:class:`~evotune.trainer.passes.gradients.LinearTaps`); one backward per row where a
+   trainable parameter is not a linear layer's (full fine-tuning);
 3. per validation item: the plain gradient (SFT, LESS) or the DPO-pair direction (preference,
    ROSE), projected and normalised the same way;
 4. influence = mean cosine over each subtask's validation items, aggregated over subtasks
@@ -30,7 +34,9 @@ completes, so a resumed round reuses it.
 Departures from LESS: the checkpoints are the loop's rounds (LESS sums the four epoch
 checkpoints of one warm-up run and selects once; ``checkpoints: current`` scores with the
 latest round only); a sparse JL projection instead of trak's dense Rademacher one; gradients in
-eval mode (no dropout); the per-round candidate sample. Departures from ROSE: the validation
+eval mode (no dropout); the per-round candidate sample; a batch of rows per backward (LESS:
+one example per backward), the same gradients up to float rounding (in bf16, summed in fp32
+where one backward per row rounds them to bf16). Departures from ROSE: the validation
 direction is reference-free unless ``influence.reference_model`` is set (equal after
 normalisation without label smoothing, see
 :func:`~evotune.trainer.passes.gradients.dpo_coefficient`).
@@ -51,7 +57,7 @@ from evotune.selectors.base import Features
 from evotune.selectors.influence import SCORE
 from evotune.trainer.data import plan_batches, shard_batches
 from evotune.trainer.fit import lr_at
-from evotune.trainer.logs import log
+from evotune.trainer.logs import ProgressBars, log
 from evotune.trainer.model import load_model, resolve_model_path
 from evotune.trainer.passes.forward import PassStats
 from evotune.trainer.passes.gradients import (SparseProjector, adam_direction, aggregate,
@@ -116,7 +122,7 @@ class InfluencePass:
             out.append(float(w - lo))
         return out
 
-    def run(self, engine, candidates: np.ndarray, r: int, logger, labeled=(),
+    def run(self, engine, candidates: np.ndarray, r: int, logger: ProgressBars, labeled=(),
             embeddings: bool = False, run_dir: Path | None = None, sharded: bool = False):
         """Every rank calls this. Returns Features on rank 0 (None elsewhere) with the scores
         (when there is a validation set), skip reasons, the projected features (``extra``) and,

@@ -41,7 +41,7 @@ import numpy as np
 from evotune.selectors.base import Features
 from evotune.trainer.data import Rows, encode_all, load_examples
 from evotune.trainer.fit import train_round
-from evotune.trainer.logs import log
+from evotune.trainer.logs import ProgressBars, log
 from evotune.trainer.model import export_weights
 from evotune.trainer.passes import cache
 from evotune.trainer.passes.forward import PassStats, compute_features
@@ -57,7 +57,7 @@ class _Quiet:
     """A run logger for the reference's training: its progress bars, named "reference: ...",
     without step metrics (``metrics.jsonl`` holds the run's own steps only)."""
 
-    def __init__(self, logger):
+    def __init__(self, logger: ProgressBars):
         self.logger = logger
 
     def progress(self, description: str, total: int | None):
@@ -125,7 +125,7 @@ class ReferencePass:
                 "train": train, "zero3": cfg.deepspeed.zero_stage == 3,
                 "batch": cfg.selection.batch_size}
 
-    def ensure(self, build_engine, logger, run_dir: Path | None, key: str) -> None:
+    def ensure(self, build_engine, logger: ProgressBars, run_dir: Path | None, key: str) -> None:
         """Make ``self.values`` available on every rank: from the run folder's copy, else the
         cache (``scoring.base_cache``), else make them with ``build_engine(seed)`` (a fresh
         DeepSpeed engine of the base model with a LoRA adapter drawn from ``seed``; the caller
@@ -163,7 +163,7 @@ class ReferencePass:
                     log.warning(f"{self.what}'s losses not cached "
                                 f"({cache.cache_dir() / key}.npz): {type(e).__name__}: {e}")
 
-    def _score_pool(self, engine, logger) -> tuple[np.ndarray, PassStats]:
+    def _score_pool(self, engine, logger: ProgressBars) -> tuple[np.ndarray, PassStats]:
         """``engine``'s mean response loss on every pool row, on every rank."""
         st = self.strategy
         with logger.progress(f"{self.what.split()[0]}: score pool",
@@ -173,7 +173,7 @@ class ReferencePass:
                 self.pad_id, self.cfg.selection.batch_size, False, ("loss",), advance)
         return st.broadcast_from_rank0(features.scores["loss"] if st.is_rank0 else None), scored
 
-    def _make(self, build_engine, logger, run_dir: Path | None
+    def _make(self, build_engine, logger: ProgressBars, run_dir: Path | None
               ) -> tuple[np.ndarray, PassStats]:
         st, opts, start = self.strategy, self.cfg.scoring.reference, time.perf_counter()
         seed = derive_seed(opts.seed, "reference")
@@ -222,7 +222,7 @@ class BaseLossPass(ReferencePass):
                          cfg.data.max_length, cfg.data.columns.mapping()],
                 "zero3": cfg.deepspeed.zero_stage == 3, "batch": cfg.selection.batch_size}
 
-    def _make(self, build_engine, logger, run_dir: Path | None
+    def _make(self, build_engine, logger: ProgressBars, run_dir: Path | None
               ) -> tuple[np.ndarray, PassStats]:
         # a fresh adapter is a no-op: the engine computes the base model's losses
         engine = build_engine(derive_seed(0, "base_loss"))

@@ -30,6 +30,7 @@ import torch
 from evotune.trainer.data import Encoded, collate, plan_batches, shard_batches
 from evotune.trainer.model import resolve_model_path
 from evotune.trainer.passes.forward import PassStats
+from evotune.trainer.logs import ProgressBars
 
 
 def reward_text(messages: list[dict], tokenizer) -> str:
@@ -79,7 +80,7 @@ class RewardPass:
         return [Encoded(row[:self.max_length], row[:self.max_length], False) for row in ids], cut
 
     @torch.no_grad()
-    def run(self, batch_size: int, logger, r: int | None) -> PassStats | None:
+    def run(self, batch_size: int, logger: ProgressBars, r: int | None) -> PassStats | None:
         """The pool's reward values (rank 0: ``self.values``); None when already computed."""
         if self._done:
             return None
