@@ -45,7 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
-from evotune.selectors.base import Features
+from evotune.selectors.base import Features, Selector
 from evotune.selectors.pre_experienced import SCORE as INSTRUCTION_PERPLEXITY
 from evotune.trainer.data import IGNORE_INDEX, Encoded, Rows, lengths
 from evotune.trainer.logs import ProgressBars, log
@@ -124,7 +124,8 @@ class FeaturePass:
     Raises ValueError on a score that cannot be computed with these settings.
     """
 
-    def __init__(self, cfg, selector, pool, pool_enc, tokenizer, template: str, strategy):
+    def __init__(self, cfg, selector: Selector, pool, pool_enc, tokenizer, template: str,
+                 strategy):
         self.cfg, self.strategy, self.pool_enc = cfg, strategy, pool_enc
         self.pad_id = tokenizer.pad_token_id
         wanted = with_inputs(selector.scores, lambda name: getattr(cfg.scoring, name, None))
