@@ -244,19 +244,15 @@ class SparseProjector:
             raise ValueError(f"dim must be below 2^31, got {dim}")
         self.sizes, self.dim, self.seed, self.nnz = list(sizes), dim, seed, nnz
         self.cache = cache and sum(self.sizes) * nnz * 12 <= cache_mb * 2**20
-        self._hashes: dict = {}       # block index, or ("chunk", first, last): (index, sign)
+        self._hashes: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}  # by run
 
     def _hash(self, block: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        if block in self._hashes:
-            return self._hashes[block]
+        """Block ``block``'s (n, nnz) indices (int64) and signs (fp32), drawn from its seed."""
         gen = torch.Generator(device="cpu").manual_seed((self.seed * 1_000_003 + block) % 2**63)
         n = self.sizes[block]
-        index = torch.randint(0, self.dim, (n, self.nnz), generator=gen).to(torch.int32)
+        index = torch.randint(0, self.dim, (n, self.nnz), generator=gen)
         sign = torch.randint(0, 2, (n, self.nnz), generator=gen, dtype=torch.int8) * 2 - 1
-        index, sign = index.to(device), sign.to(device)
-        if self.cache:
-            self._hashes[block] = (index, sign)
-        return index, sign
+        return index.to(device), sign.to(device, torch.float32)
 
     def project(self, blocks: list[torch.Tensor]) -> torch.Tensor:
         """(B, dim) fp32 projection of B gradients given as one (B, *shape_i) tensor per block.
@@ -278,14 +274,9 @@ class SparseProjector:
             flats.append(flat)
         device = flats[0].device
         for first, last in self._chunks():
-            if self.cache:
-                index, sign = self._chunk_hash(first, last, device)
-                flat = torch.cat([f.float() for f in flats[first:last]], dim=1) \
-                    if last - first > 1 else flats[first].float()
-            else:
-                index, sign = self._hash(first, device)
-                index, sign = index.to(torch.int64), sign.to(torch.float32)
-                flat = flats[first].float()
+            index, sign = self._chunk_hash(first, last, device) if self.cache else \
+                self._hash(first, device)
+            flat = torch.cat([f.float() for f in flats[first:last]], dim=1)
             contrib = (flat.unsqueeze(-1) * sign).reshape(b, -1)
             out.index_add_(1, index.reshape(-1), contrib)
         return out / math.sqrt(self.nnz)
@@ -308,16 +299,12 @@ class SparseProjector:
         return runs
 
     def _chunk_hash(self, first: int, last: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """The blocks' hashes concatenated, the indices as int64 and the signs as fp32
-        (cached)."""
-        key = ("chunk", first, last)
-        if key not in self._hashes:
+        """The hashes of blocks [first, last) concatenated (cached)."""
+        if (first, last) not in self._hashes:
             parts = [self._hash(i, device) for i in range(first, last)]
-            self._hashes[key] = (torch.cat([ix for ix, _ in parts]).to(torch.int64),
-                                 torch.cat([sg for _, sg in parts]).to(torch.float32))
-            for i in range(first, last):            # kept once, in the chunk
-                del self._hashes[i]
-        return self._hashes[key]
+            self._hashes[first, last] = (torch.cat([ix for ix, _ in parts]),
+                                         torch.cat([sg for _, sg in parts]))
+        return self._hashes[first, last]
 
 
 def normalize_rows(x: torch.Tensor) -> torch.Tensor:

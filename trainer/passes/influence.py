@@ -401,12 +401,8 @@ class InfluencePass:
         blocks = self._taps.grads(objectives.sum(), len(rows), mask)
         if pairs:          # the margin log π(y_w) − log π(y_l), times DPO's coefficient
             margins = (objectives[0::2] - objectives[1::2]).detach().double().cpu().tolist()
-            if self.reference_margins is None:
-                coef = [-1.0] * len(items)    # reference-free: a negative multiple, as _grad
-            else:
-                coef = [dpo_coefficient(m, self.reference_margins[i], icfg.beta,
-                                        icfg.label_smoothing) for m, i in zip(margins, batch)]
-            c = torch.tensor(coef, dtype=torch.float32, device=blocks[0].device)
+            c = torch.tensor([self._dpo_coef(m, i) for m, i in zip(margins, batch)],
+                             dtype=torch.float32, device=blocks[0].device)
             blocks = [c.reshape(-1, *[1] * (g.dim() - 1)) * (g[0::2] - g[1::2])
                       for g in blocks]
         elif which == "train" and moments is not None:
@@ -428,13 +424,17 @@ class InfluencePass:
             return [t.reshape(-1) for t in g]
         margin = answer_logprob(module, it.chosen.input_ids, it.chosen.labels, dev) \
             - answer_logprob(module, it.rejected.input_ids, it.rejected.labels, dev)
-        if self.reference_margins is None:
-            coef = -1.0          # reference-free: every DPO gradient is a negative multiple
-        else:
-            coef = dpo_coefficient(float(margin.detach()), self.reference_margins[item],
-                                   icfg.beta, icfg.label_smoothing)
+        coef = self._dpo_coef(float(margin.detach()), item)
         g = example_grad(margin, params)
         return [(coef * t).reshape(-1) for t in g]
+
+    def _dpo_coef(self, margin: float, item: int) -> float:
+        """DPO's d(loss)/d(margin) for validation pair ``item``; reference-free: −1 (every DPO
+        gradient is a negative multiple of the margin's)."""
+        if self.reference_margins is None:
+            return -1.0
+        return dpo_coefficient(margin, self.reference_margins[item], self.icfg.beta,
+                               self.icfg.label_smoothing)
 
 
 class _RankZeroAlone:
